@@ -1,0 +1,317 @@
+//! What a batch looks like: heads, dtypes, the paged page table, ragged offsets and the
+//! memory layout of the KV cache.
+//!
+//! These are plain descriptions over the caller's slices; [`crate::validate`] checks them
+//! before anything else reads them.
+
+use crate::error::{Error, Result};
+
+/// Element type of q, k, v and o. Accumulation is always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE single precision.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Lowercase name (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// Parses `f32`/`float32`, `f16`/`float16`/`half`, `bf16`/`bfloat16`.
+    pub fn parse(s: &str) -> Option<DType> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "float" => Some(DType::F32),
+            "f16" | "float16" | "half" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// All dtypes.
+    pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+}
+
+/// Head dimensions accepted by every backend: a multiple of 16 in `16..=256`.
+pub const HEAD_DIM_RULE: &str = "a multiple of 16 in 16..=256";
+/// Page sizes accepted by every backend.
+pub const PAGE_SIZE_RULE: &str = "1..=256";
+/// Largest supported page size.
+pub const MAX_PAGE_SIZE: usize = 256;
+
+/// Attention heads: query/output heads, key/value heads and the head dimension.
+///
+/// ```
+/// let h = flashpage::HeadConfig::new(32, 8, 128).unwrap();
+/// assert_eq!(h.group_size(), 4);
+/// assert!(flashpage::HeadConfig::new(32, 5, 128).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HeadConfig {
+    num_qo_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl HeadConfig {
+    /// Validates and builds a head configuration (GQA when `num_qo_heads > num_kv_heads`,
+    /// MQA when `num_kv_heads == 1`).
+    pub fn new(num_qo_heads: usize, num_kv_heads: usize, head_dim: usize) -> Result<Self> {
+        for (field, v) in [
+            ("num_qo_heads", num_qo_heads),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::NotPositive { field, actual: 0 });
+            }
+        }
+        if num_qo_heads % num_kv_heads != 0 {
+            return Err(Error::HeadRatio {
+                num_qo_heads,
+                num_kv_heads,
+            });
+        }
+        if head_dim % 16 != 0 || head_dim > 256 {
+            return Err(Error::UnsupportedHeadDim {
+                expected: HEAD_DIM_RULE,
+                actual: head_dim,
+            });
+        }
+        if num_qo_heads > 1 << 16 {
+            return Err(Error::LimitExceeded {
+                field: "num_qo_heads",
+                limit: 1 << 16,
+                actual: num_qo_heads,
+                rule: "largest supported head count",
+            });
+        }
+        Ok(HeadConfig {
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Query/output heads.
+    pub fn num_qo_heads(&self) -> usize {
+        self.num_qo_heads
+    }
+    /// Key/value heads.
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Query heads per KV head.
+    pub fn group_size(&self) -> usize {
+        self.num_qo_heads / self.num_kv_heads
+    }
+}
+
+/// The paged KV index of a batch, in the CSR form serving engines use.
+///
+/// Request `r` owns pages `kv_indices[indptr[r]..indptr[r+1]]`; its last page holds
+/// `last_page_len[r]` tokens. Only the host-side metadata is needed to plan: the page ids
+/// themselves may live on the device, so the table carries their count, and
+/// [`crate::validate::check_page_ids`] checks them where they are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageTable<'a> {
+    /// Tokens per page (`1..=256`).
+    pub page_size: usize,
+    /// Pages in the cache: every page id must be in `0..num_pages`.
+    pub num_pages: usize,
+    /// `kv_indptr`: B + 1 offsets into `kv_indices`.
+    pub indptr: &'a [i32],
+    /// `kv_last_page_len`: B entries.
+    pub last_page_len: &'a [i32],
+    /// `kv_indices.len()`.
+    pub num_indices: usize,
+}
+
+/// Where a request's keys and values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvIndex<'a> {
+    /// A paged cache.
+    Paged(PageTable<'a>),
+    /// Contiguous (ragged) K/V: request `r` owns tokens `indptr[r]..indptr[r+1]`.
+    Ragged {
+        /// B + 1 token offsets.
+        indptr: &'a [i32],
+    },
+}
+
+/// How query rows map to requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryIndex<'a> {
+    /// One query row per request (batch decode).
+    Decode,
+    /// Ragged rows: request `r` owns rows `qo_indptr[r]..qo_indptr[r+1]` (prefill,
+    /// chunked prefill, speculative verification).
+    Ragged {
+        /// B + 1 row offsets.
+        qo_indptr: &'a [i32],
+    },
+}
+
+/// A batch as the caller describes it: heads, query rows and the KV index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchDesc<'a> {
+    /// Head configuration.
+    pub heads: HeadConfig,
+    /// Query rows per request.
+    pub q: QueryIndex<'a>,
+    /// Keys and values per request.
+    pub kv: KvIndex<'a>,
+}
+
+impl<'a> BatchDesc<'a> {
+    /// A decode batch over a paged cache.
+    pub fn decode(heads: HeadConfig, pages: PageTable<'a>) -> Self {
+        BatchDesc {
+            heads,
+            q: QueryIndex::Decode,
+            kv: KvIndex::Paged(pages),
+        }
+    }
+
+    /// A prefill batch over a paged cache.
+    pub fn prefill_paged(heads: HeadConfig, qo_indptr: &'a [i32], pages: PageTable<'a>) -> Self {
+        BatchDesc {
+            heads,
+            q: QueryIndex::Ragged { qo_indptr },
+            kv: KvIndex::Paged(pages),
+        }
+    }
+
+    /// A prefill batch over contiguous (ragged) K/V.
+    pub fn prefill_ragged(heads: HeadConfig, qo_indptr: &'a [i32], kv_indptr: &'a [i32]) -> Self {
+        BatchDesc {
+            heads,
+            q: QueryIndex::Ragged { qo_indptr },
+            kv: KvIndex::Ragged { indptr: kv_indptr },
+        }
+    }
+
+    /// True for a decode batch.
+    pub fn is_decode(&self) -> bool {
+        matches!(self.q, QueryIndex::Decode)
+    }
+}
+
+/// Memory order of a paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KvLayout {
+    /// `[num_pages, page_size, num_kv_heads, head_dim]`.
+    #[default]
+    Nhd,
+    /// `[num_pages, num_kv_heads, page_size, head_dim]`.
+    Hnd,
+}
+
+impl KvLayout {
+    /// `NHD` or `HND`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvLayout::Nhd => "NHD",
+            KvLayout::Hnd => "HND",
+        }
+    }
+    /// Parses `NHD`/`HND` (any case).
+    pub fn parse(s: &str) -> Option<KvLayout> {
+        match s.to_ascii_uppercase().as_str() {
+            "NHD" => Some(KvLayout::Nhd),
+            "HND" => Some(KvLayout::Hnd),
+            _ => None,
+        }
+    }
+}
+
+/// Element strides of a K or V cache; the head dimension is always contiguous.
+///
+/// Element `(page p, slot t, kv head h, d)` lives at `p*page + t*token + h*head + d`. Both
+/// layouts, and K/V stored in one combined tensor (`[pages, 2, ...]`: double the page
+/// stride, V's slice starting one half-page later), are all just strides. For ragged K/V,
+/// `page` is the stride of one token and page size is 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KvStrides {
+    /// Elements between pages.
+    pub page: usize,
+    /// Elements between tokens within a page.
+    pub token: usize,
+    /// Elements between KV heads.
+    pub head: usize,
+}
+
+impl KvStrides {
+    /// Strides of a dense cache in `layout`.
+    ///
+    /// ```
+    /// use flashpage::{KvLayout, KvStrides};
+    /// let s = KvStrides::dense(KvLayout::Hnd, 16, 8, 128);
+    /// assert_eq!((s.page, s.token, s.head), (16 * 8 * 128, 128, 16 * 128));
+    /// ```
+    pub fn dense(layout: KvLayout, page_size: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        let page = page_size * num_kv_heads * head_dim;
+        match layout {
+            KvLayout::Nhd => KvStrides {
+                page,
+                token: num_kv_heads * head_dim,
+                head: head_dim,
+            },
+            KvLayout::Hnd => KvStrides {
+                page,
+                token: head_dim,
+                head: page_size * head_dim,
+            },
+        }
+    }
+
+    /// Strides of contiguous ragged K/V `[tokens, num_kv_heads, head_dim]`.
+    pub fn ragged(num_kv_heads: usize, head_dim: usize) -> Self {
+        KvStrides {
+            page: num_kv_heads * head_dim,
+            token: 0,
+            head: head_dim,
+        }
+    }
+
+    /// One past the largest element offset touched by `num_pages` pages (0 when empty), or
+    /// `None` on overflow.
+    pub fn extent(
+        &self,
+        num_pages: usize,
+        page_size: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Option<usize> {
+        if num_pages == 0 {
+            return Some(0);
+        }
+        let last = (num_pages - 1)
+            .checked_mul(self.page)?
+            .checked_add((page_size - 1).checked_mul(self.token)?)?
+            .checked_add((num_kv_heads - 1).checked_mul(self.head)?)?
+            .checked_add(head_dim)?;
+        Some(last)
+    }
+}

@@ -1,0 +1,187 @@
+//! Split-KV chunk choice and the capacity formulas shared by graph mode and
+//! [`crate::workspace::workspace_size`].
+
+use super::{PlanConfig, PlanKind};
+use crate::error::{Error, Result};
+use crate::layout::HeadConfig;
+use crate::validate::ValidBatch;
+use crate::workspace::{
+    AlignedAllocator, BUFFER_ALIGN, Requirement, WorkspaceLimits, WorkspaceReq, carve_float,
+    carve_int,
+};
+
+/// Work-item target: `(item, KV head)` pairs are the unit of parallel work, so `parallelism`
+/// slots are filled by `ceil(parallelism / num_kv_heads)` items.
+pub(crate) fn item_target(parallelism: usize, heads: &HeadConfig) -> usize {
+    parallelism.div_ceil(heads.num_kv_heads()).max(1)
+}
+
+/// Packed rows per q tile: a decode request is one tile (its whole GQA group).
+pub(crate) fn tile_rows(kind: PlanKind, config: &PlanConfig, heads: &HeadConfig) -> usize {
+    match kind {
+        PlanKind::Decode => heads.group_size(),
+        PlanKind::Prefill => config.q_tile.max(1),
+    }
+}
+
+#[inline]
+fn tiles_of(qo_len: usize, group: usize, tile: usize) -> usize {
+    (qo_len * group).div_ceil(tile)
+}
+
+/// Chunks of a request of `kv_len` keys with chunk `c` (an empty request is one empty chunk).
+#[inline]
+pub(crate) fn chunks_of(kv_len: usize, c: usize) -> usize {
+    kv_len.div_ceil(c).max(1)
+}
+
+/// Work items of the batch with KV chunk `c` tokens.
+fn items_with_chunk(vb: &ValidBatch<'_>, group: usize, tile: usize, c: usize) -> usize {
+    let mut n = 0usize;
+    for r in 0..vb.batch_size() {
+        let q = vb.request(r);
+        n += tiles_of(q.qo_len, group, tile) * chunks_of(q.kv_len, c);
+    }
+    n
+}
+
+/// The KV chunk in tokens (`usize::MAX` for "no split").
+///
+/// Deterministic mode: the configured chunk. Otherwise, when the batch's q tiles already
+/// reach the work-item target there is no split; else the smallest page-aligned chunk (at
+/// least `min_kv_chunk`) whose item count stays within the target.
+pub(crate) fn choose_chunk(
+    vb: &ValidBatch<'_>,
+    kind: PlanKind,
+    config: &PlanConfig,
+    heads: &HeadConfig,
+) -> usize {
+    if let Some(d) = config.deterministic_chunk {
+        return d;
+    }
+    let group = heads.group_size();
+    let tile = tile_rows(kind, config, heads);
+    let target = item_target(config.parallelism, heads);
+    let mut tiles = 0usize;
+    for r in 0..vb.batch_size() {
+        tiles += tiles_of(vb.request(r).qo_len, group, tile);
+    }
+    if tiles == 0 || tiles >= target || vb.max_kv_len() == 0 {
+        return usize::MAX;
+    }
+    let unit = vb.page_size();
+    let lo = config.min_kv_chunk.max(1).div_ceil(unit);
+    let hi = vb.max_kv_len().div_ceil(unit);
+    if lo >= hi {
+        return usize::MAX;
+    }
+    // Smallest k in [lo, hi] with items(k * unit) <= target; items(hi * unit) = tiles.
+    let (mut a, mut b) = (lo, hi);
+    while a < b {
+        let m = a + (b - a) / 2;
+        if items_with_chunk(vb, group, tile, m * unit) <= target {
+            b = m;
+        } else {
+            a = m + 1;
+        }
+    }
+    if a >= hi { usize::MAX } else { a * unit }
+}
+
+/// Upper bounds on a plan's arrays: the launch shape in graph mode and the sizes behind
+/// [`crate::workspace::workspace_size`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacities {
+    /// Requests (`C`).
+    pub requests: usize,
+    /// Work items (`W`).
+    pub work_items: usize,
+    /// Partial rows in the float workspace (`P`).
+    pub partial_rows: usize,
+    /// Merge rows (`M`).
+    pub merge_rows: usize,
+}
+
+impl Capacities {
+    /// Bounds for batches of at most `batch` requests, `q_rows` rows and `max_kv_len` keys.
+    pub(crate) fn bound(
+        kind: PlanKind,
+        heads: &HeadConfig,
+        config: &PlanConfig,
+        batch: usize,
+        q_rows: usize,
+        max_kv_len: usize,
+    ) -> Result<Capacities> {
+        let ovf = |what| Error::SizeOverflow { what };
+        let g = heads.group_size();
+        let t = tile_rows(kind, config, heads);
+        let target = item_target(config.parallelism, heads);
+        let (tiles, q) = match kind {
+            PlanKind::Decode => (batch, batch),
+            PlanKind::Prefill => {
+                let packed = q_rows.checked_mul(g).ok_or(ovf("q tiles"))?;
+                let spill = batch.checked_mul(t - 1).ok_or(ovf("q tiles"))?;
+                let t_bound = packed.checked_add(spill).ok_or(ovf("q tiles"))? / t;
+                (packed.min(t_bound), q_rows)
+            }
+        };
+        let (work_items, partial_rows, merge_rows) = match config.deterministic_chunk {
+            Some(d) => {
+                let n = chunks_of(max_kv_len, d);
+                let w = tiles.checked_mul(n).ok_or(ovf("work items"))?;
+                if n > 1 {
+                    let p = q.checked_mul(n).ok_or(ovf("partial rows"))?;
+                    (w, p, q)
+                } else {
+                    (w, 0, 0)
+                }
+            }
+            None => {
+                let p = match kind {
+                    PlanKind::Decode => target,
+                    PlanKind::Prefill => target.checked_mul(t).ok_or(ovf("partial rows"))? / g,
+                };
+                (target.max(tiles), p, q.min(p / 2))
+            }
+        };
+        Ok(Capacities {
+            requests: batch,
+            work_items,
+            partial_rows,
+            merge_rows,
+        })
+    }
+
+    /// Bounds for `limits` and plans of `kind`.
+    pub(crate) fn for_limits(kind: PlanKind, limits: &WorkspaceLimits) -> Result<Capacities> {
+        let batch = limits
+            .config
+            .graph_capacity
+            .unwrap_or(limits.max_batch)
+            .max(limits.max_batch);
+        let q_rows = match kind {
+            PlanKind::Decode => batch,
+            PlanKind::Prefill => limits.max_q_tokens,
+        };
+        Self::bound(
+            kind,
+            &limits.heads,
+            &limits.config,
+            batch,
+            q_rows,
+            limits.max_kv_len,
+        )
+    }
+
+    /// The workspace these capacities need.
+    pub fn requirement(&self, heads: &HeadConfig) -> Result<Requirement> {
+        let mut f = AlignedAllocator::counting(BUFFER_ALIGN);
+        carve_float(&mut f, heads, self.partial_rows)?;
+        let mut i = AlignedAllocator::counting(BUFFER_ALIGN);
+        carve_int(&mut i, self.requests, self.work_items, self.merge_rows)?;
+        Ok(Requirement {
+            float: WorkspaceReq::from_allocator(&f),
+            int: WorkspaceReq::from_allocator(&i),
+        })
+    }
+}

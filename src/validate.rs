@@ -1,0 +1,276 @@
+//! Validation: every invariant of a batch (DESIGN §4), checked before any arithmetic.
+//!
+//! Lengths are taken from the slices themselves and every value is range-checked before it
+//! is used as an offset, so no input can make flashpage read out of bounds, allocate an
+//! absurd amount, or panic. Each violation is its own [`Error`] variant naming the argument,
+//! the expected and the actual value.
+
+use crate::error::{Error, Result};
+use crate::layout::{BatchDesc, KvIndex, MAX_PAGE_SIZE, PAGE_SIZE_RULE, QueryIndex};
+use crate::options::AttentionOptions;
+
+/// One request of a validated batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// First query row of the request in `q`/`o`.
+    pub qo_start: usize,
+    /// Query rows (1 for decode).
+    pub qo_len: usize,
+    /// Paged: offset of the request's first page id in `kv_indices`; ragged: first token.
+    pub kv_start: usize,
+    /// Keys of the request.
+    pub kv_len: usize,
+}
+
+/// A batch whose every invariant holds. Obtained from [`check_batch`] only.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidBatch<'a> {
+    desc: BatchDesc<'a>,
+    batch_size: usize,
+    num_q_rows: usize,
+    max_kv_len: usize,
+    max_qo_len: usize,
+    total_kv_len: u64,
+}
+
+impl<'a> ValidBatch<'a> {
+    /// The batch as described by the caller.
+    pub fn desc(&self) -> &BatchDesc<'a> {
+        &self.desc
+    }
+    /// Requests in the batch (B), padded ones included.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+    /// Query rows (`qo_indptr[B]`, or B for decode).
+    pub fn num_q_rows(&self) -> usize {
+        self.num_q_rows
+    }
+    /// Longest request in keys.
+    pub fn max_kv_len(&self) -> usize {
+        self.max_kv_len
+    }
+    /// Longest request in query rows.
+    pub fn max_qo_len(&self) -> usize {
+        self.max_qo_len
+    }
+    /// Keys over all requests.
+    pub fn total_kv_len(&self) -> u64 {
+        self.total_kv_len
+    }
+    /// Tokens per page (1 for ragged K/V).
+    pub fn page_size(&self) -> usize {
+        match self.desc.kv {
+            KvIndex::Paged(p) => p.page_size,
+            KvIndex::Ragged { .. } => 1,
+        }
+    }
+
+    /// Request `r` (`r < batch_size`; larger `r` yields an empty request).
+    #[inline]
+    pub fn request(&self, r: usize) -> Request {
+        if r >= self.batch_size {
+            return Request {
+                qo_start: self.num_q_rows,
+                qo_len: 0,
+                kv_start: 0,
+                kv_len: 0,
+            };
+        }
+        let (qo_start, qo_len) = match self.desc.q {
+            QueryIndex::Decode => (r, 1),
+            QueryIndex::Ragged { qo_indptr } => (
+                qo_indptr[r] as usize,
+                (qo_indptr[r + 1] - qo_indptr[r]) as usize,
+            ),
+        };
+        let (kv_start, kv_len) = match self.desc.kv {
+            KvIndex::Paged(p) => {
+                let start = p.indptr[r] as usize;
+                let pages = (p.indptr[r + 1] - p.indptr[r]) as usize;
+                let len = if pages == 0 {
+                    0
+                } else {
+                    (pages - 1) * p.page_size + p.last_page_len[r] as usize
+                };
+                (start, len)
+            }
+            KvIndex::Ragged { indptr } => {
+                (indptr[r] as usize, (indptr[r + 1] - indptr[r]) as usize)
+            }
+        };
+        Request {
+            qo_start,
+            qo_len,
+            kv_start,
+            kv_len,
+        }
+    }
+}
+
+fn check_indptr(field: &'static str, indptr: &[i32]) -> Result<()> {
+    let Some(&first) = indptr.first() else {
+        return Err(Error::EmptyIndptr { field });
+    };
+    if first != 0 {
+        return Err(Error::IndptrStart {
+            field,
+            actual: first as i64,
+        });
+    }
+    for (i, w) in indptr.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(Error::IndptrDecreasing {
+                field,
+                index: i + 1,
+                previous: w[0] as i64,
+                actual: w[1] as i64,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks a batch and its options; O(B), reads nothing but the host-side index arrays.
+///
+/// The founding scenario is caught by the first check:
+///
+/// ```
+/// use flashpage::{HeadConfig, PageTable, BatchDesc, AttentionOptions, Error};
+/// let heads = HeadConfig::new(32, 16, 128).unwrap();
+/// let qo_indptr = [0, 1, 2, 3, 4, 5, 6, 7, 8];
+/// let pages = PageTable { page_size: 16, num_pages: 64, indptr: &[0], last_page_len: &[], num_indices: 0 };
+/// let err = flashpage::validate::check_batch(
+///     &BatchDesc::prefill_paged(heads, &qo_indptr, pages), &AttentionOptions::default()).unwrap_err();
+/// assert_eq!(err, Error::IndptrLengthMismatch { qo_indptr_len: 9, kv_indptr_len: 1 });
+/// ```
+pub fn check_batch<'a>(desc: &BatchDesc<'a>, options: &AttentionOptions) -> Result<ValidBatch<'a>> {
+    options.validate()?;
+    let kv_indptr = match desc.kv {
+        KvIndex::Paged(p) => p.indptr,
+        KvIndex::Ragged { indptr } => indptr,
+    };
+    let kv_field = match desc.kv {
+        KvIndex::Paged(_) => "kv_indptr",
+        KvIndex::Ragged { .. } => "kv_indptr",
+    };
+    // Batch size and array lengths first: nothing is indexed before they agree.
+    if let QueryIndex::Ragged { qo_indptr } = desc.q
+        && qo_indptr.len() != kv_indptr.len()
+    {
+        return Err(Error::IndptrLengthMismatch {
+            qo_indptr_len: qo_indptr.len(),
+            kv_indptr_len: kv_indptr.len(),
+        });
+    }
+    if kv_indptr.is_empty() {
+        return Err(Error::EmptyIndptr { field: kv_field });
+    }
+    let batch_size = kv_indptr.len() - 1;
+    if let KvIndex::Paged(p) = desc.kv {
+        if p.page_size == 0 || p.page_size > MAX_PAGE_SIZE {
+            return Err(Error::UnsupportedPageSize {
+                expected: PAGE_SIZE_RULE,
+                actual: p.page_size,
+            });
+        }
+        if p.last_page_len.len() != batch_size {
+            return Err(Error::ArrayLength {
+                field: "kv_last_page_len",
+                expected: batch_size,
+                actual: p.last_page_len.len(),
+                rule: "batch_size = kv_indptr.len() - 1",
+            });
+        }
+    }
+    if let QueryIndex::Ragged { qo_indptr } = desc.q {
+        check_indptr("qo_indptr", qo_indptr)?;
+    }
+    check_indptr(kv_field, kv_indptr)?;
+    if let KvIndex::Paged(p) = desc.kv {
+        let needed = kv_indptr[batch_size] as usize;
+        if needed > p.num_indices {
+            return Err(Error::IndicesTooShort {
+                batch_size,
+                needed,
+                actual: p.num_indices,
+            });
+        }
+        for r in 0..batch_size {
+            let pages = (kv_indptr[r + 1] - kv_indptr[r]) as usize;
+            let last = p.last_page_len[r];
+            let ok = if pages == 0 {
+                last == 0
+            } else {
+                last >= 1 && last as usize <= p.page_size
+            };
+            if !ok {
+                return Err(Error::LastPageLen {
+                    request: r,
+                    actual: last as i64,
+                    num_pages: pages,
+                    page_size: p.page_size,
+                });
+            }
+        }
+    }
+    let num_q_rows = match desc.q {
+        QueryIndex::Decode => batch_size,
+        QueryIndex::Ragged { qo_indptr } => qo_indptr[batch_size] as usize,
+    };
+    let mut vb = ValidBatch {
+        desc: *desc,
+        batch_size,
+        num_q_rows,
+        max_kv_len: 0,
+        max_qo_len: 0,
+        total_kv_len: 0,
+    };
+    let prefill = !desc.is_decode();
+    for r in 0..batch_size {
+        let req = vb.request(r);
+        if options.causal && prefill && req.qo_len > req.kv_len {
+            return Err(Error::CausalQueryLongerThanKv {
+                request: r,
+                qo_len: req.qo_len,
+                kv_len: req.kv_len,
+            });
+        }
+        vb.max_kv_len = vb.max_kv_len.max(req.kv_len);
+        vb.max_qo_len = vb.max_qo_len.max(req.qo_len);
+        vb.total_kv_len += req.kv_len as u64;
+    }
+    Ok(vb)
+}
+
+/// Checks that every page id a batch uses is in `0..num_pages` (O(used pages)).
+///
+/// Run it where the ids are read: the CPU backend does before every run; callers whose ids
+/// live on the device check their host copy.
+pub fn check_page_ids(kv_indptr: &[i32], kv_indices: &[i32], num_pages: usize) -> Result<()> {
+    let used = kv_indptr.last().map_or(0, |&n| n.max(0) as usize);
+    if used > kv_indices.len() {
+        return Err(Error::IndicesTooShort {
+            batch_size: kv_indptr.len().saturating_sub(1),
+            needed: used,
+            actual: kv_indices.len(),
+        });
+    }
+    // Branch-free scan; locate the culprit only on failure.
+    let bad = kv_indices[..used]
+        .iter()
+        .fold(false, |acc, &id| acc | (id as u32 as usize >= num_pages));
+    if bad
+        && let Some((index, &id)) = kv_indices[..used]
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id < 0 || id as usize >= num_pages)
+    {
+        return Err(Error::PageIdOutOfRange {
+            index,
+            page_id: id as i64,
+            num_pages,
+        });
+    }
+    Ok(())
+}
