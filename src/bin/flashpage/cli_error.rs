@@ -1,0 +1,34 @@
+//! CLI errors: a message and an exit status (2 invalid input, 1 other failures).
+
+/// An error to print as `error: {message}` and exit with `code`.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl CliError {
+    /// Invalid input: exit status 2.
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        CliError {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    /// Any other failure: exit status 1.
+    pub(crate) fn failure(message: impl Into<String>) -> Self {
+        CliError {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<flashpage::Error> for CliError {
+    fn from(e: flashpage::Error) -> Self {
+        CliError {
+            code: if e.is_invalid_input() { 2 } else { 1 },
+            message: e.to_string(),
+        }
+    }
+}
