@@ -1,0 +1,240 @@
+// Shared prelude of flashpage's CUDA kernels. Header-free on purpose: NVRTC compiles it with
+// no include path. 16-bit floats are carried as raw bits and converted with PTX `cvt`.
+//
+// Compile-time configuration (NVRTC -D options, set by the Rust side):
+//   FP_HEAD_DIM  head dimension (a multiple of 16, at most 256)
+//   FP_DTYPE     0 = f32, 1 = f16, 2 = bf16 (q, k, v and o)
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define FP_INF __int_as_float(0x7f800000)
+#define FP_NEG_INF __int_as_float((int)0xff800000u)
+#define FP_LOG2E 1.4426950408889634f
+#define FP_LN2 0.6931471805599453f
+#define FP_FULL_MASK 0xffffffffu
+
+// Kernel parameters: must match `Params` in src/backend/cuda/launch.rs field for field.
+struct Params {
+    u64 q;            // [rows, hq, D] elements of the dtype
+    u64 k;            // K cache (strided)
+    u64 v;            // V cache (strided)
+    u64 o;            // [rows, hq, D]
+    u64 lse;          // [rows, hq] f32, or 0
+    u64 kv_indices;   // page ids (paged), i32
+    u64 int_ws;       // the plan's int image
+    u64 partial_o;    // [partial rows, hq, D] f32
+    u64 partial_lse;  // [partial rows, hq] f32
+    i64 stride_page;  // elements
+    i64 stride_token;
+    i64 stride_head;
+    i64 qo_elems;     // elements available in q and in o (bounds of every row index)
+    i64 num_indices;  // entries of kv_indices
+    i64 partial_cap;  // partial rows the float workspace holds
+    int num_pages;    // pages in the cache (ragged: tokens)
+    int page_size;
+    u32 ps_magic;     // page_size division: t / ps = (umulhi(t, magic) + t) >> shift
+    int ps_shift;
+    int num_qo_heads;
+    int group;        // num_qo_heads / num_kv_heads
+    int req_cap;      // capacities of the plan's arrays (the launch shape)
+    int work_cap;
+    int merge_cap;
+    int req_off;      // offsets of the arrays in the int image, in i32 words
+    int work_off;
+    int merge_off;
+    int paged;        // 1: paged cache, 0: ragged K/V
+    int causal;
+    int window_left;  // -1: none
+    int alibi;
+    int has_soft_cap;
+    float soft_cap;
+    float sm_scale;
+    float rope_theta;
+    float rope_scale;
+    int pad_;
+};
+
+struct alignas(16) V4 {
+    u32 x, y, z, w;
+};
+
+#ifndef FP_HOST_EMULATION
+// 16-byte read-only load that does not allocate in L1 (K/V are streamed once).
+static __device__ __forceinline__ V4 ld_stream(const void* p) {
+    V4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+// 16-byte read-only load (q, partial states).
+static __device__ __forceinline__ V4 ld_ro(const void* p) {
+    V4 r;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+static __device__ __forceinline__ void st16(void* p, V4 v) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+                 :
+                 : "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+static __device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+static __device__ __forceinline__ float f16_bits_to_f32(u32 h) {
+    float f;
+    unsigned short b = (unsigned short)(h & 0xffffu);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
+    return f;
+}
+
+static __device__ __forceinline__ u32 f32_to_f16_bits(float f) {
+    unsigned short b;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
+    return (u32)b;
+}
+
+static __device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+    return (u32)b;
+#else
+    // Round to nearest even by hand (no cvt.rn.bf16 before sm_80); NaN stays NaN.
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return 0x7fc0u;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+#endif
+}
+#endif  // FP_HOST_EMULATION (host_emulation.cpp provides these on the host)
+
+// Eight elements of the storage dtype: the unit every thread loads, converts and stores.
+#if FP_DTYPE == 0
+#define FP_ELEM_BYTES 4
+struct Raw8 {
+    V4 a, b;
+};
+static __device__ __forceinline__ void raw_zero(Raw8& r) {
+    r.a.x = r.a.y = r.a.z = r.a.w = 0u;
+    r.b.x = r.b.y = r.b.z = r.b.w = 0u;
+}
+static __device__ __forceinline__ void raw_load_stream(Raw8& r, const char* p) {
+    r.a = ld_stream(p);
+    r.b = ld_stream(p + 16);
+}
+static __device__ __forceinline__ void raw_load_ro(Raw8& r, const char* p) {
+    r.a = ld_ro(p);
+    r.b = ld_ro(p + 16);
+}
+static __device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
+    f[0] = __uint_as_float(r.a.x);
+    f[1] = __uint_as_float(r.a.y);
+    f[2] = __uint_as_float(r.a.z);
+    f[3] = __uint_as_float(r.a.w);
+    f[4] = __uint_as_float(r.b.x);
+    f[5] = __uint_as_float(r.b.y);
+    f[6] = __uint_as_float(r.b.z);
+    f[7] = __uint_as_float(r.b.w);
+}
+static __device__ __forceinline__ void store8(char* p, const float* f) {
+    V4 a, b;
+    a.x = __float_as_uint(f[0]);
+    a.y = __float_as_uint(f[1]);
+    a.z = __float_as_uint(f[2]);
+    a.w = __float_as_uint(f[3]);
+    b.x = __float_as_uint(f[4]);
+    b.y = __float_as_uint(f[5]);
+    b.z = __float_as_uint(f[6]);
+    b.w = __float_as_uint(f[7]);
+    st16(p, a);
+    st16(p + 16, b);
+}
+#else
+#define FP_ELEM_BYTES 2
+struct Raw8 {
+    V4 a;
+};
+static __device__ __forceinline__ void raw_zero(Raw8& r) {
+    r.a.x = r.a.y = r.a.z = r.a.w = 0u;
+}
+static __device__ __forceinline__ void raw_load_stream(Raw8& r, const char* p) {
+    r.a = ld_stream(p);
+}
+static __device__ __forceinline__ void raw_load_ro(Raw8& r, const char* p) {
+    r.a = ld_ro(p);
+}
+#if FP_DTYPE == 1
+static __device__ __forceinline__ void pair_to_f32(u32 w, float* f) {
+    f[0] = f16_bits_to_f32(w);
+    f[1] = f16_bits_to_f32(w >> 16);
+}
+static __device__ __forceinline__ u32 f32_to_pair(float lo, float hi) {
+    return f32_to_f16_bits(lo) | (f32_to_f16_bits(hi) << 16);
+}
+#else
+static __device__ __forceinline__ void pair_to_f32(u32 w, float* f) {
+    f[0] = __uint_as_float(w << 16);
+    f[1] = __uint_as_float(w & 0xffff0000u);
+}
+static __device__ __forceinline__ u32 f32_to_pair(float lo, float hi) {
+    return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16);
+}
+#endif
+static __device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
+    pair_to_f32(r.a.x, f);
+    pair_to_f32(r.a.y, f + 2);
+    pair_to_f32(r.a.z, f + 4);
+    pair_to_f32(r.a.w, f + 6);
+}
+static __device__ __forceinline__ void store8(char* p, const float* f) {
+    V4 a;
+    a.x = f32_to_pair(f[0], f[1]);
+    a.y = f32_to_pair(f[2], f[3]);
+    a.z = f32_to_pair(f[4], f[5]);
+    a.w = f32_to_pair(f[6], f[7]);
+    st16(p, a);
+}
+#endif
+
+// Eight f32 values stored as two 16-byte stores / loaded as two 16-byte loads.
+static __device__ __forceinline__ void store8_f32(float* p, const float* f) {
+    V4 a, b;
+    a.x = __float_as_uint(f[0]);
+    a.y = __float_as_uint(f[1]);
+    a.z = __float_as_uint(f[2]);
+    a.w = __float_as_uint(f[3]);
+    b.x = __float_as_uint(f[4]);
+    b.y = __float_as_uint(f[5]);
+    b.z = __float_as_uint(f[6]);
+    b.w = __float_as_uint(f[7]);
+    st16(p, a);
+    st16(p + 4, b);
+}
+
+static __device__ __forceinline__ void load8_f32(const float* p, float* f) {
+    V4 a = ld_ro(p);
+    V4 b = ld_ro(p + 4);
+    f[0] = __uint_as_float(a.x);
+    f[1] = __uint_as_float(a.y);
+    f[2] = __uint_as_float(a.z);
+    f[3] = __uint_as_float(a.w);
+    f[4] = __uint_as_float(b.x);
+    f[5] = __uint_as_float(b.y);
+    f[6] = __uint_as_float(b.z);
+    f[7] = __uint_as_float(b.w);
+}

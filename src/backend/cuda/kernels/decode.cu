@@ -1,0 +1,456 @@
+// Paged attention over a plan's work items (decode, and prefill tiles on the same path).
+//
+// Grid (work-item capacity, num_kv_heads); block FP_THREADS threads. A block runs one
+// (work item, KV head) pair: all packed q rows of the item (a decode item is one request's
+// whole GQA group), FP_ROWS rows per pass, against the item's KV chunk. Every K/V row is read
+// once per pass and serves every q row of the pass.
+//
+// Threads: FP_TPR consecutive threads (a power of two) own one token at a time, 8 elements
+// of the head dimension each (one 16-byte load for 16-bit dtypes); FP_NT / FP_TPR such
+// "token groups" walk the chunk with stride FP_NTG, FP_UNROLL tokens per batch. Each token
+// group keeps its own online-softmax state; the groups are merged through shared memory at
+// the end of a pass. Loads are software pipelined: while batch b is computed, the K/V rows of
+// batch b + 1 are in flight and the page ids of batch b + 2 are being fetched.
+//
+// Padded work items (request < 0) return at once; so do items whose fields fall outside the
+// buffers described in the parameters, so no int image can make the kernel read or write out
+// of bounds.
+//
+// Extra defines: FP_TPR, FP_ROWS, FP_UNROLL, FP_THREADS, FP_ROPE (0/1).
+
+#define D FP_HEAD_DIM
+#define TPR FP_TPR
+#define NT FP_THREADS
+#define NTG (NT / TPR)
+#define ROWS FP_ROWS
+#define U FP_UNROLL
+#define TILE (NTG * U)
+#define LANES_USED (D / 8)
+
+#if (TPR & (TPR - 1)) != 0 || TPR < LANES_USED || TPR > 32 || NT % TPR != 0
+#error "FP_TPR must be a power of two in [D/8, 32] dividing FP_THREADS"
+#endif
+
+static __device__ __forceinline__ int div_ps(const Params& p, int t) {
+    // t < 2^31, so umulhi(t, magic) + t does not overflow 32 bits.
+    u32 hi = __umulhi((u32)t, p.ps_magic);
+    return (int)((hi + (u32)t) >> p.ps_shift);
+}
+
+static __device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off >>= 1) {
+        x += __shfl_xor_sync(FP_FULL_MASK, x, off, TPR);
+    }
+    return x;
+}
+
+#if FP_ROPE
+// Rotate-half RoPE of this thread's 8 elements at position `pos` (already divided by the
+// scale). The partner of element f is f +- D/2, held by lane +- D/16 of the same group.
+// Every lane of the warp must call this (it shuffles).
+static __device__ __forceinline__ void rope8(float* x, float pos, const float* inv_freq, int lane) {
+    const int half_lanes = D / 16;
+    const bool lower = lane < half_lanes;
+    const int src = lower ? lane + half_lanes : lane - half_lanes;
+    float other[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        other[e] = __shfl_sync(FP_FULL_MASK, x[e], src, TPR);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        float s, c;
+        sincosf(pos * inv_freq[e], &s, &c);
+        x[e] = lower ? x[e] * c - other[e] * s : x[e] * c + other[e] * s;
+    }
+}
+#endif
+
+static __device__ __forceinline__ float alibi_slope(int h, int num_heads) {
+    int n = 1;
+    while (n * 2 <= num_heads) {
+        n *= 2;
+    }
+    double e;
+    if (h < n) {
+        e = -8.0 * (double)(h + 1) / (double)n;
+    } else {
+        e = -4.0 * (2.0 * (double)(h + 1 - n) - 1.0) / (double)n;
+    }
+    return (float)exp2(e);
+}
+
+// Fetches the page ids of batch b (-1: no token).
+static __device__ __forceinline__ void fetch_pages(const Params& p, int b, i64 start, i64 end,
+                                                   int kv_start, int tg, int* pid) {
+    const int* idx = (const int*)p.kv_indices;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const i64 t = start + (i64)b * TILE + u * NTG + tg;
+        int id = -1;
+        if (t < end) {
+            if (p.paged) {
+                id = __ldg(idx + (i64)kv_start + div_ps(p, (int)t));
+                if (id < 0 || id >= p.num_pages) {
+                    id = -1;
+                }
+            } else {
+                id = 0;
+            }
+        }
+        pid[u] = id;
+    }
+}
+
+// Issues the K and V loads of batch b.
+static __device__ __forceinline__ void load_kv(const Params& p, int b, i64 start, int kv_start,
+                                               int kvh, int tg, int lane, const int* pid,
+                                               Raw8* kr, Raw8* vr) {
+    const char* kbase = (const char*)p.k;
+    const char* vbase = (const char*)p.v;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
+        if (pid[u] >= 0 && lane < LANES_USED) {
+            i64 off;
+            if (p.paged) {
+                const int pg = div_ps(p, t);
+                off = (i64)pid[u] * p.stride_page + (i64)(t - pg * p.page_size) * p.stride_token;
+            } else {
+                off = ((i64)kv_start + t) * p.stride_page;
+            }
+            off = (off + (i64)kvh * p.stride_head + lane * 8) * FP_ELEM_BYTES;
+            raw_load_stream(kr[u], kbase + off);
+            raw_load_stream(vr[u], vbase + off);
+        } else {
+            raw_zero(kr[u]);
+            raw_zero(vr[u]);
+        }
+    }
+}
+
+struct RowState {
+    float q[ROWS][8];
+    float acc[ROWS][8];
+    float m[ROWS];
+    float l[ROWS];
+    int lo[ROWS];
+    int hi[ROWS];
+    int qpos[ROWS];
+    float slope[ROWS];
+};
+
+// Computes batch b from registers: scores for every row, online softmax, P·V.
+static __device__ __forceinline__ void compute(const Params& p, RowState& st, int b, i64 start,
+                                               int tg, int lane, const int* pid, const Raw8* kr,
+                                               const Raw8* vr
+#if FP_ROPE
+                                               , const float* inv_freq
+#endif
+) {
+    float s[ROWS][U];
+    float vf[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        float kf[8];
+        raw_to_f32(kr[u], kf);
+        raw_to_f32(vr[u], vf[u]);
+#if FP_ROPE
+        {
+            const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
+            rope8(kf, (float)t / p.rope_scale, inv_freq, lane);
+        }
+#endif
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float d = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                d = fmaf(st.q[r][e], kf[e], d);
+            }
+            s[r][u] = group_sum(d);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        float bmax = FP_NEG_INF;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
+            const bool vis = pid[u] >= 0 && t >= st.lo[r] && t <= st.hi[r];
+            float x = s[r][u];
+            if (p.has_soft_cap) {
+                x = p.soft_cap * tanhf(x / p.soft_cap);
+            }
+            if (p.alibi) {
+                x += st.slope[r] * (float)((i64)t - (i64)st.qpos[r]);
+            }
+            x = vis ? x * FP_LOG2E : FP_NEG_INF;
+            s[r][u] = x;
+            bmax = fmaxf(bmax, x);
+        }
+        if (bmax != FP_NEG_INF) {
+            const float mn = fmaxf(st.m[r], bmax);
+            const float corr = ex2(st.m[r] - mn);  // 0 when m was -inf, 1 when unchanged
+            float l = st.l[r] * corr;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                st.acc[r][e] *= corr;
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const float pr = ex2(s[r][u] - mn);  // 0 for masked tokens
+                l += pr;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    st.acc[r][e] = fmaf(pr, vf[u][e], st.acc[r][e]);
+                }
+            }
+            st.l[r] = l;
+            st.m[r] = mn;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant__ Params p) {
+    __shared__ float sh_acc[NTG][ROWS][D];
+    __shared__ float sh_m[NTG][ROWS];
+    __shared__ float sh_l[NTG][ROWS];
+
+    const int w = blockIdx.x;
+    const int kvh = blockIdx.y;
+    const int tid = threadIdx.x;
+    const int tg = tid / TPR;
+    const int lane = tid % TPR;
+    const int hq = p.num_qo_heads;
+    const int group = p.group;
+
+    const int* ws = (const int*)p.int_ws;
+    const int* wi = ws + p.work_off;
+    const int wc = p.work_cap;
+    const int req = wi[w];
+    if (req < 0 || req >= p.req_cap) {
+        return;  // padded item (graph mode)
+    }
+    const int row_start = wi[wc + w];
+    const int row_end = wi[2 * wc + w];
+    const int item_lo = wi[3 * wc + w];
+    const int item_hi = wi[4 * wc + w];
+    const int partial = wi[5 * wc + w];
+    const int* rq = ws + p.req_off;
+    const int rc = p.req_cap;
+    const int qo_start = rq[req];
+    const int qo_len = rq[rc + req];
+    const int kv_start = rq[2 * rc + req];
+    const int kv_len = rq[3 * rc + req];
+
+    // Bounds of everything this item touches (a valid plan always passes).
+    if (qo_start < 0 || qo_len < 0 || kv_start < 0 || kv_len < 0 || row_start < 0 ||
+        row_start >= row_end || (i64)row_end > (i64)qo_len * group || item_lo < 0 ||
+        item_hi > kv_len || ((i64)qo_start + qo_len) * hq * D > p.qo_elems) {
+        return;
+    }
+    if (p.paged) {
+        if (kv_len > 0 &&
+            (i64)kv_start + div_ps(p, kv_len - 1) + 1 > p.num_indices) {
+            return;
+        }
+    } else if ((i64)kv_start + kv_len > (i64)p.num_pages) {
+        return;
+    }
+    if (partial >= 0 && (i64)partial + qo_len > p.partial_cap) {
+        return;
+    }
+
+#if FP_ROPE
+    float inv_freq[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        int f = lane * 8 + e;
+        if (f >= D / 2) {
+            f -= D / 2;
+        }
+        inv_freq[e] = (float)pow((double)p.rope_theta, -2.0 * (double)f / (double)D);
+    }
+#endif
+
+    const i64 shift = (i64)kv_len - (i64)qo_len;
+
+    for (int pass = row_start; pass < row_end; pass += ROWS) {
+        const int nrows = min(ROWS, row_end - pass);
+        RowState st;
+        i64 lo_all = 0x7fffffffffffffffLL;
+        i64 hi_all = -0x7fffffffffffffffLL;
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const bool act = r < nrows;
+            const int packed = pass + (act ? r : 0);
+            const int i = packed / group;
+            const int hh = kvh * group + packed % group;
+            const i64 qp = (i64)i + shift;
+            Raw8 raw;
+            if (act && lane < LANES_USED) {
+                const char* qb = (const char*)p.q;
+                raw_load_ro(raw, qb + ((((i64)qo_start + i) * hq + hh) * D + lane * 8) * FP_ELEM_BYTES);
+            } else {
+                raw_zero(raw);
+            }
+            raw_to_f32(raw, st.q[r]);
+#if FP_ROPE
+            rope8(st.q[r], (float)qp / p.rope_scale, inv_freq, lane);
+#endif
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                st.q[r][e] *= p.sm_scale;
+                st.acc[r][e] = 0.f;
+            }
+            i64 hi = p.causal ? qp : (i64)kv_len - 1;
+            i64 lo = p.window_left >= 0 ? qp - (i64)p.window_left : 0;
+            if (!act) {
+                lo = 1;
+                hi = 0;
+            } else {
+                lo_all = lo < lo_all ? lo : lo_all;
+                hi_all = hi > hi_all ? hi : hi_all;
+            }
+            // Token indices are in [0, 2^31): clamping keeps the comparisons exact.
+            st.lo[r] = (int)(lo < -1 ? -1 : lo);
+            st.hi[r] = (int)(hi < -1 ? -1 : hi);
+            st.qpos[r] = (int)qp;
+            st.slope[r] = p.alibi ? alibi_slope(hh, hq) : 0.f;
+            st.m[r] = FP_NEG_INF;
+            st.l[r] = 0.f;
+        }
+        i64 start = item_lo > lo_all ? (i64)item_lo : lo_all;
+        if (start < 0) {
+            start = 0;
+        }
+        i64 end = (i64)item_hi < hi_all + 1 ? (i64)item_hi : hi_all + 1;
+        if (end < start) {
+            end = start;
+        }
+        const int nb = (int)((end - start + TILE - 1) / TILE);
+
+        // Software pipeline: page ids two batches ahead, K/V one batch ahead.
+        int pid_a[U], pid_b[U];
+        Raw8 k_a[U], v_a[U], k_b[U], v_b[U];
+        fetch_pages(p, 0, start, end, kv_start, tg, pid_a);
+        load_kv(p, 0, start, kv_start, kvh, tg, lane, pid_a, k_a, v_a);
+        fetch_pages(p, 1, start, end, kv_start, tg, pid_b);
+        int b = 0;
+        while (b < nb) {
+            // Buffer A holds batch b; B's page ids are for batch b + 1.
+            load_kv(p, b + 1, start, kv_start, kvh, tg, lane, pid_b, k_b, v_b);
+            int pid_c[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                pid_c[u] = pid_a[u];
+            }
+            fetch_pages(p, b + 2, start, end, kv_start, tg, pid_a);
+            compute(p, st, b, start, tg, lane, pid_c, k_a, v_a
+#if FP_ROPE
+                    , inv_freq
+#endif
+            );
+            ++b;
+            if (b >= nb) {
+                break;
+            }
+            // Buffer B holds batch b; A's page ids are for batch b + 1.
+            load_kv(p, b + 1, start, kv_start, kvh, tg, lane, pid_a, k_a, v_a);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                pid_c[u] = pid_b[u];
+            }
+            fetch_pages(p, b + 2, start, end, kv_start, tg, pid_b);
+            compute(p, st, b, start, tg, lane, pid_c, k_b, v_b
+#if FP_ROPE
+                    , inv_freq
+#endif
+            );
+            ++b;
+        }
+
+        // Merge the token groups' states.
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            if (lane < LANES_USED) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    sh_acc[tg][r][lane * 8 + e] = st.acc[r][e];
+                }
+            }
+            if (lane == 0) {
+                sh_m[tg][r] = st.m[r];
+                sh_l[tg][r] = st.l[r];
+            }
+        }
+        __syncthreads();
+        for (int idx = tid; idx < ROWS * LANES_USED; idx += NT) {
+            const int r = idx / LANES_USED;
+            const int ln = idx % LANES_USED;
+            if (r >= nrows) {
+                continue;
+            }
+            float mx = FP_NEG_INF;
+            for (int g = 0; g < NTG; ++g) {
+                mx = fmaxf(mx, sh_m[g][r]);
+            }
+            float out[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                out[e] = 0.f;
+            }
+            float sum = 0.f;
+            if (mx != FP_NEG_INF) {
+                for (int g = 0; g < NTG; ++g) {
+                    const float mg = sh_m[g][r];
+                    if (mg == FP_NEG_INF) {
+                        continue;
+                    }
+                    const float wgt = ex2(mg - mx);
+                    sum += wgt * sh_l[g][r];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        out[e] = fmaf(wgt, sh_acc[g][r][ln * 8 + e], out[e]);
+                    }
+                }
+            }
+            float lse;
+            if (sum > 0.f) {
+                const float inv = 1.f / sum;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    out[e] *= inv;
+                }
+                lse = (mx + log2f(sum)) * FP_LN2;
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    out[e] = 0.f;
+                }
+                lse = FP_NEG_INF;
+            }
+            const int packed = pass + r;
+            const int i = packed / group;
+            const int hh = kvh * group + packed % group;
+            if (partial >= 0) {
+                const i64 prow = (i64)partial + i;
+                float* po = (float*)p.partial_o;
+                store8_f32(po + (prow * hq + hh) * D + ln * 8, out);
+                if (ln == 0) {
+                    ((float*)p.partial_lse)[prow * hq + hh] = lse;
+                }
+            } else {
+                const i64 row = (i64)qo_start + i;
+                char* ob = (char*)p.o;
+                store8(ob + ((row * hq + hh) * D + ln * 8) * FP_ELEM_BYTES, out);
+                if (ln == 0 && p.lse != 0) {
+                    ((float*)p.lse)[row * hq + hh] = lse;
+                }
+            }
+        }
+        __syncthreads();  // shared memory is reused by the next pass
+    }
+}

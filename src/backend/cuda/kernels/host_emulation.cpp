@@ -1,0 +1,241 @@
+// Host emulation of the CUDA kernels, for testing their logic without a GPU.
+//
+// Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier and the
+// warp shuffles exchange values through a per-warp buffer between two warp barriers, so a
+// kernel whose lanes do not reach a shuffle together deadlocks (the test driving this times
+// out) instead of silently computing garbage. Blocks run one after another, so `__shared__`
+// arrays (static locals here) are per block as on the device. The PTX helpers of common.cuh
+// are replaced by host equivalents (16-byte memcpy loads and stores, exp2f, round-to-nearest
+// f16/bf16 conversions).
+//
+// Usage: host_emulation <input> <output>. Input (little endian): the Params bytes with the
+// pointer fields ignored; then 8 buffers (q, k, v, kv_indices, int_ws, float_ws, o, lse),
+// each a u64 byte length followed by the bytes; then u32 work_cap, num_kv_heads, merge_cap,
+// launch_merge. Output: the bytes of o, then of lse.
+//
+// Built by the test in src/backend/cuda/emulate.rs with the same -D options as NVRTC gets.
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+#define __grid_constant__
+
+struct Dim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+static thread_local Dim3 threadIdx, blockIdx;
+static Dim3 blockDim, gridDim;
+
+static inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+static inline float __uint_as_float(unsigned i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+static inline unsigned __float_as_uint(float f) {
+    unsigned i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+static inline unsigned __umulhi(unsigned a, unsigned b) {
+    return (unsigned)(((unsigned long long)a * b) >> 32);
+}
+static inline int __ldg(const int* p) { return *p; }
+static inline int min(int a, int b) { return a < b ? a : b; }
+using std::exp2;
+using std::pow;
+// sincosf: glibc's (a GNU extension g++ declares by default).
+
+// Warp and block synchronisation.
+struct BlockSync {
+    std::unique_ptr<std::barrier<>> block;
+    std::vector<std::unique_ptr<std::barrier<>>> warp;
+    std::vector<float> buf;
+};
+static BlockSync* g_sync = nullptr;
+
+static inline void __syncthreads() { g_sync->block->arrive_and_wait(); }
+
+static inline float shfl_from(float x, int src_lane) {
+    const int w = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    g_sync->buf[w * 32 + lane] = x;
+    g_sync->warp[w]->arrive_and_wait();
+    const float r = g_sync->buf[w * 32 + src_lane];
+    g_sync->warp[w]->arrive_and_wait();
+    return r;
+}
+static inline float __shfl_xor_sync(unsigned, float x, int mask, int width = 32) {
+    const int lane = threadIdx.x % 32;
+    int src = lane ^ mask;
+    if ((src & ~(width - 1)) != (lane & ~(width - 1))) {
+        src = lane;
+    }
+    return shfl_from(x, src);
+}
+static inline float __shfl_sync(unsigned, float x, int src, int width = 32) {
+    const int lane = threadIdx.x % 32;
+    return shfl_from(x, (lane & ~(width - 1)) + (src % width));
+}
+
+typedef unsigned int u32;
+
+// Declared here, defined below once common.cuh has defined V4.
+struct V4;
+static inline V4 ld_stream(const void* p);
+static inline V4 ld_ro(const void* p);
+static inline void st16(void* p, V4 v);
+static inline float ex2(float x);
+static inline float f16_bits_to_f32(u32 h);
+static inline u32 f32_to_f16_bits(float f);
+static inline u32 f32_to_bf16_bits(float f);
+
+#include "common.cuh"
+
+// Host versions of the PTX helpers.
+static inline V4 ld_stream(const void* p) {
+    V4 r;
+    std::memcpy(&r, p, 16);
+    return r;
+}
+static inline V4 ld_ro(const void* p) { return ld_stream(p); }
+static inline void st16(void* p, V4 v) { std::memcpy(p, &v, 16); }
+static inline float ex2(float x) { return std::exp2(x); }
+static inline float f16_bits_to_f32(u32 h) {
+    const unsigned short b = (unsigned short)(h & 0xffffu);
+    _Float16 f;
+    std::memcpy(&f, &b, 2);
+    return (float)f;
+}
+static inline u32 f32_to_f16_bits(float f) {
+    const _Float16 h = (_Float16)f;
+    unsigned short b;
+    std::memcpy(&b, &h, 2);
+    return b;
+}
+static inline u32 f32_to_bf16_bits(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return 0x7fc0u;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return u >> 16;
+}
+
+#include "decode.cu"
+#include "merge.cu"
+
+static bool read_exact(FILE* f, void* p, size_t n) { return std::fread(p, 1, n, f) == n; }
+
+template <class F>
+static void launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
+    gridDim = Dim3{gx, gy, 1};
+    blockDim = Dim3{threads, 1, 1};
+    for (unsigned by = 0; by < gy; ++by) {
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            BlockSync sync;
+            sync.block = std::make_unique<std::barrier<>>(threads);
+            for (unsigned w = 0; w < threads / 32; ++w) {
+                sync.warp.push_back(std::make_unique<std::barrier<>>(32));
+            }
+            sync.buf.assign(threads, 0.f);
+            g_sync = &sync;
+            std::vector<std::thread> ts;
+            ts.reserve(threads);
+            for (unsigned t = 0; t < threads; ++t) {
+                ts.emplace_back([=] {
+                    threadIdx = Dim3{t, 0, 0};
+                    blockIdx = Dim3{bx, by, 0};
+                    kernel();
+                });
+            }
+            for (auto& t : ts) {
+                t.join();
+            }
+            g_sync = nullptr;
+        }
+    }
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: host_emulation <input> <output>\n");
+        return 2;
+    }
+    FILE* in = std::fopen(argv[1], "rb");
+    if (!in) {
+        return 2;
+    }
+    Params p;
+    static_assert(sizeof(Params) == 208, "Params layout");
+    if (!read_exact(in, &p, sizeof p)) {
+        return 3;
+    }
+    std::vector<std::vector<unsigned char>> bufs(8);
+    for (auto& b : bufs) {
+        unsigned long long n = 0;
+        if (!read_exact(in, &n, 8)) {
+            return 3;
+        }
+        // 16 spare zero bytes: a read past the end would show as a wrong result, and the
+        // kernels must not do it (the test checks every output).
+        b.assign(n + 16, 0);
+        if (n && !read_exact(in, b.data(), n)) {
+            return 3;
+        }
+    }
+    unsigned dims[4];
+    if (!read_exact(in, dims, sizeof dims)) {
+        return 3;
+    }
+    std::fclose(in);
+    auto addr = [&](int i) { return (u64)(uintptr_t)bufs[i].data(); };
+    const size_t float_off_o = p.partial_o, float_off_lse = p.partial_lse;
+    p.q = addr(0);
+    p.k = addr(1);
+    p.v = addr(2);
+    p.kv_indices = addr(3);
+    p.int_ws = addr(4);
+    p.partial_o = addr(5) + float_off_o;
+    p.partial_lse = addr(5) + float_off_lse;
+    p.o = addr(6);
+    p.lse = bufs[7].size() > 16 ? addr(7) : 0;
+    if (dims[0] > 0) {
+        launch(dims[0], dims[1], NT, [p] { fp_decode(p); });
+    }
+    if (dims[3] && dims[2] > 0) {
+        launch(dims[2], 1, 128, [p] { fp_merge(p); });
+    }
+    // The spare bytes after every buffer the kernels write must be untouched.
+    for (int i : {5, 6, 7}) {
+        for (size_t j = bufs[i].size() - 16; j < bufs[i].size(); ++j) {
+            if (bufs[i][j] != 0) {
+                std::fprintf(stderr, "buffer %d written past its end\n", i);
+                return 5;
+            }
+        }
+    }
+    FILE* out = std::fopen(argv[2], "wb");
+    if (!out) {
+        return 4;
+    }
+    std::fwrite(bufs[6].data(), 1, bufs[6].size() - 16, out);
+    std::fwrite(bufs[7].data(), 1, bufs[7].size() - 16, out);
+    std::fclose(out);
+    return 0;
+}
