@@ -83,13 +83,13 @@ impl HeadConfig {
                 return Err(Error::NotPositive { field, actual: 0 });
             }
         }
-        if num_qo_heads % num_kv_heads != 0 {
+        if !num_qo_heads.is_multiple_of(num_kv_heads) {
             return Err(Error::HeadRatio {
                 num_qo_heads,
                 num_kv_heads,
             });
         }
-        if head_dim % 16 != 0 || head_dim > 256 {
+        if !head_dim.is_multiple_of(16) || head_dim > 256 {
             return Err(Error::UnsupportedHeadDim {
                 expected: HEAD_DIM_RULE,
                 actual: head_dim,

@@ -76,6 +76,7 @@ pub mod layout;
 pub mod options;
 pub mod plan;
 pub mod reference;
+pub mod suite;
 pub mod tensor;
 pub mod validate;
 pub mod workspace;
@@ -88,3 +89,8 @@ pub use layout::{
 pub use options::{AttentionOptions, PosEncoding};
 pub use plan::{Plan, PlanConfig, PlanKind, WorkItem};
 pub use tensor::{Tensor, TensorMut, TensorRef};
+
+/// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -168,7 +168,7 @@ impl Tensor {
     }
     /// From little-endian bytes (`None` if the length is not a multiple of the element).
     pub fn from_le_bytes(dtype: DType, b: &[u8]) -> Option<Tensor> {
-        if b.len() % dtype.size() != 0 {
+        if !b.len().is_multiple_of(dtype.size()) {
             return None;
         }
         let n = b.len() / dtype.size();

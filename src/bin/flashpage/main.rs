@@ -1,1 +1,69 @@
-fn main() {}
+//! `flashpage`: plan and explain a batch, size a workspace, replay a dumped batch, benchmark
+//! and self-check.
+//!
+//! Exit status: 0 on success; 2 for invalid input, with one `error:` line on stderr naming
+//! the offending field and values; 1 for other failures.
+
+mod bench;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
+mod check;
+mod cli_error;
+mod plan_cmd;
+mod run_cmd;
+mod workspace_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub(crate) use cli_error::CliError;
+
+/// flashpage: paged-KV attention for LLM serving.
+#[derive(Parser, Debug)]
+#[command(name = "flashpage", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Which backend a command runs on.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BackendArg {
+    /// The CPU backend (default).
+    Cpu,
+    /// The CUDA backend (needs the `cuda` feature and a GPU).
+    Cuda,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate and plan a batch described in JSON, and explain the plan.
+    Plan(plan_cmd::PlanArgs),
+    /// Size the workspaces for a deployment's limits.
+    Workspace(workspace_cmd::WorkspaceArgs),
+    /// Run one batch stored in a safetensors file and write o and lse.
+    Run(run_cmd::RunArgs),
+    /// Run the declarative case suite against the f64 reference.
+    Check(check::CheckArgs),
+    /// Benchmark the standard matrix (verified against the reference first).
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(a) => plan_cmd::main(a),
+        Command::Workspace(a) => workspace_cmd::main(a),
+        Command::Run(a) => run_cmd::main(a),
+        Command::Check(a) => check::main(a),
+        Command::Bench(a) => bench::main(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
