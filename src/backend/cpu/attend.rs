@@ -2,7 +2,12 @@
 //! KV head, with an online softmax over key blocks.
 //!
 //! Decode is the special case of a tile holding one request's whole GQA group, so each K/V
-//! row is loaded (and widened to f32) once and used by every query head of its group.
+//! row is read once and used by every query head of its group. Per key block of
+//! [`KEY_BLOCK`] keys the kernel computes `S = Q·Kᵀ` with a register-blocked dot-product
+//! microkernel, updates the running max and sum, and accumulates `O += P·V` with a
+//! register-blocked rank-1-update microkernel. Small tiles (decode) read K and V straight
+//! from the cache, widening in registers; larger tiles (prefill) or RoPE first widen the
+//! block's rows into f32 scratch, which the tile then reuses from L1.
 
 use super::elem::Elem;
 use super::simd::Isa;
@@ -11,6 +16,13 @@ use crate::options::alibi_slope;
 
 /// Keys per block: S is `rows × KEY_BLOCK`.
 pub(crate) const KEY_BLOCK: usize = 32;
+
+/// Tiles of at most this many rows read K/V rows directly from the cache.
+const DIRECT_ROWS: usize = 8;
+
+/// Bytes between software prefetches along a K/V row: every cache line (prefetching one
+/// line in four and leaving the rest to the hardware was slower, see docs/perf/cpu.md).
+const PREFETCH_STRIDE: usize = 64;
 
 /// Rotates a row in place (rotate-half RoPE) at `pos`.
 #[inline(always)]
@@ -24,135 +36,462 @@ pub(crate) fn rope(x: &mut [f32], pos: f32, inv_freq: &[f32]) {
     }
 }
 
-/// Runs `(work item w, kv head kvh)`.
+/// `S[r][j] = q_r · k_j` for `R` consecutive q rows (f32, stride `d`) and `C` key rows.
+///
+/// # Safety
+/// `q..q + R·d` and every `kp[j]..kp[j] + d` must be readable; `d % I::LANES == 0`.
 #[inline(always)]
-pub(crate) fn attend<I: Isa, E: Elem>(ctx: &Ctx<'_, E>, w: usize, kvh: usize, sc: &mut Scratch) {
+#[allow(clippy::needless_range_loop)] // register arrays: explicit indices read best
+unsafe fn s_tile<I: Isa, T: Elem, const R: usize, const C: usize>(
+    q: *const f32,
+    d: usize,
+    kp: &[*const T],
+) -> [[f32; C]; R] {
+    // No closures here or below: every primitive must inline into the entry point compiled
+    // with the level's target features.
+    let mut acc = [[I::zero(); C]; R];
+    let mut c = 0;
+    while c < d {
+        let mut kv = [I::zero(); C];
+        for j in 0..C {
+            // SAFETY: c + LANES <= d for every row (caller).
+            kv[j] = unsafe { I::load::<T>(kp[j].add(c)) };
+        }
+        for (r, accr) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let qv = unsafe { I::load::<f32>(q.add(r * d + c)) };
+            for j in 0..C {
+                accr[j] = I::fma(qv, kv[j], accr[j]);
+            }
+        }
+        c += I::LANES;
+    }
+    let mut out = [[0.0; C]; R];
+    for r in 0..R {
+        let mut j = 0;
+        while j + 4 <= C {
+            let s4 = I::reduce_add4([acc[r][j], acc[r][j + 1], acc[r][j + 2], acc[r][j + 3]]);
+            out[r][j..j + 4].copy_from_slice(&s4);
+            j += 4;
+        }
+        while j < C {
+            out[r][j] = I::reduce_add(acc[r][j]);
+            j += 1;
+        }
+    }
+    out
+}
+
+/// Fills `s[r·KEY_BLOCK + j]` for all `rows` and the first `nb` keys.
+///
+/// # Safety
+/// As [`s_tile`] for every row and key pointer; `s` holds `rows·KEY_BLOCK` values.
+#[inline(always)]
+unsafe fn s_block<I: Isa, T: Elem, const R: usize, const C: usize>(
+    q: &[f32],
+    d: usize,
+    rows: usize,
+    kp: &[*const T; KEY_BLOCK],
+    nb: usize,
+    s: &mut [f32],
+) {
+    let mut r0 = 0;
+    while r0 + R <= rows {
+        // SAFETY: rows r0..r0+R exist in q (caller).
+        unsafe { s_rows::<I, T, R, C>(q.as_ptr().add(r0 * d), d, r0, kp, nb, s) };
+        r0 += R;
+    }
+    while r0 < rows {
+        // SAFETY: as above.
+        unsafe { s_rows::<I, T, 1, C>(q.as_ptr().add(r0 * d), d, r0, kp, nb, s) };
+        r0 += 1;
+    }
+}
+
+#[inline(always)]
+unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
+    q: *const f32,
+    d: usize,
+    r0: usize,
+    kp: &[*const T; KEY_BLOCK],
+    nb: usize,
+    s: &mut [f32],
+) {
+    let mut j0 = 0;
+    while j0 + C <= nb {
+        // SAFETY: forwarded from the caller.
+        let t = unsafe { s_tile::<I, T, R, C>(q, d, &kp[j0..]) };
+        for (r, tr) in t.iter().enumerate() {
+            s[(r0 + r) * KEY_BLOCK + j0..][..C].copy_from_slice(tr);
+        }
+        j0 += C;
+    }
+    while j0 < nb {
+        // SAFETY: forwarded from the caller.
+        let t = unsafe { s_tile::<I, T, R, 1>(q, d, &kp[j0..]) };
+        for (r, tr) in t.iter().enumerate() {
+            s[(r0 + r) * KEY_BLOCK + j0] = tr[0];
+        }
+        j0 += 1;
+    }
+}
+
+/// `acc[r] = corr[r]·acc[r] + Σ_j p[r][j]·v_j` over columns `c0..c0 + NV·LANES`.
+///
+/// # Safety
+/// `acc` rows (stride `d`) and every `vp[j] + c0..+NV·LANES` in bounds; `p` holds `R` rows
+/// of `KEY_BLOCK`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // register arrays: explicit indices read best
+unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
+    acc: *mut f32,
+    d: usize,
+    corr: &[f32],
+    p: &[f32],
+    vp: &[*const T; KEY_BLOCK],
+    nb: usize,
+    c0: usize,
+) {
+    let l = I::LANES;
+    let mut a = [[I::zero(); NV]; R];
+    for r in 0..R {
+        let cr = I::splat(corr[r]);
+        for v in 0..NV {
+            // SAFETY: in bounds (caller).
+            a[r][v] = I::mul(cr, unsafe { I::load::<f32>(acc.add(r * d + c0 + v * l)) });
+        }
+    }
+    for (j, vj) in vp.iter().enumerate().take(nb) {
+        let mut vv = [I::zero(); NV];
+        for v in 0..NV {
+            // SAFETY: in bounds (caller).
+            vv[v] = unsafe { I::load::<T>(vj.add(c0 + v * l)) };
+        }
+        for (r, ar) in a.iter_mut().enumerate() {
+            let pr = I::splat(p[r * KEY_BLOCK + j]);
+            for v in 0..NV {
+                ar[v] = I::fma(pr, vv[v], ar[v]);
+            }
+        }
+    }
+    for (r, ar) in a.iter().enumerate() {
+        for (v, x) in ar.iter().enumerate() {
+            // SAFETY: in bounds (caller).
+            unsafe { I::store::<f32>(acc.add(r * d + c0 + v * l), *x) };
+        }
+    }
+}
+
+/// `O = diag(corr)·O + P·V` for all rows and columns.
+///
+/// # Safety
+/// `acc` holds `rows·d`, `p` `rows·KEY_BLOCK`, every `vp[j]` (j < nb) `d` readable values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
+    acc: &mut [f32],
+    d: usize,
+    rows: usize,
+    corr: &[f32],
+    p: &[f32],
+    vp: &[*const T; KEY_BLOCK],
+    nb: usize,
+) {
+    let wide = NV * I::LANES;
+    let mut r0 = 0;
+    while r0 < rows {
+        let full = r0 + R <= rows;
+        let a = acc[r0 * d..].as_mut_ptr();
+        let (cr, pr) = (&corr[r0..], &p[r0 * KEY_BLOCK..]);
+        let mut c0 = 0;
+        // SAFETY (all calls): rows r0.. and columns c0.. are in bounds (caller).
+        unsafe {
+            while c0 + wide <= d {
+                if full {
+                    pv_tile::<I, T, R, NV>(a, d, cr, pr, vp, nb, c0);
+                } else {
+                    pv_tile::<I, T, 1, NV>(a, d, cr, pr, vp, nb, c0);
+                }
+                c0 += wide;
+            }
+            while c0 < d {
+                if full {
+                    pv_tile::<I, T, R, 1>(a, d, cr, pr, vp, nb, c0);
+                } else {
+                    pv_tile::<I, T, 1, 1>(a, d, cr, pr, vp, nb, c0);
+                }
+                c0 += I::LANES;
+            }
+        }
+        r0 += if full { R } else { 1 };
+    }
+}
+
+/// Runs work item `w` for KV heads `heads.0..heads.1`.
+///
+/// The heads are processed block by block together: for each key block, every head of the
+/// range computes its scores and accumulates its values before the next block, so a token's
+/// K/V rows of all these heads (contiguous in NHD) are consumed while they are in cache,
+/// and the cache is streamed once. State (q tile, accumulators, running max and sum) is
+/// kept per (head, row): tile row `t = head_index · rows + p`.
+#[inline(always)]
+pub(crate) fn attend<I: Isa, E: Elem>(
+    ctx: &Ctx<'_, E>,
+    w: usize,
+    kv_heads: (usize, usize),
+    sc: &mut Scratch,
+) {
     let plan = ctx.plan;
     let item = plan.work_item(w);
     let req = plan.request(item.request);
     let heads = plan.heads();
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
     let rows = item.row_end - item.row_start;
-    if rows == 0 {
+    let (h0, nh) = (kv_heads.0, kv_heads.1 - kv_heads.0);
+    if rows == 0 || nh == 0 {
         return;
     }
+    debug_assert!(d % I::LANES == 0);
+    let l = I::LANES;
     let shift = req.kv_len as i64 - req.qo_len as i64;
-    sc.prepare(rows, d);
+    let trows = rows * nh;
+    sc.prepare(trows, d);
 
-    // Q tile (scaled, rotated) and the visible key range of each row.
+    // Q tiles (rotated, scaled) and the visible key range of each row.
     let mut lo_all = i64::MAX;
     let mut hi_all = i64::MIN;
-    for p in 0..rows {
+    let scale = I::splat(ctx.sm_scale);
+    for t in 0..trows {
+        let (kvh, p) = (h0 + t / rows, t % rows);
         let packed = item.row_start + p;
         let (i, hh) = (packed / g, kvh * g + packed % g);
-        let qrow = &mut sc.q[p * d..(p + 1) * d];
-        let src = (req.qo_start + i) * hq * d + hh * d;
-        I::load(&ctx.q[src..src + d], qrow);
+        let qrow = &mut sc.q[t * d..(t + 1) * d];
+        let src = &ctx.q[(req.qo_start + i) * hq * d + hh * d..][..d];
+        for c in (0..d).step_by(l) {
+            // SAFETY: c + LANES <= d = src.len() = qrow.len().
+            unsafe { I::store::<f32>(qrow.as_mut_ptr().add(c), I::load::<E>(src.as_ptr().add(c))) };
+        }
         let qpos = i as i64 + shift;
         if ctx.rope {
             rope(qrow, qpos as f32 / ctx.rope_scale, &ctx.inv_freq);
         }
-        I::scale(qrow, ctx.sm_scale);
+        for c in (0..d).step_by(l) {
+            // SAFETY: as above.
+            unsafe {
+                let x = I::load::<f32>(qrow.as_ptr().add(c));
+                I::store::<f32>(qrow.as_mut_ptr().add(c), I::mul(x, scale));
+            }
+        }
         let hi = if ctx.causal {
             qpos
         } else {
             req.kv_len as i64 - 1
         };
         let lo = ctx.window.map_or(0, |win| qpos - win as i64);
-        sc.lo[p] = lo;
-        sc.hi[p] = hi;
-        sc.slope[p] = if ctx.alibi {
+        sc.lo[t] = lo;
+        sc.hi[t] = hi;
+        sc.slope[t] = if ctx.alibi {
             alibi_slope(hh, hq) as f32
         } else {
             0.0
         };
-        sc.qpos[p] = qpos;
+        sc.qpos[t] = qpos;
         lo_all = lo_all.min(lo);
         hi_all = hi_all.max(hi);
     }
+    let lo_min = sc.lo[..trows].iter().copied().max().unwrap_or(0);
+    let hi_min = sc.hi[..trows].iter().copied().min().unwrap_or(-1);
     let start = (item.kv_start as i64).max(lo_all).max(0) as usize;
     let end = ((item.kv_end as i64).min(hi_all.saturating_add(1))).max(start as i64) as usize;
+    let direct = rows <= DIRECT_ROWS && !ctx.rope;
+    let hstride = ctx.strides.head;
+    // Offsets are computed for head h0; head h0 + hi is `hi · hstride` further. The whole
+    // range of heads of a token must be in bounds: checked through the last head.
+    let span = (nh - 1) * hstride;
 
     let mut j0 = start;
+    if j0 < end {
+        ctx.block_offsets(
+            req.kv_start,
+            j0,
+            KEY_BLOCK.min(end - j0),
+            h0,
+            span,
+            &mut sc.off,
+        );
+    }
     while j0 < end {
         let nb = KEY_BLOCK.min(end - j0);
-        // Load and widen the block's K and V rows once for the whole tile.
-        for jj in 0..nb {
-            let off = ctx.kv_offset(req.kv_start, j0 + jj, kvh);
-            let krow = &mut sc.k[jj * d..(jj + 1) * d];
-            I::load(&ctx.k[off..off + d], krow);
-            if ctx.rope {
-                rope(krow, (j0 + jj) as f32 / ctx.rope_scale, &ctx.inv_freq);
-            }
-            I::load(&ctx.v[off..off + d], &mut sc.v[jj * d..(jj + 1) * d]);
-        }
-        for p in 0..rows {
-            let qrow = &sc.q[p * d..(p + 1) * d];
-            let s = &mut sc.s[..nb];
-            let mut mb = f32::NEG_INFINITY;
-            for (jj, sj) in s.iter_mut().enumerate() {
-                let j = (j0 + jj) as i64;
-                if j > sc.hi[p] || j < sc.lo[p] {
-                    *sj = f32::NEG_INFINITY;
-                    continue;
+        let offs = sc.off;
+        // Next block's rows: compute their offsets now and start fetching them.
+        let jn = j0 + nb;
+        if jn < end {
+            let nn = KEY_BLOCK.min(end - jn);
+            ctx.block_offsets(req.kv_start, jn, nn, h0, span, &mut sc.off);
+            let row_bytes = d * size_of::<E>();
+            for &o in &sc.off[..nn] {
+                for hi in 0..nh {
+                    let base = o + hi * hstride;
+                    for b in (0..row_bytes).step_by(PREFETCH_STRIDE) {
+                        let e = base + b / size_of::<E>();
+                        I::prefetch(ctx.k.as_ptr().wrapping_add(e));
+                        I::prefetch(ctx.v.as_ptr().wrapping_add(e));
+                    }
                 }
-                let mut x = I::dot(qrow, &sc.k[jj * d..(jj + 1) * d]);
+            }
+        }
+        let jlast = (j0 + nb - 1) as i64;
+        let interior = j0 as i64 >= lo_min && jlast <= hi_min;
+
+        for hi in 0..nh {
+            let t0 = hi * rows;
+            let hoff = hi * hstride;
+            let q = &sc.q[t0 * d..(t0 + rows) * d];
+            // S = Q·Kᵀ.
+            let s = &mut sc.s[..rows * KEY_BLOCK];
+            if direct {
+                let mut kp = [ctx.k.as_ptr(); KEY_BLOCK];
+                for (p, &o) in kp.iter_mut().zip(&offs) {
+                    *p = p.wrapping_add(o + hoff);
+                }
+                // SAFETY: the first nb offsets plus any head of the range leave d elements
+                // in k (checked by block_offsets).
+                unsafe { s_dispatch::<I, E>(q, d, rows, &kp, nb, s) };
+            } else {
+                for (jj, &off) in offs[..nb].iter().enumerate() {
+                    let off = off + hoff;
+                    let krow = &mut sc.k[jj * d..(jj + 1) * d];
+                    let vrow = &mut sc.v[jj * d..(jj + 1) * d];
+                    let (ks, vs) = (&ctx.k[off..off + d], &ctx.v[off..off + d]);
+                    for c in (0..d).step_by(l) {
+                        // SAFETY: c + LANES <= d for all four rows.
+                        unsafe {
+                            I::store::<f32>(
+                                krow.as_mut_ptr().add(c),
+                                I::load::<E>(ks.as_ptr().add(c)),
+                            );
+                            I::store::<f32>(
+                                vrow.as_mut_ptr().add(c),
+                                I::load::<E>(vs.as_ptr().add(c)),
+                            );
+                        }
+                    }
+                    if ctx.rope {
+                        rope(krow, (j0 + jj) as f32 / ctx.rope_scale, &ctx.inv_freq);
+                    }
+                }
+                let mut kp = [sc.k.as_ptr(); KEY_BLOCK];
+                for (j, p) in kp.iter_mut().enumerate() {
+                    *p = p.wrapping_add(j * d);
+                }
+                // SAFETY: scratch k holds KEY_BLOCK rows of d.
+                unsafe { s_dispatch::<I, f32>(q, d, rows, &kp, nb, s) };
+            }
+
+            // Soft-cap, ALiBi and masks; then the online softmax update, giving P in place
+            // of S.
+            let neg = I::splat(f32::NEG_INFINITY);
+            for p in 0..rows {
+                let t = t0 + p;
+                let srow = &mut s[p * KEY_BLOCK..(p + 1) * KEY_BLOCK];
+                srow[nb..].fill(f32::NEG_INFINITY);
                 if let Some(c) = ctx.soft_cap {
-                    x = c * (x / c).tanh();
+                    for x in &mut srow[..nb] {
+                        *x = c * (*x / c).tanh();
+                    }
                 }
                 if ctx.alibi {
-                    x += sc.slope[p] * (j - sc.qpos[p]) as f32;
+                    let (sl, qp) = (sc.slope[t], sc.qpos[t]);
+                    for (jj, x) in srow[..nb].iter_mut().enumerate() {
+                        *x += sl * ((j0 + jj) as i64 - qp) as f32;
+                    }
                 }
-                *sj = x;
-                mb = mb.max(x);
-            }
-            if mb == f32::NEG_INFINITY {
-                continue;
-            }
-            let m_old = sc.m[p];
-            let m_new = m_old.max(mb);
-            let acc = &mut sc.acc[p * d..(p + 1) * d];
-            if m_old != f32::NEG_INFINITY && m_old != m_new {
-                let corr = (m_old - m_new).exp();
-                I::scale(acc, corr);
-                sc.l[p] *= corr;
-            }
-            sc.m[p] = m_new;
-            let mut l = sc.l[p];
-            for (jj, &sj) in s.iter().enumerate() {
-                if sj == f32::NEG_INFINITY {
+                if !interior {
+                    let (lo, hi) = (sc.lo[t], sc.hi[t]);
+                    for (jj, x) in srow[..nb].iter_mut().enumerate() {
+                        let j = (j0 + jj) as i64;
+                        if j > hi || j < lo {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let mut mv = neg;
+                for c in (0..KEY_BLOCK).step_by(l) {
+                    // SAFETY: c + LANES <= KEY_BLOCK = srow.len().
+                    mv = I::max(mv, unsafe { I::load::<f32>(srow.as_ptr().add(c)) });
+                }
+                let mb = I::reduce_max(mv);
+                let m_old = sc.m[t];
+                let m_new = m_old.max(mb);
+                if m_new == f32::NEG_INFINITY {
+                    // Nothing visible to this row yet: P = 0, the accumulator stays 0.
+                    srow.fill(0.0);
+                    sc.corr[t] = 1.0;
                     continue;
                 }
-                let e = (sj - m_new).exp();
-                l += e;
-                I::axpy(acc, e, &sc.v[jj * d..(jj + 1) * d]);
+                sc.corr[t] = if m_old == m_new {
+                    1.0
+                } else {
+                    (m_old - m_new).exp()
+                };
+                sc.m[t] = m_new;
+                let (one, negm) = (I::splat(1.0), I::splat(-m_new));
+                let mut sum = I::zero();
+                for c in (0..KEY_BLOCK).step_by(l) {
+                    // SAFETY: as above.
+                    unsafe {
+                        let e = I::exp(I::fma(I::load::<f32>(srow.as_ptr().add(c)), one, negm));
+                        sum = I::fma(e, one, sum);
+                        I::store::<f32>(srow.as_mut_ptr().add(c), e);
+                    }
+                }
+                sc.l[t] = sc.l[t] * sc.corr[t] + I::reduce_add(sum);
             }
-            sc.l[p] = l;
+
+            // O = diag(corr)·O + P·V.
+            let s = &sc.s[..rows * KEY_BLOCK];
+            let acc = &mut sc.acc[t0 * d..(t0 + rows) * d];
+            let corr = &sc.corr[t0..t0 + rows];
+            if direct {
+                let mut vp = [ctx.v.as_ptr(); KEY_BLOCK];
+                for (p, &o) in vp.iter_mut().zip(&offs) {
+                    *p = p.wrapping_add(o + hoff);
+                }
+                // SAFETY: as for k (block_offsets checks against both).
+                unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, &vp, nb) };
+            } else {
+                let mut vp = [sc.v.as_ptr(); KEY_BLOCK];
+                for (j, p) in vp.iter_mut().enumerate() {
+                    *p = p.wrapping_add(j * d);
+                }
+                // SAFETY: scratch v holds KEY_BLOCK rows of d.
+                unsafe { pv_dispatch::<I, f32>(acc, d, rows, corr, s, &vp, nb) };
+            }
         }
-        j0 += nb;
+        j0 = jn;
     }
 
     // Finalise and write.
-    for p in 0..rows {
+    for t in 0..trows {
+        let (kvh, p) = (h0 + t / rows, t % rows);
         let packed = item.row_start + p;
         let (i, hh) = (packed / g, kvh * g + packed % g);
-        let l = sc.l[p];
-        let acc = &mut sc.acc[p * d..(p + 1) * d];
-        let lse = if l > 0.0 {
-            I::scale(acc, 1.0 / l);
-            sc.m[p] + l.ln()
+        let lsum = sc.l[t];
+        let acc = &sc.acc[t * d..(t + 1) * d];
+        let (inv, lse) = if lsum > 0.0 {
+            (1.0 / lsum, sc.m[t] + lsum.ln())
         } else {
-            acc.fill(0.0);
-            f32::NEG_INFINITY
+            (0.0, f32::NEG_INFINITY)
         };
+        let inv = I::splat(inv);
+        let mut dst_partial = None;
+        let mut dst_o = None;
         match item.partial {
             Some(base) => {
                 let prow = base + i;
                 // SAFETY: (item, kv head) pairs own disjoint partial rows × heads.
                 unsafe {
-                    ctx.partial_o
-                        .slice((prow * hq + hh) * d, d)
-                        .copy_from_slice(acc);
+                    dst_partial = Some(ctx.partial_o.slice((prow * hq + hh) * d, d));
                     ctx.partial_lse.slice(prow * hq + hh, 1)[0] = lse;
                 }
             }
@@ -160,12 +499,72 @@ pub(crate) fn attend<I: Isa, E: Elem>(ctx: &Ctx<'_, E>, w: usize, kvh: usize, sc
                 let row = req.qo_start + i;
                 // SAFETY: (item, kv head) pairs of unsplit requests own disjoint rows × heads.
                 unsafe {
-                    I::store(acc, ctx.o.slice((row * hq + hh) * d, d));
+                    dst_o = Some(ctx.o.slice((row * hq + hh) * d, d));
                     if let Some(l) = &ctx.lse {
                         l.slice(row * hq + hh, 1)[0] = lse;
                     }
                 }
             }
+        }
+        for c in (0..d).step_by(l) {
+            // SAFETY: c + LANES <= d, the length of acc and of both destinations. A zero
+            // accumulator times 0 stays 0 (never NaN: acc is finite).
+            unsafe {
+                let x = I::mul(I::load::<f32>(acc.as_ptr().add(c)), inv);
+                if let Some(dp) = dst_partial.as_deref_mut() {
+                    I::store::<f32>(dp.as_mut_ptr().add(c), x);
+                }
+                if let Some(dst) = dst_o.as_deref_mut() {
+                    I::store::<E>(dst.as_mut_ptr().add(c), x);
+                }
+            }
+        }
+    }
+}
+
+/// [`s_block`] with the register blocking of the level.
+///
+/// # Safety
+/// As [`s_block`].
+#[inline(always)]
+unsafe fn s_dispatch<I: Isa, T: Elem>(
+    q: &[f32],
+    d: usize,
+    rows: usize,
+    kp: &[*const T; KEY_BLOCK],
+    nb: usize,
+    s: &mut [f32],
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        if I::LANES >= 16 {
+            s_block::<I, T, 4, 4>(q, d, rows, kp, nb, s)
+        } else {
+            s_block::<I, T, 2, 4>(q, d, rows, kp, nb, s)
+        }
+    }
+}
+
+/// [`pv_block`] with the register blocking of the level.
+///
+/// # Safety
+/// As [`pv_block`].
+#[inline(always)]
+unsafe fn pv_dispatch<I: Isa, T: Elem>(
+    acc: &mut [f32],
+    d: usize,
+    rows: usize,
+    corr: &[f32],
+    p: &[f32],
+    vp: &[*const T; KEY_BLOCK],
+    nb: usize,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        if I::LANES >= 16 {
+            pv_block::<I, T, 4, 4>(acc, d, rows, corr, p, vp, nb)
+        } else {
+            pv_block::<I, T, 4, 2>(acc, d, rows, corr, p, vp, nb)
         }
     }
 }

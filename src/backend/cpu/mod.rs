@@ -3,10 +3,11 @@
 //! states into the float workspace, then the merge step combines split rows.
 //!
 //! Parallelism is explicit (a thread count, fixed at construction); the unit of parallel
-//! work is one `(work item, KV head)` pair. The SIMD level is detected once at construction
+//! work is a work item for one KV head (prefill) or a range of KV heads (decode). The SIMD level is detected once at construction
 //! (or chosen, for tests), so every run of a backend uses one specialised loop nest.
 
 mod attend;
+pub mod ceiling;
 mod elem;
 mod merge;
 pub mod simd;
@@ -17,13 +18,14 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 pub use elem::Elem;
+pub use merge::{merge_state, merge_state_in_place, merge_states};
 pub use simd::SimdLevel;
 
 use super::{RunArgs, check_run_args};
 use crate::error::{Error, Result};
 use crate::layout::KvStrides;
 use crate::options::PosEncoding;
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanKind};
 use crate::tensor::{TensorMut, TensorRef};
 use crate::workspace::CPU_BASE_ALIGN;
 
@@ -102,7 +104,7 @@ impl CpuBackend {
         let need = plan.requirement().float;
         need.check_fits(float_workspace.len())?;
         let addr = float_workspace.as_ptr() as usize;
-        if need.total() > 0 && addr % CPU_BASE_ALIGN != 0 {
+        if need.total() > 0 && !addr.is_multiple_of(CPU_BASE_ALIGN) {
             return Err(Error::WorkspaceMisaligned {
                 workspace: "float",
                 address: addr,
@@ -178,15 +180,28 @@ impl CpuBackend {
             rope_scale,
             inv_freq,
         };
-        let units = plan.num_work_items() * heads.num_kv_heads();
         let hkv = heads.num_kv_heads();
+        let items = plan.num_work_items();
+        // Decode streams the cache: a unit takes several KV heads, so it reads each token's
+        // K/V rows of those heads together (contiguous in NHD), keeping about two units per
+        // thread. Prefill reuses each K/V row across a q tile: one KV head per unit.
+        let per_unit = if plan.kind() == PlanKind::Decode {
+            let groups = (2 * self.threads).div_ceil(items.max(1)).clamp(1, hkv);
+            hkv.div_ceil(groups)
+        } else {
+            1
+        };
+        let groups = hkv.div_ceil(per_unit);
+        let units = items * groups;
         let level = self.simd;
         self.pool.install(|| {
             (0..units)
                 .into_par_iter()
                 .with_min_len(1)
                 .for_each_init(Scratch::default, |sc, u| {
-                    simd::dispatch_attend(level, &ctx, u / hkv, u % hkv, sc)
+                    let (w, gi) = (u / groups, u % groups);
+                    let h0 = gi * per_unit;
+                    simd::dispatch_attend(level, &ctx, w, (h0, (h0 + per_unit).min(hkv)), sc)
                 });
             (0..plan.num_merge_rows())
                 .into_par_iter()
@@ -220,22 +235,49 @@ pub(crate) struct Ctx<'a, E> {
 }
 
 impl<E> Ctx<'_, E> {
-    /// Element offset of token `t` of the request whose KV starts at `kv_start`, head `h`.
+    /// Offsets of tokens `j0..j0 + out.len()` (head `h`) of the request whose KV starts at
+    /// `kv_start`, walking pages incrementally; each offset plus `span` (the distance to the
+    /// last head a kernel reads) is checked to leave `head_dim` elements in both K and V, so
+    /// kernels may read rows through raw pointers.
     #[inline(always)]
-    pub(crate) fn kv_offset(&self, kv_start: usize, t: usize, h: usize) -> usize {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block_offsets(
+        &self,
+        kv_start: usize,
+        j0: usize,
+        n: usize,
+        h: usize,
+        span: usize,
+        out: &mut [usize],
+    ) {
+        let d = self.plan.heads().head_dim() + span;
+        let limit = self.k.len().min(self.v.len());
+        let check = |o: usize| {
+            assert!(o <= limit && d <= limit - o, "kv row out of bounds");
+            o
+        };
         if self.paged {
-            let page = self.kv_indices[kv_start + t / self.page_size] as usize;
-            page * self.strides.page
-                + (t % self.page_size) * self.strides.token
-                + h * self.strides.head
+            let (mut page, mut slot) = (j0 / self.page_size, j0 % self.page_size);
+            for o in &mut out[..n] {
+                let id = self.kv_indices[kv_start + page] as usize;
+                *o = check(
+                    id * self.strides.page + slot * self.strides.token + h * self.strides.head,
+                );
+                slot += 1;
+                if slot == self.page_size {
+                    slot = 0;
+                    page += 1;
+                }
+            }
         } else {
-            (kv_start + t) * self.strides.page + h * self.strides.head
+            for (t, o) in out[..n].iter_mut().enumerate() {
+                *o = check((kv_start + j0 + t) * self.strides.page + h * self.strides.head);
+            }
         }
     }
 }
 
 /// Per-thread scratch of the tile kernel.
-#[derive(Default)]
 pub(crate) struct Scratch {
     pub(crate) q: Vec<f32>,
     pub(crate) k: Vec<f32>,
@@ -248,6 +290,28 @@ pub(crate) struct Scratch {
     pub(crate) hi: Vec<i64>,
     pub(crate) qpos: Vec<i64>,
     pub(crate) slope: Vec<f32>,
+    pub(crate) corr: Vec<f32>,
+    pub(crate) off: [usize; attend::KEY_BLOCK],
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch {
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            s: Vec::new(),
+            acc: Vec::new(),
+            m: Vec::new(),
+            l: Vec::new(),
+            lo: Vec::new(),
+            hi: Vec::new(),
+            qpos: Vec::new(),
+            slope: Vec::new(),
+            corr: Vec::new(),
+            off: [0; attend::KEY_BLOCK],
+        }
+    }
 }
 
 impl Scratch {
@@ -256,7 +320,8 @@ impl Scratch {
         self.q.resize(rows * d, 0.0);
         self.k.resize(kb * d, 0.0);
         self.v.resize(kb * d, 0.0);
-        self.s.resize(kb, 0.0);
+        self.s.resize(rows * kb, 0.0);
+        self.corr.resize(rows, 1.0);
         self.acc.clear();
         self.acc.resize(rows * d, 0.0);
         self.m.clear();
@@ -315,7 +380,7 @@ impl<'a> SharedMut<'a, u8> {
         // SAFETY: in bounds; the address is 4-aligned (base 64-aligned checked by `run`,
         // offset a multiple of 256 or the range is empty).
         let ptr = unsafe { self.ptr.add(off) } as *mut f32;
-        assert!(bytes == 0 || (ptr as usize) % 4 == 0);
+        assert!(bytes == 0 || (ptr as usize).is_multiple_of(4));
         SharedMut {
             ptr,
             len: bytes / 4,

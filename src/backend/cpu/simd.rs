@@ -1,9 +1,16 @@
 //! Instruction-set levels and the vector primitives the kernels are written in.
 //!
-//! Kernels are generic over [`Isa`]; each level's entry point is compiled with its target
-//! features enabled, so the primitives inline into one specialised loop nest per level.
+//! Kernels are generic over [`Isa`], a vector register type with a handful of operations.
+//! Each level's entry point is compiled with its target features enabled
+//! (`#[target_feature(enable = ...)]`) and calls the `#[inline(always)]` generic kernel, so
+//! the whole loop nest is specialised once per level and element type.
 
 use super::elem::Elem;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// A SIMD level of this machine, chosen once per backend (and so per plan run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -12,7 +19,7 @@ pub enum SimdLevel {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// x86-64 AVX-512 (F, BW, VL, DQ); uses avx512_bf16 dot products where present.
+    /// x86-64 AVX-512 (F, BW, VL, DQ) with FMA and F16C; bf16 is widened in registers.
     Avx512,
 }
 
@@ -52,6 +59,7 @@ impl SimdLevel {
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("f16c")
                     && std::arch::is_x86_feature_detected!("fma")
             }
@@ -74,81 +82,184 @@ impl SimdLevel {
     }
 }
 
-/// Vector primitives over f32 rows. Implementations must give results within f32 rounding
-/// of the scalar definitions (the summation order may differ).
-pub trait Isa: Copy + Send + Sync + 'static {
-    /// Widens `src` into `dst` (same length).
-    fn load<E: Elem>(src: &[E], dst: &mut [f32]);
-    /// Rounds `src` into `dst` (same length).
-    fn store<E: Elem>(src: &[f32], dst: &mut [E]);
-    /// `Σ a[i]·b[i]`.
-    fn dot(a: &[f32], b: &[f32]) -> f32;
-    /// `y += a·x`.
-    fn axpy(y: &mut [f32], a: f32, x: &[f32]);
-    /// `y *= a`.
-    fn scale(y: &mut [f32], a: f32);
+/// A vector register of `LANES` f32 values and the operations the kernels use.
+///
+/// Implementations for x86 levels may only be called from code compiled with their target
+/// features (the entry points below, reached only after [`SimdLevel::is_available`]); the
+/// generic kernels are `#[inline(always)]` so they are compiled inside those entry points.
+pub(crate) trait Isa: Copy + Send + Sync + 'static {
+    /// The register.
+    type V: Copy;
+    /// f32 lanes per register (head_dim is a multiple of 16, so of every `LANES`).
+    const LANES: usize;
+    /// All lanes 0.
+    fn zero() -> Self::V;
+    /// All lanes `x`.
+    fn splat(x: f32) -> Self::V;
+    /// Loads `LANES` elements at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// `p..p + LANES` must be readable.
+    unsafe fn load<E: Elem>(p: *const E) -> Self::V;
+    /// Stores `LANES` values at `p`, rounded to nearest even.
+    ///
+    /// # Safety
+    /// `p..p + LANES` must be writable.
+    unsafe fn store<E: Elem>(p: *mut E, v: Self::V);
+    /// `a·b + c`.
+    fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a·b`.
+    fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise maximum.
+    fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// Sum of the lanes.
+    fn reduce_add(v: Self::V) -> f32;
+    /// Sums of the lanes of four registers at once (a transposing reduction: fewer shuffles
+    /// than four [`Isa::reduce_add`]s).
+    #[inline(always)]
+    fn reduce_add4(v: [Self::V; 4]) -> [f32; 4] {
+        [
+            Self::reduce_add(v[0]),
+            Self::reduce_add(v[1]),
+            Self::reduce_add(v[2]),
+            Self::reduce_add(v[3]),
+        ]
+    }
+    /// Maximum of the lanes.
+    fn reduce_max(v: Self::V) -> f32;
+    /// `exp` of every lane, for lanes `<= 0` (and `-inf`, which gives exactly 0): about
+    /// 1 ulp; results below the smallest normal f32 may be flushed to 0.
+    fn exp(v: Self::V) -> Self::V;
+    /// Hints that the cache line at `p` will be read soon (no effect on results).
+    #[inline(always)]
+    fn prefetch<T>(_p: *const T) {}
 }
 
-/// Portable implementation.
+/// Portable implementation: eight lanes in an array, which compilers vectorise for the
+/// baseline target.
 #[derive(Debug, Clone, Copy)]
-pub struct Scalar;
+pub(crate) struct Scalar;
 
 impl Isa for Scalar {
+    type V = [f32; 8];
+    const LANES: usize = 8;
     #[inline(always)]
-    fn load<E: Elem>(src: &[E], dst: &mut [f32]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = s.to_f32();
+    fn zero() -> Self::V {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self::V {
+        [x; 8]
+    }
+    #[inline(always)]
+    unsafe fn load<E: Elem>(p: *const E) -> Self::V {
+        let mut v = [0.0; 8];
+        for (i, x) in v.iter_mut().enumerate() {
+            // SAFETY: the caller guarantees 8 readable elements.
+            *x = unsafe { p.add(i).read_unaligned() }.to_f32();
+        }
+        v
+    }
+    #[inline(always)]
+    unsafe fn store<E: Elem>(p: *mut E, v: Self::V) {
+        for (i, x) in v.into_iter().enumerate() {
+            // SAFETY: the caller guarantees 8 writable elements.
+            unsafe { p.add(i).write_unaligned(E::from_f32(x)) };
         }
     }
     #[inline(always)]
-    fn store<E: Elem>(src: &[f32], dst: &mut [E]) {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = E::from_f32(*s);
+    fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        // `mul_add` is a (slow) library call where the target has no fused multiply-add:
+        // there, multiply then add.
+        let mut v = c;
+        for i in 0..8 {
+            v[i] = if cfg!(any(target_feature = "fma", target_arch = "aarch64")) {
+                a[i].mul_add(b[i], c[i])
+            } else {
+                a[i] * b[i] + c[i]
+            };
         }
+        v
     }
     #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // Eight independent sums: fast without vector intrinsics, and vectorisable.
-        let mut acc = [0f32; 8];
-        let n8 = a.len() / 8 * 8;
-        for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
-            for i in 0..8 {
-                acc[i] = ca[i].mul_add(cb[i], acc[i]);
-            }
+    fn mul(a: Self::V, b: Self::V) -> Self::V {
+        let mut v = a;
+        for i in 0..8 {
+            v[i] *= b[i];
         }
-        let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for i in n8..a.len() {
-            s = a[i].mul_add(b[i], s);
-        }
-        s
+        v
     }
     #[inline(always)]
-    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        for (yy, xx) in y.iter_mut().zip(x) {
-            *yy = a.mul_add(*xx, *yy);
+    fn max(a: Self::V, b: Self::V) -> Self::V {
+        let mut v = a;
+        for i in 0..8 {
+            v[i] = v[i].max(b[i]);
         }
+        v
     }
     #[inline(always)]
-    fn scale(y: &mut [f32], a: f32) {
-        for yy in y {
-            *yy *= a;
+    fn reduce_add(v: Self::V) -> f32 {
+        ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    fn reduce_max(v: Self::V) -> f32 {
+        let mut m = v[0];
+        for x in &v[1..] {
+            m = m.max(*x);
         }
+        m
+    }
+    #[inline(always)]
+    fn exp(v: Self::V) -> Self::V {
+        let mut v = v;
+        for x in &mut v {
+            *x = x.exp();
+        }
+        v
     }
 }
 
-/// Runs one `(work item, KV head)` pair at `level`.
+/// The vectorised exp shared by the x86 levels, written over lane-wise helpers: Cody–Waite
+/// range reduction `x = n·ln2 + r`, `|r| <= ln2/2`, and the degree-6 minimax polynomial of
+/// Cephes' `expf` (about 1 ulp), then `2^n` by exponent arithmetic.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod expconst {
+    /// Below this, `exp(x)` is under the smallest normal f32: the result is 0.
+    pub const LO: f32 = -87.336_55;
+    /// `log2(e)`.
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// High part of ln 2 (exact in few bits).
+    pub const LN2_HI: f32 = 0.693_359_4;
+    /// Low part of ln 2.
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Polynomial coefficients, highest degree first.
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
+}
+
+/// Runs work item `w` for the KV heads `kv_heads.0..kv_heads.1` at `level`.
 #[inline]
 pub(crate) fn dispatch_attend<E: Elem>(
     level: SimdLevel,
     ctx: &super::Ctx<'_, E>,
     w: usize,
-    kvh: usize,
+    kv_heads: (usize, usize),
     sc: &mut super::Scratch,
 ) {
     match level {
-        SimdLevel::Scalar | SimdLevel::Avx2 | SimdLevel::Avx512 => {
-            super::attend::attend::<Scalar, E>(ctx, w, kvh, sc)
-        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a backend holds a level only after `is_available` confirmed its features.
+        SimdLevel::Avx512 => unsafe { avx512::attend_entry(ctx, w, kv_heads, sc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { avx2::attend_entry(ctx, w, kv_heads, sc) },
+        _ => super::attend::attend::<Scalar, E>(ctx, w, kv_heads, sc),
     }
 }
 
@@ -161,8 +272,93 @@ pub(crate) fn dispatch_merge<E: Elem>(
     buf: &mut Vec<f32>,
 ) {
     match level {
-        SimdLevel::Scalar | SimdLevel::Avx2 | SimdLevel::Avx512 => {
-            super::merge::merge_row::<Scalar, E>(ctx, m, buf)
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a backend holds a level only after `is_available` confirmed its features.
+        SimdLevel::Avx512 => unsafe { avx512::merge_entry(ctx, m, buf) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        SimdLevel::Avx2 => unsafe { avx2::merge_entry(ctx, m, buf) },
+        _ => super::merge::merge_row::<Scalar, E>(ctx, m, buf),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_exp<I: Isa>() {
+        let xs: Vec<f32> = (0..4000)
+            .map(|i| -(i as f32) * 0.0219)
+            .chain([0.0, -0.0, -1e-30, -87.0, -87.3, -87.4, -100.0, -1e30])
+            .chain([f32::NEG_INFINITY])
+            .collect();
+        let mut worst = 0u32;
+        for chunk in xs.chunks(I::LANES) {
+            let mut buf = vec![f32::NEG_INFINITY; I::LANES];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: buf has LANES elements.
+            let v = unsafe { I::load::<f32>(buf.as_ptr()) };
+            let mut out = vec![0.0f32; I::LANES];
+            // SAFETY: out has LANES elements.
+            unsafe { I::store::<f32>(out.as_mut_ptr(), I::exp(v)) };
+            for (x, y) in chunk.iter().zip(&out) {
+                let want = (*x as f64).exp();
+                if want < f32::MIN_POSITIVE as f64 {
+                    assert!(*y >= 0.0 && (*y as f64) < 1.2e-38, "exp({x}) = {y}");
+                    continue;
+                }
+                let want = want as f32;
+                let ulps = (y.to_bits() as i64 - want.to_bits() as i64).unsigned_abs() as u32;
+                worst = worst.max(ulps);
+            }
+        }
+        assert!(worst <= 2, "exp is {worst} ulp off");
+    }
+
+    fn check_reduce<I: Isa>() {
+        let vals: Vec<f32> = (0..4 * I::LANES)
+            .map(|i| (i * i % 37) as f32 - 11.5)
+            .collect();
+        // SAFETY: vals holds four registers' worth.
+        let v: [I::V; 4] =
+            std::array::from_fn(|r| unsafe { I::load::<f32>(vals[r * I::LANES..].as_ptr()) });
+        let got = I::reduce_add4(v);
+        for r in 0..4 {
+            let want: f32 = vals[r * I::LANES..(r + 1) * I::LANES].iter().sum();
+            assert_eq!(got[r], want, "register {r}");
+            assert_eq!(I::reduce_add(v[r]), want);
+        }
+    }
+
+    #[test]
+    fn reductions_sum_every_lane() {
+        check_reduce::<Scalar>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if SimdLevel::Avx2.is_available() {
+                // SAFETY: features checked just above.
+                unsafe { avx2::run_exp_test(check_reduce::<avx2::Avx2>) };
+            }
+            if SimdLevel::Avx512.is_available() {
+                // SAFETY: features checked just above.
+                unsafe { avx512::run_exp_test(check_reduce::<avx512::Avx512>) };
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_and_maps_neg_inf_to_zero() {
+        check_exp::<Scalar>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if SimdLevel::Avx2.is_available() {
+                // SAFETY: features checked just above.
+                unsafe { avx2::run_exp_test(check_exp::<avx2::Avx2>) };
+            }
+            if SimdLevel::Avx512.is_available() {
+                // SAFETY: features checked just above.
+                unsafe { avx512::run_exp_test(check_exp::<avx512::Avx512>) };
+            }
         }
     }
 }

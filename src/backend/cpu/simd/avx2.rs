@@ -1,0 +1,183 @@
+//! AVX2 + FMA + F16C level: 8 f32 lanes; f16 through `vcvtph2ps`, bf16 by shifting into the
+//! high half of an f32.
+
+use std::arch::x86_64::*;
+
+use super::super::elem::Elem;
+use super::super::{Ctx, Scratch};
+use super::Isa;
+use super::expconst as ec;
+use crate::layout::DType;
+
+/// The AVX2 register set (`__m256`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2;
+
+impl Isa for Avx2 {
+    type V = __m256;
+    const LANES: usize = 8;
+    #[inline(always)]
+    fn zero() -> __m256 {
+        // SAFETY (all intrinsics in this impl): only reached from the entry points below,
+        // compiled with avx2, fma and f16c, and called after detection.
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> __m256 {
+        // SAFETY: see `zero`.
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load<E: Elem>(p: *const E) -> __m256 {
+        // SAFETY: 8 readable elements (caller); features as in `zero`.
+        unsafe {
+            match E::DTYPE {
+                DType::F32 => _mm256_loadu_ps(p as *const f32),
+                DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                DType::BF16 => {
+                    let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn store<E: Elem>(p: *mut E, v: __m256) {
+        // SAFETY: 8 writable elements (caller); features as in `zero`.
+        unsafe {
+            match E::DTYPE {
+                DType::F32 => _mm256_storeu_ps(p as *mut f32, v),
+                DType::F16 => _mm_storeu_si128(
+                    p as *mut __m128i,
+                    _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v),
+                ),
+                DType::BF16 => {
+                    let b = _mm256_castps_si256(v);
+                    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                    let r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb);
+                    let r = _mm256_srli_epi32::<16>(r);
+                    // NaN stays a (quiet) NaN.
+                    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                    let q = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
+                    let r = _mm256_blendv_epi8(r, q, nan);
+                    let packed = _mm256_packus_epi32(r, r);
+                    let packed = _mm256_permute4x64_epi64::<0b1000>(packed);
+                    _mm_storeu_si128(p as *mut __m128i, _mm256_castsi256_si128(packed));
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: see `zero`.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    fn mul(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: see `zero`.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    fn max(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: see `zero`.
+        unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    fn reduce_add(v: __m256) -> f32 {
+        // SAFETY: see `zero`.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    fn reduce_add4(v: [__m256; 4]) -> [f32; 4] {
+        // SAFETY: see `zero`.
+        unsafe {
+            let h01 = _mm256_hadd_ps(v[0], v[1]);
+            let h23 = _mm256_hadd_ps(v[2], v[3]);
+            let h = _mm256_hadd_ps(h01, h23); // per 128-bit half: [v0, v1, v2, v3] partials
+            let r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let mut out = [0.0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), r);
+            out
+        }
+    }
+    #[inline(always)]
+    fn reduce_max(v: __m256) -> f32 {
+        // SAFETY: see `zero`.
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    fn exp(x: __m256) -> __m256 {
+        // SAFETY: see `zero`.
+        unsafe {
+            let lo = _mm256_set1_ps(ec::LO);
+            let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, lo);
+            let x = _mm256_max_ps(x, lo);
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, _mm256_set1_ps(ec::LOG2E)),
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ec::LN2_HI), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ec::LN2_LO), r);
+            let mut p = _mm256_set1_ps(ec::P[0]);
+            for c in &ec::P[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+            }
+            let r2 = _mm256_mul_ps(r, r);
+            let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+            // 2^n for n in [-126, 127] (x is at most 0 here; clamp keeps the exponent valid).
+            let ni = _mm256_cvtps_epi32(_mm256_min_ps(n, _mm256_set1_ps(127.0)));
+            let pow = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                ni,
+                _mm256_set1_epi32(127),
+            )));
+            _mm256_and_ps(_mm256_mul_ps(y, pow), live)
+        }
+    }
+    #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
+    }
+}
+
+/// The attend kernel compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support the AVX2 level ([`super::SimdLevel::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attend_entry<E: Elem>(
+    ctx: &Ctx<'_, E>,
+    w: usize,
+    kv_heads: (usize, usize),
+    sc: &mut Scratch,
+) {
+    super::super::attend::attend::<Avx2, E>(ctx, w, kv_heads, sc)
+}
+
+/// The merge step compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support the AVX2 level.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn merge_entry<E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
+    super::super::merge::merge_row::<Avx2, E>(ctx, m, buf)
+}
+
+/// Runs `f` in a context compiled for AVX2 (tests of the primitives).
+///
+/// # Safety
+/// The CPU must support the AVX2 level.
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn run_exp_test(f: impl FnOnce()) {
+    f()
+}
