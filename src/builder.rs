@@ -68,7 +68,7 @@ impl BatchBuilder {
             });
         }
         let q_end = fit(
-            *self.qo_indptr.last().unwrap() as usize + qo_len,
+            (*self.qo_indptr.last().unwrap() as usize).saturating_add(qo_len),
             "qo_indptr",
         )?;
         let kv_end = fit(self.kv_indices.len() + pages.len(), "kv_indptr")?;
@@ -204,6 +204,27 @@ mod tests {
             "{e}"
         );
         assert!(b.is_empty(), "a rejected push changes nothing");
+    }
+
+    #[test]
+    fn huge_lengths_are_rejected_without_change() {
+        let mut b = BatchBuilder::new(16).unwrap();
+        b.push(5, 1, &[0]).unwrap();
+        let e = b.push(usize::MAX, 0, &[]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::LimitExceeded {
+                    field: "qo_indptr",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = b.push(i32::MAX as usize, 0, &[]).unwrap_err();
+        assert!(e.to_string().contains("qo_indptr = 2147483652"), "{e}");
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.qo_indptr(), &[0, 5]);
     }
 
     #[test]

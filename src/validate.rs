@@ -67,7 +67,7 @@ impl<'a> ValidBatch<'a> {
     }
 
     /// Request `r` (`r < batch_size`; larger `r` yields an empty request).
-    #[inline]
+    #[inline(always)]
     pub fn request(&self, r: usize) -> Request {
         if r >= self.batch_size {
             return Request {
@@ -256,10 +256,13 @@ pub fn check_page_ids(kv_indptr: &[i32], kv_indices: &[i32], num_pages: usize) -
             actual: kv_indices.len(),
         });
     }
-    // Branch-free scan; locate the culprit only on failure.
+    // Branch-free scan; locate the culprit only on failure. A negative id reads as a u32 of
+    // at least 2^31, so the bound is clamped to 2^31 (no i32 id reaches it) to keep every
+    // negative id out of range whatever num_pages is.
+    let limit = num_pages.min(1 << 31);
     let bad = kv_indices[..used]
         .iter()
-        .fold(false, |acc, &id| acc | (id as u32 as usize >= num_pages));
+        .fold(false, |acc, &id| acc | (id as u32 as usize >= limit));
     if bad
         && let Some((index, &id)) = kv_indices[..used]
             .iter()

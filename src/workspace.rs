@@ -301,19 +301,30 @@ impl WorkspaceLimits {
 /// The workspace every valid plan within `limits` fits in (decode and prefill alike).
 ///
 /// With `C` the batch bound (the graph capacity when set, else `max_batch`), `Q` the row
-/// bound (`C` for decode, `max_q_tokens` for prefill), `g` the group size, `t` the prefill
-/// tile in packed rows, `T = ceil(parallelism / num_kv_heads)` the work-item target and `d`
-/// the deterministic chunk:
+/// bound (decode: `C`; prefill: `graph_max_q_rows`, default `C`, in graph mode, else
+/// `max_q_tokens`), `K` the longest request (`graph_max_kv_len` in graph mode when set, else
+/// `max_kv_len`), `g` the group size, `t` the prefill tile in packed rows,
+/// `T = ceil(parallelism / num_kv_heads)` the work-item target and `d` the deterministic
+/// chunk:
 ///
 /// - q tiles: decode `C`; prefill `min(Q·g, floor((Q·g + C·(t-1)) / t))`;
-/// - work items `W`: `max(T, tiles)`, or `tiles · ceil(max_kv_len / d)` in deterministic mode;
-/// - partial rows `P`: `T` (decode) / `floor(T·t / g)` (prefill), or `Q · ceil(max_kv_len / d)`
-///   in deterministic mode (0 when no split is possible); merge rows `min(Q, P / 2)`;
+/// - work items `W`: `T + tiles`, or `tiles · ceil(K / d)` in deterministic mode;
+/// - partial rows `P`: `T` (decode) / `floor(T·t / g)` (prefill), or `Q · ceil(K / d)`
+///   in deterministic mode (0 when `ceil(K / d) = 1`); merge rows `M`: `min(Q, P / 2)`, or
+///   `Q` in deterministic mode (0 without a split);
 /// - float bytes: `P·Hq·D·4` (`partial_o`) + `P·Hq·4` (`partial_lse`), each 256-aligned;
 /// - int bytes: `16·C` (`requests`) + `24·W` (`work_items`) + `16·M` (`merge_map`), aligned.
 ///
-/// The result is the larger of the decode and prefill bounds, part by part.
+/// The result is the larger of the decode and prefill bounds, part by part. Why it holds: a
+/// split happens only while the items of the requests with keys stay within `T` (requests
+/// without keys add one empty item per tile); a decode item covers one
+/// partial row, a prefill item at most `t / g` query rows; every split row has at least two
+/// partial rows.
+///
+/// Errors: the planner configuration's own checks (e.g. `parallelism` 0, a zero
+/// deterministic chunk) and [`Error::SizeOverflow`] for limits whose bytes overflow 64 bits.
 pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
+    limits.config.validate()?;
     let mut best: Option<Requirement> = None;
     for kind in [PlanKind::Decode, PlanKind::Prefill] {
         let cap = Capacities::for_limits(kind, limits)?;

@@ -24,6 +24,16 @@ mod split;
 
 pub use split::Capacities;
 
+/// The largest int image (schedule) a plan builds, in bytes: 256 MiB (over 11 million work
+/// items), far beyond any batch a device runs in one launch. A batch or configuration that would need more (absurd
+/// parallelism, billions of query rows, a tiny q tile) is a [`Error::LimitExceeded`], raised
+/// before anything is allocated, so no number in a batch can drive a huge allocation.
+pub const MAX_INT_IMAGE_BYTES: usize = 1 << 28;
+
+/// The most work slots [`PlanConfig::parallelism`] may name: 2^20, several times the threads
+/// of the largest GPU (an H100 runs 132 SMs × 2048 threads).
+pub const MAX_PARALLELISM: usize = 1 << 20;
+
 use crate::error::{Error, Result};
 use crate::layout::{BatchDesc, HeadConfig, KvIndex};
 use crate::options::AttentionOptions;
@@ -67,7 +77,7 @@ pub struct GraphCapacity {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanConfig {
     /// Parallel work slots to fill: GPU SMs × blocks per SM, or CPU threads. A slot runs one
-    /// `(work item, KV head)` pair.
+    /// `(work item, KV head)` pair. `1..=`[`MAX_PARALLELISM`].
     pub parallelism: usize,
     /// Fixed batch capacity for CUDA-graph mode.
     pub graph_capacity: Option<usize>,
@@ -102,7 +112,7 @@ impl PlanConfig {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         for (field, v) in [
             ("parallelism", Some(self.parallelism)),
             ("q_tile", Some(self.q_tile)),
@@ -112,6 +122,13 @@ impl PlanConfig {
             if v == Some(0) {
                 return Err(Error::NotPositive { field, actual: 0 });
             }
+        }
+        if self.parallelism > MAX_PARALLELISM {
+            return Err(Error::InvalidOption {
+                field: "parallelism",
+                expected: "at most 1048576 work slots",
+                actual: self.parallelism.to_string(),
+            });
         }
         if self.q_tile > 1 << 16 {
             return Err(Error::InvalidOption {
@@ -215,22 +232,42 @@ impl Plan {
     /// ```
     /// use flashpage::{AttentionOptions, BatchDesc, HeadConfig, PageTable, Plan, PlanConfig};
     /// let heads = HeadConfig::new(32, 8, 128).unwrap();
-    /// // Two requests: 3 pages (40 tokens) and 1 page (5 tokens), page size 16.
-    /// let pages = PageTable { page_size: 16, num_pages: 8, indptr: &[0, 3, 4],
-    ///                         last_page_len: &[8, 5], num_indices: 4 };
+    /// // Two requests: 63 pages (1000 tokens) and 1 page (5 tokens), page size 16.
+    /// let pages = PageTable { page_size: 16, num_pages: 64, indptr: &[0, 63, 64],
+    ///                         last_page_len: &[8, 5], num_indices: 64 };
     /// let plan = Plan::new(&BatchDesc::decode(heads, pages), &AttentionOptions::default(),
     ///                      &PlanConfig::with_parallelism(64)).unwrap();
     /// assert_eq!(plan.batch_size(), 2);
-    /// assert!(plan.split_kv()); // 2 requests cannot fill 64 slots / 8 KV heads = 8 items
+    /// // 2 requests cannot fill 64 slots / 8 KV heads = 8 items: the long one is split into
+    /// // chunks of 256 keys (the default smallest chunk), 4 + 1 = 5 items.
+    /// assert!(plan.split_kv());
+    /// assert_eq!((plan.kv_chunk(), plan.num_work_items()), (Some(256), 5));
     /// ```
     pub fn new(
         batch: &BatchDesc<'_>,
         options: &AttentionOptions,
         config: &PlanConfig,
     ) -> Result<Plan> {
-        let mut plan = Plan {
+        let mut plan = Plan::new_empty(batch.heads, options, config)?;
+        plan.build(batch, options, config, None)?;
+        Ok(plan)
+    }
+
+    /// A plan of nothing (no allocation), filled by `build`.
+    fn new_empty(
+        heads: HeadConfig,
+        options: &AttentionOptions,
+        config: &PlanConfig,
+    ) -> Result<Plan> {
+        let caps = Capacities {
+            requests: 0,
+            work_items: 0,
+            partial_rows: 0,
+            merge_rows: 0,
+        };
+        Ok(Plan {
             kind: PlanKind::Decode,
-            heads: batch.heads,
+            heads,
             options: *options,
             config: *config,
             paged: true,
@@ -242,29 +279,17 @@ impl Plan {
             num_work_items: 0,
             num_merge_rows: 0,
             num_partial_rows: 0,
-            caps: Capacities {
-                requests: 0,
-                work_items: 0,
-                partial_rows: 0,
-                merge_rows: 0,
-            },
+            caps,
             graph: false,
             int_offsets: [0; 3],
             image: Vec::new(),
-            req: Capacities {
-                requests: 0,
-                work_items: 0,
-                partial_rows: 0,
-                merge_rows: 0,
-            }
-            .requirement(&batch.heads)?,
-        };
-        plan.build(batch, options, config)?;
-        Ok(plan)
+            req: caps.requirement(&heads)?,
+        })
     }
 
     /// Plans `batch` only if it lies within `limits`, so the plan is guaranteed to fit the
-    /// workspace sized by [`workspace_size`]`(limits)`.
+    /// workspace sized by [`workspace_size`]`(limits)`. The plan's requirement is checked
+    /// against that bound before its schedule is allocated.
     pub fn new_within(
         batch: &BatchDesc<'_>,
         options: &AttentionOptions,
@@ -302,16 +327,9 @@ impl Plan {
                 });
             }
         }
-        let plan = Plan::new(batch, options, &limits.config)?;
         let bound = workspace_size(limits)?;
-        if !plan.req.fits_in(&bound) {
-            return Err(Error::LimitExceeded {
-                field: "workspace bytes",
-                limit: bound.float.total(),
-                actual: plan.req.float.total(),
-                rule: "workspace_size(limits)",
-            });
-        }
+        let mut plan = Plan::new_empty(batch.heads, options, &limits.config)?;
+        plan.build(batch, options, &limits.config, Some(&bound))?;
         Ok(plan)
     }
 
@@ -327,7 +345,7 @@ impl Plan {
                 actual: format!("{:?}", batch.heads),
             });
         }
-        self.build(batch, options, &config)
+        self.build(batch, options, &config, None)
     }
 
     fn build(
@@ -335,6 +353,7 @@ impl Plan {
         batch: &BatchDesc<'_>,
         options: &AttentionOptions,
         config: &PlanConfig,
+        bound: Option<&Requirement>,
     ) -> Result<()> {
         config.validate()?;
         let vb = check_batch(batch, options)?;
@@ -356,6 +375,11 @@ impl Plan {
         }
         to_i32(vb.max_kv_len(), "kv_len")?;
         to_i32(vb.num_q_rows(), "query rows")?;
+        // Work items store packed rows (query row × group + head) as int32.
+        to_i32(
+            vb.max_qo_len().saturating_mul(heads.group_size()),
+            "packed rows",
+        )?;
         let chunk = split::choose_chunk(&vb, kind, config, &heads);
         let tile = split::tile_rows(kind, config, &heads);
         let group = heads.group_size();
@@ -364,16 +388,18 @@ impl Plan {
         let mut items = 0usize;
         let mut partial = 0usize;
         let mut merges = 0usize;
+        // Saturating: absurd inputs saturate and are rejected by the int32 checks below.
         for r in 0..vb.batch_size() {
             let q = vb.request(r);
-            let tiles = (q.qo_len * group).div_ceil(tile);
+            let tiles = split::tiles_of(q.qo_len, group, tile);
             let n = split::chunks_of(q.kv_len, chunk);
-            items += tiles * n;
+            items = items.saturating_add(tiles.saturating_mul(n));
             if n > 1 && q.qo_len > 0 {
-                partial += q.qo_len * n;
+                partial = partial.saturating_add(q.qo_len.saturating_mul(n));
                 merges += q.qo_len;
             }
         }
+        to_i32(items, "work items")?;
         to_i32(partial, "partial rows")?;
         let caps = match config.graph() {
             Some(g) => {
@@ -424,6 +450,33 @@ impl Plan {
         carve_float(&mut fa, &heads, caps.partial_rows)?;
         let mut ia = AlignedAllocator::counting(BUFFER_ALIGN);
         let offsets = carve_int(&mut ia, caps.requests, caps.work_items, caps.merge_rows)?;
+        let req = Requirement {
+            float: WorkspaceReq::from_allocator(&fa),
+            int: WorkspaceReq::from_allocator(&ia),
+        };
+        if let Some(b) = bound
+            && !req.fits_in(b)
+        {
+            let (field, limit, actual) = if req.float.total() > b.float.total() {
+                ("float workspace bytes", b.float.total(), req.float.total())
+            } else {
+                ("int workspace bytes", b.int.total(), req.int.total())
+            };
+            return Err(Error::LimitExceeded {
+                field,
+                limit,
+                actual,
+                rule: "workspace_size(limits)",
+            });
+        }
+        if ia.total() > MAX_INT_IMAGE_BYTES {
+            return Err(Error::LimitExceeded {
+                field: "int workspace bytes",
+                limit: MAX_INT_IMAGE_BYTES,
+                actual: ia.total(),
+                rule: "largest plan schedule",
+            });
+        }
         let words = ia.total() / 4;
 
         // Everything checked: commit.
@@ -443,16 +496,16 @@ impl Plan {
         self.caps = caps;
         self.graph = config.graph_capacity.is_some();
         self.int_offsets = offsets.map(|o| o / 4);
-        self.req = Requirement {
-            float: WorkspaceReq::from_allocator(&fa),
-            int: WorkspaceReq::from_allocator(&ia),
-        };
-        self.image.clear();
+        self.req = req;
+        // emit writes every word, so only a change of length needs the allocator.
         self.image.resize(words, 0);
         self.emit(&vb, tile, group, chunk);
         Ok(())
     }
 
+    /// Writes every word of the image: the three arrays field by field (entries, then inert
+    /// padding up to the capacity) and the alignment gaps between them (zeros), so a replan
+    /// leaves no stale word behind and equals a fresh plan.
     fn emit(&mut self, vb: &ValidBatch<'_>, tile: usize, group: usize, chunk: usize) {
         let [ro, wo, mo] = self.int_offsets;
         let (rc, wc, mc) = (
@@ -460,36 +513,58 @@ impl Plan {
             self.caps.work_items,
             self.caps.merge_rows,
         );
-        let img = &mut self.image;
-        // Padding: requests are empty, items and merge rows have request/row -1.
-        for f in 0..REQUEST_FIELDS {
-            img[ro + f * rc..ro + (f + 1) * rc].fill(0);
-        }
-        for f in 0..WORK_FIELDS {
-            img[wo + f * wc..wo + (f + 1) * wc].fill(if f == 0 || f == 5 { -1 } else { 0 });
-        }
-        for f in 0..MERGE_FIELDS {
-            img[mo + f * mc..mo + (f + 1) * mc].fill(if f == 0 { -1 } else { 0 });
-        }
+        let img = &mut self.image[..];
+        // Field slices (one bounds check each, not one per store).
+        let (head, merge) = img.split_at_mut(mo);
+        let (reqs, work) = head.split_at_mut(wo);
+        reqs[ro + REQUEST_FIELDS * rc..].fill(0);
+        work[WORK_FIELDS * wc..].fill(0);
+        merge[MERGE_FIELDS * mc..].fill(0);
+        let [r_qo, r_ql, r_kv, r_kl] = fields::<REQUEST_FIELDS>(&mut reqs[ro..], rc);
+        let [w_req, w_r0, w_r1, w_k0, w_k1, w_part] = fields::<WORK_FIELDS>(work, wc);
+        let [m_row, m_first, m_count, m_stride] = fields::<MERGE_FIELDS>(merge, mc);
+
+        let b = vb.batch_size();
         let mut w = 0usize;
         let mut m = 0usize;
         let mut slot = 0usize;
-        for r in 0..vb.batch_size() {
+        // Two passes (requests, then items and merge rows): with a power-of-two capacity the
+        // field arrays are 4 KiB apart and map to one L1 set, and ten interleaved store
+        // streams thrash it (3× slower at capacity 1024 in one pass).
+        for r in 0..b {
             let q = vb.request(r);
-            img[ro + r] = q.qo_start as i32;
-            img[ro + rc + r] = q.qo_len as i32;
-            img[ro + 2 * rc + r] = q.kv_start as i32;
-            img[ro + 3 * rc + r] = q.kv_len as i32;
+            r_qo[r] = q.qo_start as i32;
+            r_ql[r] = q.qo_len as i32;
+            r_kv[r] = q.kv_start as i32;
+            r_kl[r] = q.kv_len as i32;
+        }
+        for r in 0..b {
+            let q = vb.request(r);
             let packed = q.qo_len * group;
             let n = split::chunks_of(q.kv_len, chunk);
-            let split = n > 1 && q.qo_len > 0;
+            if n == 1 {
+                // Unsplit: one item per tile over all keys, written directly.
+                let mut row = 0;
+                while row < packed {
+                    let row_end = (row + tile).min(packed);
+                    w_req[w] = r as i32;
+                    w_r0[w] = row as i32;
+                    w_r1[w] = row_end as i32;
+                    w_k0[w] = 0;
+                    w_k1[w] = q.kv_len as i32;
+                    w_part[w] = -1;
+                    w += 1;
+                    row = row_end;
+                }
+                continue;
+            }
             let base = slot;
-            if split {
+            if q.qo_len > 0 {
                 for i in 0..q.qo_len {
-                    img[mo + m] = (q.qo_start + i) as i32;
-                    img[mo + mc + m] = (base + i) as i32;
-                    img[mo + 2 * mc + m] = n as i32;
-                    img[mo + 3 * mc + m] = q.qo_len as i32;
+                    m_row[m] = (q.qo_start + i) as i32;
+                    m_first[m] = (base + i) as i32;
+                    m_count[m] = n as i32;
+                    m_stride[m] = q.qo_len as i32;
                     m += 1;
                 }
                 slot += q.qo_len * n;
@@ -500,20 +575,29 @@ impl Plan {
                 for c in 0..n {
                     let kv_start = c.saturating_mul(chunk).min(q.kv_len);
                     let kv_end = kv_start.saturating_add(chunk).min(q.kv_len);
-                    img[wo + w] = r as i32;
-                    img[wo + wc + w] = row as i32;
-                    img[wo + 2 * wc + w] = row_end as i32;
-                    img[wo + 3 * wc + w] = kv_start as i32;
-                    img[wo + 4 * wc + w] = kv_end as i32;
-                    img[wo + 5 * wc + w] = if split {
-                        (base + c * q.qo_len) as i32
-                    } else {
-                        -1
-                    };
+                    w_req[w] = r as i32;
+                    w_r0[w] = row as i32;
+                    w_r1[w] = row_end as i32;
+                    w_k0[w] = kv_start as i32;
+                    w_k1[w] = kv_end as i32;
+                    w_part[w] = (base + c * q.qo_len) as i32;
                     w += 1;
                 }
                 row = row_end;
             }
+        }
+        // Padding: requests are empty, items and merge rows have request/row -1.
+        for f in [r_qo, r_ql, r_kv, r_kl] {
+            f[b..].fill(0);
+        }
+        for (i, f) in [w_req, w_r0, w_r1, w_k0, w_k1, w_part]
+            .into_iter()
+            .enumerate()
+        {
+            f[w..].fill(if i == 0 || i == 5 { -1 } else { 0 });
+        }
+        for (i, f) in [m_row, m_first, m_count, m_stride].into_iter().enumerate() {
+            f[m..].fill(if i == 0 { -1 } else { 0 });
         }
         debug_assert_eq!(w, self.num_work_items);
         debug_assert_eq!(m, self.num_merge_rows);
@@ -652,6 +736,16 @@ impl Plan {
     pub fn merge_rows(&self) -> impl ExactSizeIterator<Item = MergeRow> + '_ {
         (0..self.num_merge_rows).map(|m| self.merge_row(m))
     }
+}
+
+/// Splits `s` into `N` consecutive field slices of `len` words each.
+fn fields<const N: usize>(s: &mut [i32], len: usize) -> [&mut [i32]; N] {
+    let mut rest = s;
+    std::array::from_fn(|_| {
+        let (f, r) = std::mem::take(&mut rest).split_at_mut(len);
+        rest = r;
+        f
+    })
 }
 
 #[cfg(test)]

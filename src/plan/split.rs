@@ -24,32 +24,50 @@ pub(crate) fn tile_rows(kind: PlanKind, config: &PlanConfig, heads: &HeadConfig)
     }
 }
 
-#[inline]
-fn tiles_of(qo_len: usize, group: usize, tile: usize) -> usize {
-    (qo_len * group).div_ceil(tile)
+/// Q tiles of a request (no division in the common case of one tile: every decode request).
+#[inline(always)]
+pub(crate) fn tiles_of(qo_len: usize, group: usize, tile: usize) -> usize {
+    let packed = qo_len * group;
+    if packed <= tile {
+        (packed > 0) as usize
+    } else {
+        packed.div_ceil(tile)
+    }
 }
 
-/// Chunks of a request of `kv_len` keys with chunk `c` (an empty request is one empty chunk).
-#[inline]
+/// Chunks of a request of `kv_len` keys with chunk `c` (an empty request is one empty chunk;
+/// no division when the request fits one chunk, e.g. whenever the KV is not split).
+#[inline(always)]
 pub(crate) fn chunks_of(kv_len: usize, c: usize) -> usize {
-    kv_len.div_ceil(c).max(1)
+    if kv_len <= c { 1 } else { kv_len.div_ceil(c) }
 }
 
-/// Work items of the batch with KV chunk `c` tokens.
-fn items_with_chunk(vb: &ValidBatch<'_>, group: usize, tile: usize, c: usize) -> usize {
+/// True when the batch's requests with keys have at most `target` work items with KV chunk
+/// `c` tokens (stops counting as soon as the target is passed; saturating, so no input
+/// overflows).
+fn items_within(vb: &ValidBatch<'_>, group: usize, tile: usize, c: usize, target: usize) -> bool {
     let mut n = 0usize;
     for r in 0..vb.batch_size() {
         let q = vb.request(r);
-        n += tiles_of(q.qo_len, group, tile) * chunks_of(q.kv_len, c);
+        if q.kv_len > 0 {
+            n = n.saturating_add(
+                tiles_of(q.qo_len, group, tile).saturating_mul(chunks_of(q.kv_len, c)),
+            );
+            if n > target {
+                return false;
+            }
+        }
     }
-    n
+    true
 }
 
 /// The KV chunk in tokens (`usize::MAX` for "no split").
 ///
-/// Deterministic mode: the configured chunk. Otherwise, when the batch's q tiles already
-/// reach the work-item target there is no split; else the smallest page-aligned chunk (at
-/// least `min_kv_chunk`) whose item count stays within the target.
+/// Deterministic mode: the configured chunk. Otherwise, when the q tiles of the requests
+/// with keys already reach the work-item target there is no split; else the smallest
+/// page-aligned chunk (at least `min_kv_chunk`) whose items, over the requests with keys,
+/// stay within the target. Requests without keys (padding) cost nothing, so they neither
+/// count toward the target nor prevent a split; each still gets its one empty item.
 pub(crate) fn choose_chunk(
     vb: &ValidBatch<'_>,
     kind: PlanKind,
@@ -64,9 +82,15 @@ pub(crate) fn choose_chunk(
     let target = item_target(config.parallelism, heads);
     let mut tiles = 0usize;
     for r in 0..vb.batch_size() {
-        tiles += tiles_of(vb.request(r).qo_len, group, tile);
+        let q = vb.request(r);
+        if q.kv_len > 0 {
+            tiles = tiles.saturating_add(tiles_of(q.qo_len, group, tile));
+            if tiles >= target {
+                return usize::MAX;
+            }
+        }
     }
-    if tiles == 0 || tiles >= target || vb.max_kv_len() == 0 {
+    if tiles == 0 {
         return usize::MAX;
     }
     let unit = vb.page_size();
@@ -79,7 +103,7 @@ pub(crate) fn choose_chunk(
     let (mut a, mut b) = (lo, hi);
     while a < b {
         let m = a + (b - a) / 2;
-        if items_with_chunk(vb, group, tile, m * unit) <= target {
+        if items_within(vb, group, tile, m * unit, target) {
             b = m;
         } else {
             a = m + 1;
@@ -141,7 +165,10 @@ impl Capacities {
                     PlanKind::Decode => target,
                     PlanKind::Prefill => target.checked_mul(t).ok_or(ovf("partial rows"))? / g,
                 };
-                (target.max(tiles), p, q.min(p / 2))
+                // Split: at most T items over requests with keys, one per tile of the
+                // others; unsplit: one item per tile.
+                let w = target.checked_add(tiles).ok_or(ovf("work items"))?;
+                (w, p, q.min(p / 2))
             }
         };
         Ok(Capacities {
@@ -153,24 +180,30 @@ impl Capacities {
     }
 
     /// Bounds for `limits` and plans of `kind`.
+    ///
+    /// In graph mode every plan has exactly the graph capacities (batch, query rows, and the
+    /// longest request when the chunk is deterministic), so those are the bounds; otherwise
+    /// `max_batch`, `max_q_tokens` (decode: `max_batch`) and `max_kv_len`.
     pub(crate) fn for_limits(kind: PlanKind, limits: &WorkspaceLimits) -> Result<Capacities> {
-        let batch = limits
-            .config
-            .graph_capacity
-            .unwrap_or(limits.max_batch)
-            .max(limits.max_batch);
-        let q_rows = match kind {
-            PlanKind::Decode => batch,
-            PlanKind::Prefill => limits.max_q_tokens,
+        let (batch, q_rows, kv_len) = match limits.config.graph() {
+            Some(g) => (
+                g.batch,
+                match kind {
+                    PlanKind::Decode => g.batch,
+                    PlanKind::Prefill => g.q_rows.unwrap_or(g.batch),
+                },
+                g.kv_len.unwrap_or(limits.max_kv_len),
+            ),
+            None => (
+                limits.max_batch,
+                match kind {
+                    PlanKind::Decode => limits.max_batch,
+                    PlanKind::Prefill => limits.max_q_tokens,
+                },
+                limits.max_kv_len,
+            ),
         };
-        Self::bound(
-            kind,
-            &limits.heads,
-            &limits.config,
-            batch,
-            q_rows,
-            limits.max_kv_len,
-        )
+        Self::bound(kind, &limits.heads, &limits.config, batch, q_rows, kv_len)
     }
 
     /// The workspace these capacities need.

@@ -1,0 +1,102 @@
+//! Arbitrary index arrays, heads, options and planner settings → validate → plan; every plan
+//! that comes out satisfies its invariants and its workspace bound.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use flashpage::validate::check_page_ids;
+use flashpage::workspace::{WorkspaceLimits, workspace_size};
+use flashpage::{
+    AttentionOptions, BatchDesc, DType, HeadConfig, PageTable, Plan, PlanConfig, PosEncoding,
+};
+use libfuzzer_sys::fuzz_target;
+
+mod common;
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    hq: u16,
+    hkv: u16,
+    head_dim: u16,
+    page_size: u16,
+    num_pages: u32,
+    kind: u8,
+    qo_indptr: Vec<i32>,
+    kv_indptr: Vec<i32>,
+    last_page_len: Vec<i32>,
+    kv_indices: Vec<i32>,
+    causal: bool,
+    window_left: i32,
+    soft_cap: Option<f32>,
+    sm_scale: Option<f32>,
+    rope: Option<(f32, f32)>,
+    parallelism: u16,
+    graph: Option<(u16, Option<u16>, Option<u32>)>,
+    deterministic_chunk: Option<u32>,
+    q_tile: u16,
+    min_kv_chunk: u16,
+    limits: (u16, u32, u32),
+}
+
+fuzz_target!(|inp: Input| {
+    let Ok(heads) = HeadConfig::new(inp.hq as usize, inp.hkv as usize, inp.head_dim as usize)
+    else {
+        return;
+    };
+    let pages = PageTable {
+        page_size: inp.page_size as usize,
+        num_pages: inp.num_pages as usize,
+        indptr: &inp.kv_indptr,
+        last_page_len: &inp.last_page_len,
+        num_indices: inp.kv_indices.len(),
+    };
+    let desc = match inp.kind % 3 {
+        0 => BatchDesc::decode(heads, pages),
+        1 => BatchDesc::prefill_paged(heads, &inp.qo_indptr, pages),
+        _ => BatchDesc::prefill_ragged(heads, &inp.qo_indptr, &inp.kv_indptr),
+    };
+    let opts = AttentionOptions {
+        causal: inp.causal,
+        sm_scale: inp.sm_scale,
+        logits_soft_cap: inp.soft_cap,
+        window_left: inp.window_left,
+        pos_encoding: match inp.rope {
+            Some((theta, scale)) => PosEncoding::Rope { theta, scale },
+            None => PosEncoding::None,
+        },
+        return_lse: inp.causal,
+    };
+    let mut config = PlanConfig::with_parallelism(inp.parallelism as usize);
+    config.parallelism = inp.parallelism as usize;
+    config.q_tile = inp.q_tile as usize;
+    config.min_kv_chunk = inp.min_kv_chunk as usize;
+    config.deterministic_chunk = inp.deterministic_chunk.map(|d| d as usize);
+    if let Some((cap, q_rows, kv_len)) = inp.graph {
+        config.graph_capacity = Some(cap as usize);
+        config.graph_max_q_rows = q_rows.map(|q| q as usize);
+        config.graph_max_kv_len = kv_len.map(|k| k as usize);
+    }
+    common::check_plan(&desc, &opts, &config);
+
+    // Arbitrary limits: whenever new_within accepts, the plan fits workspace_size(limits).
+    let limits = WorkspaceLimits {
+        heads,
+        dtype: DType::BF16,
+        max_batch: inp.limits.0 as usize,
+        max_q_tokens: inp.limits.1 as usize,
+        max_kv_len: inp.limits.2 as usize,
+        config,
+    };
+    if let Ok(plan) = Plan::new_within(&desc, &opts, &limits) {
+        let bound = workspace_size(&limits).expect("sized limits");
+        assert!(plan.requirement().fits_in(&bound));
+    }
+
+    if let Ok(()) = check_page_ids(&inp.kv_indptr, &inp.kv_indices, inp.num_pages as usize) {
+        let used = inp.kv_indptr.last().map_or(0, |&n| n.max(0) as usize);
+        assert!(
+            inp.kv_indices[..used]
+                .iter()
+                .all(|&id| id >= 0 && (id as usize) < inp.num_pages as usize)
+        );
+    }
+});
