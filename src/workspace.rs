@@ -368,14 +368,9 @@ pub struct HostWorkspace {
     len: usize,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(256))]
 struct Line([u8; 256]);
-
-// SAFETY: Line is plain bytes with no padding (256 bytes, alignment 256).
-unsafe impl bytemuck::Zeroable for Line {}
-// SAFETY: as above; any bit pattern is valid.
-unsafe impl bytemuck::Pod for Line {}
 
 impl HostWorkspace {
     /// A zeroed workspace of `bytes` bytes.
