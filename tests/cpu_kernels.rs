@@ -32,6 +32,64 @@ fn check(spec: &CaseSpec, config: &PlanConfig, seed: u64) {
     }
 }
 
+/// As [`check`], and the errors must also stay under `bound` (stricter than the dtype's
+/// tolerance): the bf16 dot-product path rounds P to bf16, which must stay well inside it.
+fn check_within(spec: &CaseSpec, config: &PlanConfig, seed: u64, bound: f64) {
+    let data = spec.materialise(seed).unwrap();
+    let r = data.reference().unwrap();
+    for level in SimdLevel::available() {
+        let cpu = CpuBackend::with_simd(2, level).unwrap();
+        let (o, lse) = data.run_cpu(&cpu, config).unwrap();
+        let c = data.compare(&o, &lse, &r);
+        assert!(
+            c.passed() && c.o_error < bound && c.lse_error < bound,
+            "{} {:?} {:?} d={} g={} ps={} {:?} (bound {bound}): {c:?}",
+            spec.name,
+            spec.dtype,
+            level,
+            spec.heads.head_dim(),
+            spec.heads.group_size(),
+            spec.page_size,
+            spec.requests,
+        );
+    }
+}
+
+#[test]
+fn decode_bf16_long_kv_odd_keys_and_options() {
+    // The AVX-512 BF16 path pairs keys for P·V (odd key counts leave a tail key) and keeps
+    // its accumulators in a permuted column order (head dims with a 16-column tail chunk).
+    let mut seed = 500;
+    for g in [1, 2, 3, 4, 6, 8] {
+        for d in [64, 80, 128, 256] {
+            let h = HeadConfig::new(2 * g, 2, d).unwrap();
+            let mut s = CaseSpec::decode("bf16-long", h, 16, 1, 0, DType::BF16);
+            s.requests = vec![(1, 4097), (1, 4096 + 33), (1, 1), (1, 3), (1, 31)];
+            seed += 1;
+            check_within(&s, &PlanConfig::with_parallelism(1), seed, 4e-3);
+        }
+    }
+    let h = HeadConfig::new(32, 8, 128).unwrap();
+    let mut s = CaseSpec::decode("bf16-opts", h, 16, 2, 0, DType::BF16);
+    s.requests = vec![(1, 5000), (1, 77)];
+    s.options.logits_soft_cap = Some(30.0);
+    s.input_scale = 4.0;
+    check_within(&s, &PlanConfig::with_parallelism(2), 601, 4e-3);
+    s.options.logits_soft_cap = None;
+    s.input_scale = 1.0;
+    for w in [0, 33, 1000] {
+        s.options.window_left = w;
+        check_within(&s, &PlanConfig::with_parallelism(8), 602 + w as u64, 4e-3);
+    }
+    s.options.window_left = -1;
+    s.options.pos_encoding = PosEncoding::Alibi;
+    check_within(&s, &PlanConfig::with_parallelism(1), 610, 4e-3);
+    // Page size 1: every key of a pair on its own (shuffled) page.
+    let mut s = CaseSpec::decode("bf16-ps1", h, 1, 3, 0, DType::BF16);
+    s.requests = vec![(1, 257), (1, 2), (1, 1000)];
+    check_within(&s, &PlanConfig::with_parallelism(4), 611, 4e-3);
+}
+
 #[test]
 fn levels_are_detected_consistently() {
     let all = SimdLevel::available();
@@ -46,7 +104,8 @@ fn levels_are_detected_consistently() {
 #[test]
 fn decode_group_sizes_head_dims_page_sizes() {
     let mut seed = 1;
-    for g in [1, 4, 8] {
+    // Group sizes cover every row-tile split of the microkernels (4, 2 and 1 rows).
+    for g in [1, 2, 3, 4, 6, 8] {
         for d in [64, 80, 128, 256] {
             for ps in [1, 16, 256] {
                 for dtype in DType::ALL {

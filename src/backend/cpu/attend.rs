@@ -12,6 +12,7 @@
 use super::elem::Elem;
 use super::simd::Isa;
 use super::{Ctx, Scratch};
+use crate::layout::DType;
 use crate::options::alibi_slope;
 
 /// Keys per block: S is `rows × KEY_BLOCK`.
@@ -82,11 +83,13 @@ unsafe fn s_tile<I: Isa, T: Elem, const R: usize, const C: usize>(
     out
 }
 
-/// Fills `s[r·KEY_BLOCK + j]` for all `rows` and the first `nb` keys.
+/// Fills `s[r·KEY_BLOCK + j]` for all `rows` and the first `nb` keys, prefetching the
+/// rows `pf[..np]` (a later block's) along the way ([`prefetch_rows`]).
 ///
 /// # Safety
 /// As [`s_tile`] for every row and key pointer; `s` holds `rows·KEY_BLOCK` values.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn s_block<I: Isa, T: Elem, const R: usize, const C: usize>(
     q: &[f32],
     d: usize,
@@ -94,21 +97,49 @@ unsafe fn s_block<I: Isa, T: Elem, const R: usize, const C: usize>(
     kp: &[*const T; KEY_BLOCK],
     nb: usize,
     s: &mut [f32],
+    pf: &[*const T; KEY_BLOCK],
+    np: usize,
 ) {
     let mut r0 = 0;
     while r0 + R <= rows {
         // SAFETY: rows r0..r0+R exist in q (caller).
-        unsafe { s_rows::<I, T, R, C>(q.as_ptr().add(r0 * d), d, r0, kp, nb, s) };
+        unsafe { s_rows::<I, T, R, C>(q.as_ptr().add(r0 * d), d, r0, kp, nb, s, pf, np) };
         r0 += R;
+    }
+    if R > 2 && r0 + 2 <= rows {
+        // SAFETY: as above.
+        unsafe { s_rows::<I, T, 2, C>(q.as_ptr().add(r0 * d), d, r0, kp, nb, s, pf, np) };
+        r0 += 2;
     }
     while r0 < rows {
         // SAFETY: as above.
-        unsafe { s_rows::<I, T, 1, C>(q.as_ptr().add(r0 * d), d, r0, kp, nb, s) };
+        unsafe { s_rows::<I, T, 1, C>(q.as_ptr().add(r0 * d), d, r0, kp, nb, s, pf, np) };
         r0 += 1;
     }
 }
 
+/// Prefetches rows `pf[j]` (`j < np`), `d` elements each, for the keys `j0..j0 + n`: the
+/// kernels fetch the rows of a later block while they compute one, a few keys at a time, so
+/// the fetches are spread over the computation (see docs/perf/cpu.md).
 #[inline(always)]
+pub(crate) fn prefetch_rows<I: Isa, T>(
+    pf: &[*const T; KEY_BLOCK],
+    np: usize,
+    j0: usize,
+    n: usize,
+    c0: usize,
+    c1: usize,
+) {
+    let step = (PREFETCH_STRIDE / size_of::<T>()).max(1);
+    for p in &pf[j0.min(np)..(j0 + n).min(np)] {
+        for c in (c0..c1).step_by(step) {
+            I::prefetch(p.wrapping_add(c));
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
     q: *const f32,
     d: usize,
@@ -116,15 +147,23 @@ unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
     kp: &[*const T; KEY_BLOCK],
     nb: usize,
     s: &mut [f32],
+    pf: &[*const T; KEY_BLOCK],
+    np: usize,
 ) {
     let mut j0 = 0;
     while j0 + C <= nb {
+        if r0 == 0 {
+            prefetch_rows::<I, T>(pf, np, j0, C, 0, d);
+        }
         // SAFETY: forwarded from the caller.
         let t = unsafe { s_tile::<I, T, R, C>(q, d, &kp[j0..]) };
         for (r, tr) in t.iter().enumerate() {
             s[(r0 + r) * KEY_BLOCK + j0..][..C].copy_from_slice(tr);
         }
         j0 += C;
+    }
+    if r0 == 0 {
+        prefetch_rows::<I, T>(pf, np, j0, KEY_BLOCK, 0, d);
     }
     while j0 < nb {
         // SAFETY: forwarded from the caller.
@@ -143,6 +182,7 @@ unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
 /// of `KEY_BLOCK`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // register arrays: explicit indices read best
+#[allow(clippy::too_many_arguments)]
 unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
     acc: *mut f32,
     d: usize,
@@ -151,6 +191,8 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
     vp: &[*const T; KEY_BLOCK],
     nb: usize,
     c0: usize,
+    pf: &[*const T; KEY_BLOCK],
+    np: usize,
 ) {
     let l = I::LANES;
     let mut a = [[I::zero(); NV]; R];
@@ -162,6 +204,7 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
         }
     }
     for (j, vj) in vp.iter().enumerate().take(nb) {
+        prefetch_rows::<I, T>(pf, np, j, 1, c0, c0 + NV * l);
         let mut vv = [I::zero(); NV];
         for v in 0..NV {
             // SAFETY: in bounds (caller).
@@ -174,6 +217,7 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
             }
         }
     }
+    prefetch_rows::<I, T>(pf, np, nb, KEY_BLOCK, c0, c0 + NV * l);
     for (r, ar) in a.iter().enumerate() {
         for (v, x) in ar.iter().enumerate() {
             // SAFETY: in bounds (caller).
@@ -182,7 +226,8 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
     }
 }
 
-/// `O = diag(corr)·O + P·V` for all rows and columns.
+/// `O = diag(corr)·O + P·V` for all rows and columns, prefetching the rows `pf[..np]` (a
+/// later block's) along the way ([`prefetch_rows`]).
 ///
 /// # Safety
 /// `acc` holds `rows·d`, `p` `rows·KEY_BLOCK`, every `vp[j]` (j < nb) `d` readable values.
@@ -196,34 +241,45 @@ unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
     p: &[f32],
     vp: &[*const T; KEY_BLOCK],
     nb: usize,
+    pf: &[*const T; KEY_BLOCK],
+    np: usize,
 ) {
     let wide = NV * I::LANES;
     let mut r0 = 0;
     while r0 < rows {
-        let full = r0 + R <= rows;
+        // Row tiles of R, then 2 (R > 2), then 1.
+        let tr = if r0 + R <= rows {
+            R
+        } else if R > 2 && r0 + 2 <= rows {
+            2
+        } else {
+            1
+        };
         let a = acc[r0 * d..].as_mut_ptr();
         let (cr, pr) = (&corr[r0..], &p[r0 * KEY_BLOCK..]);
         let mut c0 = 0;
-        // SAFETY (all calls): rows r0.. and columns c0.. are in bounds (caller).
+        // Prefetch during the first row tile only.
+        let np = if r0 == 0 { np } else { 0 };
+        // SAFETY (all calls): rows r0..r0 + tr and columns c0.. are in bounds (caller).
         unsafe {
             while c0 + wide <= d {
-                if full {
-                    pv_tile::<I, T, R, NV>(a, d, cr, pr, vp, nb, c0);
-                } else {
-                    pv_tile::<I, T, 1, NV>(a, d, cr, pr, vp, nb, c0);
+                match tr {
+                    1 => pv_tile::<I, T, 1, NV>(a, d, cr, pr, vp, nb, c0, pf, np),
+                    2 => pv_tile::<I, T, 2, NV>(a, d, cr, pr, vp, nb, c0, pf, np),
+                    _ => pv_tile::<I, T, R, NV>(a, d, cr, pr, vp, nb, c0, pf, np),
                 }
                 c0 += wide;
             }
             while c0 < d {
-                if full {
-                    pv_tile::<I, T, R, 1>(a, d, cr, pr, vp, nb, c0);
-                } else {
-                    pv_tile::<I, T, 1, 1>(a, d, cr, pr, vp, nb, c0);
+                match tr {
+                    1 => pv_tile::<I, T, 1, 1>(a, d, cr, pr, vp, nb, c0, pf, np),
+                    2 => pv_tile::<I, T, 2, 1>(a, d, cr, pr, vp, nb, c0, pf, np),
+                    _ => pv_tile::<I, T, R, 1>(a, d, cr, pr, vp, nb, c0, pf, np),
                 }
                 c0 += I::LANES;
             }
         }
-        r0 += if full { R } else { 1 };
+        r0 += tr;
     }
 }
 
@@ -234,8 +290,13 @@ unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
 /// K/V rows of all these heads (contiguous in NHD) are consumed while they are in cache,
 /// and the cache is streamed once. State (q tile, accumulators, running max and sum) is
 /// kept per (head, row): tile row `t = head_index · rows + p`.
+///
+/// With `DP` (an entry point compiled for bf16 dot products), bf16 direct tiles (decode,
+/// no RoPE) run on [`Isa::s_block_bf16`] and [`Isa::pv_block_bf16`]: q is kept as its bf16
+/// input, K and V are never widened, and the accumulators are in the permuted column order
+/// of [`Isa::permuted_column`] until the rows are finalised.
 #[inline(always)]
-pub(crate) fn attend<I: Isa, E: Elem>(
+pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
     ctx: &Ctx<'_, E>,
     w: usize,
     kv_heads: (usize, usize),
@@ -256,6 +317,11 @@ pub(crate) fn attend<I: Isa, E: Elem>(
     let shift = req.kv_len as i64 - req.qo_len as i64;
     let trows = rows * nh;
     sc.prepare(trows, d);
+    let direct = rows <= DIRECT_ROWS && !ctx.rope;
+    let dp = DP && direct && E::DTYPE == DType::BF16;
+    if dp {
+        sc.qb.resize(trows * d, 0);
+    }
 
     // Q tiles (rotated, scaled) and the visible key range of each row.
     let mut lo_all = i64::MAX;
@@ -267,6 +333,11 @@ pub(crate) fn attend<I: Isa, E: Elem>(
         let (i, hh) = (packed / g, kvh * g + packed % g);
         let qrow = &mut sc.q[t * d..(t + 1) * d];
         let src = &ctx.q[(req.qo_start + i) * hq * d + hh * d..][..d];
+        if dp {
+            // SAFETY: E is bf16 (checked with `dp`), a transparent u16: `src` is d u16s.
+            let bits = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u16, d) };
+            sc.qb[t * d..(t + 1) * d].copy_from_slice(bits);
+        }
         for c in (0..d).step_by(l) {
             // SAFETY: c + LANES <= d = src.len() = qrow.len().
             unsafe { I::store::<f32>(qrow.as_mut_ptr().add(c), I::load::<E>(src.as_ptr().add(c))) };
@@ -303,7 +374,6 @@ pub(crate) fn attend<I: Isa, E: Elem>(
     let hi_min = sc.hi[..trows].iter().copied().min().unwrap_or(-1);
     let start = (item.kv_start as i64).max(lo_all).max(0) as usize;
     let end = ((item.kv_end as i64).min(hi_all.saturating_add(1))).max(start as i64) as usize;
-    let direct = rows <= DIRECT_ROWS && !ctx.rope;
     let hstride = ctx.strides.head;
     // Offsets are computed for head h0; head h0 + hi is `hi · hstride` further. The whole
     // range of heads of a token must be in bounds: checked through the last head.
@@ -323,13 +393,23 @@ pub(crate) fn attend<I: Isa, E: Elem>(
     while j0 < end {
         let nb = KEY_BLOCK.min(end - j0);
         let offs = sc.off;
-        // Next block's rows: compute their offsets now and start fetching them.
+        // The next block's rows are fetched while this block is computed. Direct tiles
+        // (decode) interleave the fetches with their own loads: while a head computes key
+        // j, it prefetches the same head's K and V rows of key j of the next block (the
+        // offsets follow the page table, so the fetches cross shuffled pages ahead of the
+        // loads). Spread this way the fetches overlap the computation; issued all at once
+        // at the block start they filled the miss buffers and stalled it (docs/perf/cpu.md).
         let jn = j0 + nb;
-        if jn < end {
-            let nn = KEY_BLOCK.min(end - jn);
+        let nn = if jn < end { KEY_BLOCK.min(end - jn) } else { 0 };
+        if nn > 0 {
             ctx.block_offsets(req.kv_start, jn, nn, h0, span, &mut sc.off);
+        }
+        let next = sc.off;
+        if !direct {
+            // Widened tiles (prefill, RoPE) reuse the block's rows from L1 many times: fetch
+            // the whole next block up front.
             let row_bytes = d * size_of::<E>();
-            for &o in &sc.off[..nn] {
+            for &o in &next[..nn] {
                 for hi in 0..nh {
                     let base = o + hi * hstride;
                     for b in (0..row_bytes).step_by(PREFETCH_STRIDE) {
@@ -347,16 +427,36 @@ pub(crate) fn attend<I: Isa, E: Elem>(
             let t0 = hi * rows;
             let hoff = hi * hstride;
             let q = &sc.q[t0 * d..(t0 + rows) * d];
+            // This head's rows of the next block, prefetched by the direct microkernels.
+            let npk = if direct { nn } else { 0 };
+            let mut pfk = [ctx.k.as_ptr(); KEY_BLOCK];
+            let mut pfv = [ctx.v.as_ptr(); KEY_BLOCK];
+            for ((pk, pv), &o) in pfk.iter_mut().zip(pfv.iter_mut()).zip(&next) {
+                *pk = pk.wrapping_add(o + hoff);
+                *pv = pv.wrapping_add(o + hoff);
+            }
             // S = Q·Kᵀ.
             let s = &mut sc.s[..rows * KEY_BLOCK];
-            if direct {
+            if dp {
+                let mut kp = [ctx.k.as_ptr() as *const u16; KEY_BLOCK];
+                let mut pk = [ctx.k.as_ptr() as *const u16; KEY_BLOCK];
+                for j in 0..KEY_BLOCK {
+                    kp[j] = kp[j].wrapping_add(offs[j] + hoff);
+                    pk[j] = pfk[j] as *const u16;
+                }
+                let qb = &sc.qb[t0 * d..(t0 + rows) * d];
+                // SAFETY: E is bf16 (a transparent u16); the first nb offsets plus any head
+                // of the range leave d elements in k (checked by block_offsets); the entry
+                // point has the bf16 dot-product instruction (`DP`).
+                unsafe { I::s_block_bf16(qb, d, rows, &kp, nb, ctx.sm_scale, s, &pk, npk) };
+            } else if direct {
                 let mut kp = [ctx.k.as_ptr(); KEY_BLOCK];
                 for (p, &o) in kp.iter_mut().zip(&offs) {
                     *p = p.wrapping_add(o + hoff);
                 }
                 // SAFETY: the first nb offsets plus any head of the range leave d elements
                 // in k (checked by block_offsets).
-                unsafe { s_dispatch::<I, E>(q, d, rows, &kp, nb, s) };
+                unsafe { s_dispatch::<I, E>(q, d, rows, &kp, nb, s, &pfk, npk) };
             } else {
                 for (jj, &off) in offs[..nb].iter().enumerate() {
                     let off = off + hoff;
@@ -385,7 +485,7 @@ pub(crate) fn attend<I: Isa, E: Elem>(
                     *p = p.wrapping_add(j * d);
                 }
                 // SAFETY: scratch k holds KEY_BLOCK rows of d.
-                unsafe { s_dispatch::<I, f32>(q, d, rows, &kp, nb, s) };
+                unsafe { s_dispatch::<I, f32>(q, d, rows, &kp, nb, s, &kp, 0) };
             }
 
             // Soft-cap, ALiBi and masks; then the online softmax update, giving P in place
@@ -394,12 +494,22 @@ pub(crate) fn attend<I: Isa, E: Elem>(
             for p in 0..rows {
                 let t = t0 + p;
                 let srow = &mut s[p * KEY_BLOCK..(p + 1) * KEY_BLOCK];
-                srow[nb..].fill(f32::NEG_INFINITY);
                 if let Some(c) = ctx.soft_cap {
-                    for x in &mut srow[..nb] {
-                        *x = c * (*x / c).tanh();
+                    // Every lane (those past nb hold finite or -inf values of an earlier
+                    // block, overwritten just below).
+                    let (cv, inv) = (I::splat(c), I::splat(1.0 / c));
+                    for k in (0..KEY_BLOCK).step_by(l) {
+                        // SAFETY: k + LANES <= KEY_BLOCK = srow.len().
+                        unsafe {
+                            let x = I::load::<f32>(srow.as_ptr().add(k));
+                            I::store::<f32>(
+                                srow.as_mut_ptr().add(k),
+                                I::mul(cv, I::tanh(I::mul(x, inv))),
+                            );
+                        }
                     }
                 }
+                srow[nb..].fill(f32::NEG_INFINITY);
                 if ctx.alibi {
                     let (sl, qp) = (sc.slope[t], sc.qpos[t]);
                     for (jj, x) in srow[..nb].iter_mut().enumerate() {
@@ -452,20 +562,29 @@ pub(crate) fn attend<I: Isa, E: Elem>(
             let s = &sc.s[..rows * KEY_BLOCK];
             let acc = &mut sc.acc[t0 * d..(t0 + rows) * d];
             let corr = &sc.corr[t0..t0 + rows];
-            if direct {
+            if dp {
+                let mut vp = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
+                let mut pv = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
+                for j in 0..KEY_BLOCK {
+                    vp[j] = vp[j].wrapping_add(offs[j] + hoff);
+                    pv[j] = pfv[j] as *const u16;
+                }
+                // SAFETY: as for k (block_offsets checks against both); rows <= DIRECT_ROWS.
+                unsafe { I::pv_block_bf16(acc, d, rows, corr, s, &vp, nb, &pv, npk) };
+            } else if direct {
                 let mut vp = [ctx.v.as_ptr(); KEY_BLOCK];
                 for (p, &o) in vp.iter_mut().zip(&offs) {
                     *p = p.wrapping_add(o + hoff);
                 }
                 // SAFETY: as for k (block_offsets checks against both).
-                unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, &vp, nb) };
+                unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, &vp, nb, &pfv, npk) };
             } else {
                 let mut vp = [sc.v.as_ptr(); KEY_BLOCK];
                 for (j, p) in vp.iter_mut().enumerate() {
                     *p = p.wrapping_add(j * d);
                 }
                 // SAFETY: scratch v holds KEY_BLOCK rows of d.
-                unsafe { pv_dispatch::<I, f32>(acc, d, rows, corr, s, &vp, nb) };
+                unsafe { pv_dispatch::<I, f32>(acc, d, rows, corr, s, &vp, nb, &vp, 0) };
             }
         }
         j0 = jn;
@@ -477,7 +596,15 @@ pub(crate) fn attend<I: Isa, E: Elem>(
         let packed = item.row_start + p;
         let (i, hh) = (packed / g, kvh * g + packed % g);
         let lsum = sc.l[t];
-        let acc = &sc.acc[t * d..(t + 1) * d];
+        let mut acc = &sc.acc[t * d..(t + 1) * d];
+        if dp {
+            // Back to the natural column order (scratch k is free now: KEY_BLOCK·d values).
+            let tmp = &mut sc.k[..d];
+            for (c, x) in tmp.iter_mut().enumerate() {
+                *x = acc[I::permuted_column(c, d)];
+            }
+            acc = &sc.k[..d];
+        }
         let (inv, lse) = if lsum > 0.0 {
             (1.0 / lsum, sc.m[t] + lsum.ln())
         } else {
@@ -527,6 +654,7 @@ pub(crate) fn attend<I: Isa, E: Elem>(
 /// # Safety
 /// As [`s_block`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn s_dispatch<I: Isa, T: Elem>(
     q: &[f32],
     d: usize,
@@ -534,13 +662,15 @@ unsafe fn s_dispatch<I: Isa, T: Elem>(
     kp: &[*const T; KEY_BLOCK],
     nb: usize,
     s: &mut [f32],
+    pf: &[*const T; KEY_BLOCK],
+    np: usize,
 ) {
     // SAFETY: forwarded.
     unsafe {
         if I::LANES >= 16 {
-            s_block::<I, T, 4, 4>(q, d, rows, kp, nb, s)
+            s_block::<I, T, 4, 4>(q, d, rows, kp, nb, s, pf, np)
         } else {
-            s_block::<I, T, 2, 4>(q, d, rows, kp, nb, s)
+            s_block::<I, T, 2, 4>(q, d, rows, kp, nb, s, pf, np)
         }
     }
 }
@@ -550,6 +680,7 @@ unsafe fn s_dispatch<I: Isa, T: Elem>(
 /// # Safety
 /// As [`pv_block`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn pv_dispatch<I: Isa, T: Elem>(
     acc: &mut [f32],
     d: usize,
@@ -558,13 +689,15 @@ unsafe fn pv_dispatch<I: Isa, T: Elem>(
     p: &[f32],
     vp: &[*const T; KEY_BLOCK],
     nb: usize,
+    pf: &[*const T; KEY_BLOCK],
+    np: usize,
 ) {
     // SAFETY: forwarded.
     unsafe {
         if I::LANES >= 16 {
-            pv_block::<I, T, 4, 4>(acc, d, rows, corr, p, vp, nb)
+            pv_block::<I, T, 4, 4>(acc, d, rows, corr, p, vp, nb, pf, np)
         } else {
-            pv_block::<I, T, 4, 2>(acc, d, rows, corr, p, vp, nb)
+            pv_block::<I, T, 4, 2>(acc, d, rows, corr, p, vp, nb, pf, np)
         }
     }
 }

@@ -280,6 +280,8 @@ impl<E> Ctx<'_, E> {
 /// Per-thread scratch of the tile kernel.
 pub(crate) struct Scratch {
     pub(crate) q: Vec<f32>,
+    /// q rows as bf16 bits (the bf16 dot-product path).
+    pub(crate) qb: Vec<u16>,
     pub(crate) k: Vec<f32>,
     pub(crate) v: Vec<f32>,
     pub(crate) s: Vec<f32>,
@@ -298,6 +300,7 @@ impl Default for Scratch {
     fn default() -> Self {
         Scratch {
             q: Vec::new(),
+            qb: Vec::new(),
             k: Vec::new(),
             v: Vec::new(),
             s: Vec::new(),

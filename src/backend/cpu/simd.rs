@@ -1,16 +1,20 @@
 //! Instruction-set levels and the vector primitives the kernels are written in.
 //!
-//! Kernels are generic over [`Isa`], a vector register type with a handful of operations.
+//! Kernels are generic over `Isa`, a vector register type with a handful of operations.
 //! Each level's entry point is compiled with its target features enabled
 //! (`#[target_feature(enable = ...)]`) and calls the `#[inline(always)]` generic kernel, so
 //! the whole loop nest is specialised once per level and element type.
 
 use super::elem::Elem;
+#[cfg(target_arch = "x86_64")]
+use crate::layout::DType;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod dpbf16;
 
 /// A SIMD level of this machine, chosen once per backend (and so per plan run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -19,7 +23,9 @@ pub enum SimdLevel {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// x86-64 AVX-512 (F, BW, VL, DQ) with FMA and F16C; bf16 is widened in registers.
+    /// x86-64 AVX-512 (F, BW, VL, DQ) with FMA and F16C; bf16 is widened in registers,
+    /// except in decode tiles on CPUs with AVX-512 BF16, which multiply bf16 pairs
+    /// directly (`vdpbf16ps`, P rounded to bf16 for P·V).
     Avx512,
 }
 
@@ -112,6 +118,29 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise maximum.
     fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `a / b`.
+    fn div(a: Self::V, b: Self::V) -> Self::V;
+    /// `|a|`.
+    fn abs(a: Self::V) -> Self::V;
+    /// Per lane: `x` where `a < b`, else `y`.
+    fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
+    /// `|mag|` with the sign of `sign`.
+    fn copysign(mag: Self::V, sign: Self::V) -> Self::V;
+    /// `tanh` of every finite lane (±inf give ±1), within a few ulp of 1 (absolute error
+    /// about 1e-7): an odd polynomial below |x| = 1/8, `(1 − e)/(1 + e)` with
+    /// `e = exp(−2|x|)` above.
+    #[inline(always)]
+    fn tanh(x: Self::V) -> Self::V {
+        let one = Self::splat(1.0);
+        let a = Self::abs(x);
+        let e = Self::exp(Self::mul(a, Self::splat(-2.0)));
+        let big = Self::div(Self::fma(e, Self::splat(-1.0), one), Self::fma(e, one, one));
+        let a2 = Self::mul(a, a);
+        let p = Self::fma(a2, Self::splat(-17.0 / 315.0), Self::splat(2.0 / 15.0));
+        let p = Self::fma(a2, p, Self::splat(-1.0 / 3.0));
+        let small = Self::fma(Self::mul(a, a2), p, a);
+        Self::copysign(Self::select_lt(a, Self::splat(0.125), small, big), x)
+    }
     /// Sum of the lanes.
     fn reduce_add(v: Self::V) -> f32;
     /// Sums of the lanes of four registers at once (a transposing reduction: fewer shuffles
@@ -133,6 +162,55 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     /// Hints that the cache line at `p` will be read soon (no effect on results).
     #[inline(always)]
     fn prefetch<T>(_p: *const T) {}
+    /// `s[r·KEY_BLOCK + j] = scale · q_r·k_j` with bf16 pair dot products (`vdpbf16ps`):
+    /// q rows and K rows are bf16 bit patterns. Only levels with such an instruction
+    /// implement it; the kernel calls it only from an entry point compiled for it.
+    ///
+    /// # Safety
+    /// `q` holds `rows·d` values; `kp[j]..kp[j] + d` (j < nb) readable; `s` holds
+    /// `rows·KEY_BLOCK`; `d % 16 == 0`; the CPU has the instruction.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn s_block_bf16(
+        _q: &[u16],
+        _d: usize,
+        _rows: usize,
+        _kp: &[*const u16; super::attend::KEY_BLOCK],
+        _nb: usize,
+        _scale: f32,
+        _s: &mut [f32],
+        _pf: &[*const u16; super::attend::KEY_BLOCK],
+        _np: usize,
+    ) {
+        unreachable!("bf16 dot products are not implemented at this level")
+    }
+    /// `O = diag(corr)·O + P·V` with bf16 pair dot products, accumulating in the permuted
+    /// column order of [`dpbf16::permuted_column`] (P rounded to bf16).
+    ///
+    /// # Safety
+    /// `acc` holds `rows·d` (rows <= 8), `p` `rows·KEY_BLOCK`, every `vp[j]` (j < nb) `d`
+    /// readable values; `d % 16 == 0`; the CPU has the instruction.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_block_bf16(
+        _acc: &mut [f32],
+        _d: usize,
+        _rows: usize,
+        _corr: &[f32],
+        _p: &[f32],
+        _vp: &[*const u16; super::attend::KEY_BLOCK],
+        _nb: usize,
+        _pf: &[*const u16; super::attend::KEY_BLOCK],
+        _np: usize,
+    ) {
+        unreachable!("bf16 dot products are not implemented at this level")
+    }
+    /// The accumulator position of column `c` (of `d`) written by
+    /// [`Isa::pv_block_bf16`].
+    #[inline(always)]
+    fn permuted_column(c: usize, _d: usize) -> usize {
+        c
+    }
 }
 
 /// Portable implementation: eight lanes in an array, which compilers vectorise for the
@@ -198,6 +276,40 @@ impl Isa for Scalar {
         v
     }
     #[inline(always)]
+    fn div(a: Self::V, b: Self::V) -> Self::V {
+        let mut v = a;
+        for i in 0..8 {
+            v[i] /= b[i];
+        }
+        v
+    }
+    #[inline(always)]
+    fn abs(a: Self::V) -> Self::V {
+        let mut v = a;
+        for x in &mut v {
+            *x = x.abs();
+        }
+        v
+    }
+    #[inline(always)]
+    fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
+        let mut v = y;
+        for i in 0..8 {
+            if a[i] < b[i] {
+                v[i] = x[i];
+            }
+        }
+        v
+    }
+    #[inline(always)]
+    fn copysign(mag: Self::V, sign: Self::V) -> Self::V {
+        let mut v = mag;
+        for i in 0..8 {
+            v[i] = mag[i].copysign(sign[i]);
+        }
+        v
+    }
+    #[inline(always)]
     fn reduce_add(v: Self::V) -> f32 {
         ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
     }
@@ -243,6 +355,14 @@ pub(crate) mod expconst {
     ];
 }
 
+/// True when this CPU has AVX-512 BF16 (`vdpbf16ps`): the AVX-512 level then runs bf16
+/// decode tiles on bf16 dot products (see [`dpbf16`]). Detection is cached by `std`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512_bf16() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bf16")
+}
+
 /// Runs work item `w` for the KV heads `kv_heads.0..kv_heads.1` at `level`.
 #[inline]
 pub(crate) fn dispatch_attend<E: Elem>(
@@ -254,12 +374,18 @@ pub(crate) fn dispatch_attend<E: Elem>(
 ) {
     match level {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: a backend holds a level only after `is_available` confirmed its features,
+        // and `has_avx512_bf16` confirmed the bf16 dot-product instruction.
+        SimdLevel::Avx512 if E::DTYPE == DType::BF16 && has_avx512_bf16() => unsafe {
+            avx512::attend_bf16_entry(ctx, w, kv_heads, sc)
+        },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: a backend holds a level only after `is_available` confirmed its features.
         SimdLevel::Avx512 => unsafe { avx512::attend_entry(ctx, w, kv_heads, sc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { avx2::attend_entry(ctx, w, kv_heads, sc) },
-        _ => super::attend::attend::<Scalar, E>(ctx, w, kv_heads, sc),
+        _ => super::attend::attend::<Scalar, E, false>(ctx, w, kv_heads, sc),
     }
 }
 
@@ -313,6 +439,56 @@ mod tests {
             }
         }
         assert!(worst <= 2, "exp is {worst} ulp off");
+    }
+
+    fn check_tanh<I: Isa>() {
+        let xs: Vec<f32> = (-4000..=4000)
+            .map(|i| i as f32 * 0.0037)
+            .chain([
+                0.0, -0.0, 0.124, 0.125, 0.126, -0.125, 9.0, -9.0, 40.0, -1e30, 1e30,
+            ])
+            .chain([1e-30, -1e-30, f32::INFINITY, f32::NEG_INFINITY])
+            .collect();
+        for chunk in xs.chunks(I::LANES) {
+            let mut buf = vec![0.5; I::LANES];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: buf has LANES elements.
+            let v = unsafe { I::load::<f32>(buf.as_ptr()) };
+            let mut out = vec![0.0f32; I::LANES];
+            // SAFETY: out has LANES elements.
+            unsafe { I::store::<f32>(out.as_mut_ptr(), I::tanh(v)) };
+            for (x, y) in chunk.iter().zip(&out) {
+                let want = (*x as f64).tanh();
+                let err = (*y as f64 - want).abs();
+                // Relative near 0 (the odd polynomial keeps it), absolute elsewhere.
+                let rel = err / want.abs().max(1e-30);
+                assert!(
+                    err <= 2.5e-7 && (want.abs() > 0.125 || rel <= 4e-7),
+                    "tanh({x}) = {y}, want {want}"
+                );
+                assert_eq!(
+                    y.is_sign_negative(),
+                    x.is_sign_negative(),
+                    "tanh({x}) = {y}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tanh_is_accurate_and_odd() {
+        check_tanh::<Scalar>();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if SimdLevel::Avx2.is_available() {
+                // SAFETY: features checked just above.
+                unsafe { avx2::run_exp_test(check_tanh::<avx2::Avx2>) };
+            }
+            if SimdLevel::Avx512.is_available() {
+                // SAFETY: features checked just above.
+                unsafe { avx512::run_exp_test(check_tanh::<avx512::Avx512>) };
+            }
+        }
     }
 
     fn check_reduce<I: Isa>() {

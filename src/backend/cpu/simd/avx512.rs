@@ -3,6 +3,7 @@
 
 use std::arch::x86_64::*;
 
+use super::super::attend::KEY_BLOCK;
 use super::super::elem::Elem;
 use super::super::{Ctx, Scratch};
 use super::Isa;
@@ -81,6 +82,33 @@ impl Isa for Avx512 {
         unsafe { _mm512_max_ps(a, b) }
     }
     #[inline(always)]
+    fn div(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: see `zero`.
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
+    fn abs(a: __m512) -> __m512 {
+        // SAFETY: see `zero`.
+        unsafe { _mm512_abs_ps(a) }
+    }
+    #[inline(always)]
+    fn select_lt(a: __m512, b: __m512, x: __m512, y: __m512) -> __m512 {
+        // SAFETY: see `zero`.
+        unsafe { _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b), y, x) }
+    }
+    #[inline(always)]
+    fn copysign(mag: __m512, sign: __m512) -> __m512 {
+        // SAFETY: see `zero`.
+        unsafe {
+            let m = _mm512_set1_epi32(i32::MIN);
+            let (mag, sign) = (_mm512_castps_si512(mag), _mm512_castps_si512(sign));
+            _mm512_castsi512_ps(_mm512_or_si512(
+                _mm512_andnot_si512(m, mag),
+                _mm512_and_si512(m, sign),
+            ))
+        }
+    }
+    #[inline(always)]
     fn reduce_add(v: __m512) -> f32 {
         // SAFETY: see `zero`.
         unsafe {
@@ -144,6 +172,42 @@ impl Isa for Avx512 {
         // SAFETY: a prefetch never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
     }
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn s_block_bf16(
+        q: &[u16],
+        d: usize,
+        rows: usize,
+        kp: &[*const u16; KEY_BLOCK],
+        nb: usize,
+        scale: f32,
+        s: &mut [f32],
+        pf: &[*const u16; KEY_BLOCK],
+        np: usize,
+    ) {
+        // SAFETY: forwarded (the trait's contract is the function's).
+        unsafe { super::dpbf16::s_block(q, d, rows, kp, nb, scale, s, pf, np) }
+    }
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_block_bf16(
+        acc: &mut [f32],
+        d: usize,
+        rows: usize,
+        corr: &[f32],
+        p: &[f32],
+        vp: &[*const u16; KEY_BLOCK],
+        nb: usize,
+        pf: &[*const u16; KEY_BLOCK],
+        np: usize,
+    ) {
+        // SAFETY: forwarded (the trait's contract is the function's).
+        unsafe { super::dpbf16::pv_block(acc, d, rows, corr, p, vp, nb, pf, np) }
+    }
+    #[inline(always)]
+    fn permuted_column(c: usize, d: usize) -> usize {
+        super::dpbf16::permuted_column(c, d)
+    }
 }
 
 /// The attend kernel compiled for AVX-512.
@@ -157,7 +221,22 @@ pub(crate) unsafe fn attend_entry<E: Elem>(
     kv_heads: (usize, usize),
     sc: &mut Scratch,
 ) {
-    super::super::attend::attend::<Avx512, E>(ctx, w, kv_heads, sc)
+    super::super::attend::attend::<Avx512, E, false>(ctx, w, kv_heads, sc)
+}
+
+/// The attend kernel compiled for AVX-512 with AVX-512 BF16: bf16 decode tiles use
+/// `vdpbf16ps` ([`super::dpbf16`]); everything else is the AVX-512 kernel.
+///
+/// # Safety
+/// The CPU must support the AVX-512 level and AVX-512 BF16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")]
+pub(crate) unsafe fn attend_bf16_entry<E: Elem>(
+    ctx: &Ctx<'_, E>,
+    w: usize,
+    kv_heads: (usize, usize),
+    sc: &mut Scratch,
+) {
+    super::super::attend::attend::<Avx512, E, true>(ctx, w, kv_heads, sc)
 }
 
 /// The merge step compiled for AVX-512.
