@@ -505,7 +505,9 @@ fn graph_capture_and_replay() {
                     .unwrap(),
                 );
             }
-            graph.as_ref().unwrap().launch(p, w).unwrap();
+            // SAFETY: every captured buffer (q, k, v, o, lse, page ids, workspaces) lives until
+            // the end of this test and is only used on the backend's stream.
+            unsafe { graph.as_ref().unwrap().launch(p, w) }.unwrap();
             g.synchronize().unwrap();
             let rows = data.rows();
             let o_host = st.clone_dtoh(&o).unwrap();

@@ -46,3 +46,20 @@ fn smoke_decode_and_prefill() {
         check(&p, 64);
     }
 }
+
+/// At long context the RoPE angle `pos · θ` reaches 10^4..10^5 rad: formed in f32 it would
+/// be off by ~10^-3 rad and break the f32 tolerance.
+#[test]
+fn rope_long_positions_f32() {
+    let h = HeadConfig::new(4, 2, 64).unwrap();
+    let mut s = CaseSpec::decode("rope-long", h, 16, 2, 30_000, DType::F32);
+    s.requests = vec![(1, 30_000), (1, 17_001)];
+    s.options.pos_encoding = PosEncoding::ROPE_DEFAULT;
+    check(&s, 1);
+    check(&s, 64);
+    let mut p = s.clone();
+    p.decode = false;
+    p.requests = vec![(3, 25_000)];
+    p.options.causal = true;
+    check(&p, 16);
+}

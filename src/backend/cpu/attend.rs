@@ -26,11 +26,16 @@ const DIRECT_ROWS: usize = 8;
 const PREFETCH_STRIDE: usize = 64;
 
 /// Rotates a row in place (rotate-half RoPE) at `pos`.
+///
+/// The angle `pos · θ_f` reaches 10^5 rad at long context, where an f32 product would be off
+/// by ~10^-2 rad; it is formed and reduced to `[-π, π]` in f64, then rotated in f32.
 #[inline(always)]
-pub(crate) fn rope(x: &mut [f32], pos: f32, inv_freq: &[f32]) {
+pub(crate) fn rope(x: &mut [f32], pos: f64, inv_freq: &[f64]) {
     let half = x.len() / 2;
     for f in 0..half {
-        let (s, c) = (pos * inv_freq[f]).sin_cos();
+        let a = pos * inv_freq[f];
+        let a = a - std::f64::consts::TAU * (a * (1.0 / std::f64::consts::TAU)).round();
+        let (s, c) = (a as f32).sin_cos();
         let (a, b) = (x[f], x[f + half]);
         x[f] = a * c - b * s;
         x[f + half] = b * c + a * s;
@@ -344,7 +349,7 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
         }
         let qpos = i as i64 + shift;
         if ctx.rope {
-            rope(qrow, qpos as f32 / ctx.rope_scale, &ctx.inv_freq);
+            rope(qrow, qpos as f64 / ctx.rope_scale as f64, &ctx.inv_freq);
         }
         for c in (0..d).step_by(l) {
             // SAFETY: as above.
@@ -477,7 +482,11 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
                         }
                     }
                     if ctx.rope {
-                        rope(krow, (j0 + jj) as f32 / ctx.rope_scale, &ctx.inv_freq);
+                        rope(
+                            krow,
+                            (j0 + jj) as f64 / ctx.rope_scale as f64,
+                            &ctx.inv_freq,
+                        );
                     }
                 }
                 let mut kp = [sc.k.as_ptr(); KEY_BLOCK];

@@ -156,7 +156,7 @@ impl CpuBackend {
             _ => (false, 1.0, 1.0),
         };
         let inv_freq = (0..d / 2)
-            .map(|f| (theta as f64).powf(-2.0 * f as f64 / d as f64) as f32)
+            .map(|f| (theta as f64).powf(-2.0 * f as f64 / d as f64))
             .collect();
         let ctx = Ctx {
             plan,
@@ -231,7 +231,7 @@ pub(crate) struct Ctx<'a, E> {
     pub(crate) alibi: bool,
     pub(crate) rope: bool,
     pub(crate) rope_scale: f32,
-    pub(crate) inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f64>,
 }
 
 impl<E> Ctx<'_, E> {

@@ -17,7 +17,7 @@ use crate::plan::Plan;
 /// // next step:
 /// plan.replan(&next_batch, &options)?;      // rewrites the int image in place
 /// backend.upload_plan(&plan, &mut ws)?;     // one host-to-device copy, outside the graph
-/// graph.launch(&plan, &ws)?;
+/// unsafe { graph.launch(&plan, &ws)? }; // the captured buffers are still alive
 /// ```
 pub struct CudaGraph {
     graph: cudarc::driver::CudaGraph,
@@ -39,7 +39,17 @@ impl CudaGraph {
 
     /// Replays the graph for `plan`, which must have the captured signature and be the plan
     /// held by `ws` (the captured workspace). Asynchronous, on the backend's stream.
-    pub fn launch(&self, plan: &Plan, ws: &DeviceWorkspace) -> Result<()> {
+    ///
+    /// Checked here: the plan's signature, the int workspace, and that the batch fits the
+    /// captured q/o rows and page-id array (so no row is silently left stale).
+    ///
+    /// # Safety
+    ///
+    /// The graph holds the raw device addresses of every buffer of the captured runs (q, K,
+    /// V, o, lse, page ids, both workspaces). They must all still be allocated, unmoved, and
+    /// not written by other streams while the replay runs; the page ids must be in
+    /// `0..num_pages` of the captured cache.
+    pub unsafe fn launch(&self, plan: &Plan, ws: &DeviceWorkspace) -> Result<()> {
         if let Some(sig) = &self.sig {
             let check = |what: &'static str, ok: bool| {
                 if ok {
@@ -93,6 +103,37 @@ impl CudaGraph {
                 let (addr, _g) = ws.int.device_ptr(ws.int.stream());
                 addr == sig.int_ws
             })?;
+            let rows = plan.num_q_rows() * h.num_qo_heads() * h.head_dim();
+            if rows as i64 > p.qo_elems {
+                return Err(Error::TensorShape {
+                    tensor: "q/o captured in the graph",
+                    expected: format!("at least {rows} elements for this batch"),
+                    actual: format!("{} elements", p.qo_elems),
+                });
+            }
+            for r in 0..plan.batch_size() {
+                let req = plan.request(r);
+                let (end, have, what) = if plan.is_paged() {
+                    (
+                        req.kv_start + req.kv_len.div_ceil(plan.page_size()),
+                        p.num_indices,
+                        "kv_indices captured in the graph",
+                    )
+                } else {
+                    (
+                        req.kv_start + req.kv_len,
+                        p.num_pages as i64,
+                        "ragged k/v captured in the graph",
+                    )
+                };
+                if end as i64 > have {
+                    return Err(Error::TensorShape {
+                        tensor: what,
+                        expected: format!("at least {end} entries (request {r} ends there)"),
+                        actual: format!("{have} entries"),
+                    });
+                }
+            }
             if !ws.holds(plan) {
                 return Err(Error::PlanMismatch {
                     what: "int workspace",

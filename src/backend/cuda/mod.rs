@@ -686,11 +686,11 @@ impl CudaBackend {
         for rep in 0..=reps.max(1) {
             let start = self
                 .ctx
-                .new_event(None)
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| driver_err("creating an event", e))?;
             let end = self
                 .ctx
-                .new_event(None)
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| driver_err("creating an event", e))?;
             start
                 .record(&self.stream)

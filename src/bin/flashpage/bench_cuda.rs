@@ -323,8 +323,10 @@ fn run_case(
     let ctx = gpu.context();
     let ev = |x| e(cuda_err("event", x));
     let (start, end) = (
-        ctx.new_event(None).map_err(ev)?,
-        ctx.new_event(None).map_err(ev)?,
+        ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(ev)?,
+        ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(ev)?,
     );
     let mut times = Vec::with_capacity(TIMED_RUNS);
     for i in 0..TIMED_RUNS {

@@ -49,7 +49,7 @@ static __device__ __forceinline__ float group_sum(float x) {
 // Rotate-half RoPE of this thread's 8 elements at position `pos` (already divided by the
 // scale). The partner of element f is f +- D/2, held by lane +- D/16 of the same group.
 // Every lane of the warp must call this (it shuffles).
-static __device__ __forceinline__ void rope8(float* x, float pos, const float* inv_freq, int lane) {
+static __device__ __forceinline__ void rope8(float* x, double pos, const double* inv_freq, int lane) {
     const int half_lanes = D / 16;
     const bool lower = lane < half_lanes;
     const int src = lower ? lane + half_lanes : lane - half_lanes;
@@ -61,7 +61,10 @@ static __device__ __forceinline__ void rope8(float* x, float pos, const float* i
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
         float s, c;
-        sincosf(pos * inv_freq[e], &s, &c);
+        // The angle reaches 1e5 rad at long context: form and reduce it in double.
+        double a = pos * inv_freq[e];
+        a -= 6.283185307179586 * rint(a * 0.15915494309189535);
+        sincosf((float)a, &s, &c);
         x[e] = lower ? x[e] * c - other[e] * s : x[e] * c + other[e] * s;
     }
 }
@@ -146,7 +149,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
                                                int tg, int lane, const int* pid, const Raw8* kr,
                                                const Raw8* vr
 #if FP_ROPE
-                                               , const float* inv_freq
+                                               , const double* inv_freq
 #endif
 ) {
     float s[ROWS][U];
@@ -159,7 +162,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
 #if FP_ROPE
         {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
-            rope8(kf, (float)t / p.rope_scale, inv_freq, lane);
+            rope8(kf, (double)t / (double)p.rope_scale, inv_freq, lane);
         }
 #endif
 #pragma unroll
@@ -264,14 +267,14 @@ extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant
     }
 
 #if FP_ROPE
-    float inv_freq[8];
+    double inv_freq[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
         int f = lane * 8 + e;
         if (f >= D / 2) {
             f -= D / 2;
         }
-        inv_freq[e] = (float)pow((double)p.rope_theta, -2.0 * (double)f / (double)D);
+        inv_freq[e] = pow((double)p.rope_theta, -2.0 * (double)f / (double)D);
     }
 #endif
 
@@ -298,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant
             }
             raw_to_f32(raw, st.q[r]);
 #if FP_ROPE
-            rope8(st.q[r], (float)qp / p.rope_scale, inv_freq, lane);
+            rope8(st.q[r], (double)qp / (double)p.rope_scale, inv_freq, lane);
 #endif
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
