@@ -1379,3 +1379,20 @@ fn run_empty_batch_writes_empty_outputs() {
     assert_eq!(st.tensor("o").unwrap().dtype(), Dtype::BF16);
     assert_eq!(st.tensor("lse").unwrap().shape(), &[0, 4]);
 }
+
+#[test]
+fn usage_errors_are_one_error_line_with_status_2() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["plan"], "--batch"),
+        (&["workspace", "--max-batch", "-1"], "--max-batch"),
+        (&["bogus"], "bogus"),
+        (&["run", "--input", "x.safetensors"], "--output"),
+    ];
+    for (args, needle) in cases {
+        let o = flashpage(args);
+        assert_invalid(&o, &[needle]);
+        assert_eq!(stderr(&o).lines().count(), 1, "{args:?}: {}", stderr(&o));
+    }
+    assert_ok(&flashpage(&["--version"]));
+    assert_ok(&flashpage(&["plan", "--help"]));
+}

@@ -193,11 +193,15 @@ pub(crate) fn main(args: BenchArgs) -> Result<(), CliError> {
     }
     for (name, batch) in &plan_cases {
         progress.step(name);
-        match bench_plan(name, batch, threads) {
-            Ok(r) => r.print(args.json),
-            Err(e) => {
-                failures.push(format!("{name}: {e}"));
-                println!("{name:34} FAILED: {e}");
+        // This machine's parallelism, and an H100's work slots (132 SMs x 2 blocks), which
+        // makes small batches split their KV: the figure to compare with FlashInfer's plan.
+        for parallelism in [threads, H100_SLOTS] {
+            match bench_plan(name, batch, parallelism) {
+                Ok(r) => r.print(args.json),
+                Err(e) => {
+                    failures.push(format!("{name}: {e}"));
+                    println!("{name:34} FAILED: {e}");
+                }
             }
         }
     }
@@ -586,7 +590,7 @@ impl PlanResult {
         if json {
             println!(
                 "{}",
-                json!({"case": self.name, "backend": "cpu", "us": self.us_new,
+                json!({"case": self.name, "dtype": "none", "backend": "cpu", "us": self.us_new,
                        "us_replan": self.us_replan, "calls": self.calls,
                        "parallelism": self.parallelism, "work_items": self.work_items,
                        "split_kv": self.split})
@@ -605,6 +609,9 @@ impl PlanResult {
         }
     }
 }
+
+/// Work slots of an H100 as the CUDA backend counts them (132 SMs x 2 blocks).
+const H100_SLOTS: usize = 264;
 
 fn bench_plan(name: &str, b: &PlanBatch, parallelism: usize) -> Result<PlanResult, String> {
     let desc = if b.decode {

@@ -51,7 +51,35 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // Usage errors are invalid input: one `error:` line, exit status 2.
+            // clap's message may continue on indented lines (the missing arguments): join
+            // them, and drop its usage and help hints.
+            let text = e.to_string();
+            let message = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!(
+                "error: {}",
+                message.strip_prefix("error: ").unwrap_or(&message)
+            );
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Plan(a) => plan_cmd::main(a),
         Command::Workspace(a) => workspace_cmd::main(a),
