@@ -210,15 +210,7 @@ pub(crate) fn main(args: BenchArgs) -> Result<(), CliError> {
         Ceilings::measure(threads).print_end(args.json);
     }
     progress.finish();
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::failure(format!(
-            "{} case(s) failed: {}",
-            failures.len(),
-            failures.join("; ")
-        )))
-    }
+    CliError::from_failures(&failures)
 }
 
 /// One case of the matrix.

@@ -144,15 +144,7 @@ pub(crate) fn main(args: &BenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(CliError::failure(format!(
-            "{} case(s) failed: {}",
-            failures.len(),
-            failures.join("; ")
-        )))
-    }
+    CliError::from_failures(&failures)
 }
 
 struct CaseResult {

@@ -15,6 +15,19 @@ impl CliError {
             message: message.into(),
         }
     }
+    /// `Ok` when no case failed, else one failure naming every failed case (exit status 1).
+    pub(crate) fn from_failures(failures: &[String]) -> Result<(), CliError> {
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(CliError::failure(format!(
+                "{} case(s) failed: {}",
+                failures.len(),
+                failures.join("; ")
+            )))
+        }
+    }
+
     /// Any other failure: exit status 1.
     pub(crate) fn failure(message: impl Into<String>) -> Self {
         CliError {
