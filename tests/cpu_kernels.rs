@@ -57,14 +57,25 @@ fn check_within(spec: &CaseSpec, config: &PlanConfig, seed: u64, bound: f64) {
 
 #[test]
 fn decode_bf16_long_kv_odd_keys_and_options() {
-    // The AVX-512 BF16 path pairs keys for P·V (odd key counts leave a tail key) and keeps
-    // its accumulators in a permuted column order (head dims with a 16-column tail chunk).
+    // The AVX-512 BF16 path pairs keys for P·V (odd key counts leave a tail key), keeps its
+    // accumulators in a permuted column order (head dims with a 16-column tail chunk), and
+    // computes S in tiles of 16 / rows keys (4, 8 or 16) whose last partial tile repeats
+    // the block's last key: the key counts leave every kind of partial tile.
     let mut seed = 500;
     for g in [1, 2, 3, 4, 6, 8] {
         for d in [64, 80, 128, 256] {
             let h = HeadConfig::new(2 * g, 2, d).unwrap();
             let mut s = CaseSpec::decode("bf16-long", h, 16, 1, 0, DType::BF16);
-            s.requests = vec![(1, 4097), (1, 4096 + 33), (1, 1), (1, 3), (1, 31)];
+            s.requests = vec![
+                (1, 4097),
+                (1, 4096 + 33),
+                (1, 1),
+                (1, 3),
+                (1, 31),
+                (1, 64 + 13),
+                (1, 32 + 6),
+                (1, 2048 + 22),
+            ];
             seed += 1;
             check_within(&s, &PlanConfig::with_parallelism(1), seed, 4e-3);
         }

@@ -503,13 +503,36 @@ fn check_schedule(plan: &Plan, desc: &BatchDesc<'_>, opts: &AttentionOptions) {
 fn valid_within(seed: u64) {
     let v = valid_case(seed);
     let desc = v.desc();
-    let plan = Plan::new_within(&desc, &v.opts, &v.limits)
-        .unwrap_or_else(|e| panic!("seed {seed}: a batch within limits is refused: {e}"));
     let bound = workspace_size(&v.limits).unwrap();
+    let plan = match Plan::new_within(&desc, &v.opts, &v.limits) {
+        // A schedule past the library's hard ceiling is refused by design, before anything
+        // is allocated; the refusal must be genuine and the bound must cover it.
+        Err(Error::LimitExceeded {
+            rule: "largest plan schedule",
+            actual,
+            limit,
+            ..
+        }) => {
+            assert_eq!(limit, flashpage::plan::MAX_INT_IMAGE_BYTES);
+            assert!(actual > limit, "seed {seed}");
+            assert!(
+                bound.int.total() >= actual,
+                "seed {seed}: bound below the schedule"
+            );
+            return;
+        }
+        r => r.unwrap_or_else(|e| panic!("seed {seed}: a batch within limits is refused: {e}")),
+    };
     assert_fits(plan.requirement(), &bound, &format!("seed {seed}"));
     let free = Plan::new(&desc, &v.opts, &v.limits.config).unwrap();
     assert_eq!(free.requirement(), plan.requirement());
     check_schedule(&plan, &desc, &v.opts);
+}
+
+/// Found by CI: limits whose graph schedule exceeds `MAX_INT_IMAGE_BYTES`.
+#[test]
+fn schedule_past_the_ceiling_is_refused_consistently() {
+    valid_within(1109439193955673438);
 }
 
 proptest! {
