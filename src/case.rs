@@ -342,6 +342,21 @@ impl CaseData {
         Ok((o, lse))
     }
 
+    /// `(o error, lse error)` of one run's outputs against another's (e.g. a GPU run against
+    /// the CPU backend), relative to the second, as [`reference::rel_error`] measures them.
+    pub fn output_difference(
+        o: &Tensor,
+        lse: &[f32],
+        base_o: &Tensor,
+        base_lse: &[f32],
+    ) -> (f64, f64) {
+        let widen = |l: &[f32]| l.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        (
+            reference::rel_error(&o.view().to_f64_vec(), &base_o.view().to_f64_vec()),
+            reference::rel_error(&widen(lse), &widen(base_lse)),
+        )
+    }
+
     /// Compares outputs with a reference.
     pub fn compare(&self, o: &Tensor, lse: &[f32], r: &reference::ReferenceOutput) -> Comparison {
         let ov = o.view().to_f64_vec();

@@ -6,7 +6,6 @@
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::cuda::{CudaBackend, DeviceElem, DeviceRunArgs, DeviceWorkspace};
 use flashpage::case::{CaseData, CaseSpec, KvStorage};
-use flashpage::reference::rel_error;
 use flashpage::*;
 use half::{bf16, f16};
 
@@ -130,11 +129,7 @@ fn check(gpu: &CudaBackend, cpu: &CpuBackend, spec: &CaseSpec, parallelism: usiz
         spec.name
     );
     let (co, clse) = data.run_cpu(cpu, &config).unwrap();
-    let e = rel_error(&o.view().to_f64_vec(), &co.view().to_f64_vec());
-    let el = rel_error(
-        &lse.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-        &clse.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-    );
+    let (e, el) = CaseData::output_difference(&o, &lse, &co, &clse);
     assert!(
         e <= c.tolerance && el <= c.tolerance,
         "{} (p = {parallelism}) vs cpu: o {e:e}, lse {el:e}",
@@ -519,11 +514,7 @@ fn graph_capture_and_replay() {
             let c = data.compare(&ot, lt, &reference);
             assert!(c.passed(), "{}: {c:?}", s.name);
             let (co, clse) = data.run_cpu(&cpu, &config).unwrap();
-            let e = rel_error(&ot.view().to_f64_vec(), &co.view().to_f64_vec());
-            let el = rel_error(
-                &lt.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-                &clse.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-            );
+            let (e, el) = CaseData::output_difference(&ot, lt, &co, &clse);
             assert!(
                 e <= c.tolerance && el <= c.tolerance,
                 "{}: vs cpu o {e:e} lse {el:e}",

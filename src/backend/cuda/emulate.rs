@@ -14,7 +14,6 @@ use crate::case::{CaseData, CaseSpec, KvStorage};
 use crate::layout::{DType, HeadConfig, KvLayout};
 use crate::options::{AttentionOptions, PosEncoding};
 use crate::plan::{Plan, PlanConfig};
-use crate::reference::rel_error;
 use crate::tensor::Tensor;
 
 /// The sources, embedded so the test runs wherever its binary is copied.
@@ -203,11 +202,7 @@ fn check(cxx: &str, dir: &Path, cpu: &CpuBackend, spec: &CaseSpec, config: &Plan
         spec.name
     );
     let (co, clse) = data.run_cpu(cpu, config).unwrap();
-    let e = rel_error(&o.view().to_f64_vec(), &co.view().to_f64_vec());
-    let el = rel_error(
-        &lse.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-        &clse.iter().map(|&x| x as f64).collect::<Vec<_>>(),
-    );
+    let (e, el) = CaseData::output_difference(&o, &lse, &co, &clse);
     assert!(
         e <= c.tolerance && el <= c.tolerance,
         "{} (seed {seed}) vs cpu: o {e:e}, lse {el:e}",
