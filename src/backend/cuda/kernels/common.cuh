@@ -123,6 +123,34 @@ static __device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
 }
 #endif  // FP_HOST_EMULATION (host_emulation.cpp provides these on the host)
 
+// Eight f32 values stored as two 16-byte stores / loaded as two 16-byte loads.
+static __device__ __forceinline__ void store8_f32(float* p, const float* f) {
+    V4 a, b;
+    a.x = __float_as_uint(f[0]);
+    a.y = __float_as_uint(f[1]);
+    a.z = __float_as_uint(f[2]);
+    a.w = __float_as_uint(f[3]);
+    b.x = __float_as_uint(f[4]);
+    b.y = __float_as_uint(f[5]);
+    b.z = __float_as_uint(f[6]);
+    b.w = __float_as_uint(f[7]);
+    st16(p, a);
+    st16(p + 4, b);
+}
+
+static __device__ __forceinline__ void load8_f32(const float* p, float* f) {
+    V4 a = ld_ro(p);
+    V4 b = ld_ro(p + 4);
+    f[0] = __uint_as_float(a.x);
+    f[1] = __uint_as_float(a.y);
+    f[2] = __uint_as_float(a.z);
+    f[3] = __uint_as_float(a.w);
+    f[4] = __uint_as_float(b.x);
+    f[5] = __uint_as_float(b.y);
+    f[6] = __uint_as_float(b.z);
+    f[7] = __uint_as_float(b.w);
+}
+
 // Eight elements of the storage dtype: the unit every thread loads, converts and stores.
 #if FP_DTYPE == 0
 #define FP_ELEM_BYTES 4
@@ -152,17 +180,7 @@ static __device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
     f[7] = __uint_as_float(r.b.w);
 }
 static __device__ __forceinline__ void store8(char* p, const float* f) {
-    V4 a, b;
-    a.x = __float_as_uint(f[0]);
-    a.y = __float_as_uint(f[1]);
-    a.z = __float_as_uint(f[2]);
-    a.w = __float_as_uint(f[3]);
-    b.x = __float_as_uint(f[4]);
-    b.y = __float_as_uint(f[5]);
-    b.z = __float_as_uint(f[6]);
-    b.w = __float_as_uint(f[7]);
-    st16(p, a);
-    st16(p + 16, b);
+    store8_f32(reinterpret_cast<float*>(p), f);
 }
 #else
 #define FP_ELEM_BYTES 2
@@ -211,30 +229,3 @@ static __device__ __forceinline__ void store8(char* p, const float* f) {
 }
 #endif
 
-// Eight f32 values stored as two 16-byte stores / loaded as two 16-byte loads.
-static __device__ __forceinline__ void store8_f32(float* p, const float* f) {
-    V4 a, b;
-    a.x = __float_as_uint(f[0]);
-    a.y = __float_as_uint(f[1]);
-    a.z = __float_as_uint(f[2]);
-    a.w = __float_as_uint(f[3]);
-    b.x = __float_as_uint(f[4]);
-    b.y = __float_as_uint(f[5]);
-    b.z = __float_as_uint(f[6]);
-    b.w = __float_as_uint(f[7]);
-    st16(p, a);
-    st16(p + 4, b);
-}
-
-static __device__ __forceinline__ void load8_f32(const float* p, float* f) {
-    V4 a = ld_ro(p);
-    V4 b = ld_ro(p + 4);
-    f[0] = __uint_as_float(a.x);
-    f[1] = __uint_as_float(a.y);
-    f[2] = __uint_as_float(a.z);
-    f[3] = __uint_as_float(a.w);
-    f[4] = __uint_as_float(b.x);
-    f[5] = __uint_as_float(b.y);
-    f[6] = __uint_as_float(b.z);
-    f[7] = __uint_as_float(b.w);
-}
