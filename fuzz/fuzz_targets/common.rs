@@ -2,8 +2,7 @@
 //! error or yields a plan whose every invariant holds.
 
 use flashpage::validate::check_batch;
-use flashpage::workspace::{WorkspaceLimits, workspace_size};
-use flashpage::{AttentionOptions, BatchDesc, DType, Plan, PlanConfig};
+use flashpage::{AttentionOptions, BatchDesc, DType, Plan, PlanConfig, WorkspaceLimits, workspace_size};
 
 /// Plans `desc`; on success checks the schedule, the workspace bound and a replan.
 pub fn check_plan(desc: &BatchDesc<'_>, opts: &AttentionOptions, config: &PlanConfig) {

@@ -4,7 +4,7 @@
 
 use arbitrary::Arbitrary;
 use flashpage::validate::check_page_ids;
-use flashpage::workspace::{WorkspaceLimits, workspace_size};
+use flashpage::{WorkspaceLimits, workspace_size};
 use flashpage::{
     AttentionOptions, BatchDesc, DType, HeadConfig, PageTable, Plan, PlanConfig, PosEncoding,
 };

@@ -1,0 +1,28 @@
+//! The `flashpage` command's library: every subcommand, and the parsers of its input
+//! formats (the JSON batch schema of `flashpage plan`, the safetensors case of `flashpage
+//! run`), so the fuzz targets run the real parsers.
+//!
+//! Exit status: 0 on success; 2 for invalid input, with one `error:` line on stderr naming
+//! the offending field and values; 1 for other failures.
+
+pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod bench_cuda;
+pub mod check;
+pub mod cli_error;
+pub mod plan_cmd;
+pub mod run_cmd;
+pub mod workspace_cmd;
+
+use clap::ValueEnum;
+
+pub use cli_error::CliError;
+
+/// Which backend a command runs on.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    /// The CPU backend (default).
+    Cpu,
+    /// The CUDA backend (needs the `cuda` feature and a GPU).
+    Cuda,
+}

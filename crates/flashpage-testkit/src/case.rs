@@ -1,0 +1,392 @@
+//! Test cases as data: a batch shape, options and dtype, materialised with fresh random
+//! inputs on a paged cache whose pages are shuffled, run on a backend and compared with the
+//! f64 reference. Used by the tests, `flashpage check` and `flashpage bench`.
+
+use crate::reference::{self, ReferenceInputs};
+use flashpage::backend::cpu::CpuBackend;
+use flashpage::backend::{KvCache, RunArgs};
+use flashpage::builder::BatchBuilder;
+use flashpage::error::Result;
+use flashpage::layout::{BatchDesc, DType, HeadConfig, KvLayout, KvStrides};
+use flashpage::options::AttentionOptions;
+use flashpage::plan::{Plan, PlanConfig};
+use flashpage::tensor::Tensor;
+use flashpage::validate::check_batch;
+use flashpage::workspace::HostWorkspace;
+
+/// A small, fast, seedable random generator (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `[-1, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+    /// Uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Shuffles a slice in place.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// KV storage: separate K and V tensors, or one combined `[pages, 2, …]` tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvStorage {
+    /// Two tensors.
+    #[default]
+    Separate,
+    /// One tensor, K then V in every page.
+    Combined,
+    /// Contiguous ragged K/V (no pages).
+    Ragged,
+}
+
+/// The shape of a test or benchmark case.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaseSpec {
+    /// Name for reports.
+    pub name: String,
+    /// Heads.
+    pub heads: HeadConfig,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// `(qo_len, kv_len)` per request; decode when `decode` is set (qo_len ignored).
+    pub requests: Vec<(usize, usize)>,
+    /// One query row per request.
+    pub decode: bool,
+    /// Element type.
+    pub dtype: DType,
+    /// Cache layout.
+    pub layout: KvLayout,
+    /// Storage form.
+    pub storage: KvStorage,
+    /// Options (`return_lse` is forced on: the LSE is always checked).
+    pub options: AttentionOptions,
+    /// Scale of the random inputs (large values stress the soft-cap).
+    pub input_scale: f64,
+}
+
+/// A materialised case: inputs on the host, the batch arrays and the cache.
+#[derive(Debug, Clone)]
+pub struct CaseData {
+    /// The spec.
+    pub spec: CaseSpec,
+    /// The batch arrays.
+    pub batch: BatchBuilder,
+    /// Ragged K/V offsets (ragged storage only).
+    pub ragged_indptr: Vec<i32>,
+    /// Pages (ragged: tokens) in the cache.
+    pub num_pages: usize,
+    /// Queries.
+    pub q: Tensor,
+    /// K (the combined tensor for combined storage).
+    pub k: Tensor,
+    /// V (empty for combined storage).
+    pub v: Tensor,
+    /// Offset of V inside `k` for combined storage.
+    pub v_offset: usize,
+    /// Strides of K and V.
+    pub strides: KvStrides,
+}
+
+/// Result of comparing a run with the reference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Comparison {
+    /// `‖o − ref‖ / ‖ref‖`.
+    pub o_error: f64,
+    /// `‖lse − ref‖ / ‖ref‖` (infinities must match exactly).
+    pub lse_error: f64,
+    /// The tolerance for the dtype.
+    pub tolerance: f64,
+    /// Every output element was written (no poison left).
+    pub fully_written: bool,
+}
+
+impl Comparison {
+    /// True when within tolerance and fully written.
+    pub fn passed(&self) -> bool {
+        self.fully_written && self.o_error <= self.tolerance && self.lse_error <= self.tolerance
+    }
+}
+
+impl CaseSpec {
+    /// A decode case with `batch` requests of `kv_len` keys.
+    pub fn decode(
+        name: &str,
+        heads: HeadConfig,
+        page_size: usize,
+        batch: usize,
+        kv_len: usize,
+        dtype: DType,
+    ) -> Self {
+        CaseSpec {
+            name: name.to_string(),
+            heads,
+            page_size,
+            requests: vec![(1, kv_len); batch],
+            decode: true,
+            dtype,
+            layout: KvLayout::Nhd,
+            storage: KvStorage::Separate,
+            options: AttentionOptions::default(),
+            input_scale: 1.0,
+        }
+    }
+
+    /// Materialises the case with fresh random inputs from `seed`; pages are shuffled.
+    pub fn materialise(&self, seed: u64) -> Result<CaseData> {
+        let mut rng = Rng::new(seed);
+        let (hq, hkv, d) = (
+            self.heads.num_qo_heads(),
+            self.heads.num_kv_heads(),
+            self.heads.head_dim(),
+        );
+        let ps = if self.storage == KvStorage::Ragged {
+            1
+        } else {
+            self.page_size
+        };
+        let total_pages: usize = self.requests.iter().map(|r| r.1.div_ceil(ps)).sum();
+        let num_pages = total_pages + 1; // one spare page nobody uses
+        let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+        rng.shuffle(&mut ids);
+        let mut batch = BatchBuilder::new(self.page_size)?;
+        let mut ragged_indptr = vec![0i32];
+        let mut next = 0;
+        for &(qo, kv) in &self.requests {
+            let n = kv.div_ceil(ps);
+            let qo = if self.decode { 1 } else { qo };
+            if self.storage == KvStorage::Ragged {
+                ragged_indptr.push(ragged_indptr.last().unwrap() + kv as i32);
+                batch.push(qo, 0, &[])?;
+            } else {
+                batch.push(qo, kv, &ids[next..next + n])?;
+            }
+            next += n;
+        }
+        let rows = if self.decode {
+            self.requests.len()
+        } else {
+            self.requests.iter().map(|r| r.0).sum()
+        };
+        let s = self.input_scale;
+        let mut gen_vec = |n: usize| (0..n).map(|_| rng.uniform() * s).collect::<Vec<f64>>();
+        let q = Tensor::from_f64(self.dtype, &gen_vec(rows * hq * d));
+        let page_elems = ps * hkv * d;
+        let (k, v, v_offset, strides) = match self.storage {
+            KvStorage::Separate => {
+                let st = KvStrides::dense(self.layout, ps, hkv, d);
+                (
+                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
+                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
+                    0,
+                    st,
+                )
+            }
+            KvStorage::Combined => {
+                let mut st = KvStrides::dense(self.layout, ps, hkv, d);
+                st.page *= 2;
+                (
+                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * 2 * page_elems)),
+                    Tensor::from_f64(self.dtype, &[]),
+                    page_elems,
+                    st,
+                )
+            }
+            KvStorage::Ragged => {
+                let st = KvStrides::ragged(hkv, d);
+                (
+                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
+                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
+                    0,
+                    st,
+                )
+            }
+        };
+        Ok(CaseData {
+            spec: self.clone(),
+            batch,
+            ragged_indptr,
+            num_pages,
+            q,
+            k,
+            v,
+            v_offset,
+            strides,
+        })
+    }
+}
+
+impl CaseData {
+    /// Options with the LSE on.
+    pub fn options(&self) -> AttentionOptions {
+        AttentionOptions {
+            return_lse: true,
+            ..self.spec.options
+        }
+    }
+
+    /// The batch description.
+    pub fn desc(&self) -> BatchDesc<'_> {
+        let h = self.spec.heads;
+        match (self.spec.storage, self.spec.decode) {
+            (KvStorage::Ragged, _) => {
+                BatchDesc::prefill_ragged(h, self.batch.qo_indptr(), &self.ragged_indptr)
+            }
+            (_, true) => self.batch.decode(h, self.num_pages),
+            (_, false) => self.batch.prefill(h, self.num_pages),
+        }
+    }
+
+    /// Query rows.
+    pub fn rows(&self) -> usize {
+        self.q.len() / (self.spec.heads.num_qo_heads() * self.spec.heads.head_dim())
+    }
+
+    /// The K and V views of the cache.
+    pub fn kv_cache(&self) -> KvCache<'_> {
+        let (k, v) = match self.spec.storage {
+            KvStorage::Combined => {
+                let all = self.k.view();
+                (all, slice_from(all, self.v_offset))
+            }
+            _ => (self.k.view(), self.v.view()),
+        };
+        match self.spec.storage {
+            KvStorage::Ragged => KvCache::ragged(k, v, self.strides, self.num_pages),
+            _ => KvCache::paged(k, v, self.strides, self.num_pages, self.batch.kv_indices()),
+        }
+    }
+
+    /// Bytes of K and V the batch reads (the decode bandwidth numerator).
+    pub fn kv_bytes(&self) -> u64 {
+        let h = self.spec.heads;
+        let toks: usize = self.spec.requests.iter().map(|r| r.1).sum();
+        (toks * h.num_kv_heads() * h.head_dim() * 2 * self.spec.dtype.size()) as u64
+    }
+
+    /// Plans the case.
+    pub fn plan(&self, config: &PlanConfig) -> Result<Plan> {
+        Plan::new(&self.desc(), &self.options(), config)
+    }
+
+    /// The f64 reference output `(o, lse)`.
+    pub fn reference(&self) -> Result<reference::ReferenceOutput> {
+        let opts = self.options();
+        let vb = check_batch(&self.desc(), &opts)?;
+        let q = self.q.view().to_f64_vec();
+        let (k, v) = match self.spec.storage {
+            KvStorage::Combined => {
+                let all = self.k.view().to_f64_vec();
+                let v = all[self.v_offset..].to_vec();
+                (all, v)
+            }
+            _ => (self.k.view().to_f64_vec(), self.v.view().to_f64_vec()),
+        };
+        Ok(reference::attention(
+            &vb,
+            &opts,
+            &ReferenceInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                strides: self.strides,
+                kv_indices: self.batch.kv_indices(),
+            },
+        ))
+    }
+
+    /// Poisoned output buffers `(o, lse)` of the right size.
+    pub fn poisoned_outputs(&self) -> (Tensor, Vec<f32>) {
+        let h = self.spec.heads;
+        let rows = self.rows();
+        (
+            poisoned(self.spec.dtype, rows * h.num_qo_heads() * h.head_dim()),
+            vec![f32::NAN; rows * h.num_qo_heads()],
+        )
+    }
+
+    /// Plans and runs on the CPU backend into fresh poisoned outputs.
+    pub fn run_cpu(&self, cpu: &CpuBackend, config: &PlanConfig) -> Result<(Tensor, Vec<f32>)> {
+        let plan = self.plan(config)?;
+        let mut ws = HostWorkspace::new(plan.requirement().float.total());
+        let (mut o, mut lse) = self.poisoned_outputs();
+        cpu.run(
+            &plan,
+            RunArgs {
+                q: self.q.view(),
+                kv: self.kv_cache(),
+                o: o.view_mut(),
+                lse: Some(&mut lse),
+            },
+            ws.as_bytes_mut(),
+        )?;
+        Ok((o, lse))
+    }
+
+    /// `(o error, lse error)` of one run's outputs against another's (e.g. a GPU run against
+    /// the CPU backend), relative to the second, as [`reference::rel_error`] measures them.
+    pub fn output_difference(
+        o: &Tensor,
+        lse: &[f32],
+        base_o: &Tensor,
+        base_lse: &[f32],
+    ) -> (f64, f64) {
+        let widen = |l: &[f32]| l.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        (
+            reference::rel_error(&o.view().to_f64_vec(), &base_o.view().to_f64_vec()),
+            reference::rel_error(&widen(lse), &widen(base_lse)),
+        )
+    }
+
+    /// Compares outputs with a reference.
+    pub fn compare(&self, o: &Tensor, lse: &[f32], r: &reference::ReferenceOutput) -> Comparison {
+        let ov = o.view().to_f64_vec();
+        let lv: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+        let fully_written = ov.iter().all(|x| !x.is_nan()) && lv.iter().all(|x| !x.is_nan());
+        Comparison {
+            o_error: reference::rel_error(&ov, &r.o),
+            lse_error: reference::rel_error(&lv, &r.lse),
+            tolerance: reference::tolerance(self.spec.dtype),
+            fully_written,
+        }
+    }
+}
+
+fn slice_from(t: flashpage::tensor::TensorRef<'_>, off: usize) -> flashpage::tensor::TensorRef<'_> {
+    use flashpage::tensor::TensorRef;
+    match t {
+        TensorRef::F32(s) => TensorRef::F32(&s[off..]),
+        TensorRef::F16(s) => TensorRef::F16(&s[off..]),
+        TensorRef::BF16(s) => TensorRef::BF16(&s[off..]),
+    }
+}
+
+/// `len` NaNs of `dtype`: an output buffer whose every element must be written (NaN never
+/// compares equal, so an element a kernel skipped fails every comparison).
+pub fn poisoned(dtype: DType, len: usize) -> Tensor {
+    use half::{bf16, f16};
+    match dtype {
+        DType::F32 => Tensor::F32(vec![f32::NAN; len]),
+        DType::F16 => Tensor::F16(vec![f16::NAN; len]),
+        DType::BF16 => Tensor::BF16(vec![bf16::NAN; len]),
+    }
+}

@@ -1,0 +1,21 @@
+//! flashpage's test kit: what the tests, the `flashpage check`/`bench` commands and the
+//! timing harnesses share, kept out of the library's public API.
+//!
+//! - [`reference`](mod@reference): the f64 oracle, written straight from the semantics in
+//!   `docs/semantics.md`;
+//! - [`case`]: a case specification, materialised into fresh random inputs (a seeded PRNG,
+//!   shuffled pages, poisoned outputs) and compared with the reference;
+//! - [`suite`]: the declarative TOML suite (`data/*.toml`) and its runner, on any
+//!   backend;
+//! - [`ceiling`]: this machine's read bandwidth and FMA peak, measured in the same run as a
+//!   benchmark.
+#![deny(missing_docs)]
+
+pub mod case;
+pub mod ceiling;
+#[cfg(feature = "cuda")]
+pub mod emulate;
+pub mod reference;
+pub mod suite;
+
+pub use case::{CaseData, CaseSpec, Comparison, KvStorage, Rng, poisoned};

@@ -1,0 +1,176 @@
+//! The oracle: naive attention in f64, straight from the semantics of DESIGN §3.
+//!
+//! Slow on purpose (no tiling, no online softmax, no split): it is what every backend and
+//! SIMD level is checked against in tests and in `flashpage check`.
+
+use flashpage::layout::{KvIndex, KvStrides};
+use flashpage::options::{AttentionOptions, PosEncoding, alibi_slope};
+use flashpage::validate::ValidBatch;
+
+/// Inputs of the reference, widened to f64.
+#[derive(Debug, Clone, Copy)]
+pub struct ReferenceInputs<'a> {
+    /// `[rows, num_qo_heads, head_dim]`.
+    pub q: &'a [f64],
+    /// K cache (paged, or ragged `[tokens, Hkv, D]`), addressed by `strides`.
+    pub k: &'a [f64],
+    /// V cache, addressed by `strides`.
+    pub v: &'a [f64],
+    /// Element strides of K and V.
+    pub strides: KvStrides,
+    /// Page ids (paged batches; ignored for ragged K/V).
+    pub kv_indices: &'a [i32],
+}
+
+/// Output of the reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferenceOutput {
+    /// `[rows, num_qo_heads, head_dim]`.
+    pub o: Vec<f64>,
+    /// `[rows, num_qo_heads]`, natural log; `-inf` for rows that see no key.
+    pub lse: Vec<f64>,
+}
+
+/// Element offset of `(token t of the request starting at kv_start, kv head h)`.
+pub fn kv_offset(
+    vb: &ValidBatch<'_>,
+    strides: &KvStrides,
+    kv_indices: &[i32],
+    kv_start: usize,
+    t: usize,
+    h: usize,
+) -> usize {
+    match vb.desc().kv {
+        KvIndex::Paged(p) => {
+            let page = kv_indices[kv_start + t / p.page_size] as usize;
+            page * strides.page + (t % p.page_size) * strides.token + h * strides.head
+        }
+        KvIndex::Ragged { .. } => (kv_start + t) * strides.page + h * strides.head,
+    }
+}
+
+/// Rotates `x` (length D) in place to position `pos` (rotate-half RoPE).
+pub fn rope_rotate(x: &mut [f64], pos: f64, theta: f64, scale: f64) {
+    let d = x.len();
+    let half = d / 2;
+    for f in 0..half {
+        let ang = (pos / scale) * theta.powf(-2.0 * f as f64 / d as f64);
+        let (s, c) = ang.sin_cos();
+        let (a, b) = (x[f], x[f + half]);
+        x[f] = a * c - b * s;
+        x[f + half] = b * c + a * s;
+    }
+}
+
+/// Computes attention for every request, row and head of `vb`.
+pub fn attention(
+    vb: &ValidBatch<'_>,
+    options: &AttentionOptions,
+    inp: &ReferenceInputs<'_>,
+) -> ReferenceOutput {
+    let heads = vb.desc().heads;
+    let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
+    let rows = vb.num_q_rows();
+    let mut o = vec![0.0; rows * hq * d];
+    let mut lse = vec![f64::NEG_INFINITY; rows * hq];
+    let sm = options.resolved_sm_scale(d) as f64;
+    let mut qv = vec![0.0; d];
+    let mut kv = vec![0.0; d];
+    let mut s = Vec::new();
+    for r in 0..vb.batch_size() {
+        let req = vb.request(r);
+        for i in 0..req.qo_len {
+            let row = req.qo_start + i;
+            let qpos = (i + req.kv_len) as i64 - req.qo_len as i64;
+            for h in 0..hq {
+                let kh = h / g;
+                qv.copy_from_slice(&inp.q[(row * hq + h) * d..][..d]);
+                if let PosEncoding::Rope { theta, scale } = options.pos_encoding {
+                    rope_rotate(&mut qv, qpos as f64, theta as f64, scale as f64);
+                }
+                s.clear();
+                for j in 0..req.kv_len {
+                    let jj = j as i64;
+                    let visible = (!options.causal || jj <= qpos)
+                        && options.window().is_none_or(|w| jj >= qpos - w as i64);
+                    if !visible {
+                        s.push(f64::NEG_INFINITY);
+                        continue;
+                    }
+                    let off = kv_offset(vb, &inp.strides, inp.kv_indices, req.kv_start, j, kh);
+                    kv.copy_from_slice(&inp.k[off..off + d]);
+                    if let PosEncoding::Rope { theta, scale } = options.pos_encoding {
+                        rope_rotate(&mut kv, j as f64, theta as f64, scale as f64);
+                    }
+                    let mut x = qv.iter().zip(&kv).map(|(a, b)| a * b).sum::<f64>() * sm;
+                    if let Some(c) = options.logits_soft_cap {
+                        let c = c as f64;
+                        x = c * (x / c).tanh();
+                    }
+                    if options.pos_encoding == PosEncoding::Alibi {
+                        x += alibi_slope(h, hq) * (jj - qpos) as f64;
+                    }
+                    s.push(x);
+                }
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue; // no visible key: o = 0, lse = -inf
+                }
+                let mut sum = 0.0;
+                let out = &mut o[(row * hq + h) * d..][..d];
+                for (j, &x) in s.iter().enumerate() {
+                    if x == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let p = (x - m).exp();
+                    sum += p;
+                    let off = kv_offset(vb, &inp.strides, inp.kv_indices, req.kv_start, j, kh);
+                    for (acc, &vv) in out.iter_mut().zip(&inp.v[off..off + d]) {
+                        *acc += p * vv;
+                    }
+                }
+                for x in out.iter_mut() {
+                    *x /= sum;
+                }
+                lse[row * hq + h] = m + sum.ln();
+            }
+        }
+    }
+    ReferenceOutput { o, lse }
+}
+
+/// `‖a − b‖ / ‖b‖` over finite pairs; `inf` if any element of `a` is NaN, or non-finite
+/// where `b` is finite. `b` all zero compares absolutely.
+pub fn rel_error(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::INFINITY;
+        }
+        if y.is_infinite() || x.is_infinite() {
+            if x != y {
+                return f64::INFINITY;
+            }
+            continue;
+        }
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// The tolerance of DESIGN §7 for a dtype (`‖out − ref‖ / ‖ref‖`).
+pub fn tolerance(dtype: flashpage::layout::DType) -> f64 {
+    match dtype {
+        flashpage::layout::DType::F32 => 1e-5,
+        flashpage::layout::DType::F16 => 2e-3,
+        flashpage::layout::DType::BF16 => 1e-2,
+    }
+}

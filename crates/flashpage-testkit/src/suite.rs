@@ -1,0 +1,891 @@
+//! The declarative case suite: the cases of `tests/data/*.toml`, embedded in the library so
+//! `flashpage check` runs them from any directory, and the runner that checks a backend
+//! against the f64 reference (the regex crate's testdata pattern).
+//!
+//! A file holds two kinds of tables. A `[[case]]` is a batch shape to run and compare:
+//!
+//! ```toml
+//! [[case]]
+//! name = "decode/gqa4/mixed-empty"
+//! heads = [32, 8, 128]          # num_qo_heads, num_kv_heads, head_dim
+//! page_size = 16                # default 16
+//! kind = "decode"               # "decode" (default) or "prefill"
+//! storage = "separate"          # "separate" (default), "combined" or "ragged" (prefill)
+//! layout = "NHD"                # "NHD" (default) or "HND"
+//! kv_lens = [0, 4000, 0, 17]    # or requests = [[qo_len, kv_len], ...],
+//!                               # or batch = 512, kv_len = 33 (and qo_len, default 1)
+//! dtypes = ["f32", "bf16"]      # default all three
+//! options = { causal = true, window_left = 0, logits_soft_cap = 50.0, sm_scale = 0.1,
+//!             pos_encoding = "rope", rope_theta = 1e4, rope_scale = 1.0 }
+//! input_scale = 1.0             # scale of the random inputs
+//! parallelism = [1, 64, 1024]   # plans to try (default [1, 1024])
+//! min_kv_chunk = 16             # smallest split chunk (default: the planner's)
+//! deterministic_chunk = 32      # fixed chunk: outputs must be identical for every parallelism
+//! graph_capacity = 8            # graph mode (also graph_max_q_rows, graph_max_kv_len)
+//! ```
+//!
+//! An `[[error]]` is a batch given as raw arrays that must be rejected:
+//!
+//! ```toml
+//! [[error]]
+//! name = "founding-scenario"
+//! heads = [32, 16, 128]
+//! kind = "prefill"
+//! page_size = 16
+//! num_pages = 64
+//! qo_indptr = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+//! kv_indptr = [0]
+//! expect = "IndptrLengthMismatch"          # the Error variant
+//! message = "both must have batch_size + 1" # a substring of the message
+//! ```
+//!
+//! ```
+//! let suite = flashpage_testkit::suite::Suite::embedded().unwrap();
+//! assert!(suite.cases.iter().any(|c| c.name.contains("founding")) ||
+//!         suite.errors.iter().any(|e| e.name.contains("founding")));
+//! ```
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::case::{CaseData, CaseSpec, Comparison, KvStorage, Rng};
+use crate::reference::{self, ReferenceInputs, ReferenceOutput};
+use flashpage::backend::cpu::{CpuBackend, SimdLevel};
+use flashpage::backend::{KvCache, RunArgs};
+use flashpage::error::{Error, Result};
+use flashpage::layout::{BatchDesc, DType, HeadConfig, KvLayout, KvStrides, PageTable};
+use flashpage::options::{AttentionOptions, PosEncoding};
+use flashpage::plan::{Plan, PlanConfig};
+use flashpage::tensor::{Tensor, TensorRef};
+use flashpage::validate::check_batch;
+use flashpage::workspace::HostWorkspace;
+
+/// The suite files, embedded at build time: `(file name, contents)`.
+pub const FILES: &[(&str, &str)] = &[
+    ("decode.toml", include_str!("../data/decode.toml")),
+    ("prefill.toml", include_str!("../data/prefill.toml")),
+    ("variants.toml", include_str!("../data/variants.toml")),
+    ("errors.toml", include_str!("../data/errors.toml")),
+];
+
+/// A suite file that does not parse, or a case that makes no sense.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuiteError {
+    /// The file.
+    pub file: String,
+    /// What is wrong (names the case when there is one).
+    pub message: String,
+}
+
+impl fmt::Display for SuiteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file, self.message)
+    }
+}
+
+impl std::error::Error for SuiteError {}
+
+/// All cases of a suite.
+#[derive(Debug, Clone, Default)]
+pub struct Suite {
+    /// Cases to run and compare with the reference.
+    pub cases: Vec<SuiteCase>,
+    /// Batches that must be rejected.
+    pub errors: Vec<ErrorCase>,
+}
+
+/// A case to run on every dtype, SIMD level and parallelism it lists.
+#[derive(Debug, Clone)]
+pub struct SuiteCase {
+    /// Name (unique in the suite).
+    pub name: String,
+    /// File it comes from.
+    pub file: String,
+    /// The shape; its `dtype` is replaced by each of `dtypes`.
+    pub spec: CaseSpec,
+    /// Element types to run.
+    pub dtypes: Vec<DType>,
+    /// Parallelism (work slots) of each plan to try.
+    pub parallelism: Vec<usize>,
+    /// Smallest split chunk in tokens (planner default when `None`).
+    pub min_kv_chunk: Option<usize>,
+    /// Prefill q tile in packed rows (planner default when `None`).
+    pub q_tile: Option<usize>,
+    /// Deterministic mode: a fixed KV chunk in tokens.
+    pub deterministic_chunk: Option<usize>,
+    /// Graph mode: a fixed batch capacity.
+    pub graph_capacity: Option<usize>,
+    /// Graph mode: most query rows.
+    pub graph_max_q_rows: Option<usize>,
+    /// Graph mode: longest request.
+    pub graph_max_kv_len: Option<usize>,
+}
+
+/// A batch given as raw arrays, and the error it must produce.
+#[derive(Debug, Clone)]
+pub struct ErrorCase {
+    /// Name (unique in the suite).
+    pub name: String,
+    /// File it comes from.
+    pub file: String,
+    /// `(num_qo_heads, num_kv_heads, head_dim)`, unchecked.
+    pub heads: [usize; 3],
+    /// Decode (no `qo_indptr`) or prefill.
+    pub decode: bool,
+    /// Ragged K/V (`kv_indptr` counts tokens).
+    pub ragged: bool,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Pages in the cache.
+    pub num_pages: usize,
+    /// `qo_indptr` (prefill).
+    pub qo_indptr: Vec<i32>,
+    /// `kv_indptr`.
+    pub kv_indptr: Vec<i32>,
+    /// `kv_indices`.
+    pub kv_indices: Vec<i32>,
+    /// `kv_last_page_len`.
+    pub kv_last_page_len: Vec<i32>,
+    /// Options, unchecked.
+    pub options: AttentionOptions,
+    /// Expected [`Error`] variant name.
+    pub expect: Option<String>,
+    /// Expected substring of the message.
+    pub message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileToml {
+    #[serde(default)]
+    case: Vec<CaseToml>,
+    #[serde(default)]
+    error: Vec<ErrorToml>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct OptionsToml {
+    #[serde(default)]
+    causal: bool,
+    window_left: Option<i32>,
+    logits_soft_cap: Option<f32>,
+    sm_scale: Option<f32>,
+    pos_encoding: Option<String>,
+    rope_theta: Option<f32>,
+    rope_scale: Option<f32>,
+}
+
+fn default_page_size() -> usize {
+    16
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseToml {
+    name: String,
+    heads: [usize; 3],
+    #[serde(default = "default_page_size")]
+    page_size: usize,
+    kind: Option<String>,
+    storage: Option<String>,
+    layout: Option<String>,
+    requests: Option<Vec<[usize; 2]>>,
+    kv_lens: Option<Vec<usize>>,
+    batch: Option<usize>,
+    qo_len: Option<usize>,
+    kv_len: Option<usize>,
+    dtypes: Option<Vec<String>>,
+    #[serde(default)]
+    options: OptionsToml,
+    input_scale: Option<f64>,
+    parallelism: Option<Vec<usize>>,
+    min_kv_chunk: Option<usize>,
+    q_tile: Option<usize>,
+    deterministic_chunk: Option<usize>,
+    graph_capacity: Option<usize>,
+    graph_max_q_rows: Option<usize>,
+    graph_max_kv_len: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErrorToml {
+    name: String,
+    heads: [usize; 3],
+    kind: Option<String>,
+    storage: Option<String>,
+    #[serde(default = "default_page_size")]
+    page_size: usize,
+    #[serde(default)]
+    num_pages: usize,
+    qo_indptr: Option<Vec<i32>>,
+    kv_indptr: Vec<i32>,
+    #[serde(default)]
+    kv_indices: Vec<i32>,
+    #[serde(default)]
+    kv_last_page_len: Vec<i32>,
+    #[serde(default)]
+    options: OptionsToml,
+    expect: Option<String>,
+    message: Option<String>,
+}
+
+fn options_from(o: &OptionsToml) -> std::result::Result<AttentionOptions, String> {
+    let pos_encoding = match o.pos_encoding.as_deref().unwrap_or("none") {
+        "none" => PosEncoding::None,
+        "alibi" => PosEncoding::Alibi,
+        "rope" => PosEncoding::Rope {
+            theta: o.rope_theta.unwrap_or(1e4),
+            scale: o.rope_scale.unwrap_or(1.0),
+        },
+        other => {
+            return Err(format!(
+                "pos_encoding {other:?} is unknown: expected none, alibi or rope"
+            ));
+        }
+    };
+    if !matches!(pos_encoding, PosEncoding::Rope { .. })
+        && (o.rope_theta.is_some() || o.rope_scale.is_some())
+    {
+        return Err("rope_theta/rope_scale given without pos_encoding = \"rope\"".into());
+    }
+    Ok(AttentionOptions {
+        causal: o.causal,
+        sm_scale: o.sm_scale,
+        logits_soft_cap: o.logits_soft_cap,
+        window_left: o.window_left.unwrap_or(-1),
+        pos_encoding,
+        return_lse: true,
+    })
+}
+
+fn parse_kind(kind: Option<&str>) -> std::result::Result<bool, String> {
+    match kind.unwrap_or("decode") {
+        "decode" => Ok(true),
+        "prefill" => Ok(false),
+        other => Err(format!(
+            "kind {other:?} is unknown: expected decode or prefill"
+        )),
+    }
+}
+
+fn parse_storage(s: Option<&str>) -> std::result::Result<KvStorage, String> {
+    match s.unwrap_or("separate") {
+        "separate" => Ok(KvStorage::Separate),
+        "combined" => Ok(KvStorage::Combined),
+        "ragged" => Ok(KvStorage::Ragged),
+        other => Err(format!(
+            "storage {other:?} is unknown: expected separate, combined or ragged"
+        )),
+    }
+}
+
+impl CaseToml {
+    fn requests(&self, decode: bool) -> std::result::Result<Vec<(usize, usize)>, String> {
+        let given = [
+            self.requests.is_some(),
+            self.kv_lens.is_some(),
+            self.batch.is_some(),
+        ]
+        .iter()
+        .filter(|&&b| b)
+        .count();
+        if given != 1 {
+            return Err("give exactly one of requests, kv_lens or batch (with kv_len)".into());
+        }
+        if let Some(r) = &self.requests {
+            if self.qo_len.is_some() || self.kv_len.is_some() {
+                return Err("qo_len/kv_len are for kv_lens or batch, not requests".into());
+            }
+            return Ok(r.iter().map(|&[q, k]| (q, k)).collect());
+        }
+        let qo = self.qo_len.unwrap_or(1);
+        if decode && qo != 1 {
+            return Err(format!("a decode case has qo_len 1, got {qo}"));
+        }
+        if let Some(kv) = &self.kv_lens {
+            if self.kv_len.is_some() {
+                return Err("kv_len is for batch, not kv_lens".into());
+            }
+            return Ok(kv.iter().map(|&k| (qo, k)).collect());
+        }
+        let batch = self.batch.unwrap_or(0);
+        let kv = self.kv_len.ok_or("batch needs kv_len")?;
+        Ok(vec![(qo, kv); batch])
+    }
+
+    fn build(&self, file: &str) -> std::result::Result<SuiteCase, String> {
+        let decode = parse_kind(self.kind.as_deref())?;
+        let storage = parse_storage(self.storage.as_deref())?;
+        if decode && storage == KvStorage::Ragged {
+            return Err("ragged storage is for prefill cases".into());
+        }
+        let layout = match self.layout.as_deref() {
+            None => KvLayout::Nhd,
+            Some(s) => KvLayout::parse(s)
+                .ok_or_else(|| format!("layout {s:?} is unknown: expected NHD or HND"))?,
+        };
+        let heads = HeadConfig::new(self.heads[0], self.heads[1], self.heads[2])
+            .map_err(|e| e.to_string())?;
+        let dtypes = match &self.dtypes {
+            None => DType::ALL.to_vec(),
+            Some(v) => v
+                .iter()
+                .map(|s| DType::parse(s).ok_or_else(|| format!("dtype {s:?} is unknown")))
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+        };
+        let parallelism = self.parallelism.clone().unwrap_or_else(|| vec![1, 1024]);
+        if parallelism.is_empty() || parallelism.contains(&0) {
+            return Err("parallelism must list numbers > 0".into());
+        }
+        Ok(SuiteCase {
+            name: self.name.clone(),
+            file: file.to_string(),
+            spec: CaseSpec {
+                name: self.name.clone(),
+                heads,
+                page_size: self.page_size,
+                requests: self.requests(decode)?,
+                decode,
+                dtype: dtypes.first().copied().unwrap_or(DType::F32),
+                layout,
+                storage,
+                options: options_from(&self.options)?,
+                input_scale: self.input_scale.unwrap_or(1.0),
+            },
+            dtypes,
+            parallelism,
+            min_kv_chunk: self.min_kv_chunk,
+            q_tile: self.q_tile,
+            deterministic_chunk: self.deterministic_chunk,
+            graph_capacity: self.graph_capacity,
+            graph_max_q_rows: self.graph_max_q_rows,
+            graph_max_kv_len: self.graph_max_kv_len,
+        })
+    }
+}
+
+impl ErrorToml {
+    fn build(&self, file: &str) -> std::result::Result<ErrorCase, String> {
+        let decode = parse_kind(self.kind.as_deref())?;
+        let ragged = parse_storage(self.storage.as_deref())? == KvStorage::Ragged;
+        if decode == self.qo_indptr.is_some() {
+            return Err(
+                "a prefill error case needs qo_indptr, a decode one must not have it".into(),
+            );
+        }
+        if ragged && decode {
+            return Err("ragged storage is for prefill cases".into());
+        }
+        if self.expect.is_none() && self.message.is_none() {
+            return Err("give expect (a variant), message (a substring) or both".into());
+        }
+        Ok(ErrorCase {
+            name: self.name.clone(),
+            file: file.to_string(),
+            heads: self.heads,
+            decode,
+            ragged,
+            page_size: self.page_size,
+            num_pages: self.num_pages,
+            qo_indptr: self.qo_indptr.clone().unwrap_or_default(),
+            kv_indptr: self.kv_indptr.clone(),
+            kv_indices: self.kv_indices.clone(),
+            kv_last_page_len: self.kv_last_page_len.clone(),
+            options: options_from(&self.options)?,
+            expect: self.expect.clone(),
+            message: self.message.clone(),
+        })
+    }
+}
+
+impl Suite {
+    /// Parses one suite file.
+    pub fn parse(file: &str, text: &str) -> std::result::Result<Suite, SuiteError> {
+        let err = |message: String| SuiteError {
+            file: file.to_string(),
+            message,
+        };
+        let parsed: FileToml = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut suite = Suite::default();
+        for c in &parsed.case {
+            suite.cases.push(
+                c.build(file)
+                    .map_err(|m| err(format!("case {:?}: {m}", c.name)))?,
+            );
+        }
+        for e in &parsed.error {
+            suite.errors.push(
+                e.build(file)
+                    .map_err(|m| err(format!("error case {:?}: {m}", e.name)))?,
+            );
+        }
+        Ok(suite)
+    }
+
+    /// The suite embedded in the library ([`FILES`]); names are checked to be unique.
+    pub fn embedded() -> std::result::Result<Suite, SuiteError> {
+        let mut all = Suite::default();
+        for (file, text) in FILES {
+            let s = Suite::parse(file, text)?;
+            all.cases.extend(s.cases);
+            all.errors.extend(s.errors);
+        }
+        let mut names: Vec<&str> = all
+            .cases
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(all.errors.iter().map(|e| e.name.as_str()))
+            .collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(SuiteError {
+                file: "suite".into(),
+                message: format!("case name {:?} is used twice", w[0]),
+            });
+        }
+        Ok(all)
+    }
+
+    /// Keeps only the cases whose name contains `filter`.
+    pub fn filter(&mut self, filter: &str) {
+        self.cases.retain(|c| c.name.contains(filter));
+        self.errors.retain(|e| e.name.contains(filter));
+    }
+}
+
+/// One run of a case at one dtype, SIMD level and parallelism.
+#[derive(Debug, Clone)]
+pub struct CaseRun {
+    /// Case name.
+    pub case: String,
+    /// Element type.
+    pub dtype: DType,
+    /// SIMD level of the backend.
+    pub simd: SimdLevel,
+    /// Parallelism of the plan.
+    pub parallelism: usize,
+    /// Seed of the random inputs (reproduce with `FLASHPAGE_SEED`).
+    pub seed: u64,
+    /// The comparison with the reference, or why there is none.
+    pub result: std::result::Result<Comparison, String>,
+}
+
+impl CaseRun {
+    /// True when the run compared within tolerance and wrote every element.
+    pub fn passed(&self) -> bool {
+        matches!(&self.result, Ok(c) if c.passed())
+    }
+}
+
+impl fmt::Display for CaseRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} simd={} parallelism={} seed={}: ",
+            self.case,
+            self.dtype.name(),
+            self.simd.name(),
+            self.parallelism,
+            self.seed
+        )?;
+        match &self.result {
+            Ok(c) => write!(
+                f,
+                "o error {:.3e}, lse error {:.3e}, tolerance {:.0e}{}",
+                c.o_error,
+                c.lse_error,
+                c.tolerance,
+                if c.fully_written {
+                    ""
+                } else {
+                    ", output not fully written"
+                }
+            ),
+            Err(e) => f.write_str(e),
+        }
+    }
+}
+
+/// The seed of a run: `FLASHPAGE_SEED` if set, else fresh from the clock (printed with
+/// every failure so it can be replayed).
+pub fn seed_from_env() -> u64 {
+    if let Some(s) = std::env::var("FLASHPAGE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return s;
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x5eed, |d| d.as_nanos() as u64)
+}
+
+fn name_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl SuiteCase {
+    /// The spec at `dtype`.
+    pub fn spec(&self, dtype: DType) -> CaseSpec {
+        CaseSpec {
+            dtype,
+            ..self.spec.clone()
+        }
+    }
+
+    /// The plan configuration for one parallelism.
+    pub fn plan_config(&self, parallelism: usize) -> PlanConfig {
+        let mut c = PlanConfig::with_parallelism(parallelism);
+        if let Some(m) = self.min_kv_chunk {
+            c.min_kv_chunk = m;
+        }
+        if let Some(t) = self.q_tile {
+            c.q_tile = t;
+        }
+        c.deterministic_chunk = self.deterministic_chunk;
+        c.graph_capacity = self.graph_capacity;
+        if self.graph_capacity.is_some() {
+            let rows = if self.spec.decode {
+                self.spec.requests.len()
+            } else {
+                self.spec.requests.iter().map(|r| r.0).sum()
+            };
+            let kv = self.spec.requests.iter().map(|r| r.1).max().unwrap_or(0);
+            c.graph_max_q_rows = Some(self.graph_max_q_rows.unwrap_or(rows));
+            c.graph_max_kv_len = Some(self.graph_max_kv_len.unwrap_or(kv));
+        }
+        c
+    }
+
+    /// Runs the case at `dtype` on every backend and parallelism, comparing each run with the
+    /// f64 reference (computed once). Inputs are fresh random values from `seed` (mixed with
+    /// the case name and dtype); outputs are poisoned before every run. In deterministic mode
+    /// the outputs of one backend must also be bit-identical across parallelisms.
+    pub fn run_cpu(&self, dtype: DType, backends: &[CpuBackend], seed: u64) -> Vec<CaseRun> {
+        let seed = seed ^ name_hash(&self.name) ^ name_hash(dtype.name()).rotate_left(17);
+        let mk = |simd, parallelism, result| CaseRun {
+            case: self.name.clone(),
+            dtype,
+            simd,
+            parallelism,
+            seed,
+            result,
+        };
+        let data = match self.spec(dtype).materialise(seed) {
+            Ok(d) => d,
+            Err(e) => return vec![mk(SimdLevel::Scalar, 0, Err(format!("materialise: {e}")))],
+        };
+        let reference = match data.reference() {
+            Ok(r) => r,
+            Err(e) => return vec![mk(SimdLevel::Scalar, 0, Err(format!("reference: {e}")))],
+        };
+        let mut runs = Vec::new();
+        for cpu in backends {
+            let mut first: Option<(usize, Tensor, Vec<f32>)> = None;
+            for &p in &self.parallelism {
+                let result = match data.run_cpu(cpu, &self.plan_config(p)) {
+                    Err(e) => Err(format!("run failed: {e}")),
+                    Ok((o, lse)) => {
+                        let c = data.compare(&o, &lse, &reference);
+                        match &first {
+                            Some((p0, o0, l0))
+                                if self.deterministic_chunk.is_some()
+                                    && (!same_bits(o0, &o) || !same_bits_f32(l0, &lse)) =>
+                            {
+                                Err(format!(
+                                    "deterministic mode: output differs between parallelism {p0} and {p} ({c:?})"
+                                ))
+                            }
+                            Some(_) => Ok(c),
+                            None => {
+                                first = Some((p, o, lse));
+                                Ok(c)
+                            }
+                        }
+                    }
+                };
+                runs.push(mk(cpu.simd(), p, result));
+            }
+        }
+        runs
+    }
+}
+
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    a.to_le_bytes() == b.to_le_bytes()
+}
+
+fn same_bits_f32(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// The variant name of an error (`IndptrLengthMismatch` for `Error::IndptrLengthMismatch`).
+pub fn variant_name(e: &Error) -> String {
+    let dbg = format!("{e:?}");
+    dbg.split(|c: char| !c.is_alphanumeric() && c != '_')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Largest cache an error case may allocate to reach the backend's checks (elements).
+const MAX_ERROR_CASE_ELEMS: usize = 1 << 24;
+
+impl ErrorCase {
+    /// Runs the whole pipeline on `cpu`: head configuration, batch validation, planning,
+    /// then a run on random tensors of the right shapes (which checks the page ids). Returns
+    /// the first error, or `Ok(())` if the batch was accepted.
+    pub fn outcome(&self, cpu: &CpuBackend) -> Result<()> {
+        let [hq, hkv, d] = self.heads;
+        let heads = HeadConfig::new(hq, hkv, d)?;
+        let pages = PageTable {
+            page_size: self.page_size,
+            num_pages: self.num_pages,
+            indptr: &self.kv_indptr,
+            last_page_len: &self.kv_last_page_len,
+            num_indices: self.kv_indices.len(),
+        };
+        let desc = if self.ragged {
+            BatchDesc::prefill_ragged(heads, &self.qo_indptr, &self.kv_indptr)
+        } else if self.decode {
+            BatchDesc::decode(heads, pages)
+        } else {
+            BatchDesc::prefill_paged(heads, &self.qo_indptr, pages)
+        };
+        let plan = Plan::new(&desc, &self.options, &PlanConfig::with_parallelism(4))?;
+        let (ps, tokens) = if self.ragged {
+            (
+                1,
+                self.kv_indptr.last().copied().unwrap_or(0).max(0) as usize,
+            )
+        } else {
+            (self.page_size, self.num_pages)
+        };
+        let kv_elems = tokens
+            .saturating_mul(ps)
+            .saturating_mul(hkv)
+            .saturating_mul(d);
+        let q_elems = plan.num_q_rows().saturating_mul(hq).saturating_mul(d);
+        if kv_elems.max(q_elems) > MAX_ERROR_CASE_ELEMS {
+            return Err(Error::LimitExceeded {
+                field: "error case tensor elements",
+                limit: MAX_ERROR_CASE_ELEMS,
+                actual: kv_elems.max(q_elems),
+                rule: "error cases stay small",
+            });
+        }
+        let mut rng = Rng::new(name_hash(&self.name));
+        let mut random = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform() as f32).collect() };
+        let (q, k, v) = (random(q_elems), random(kv_elems), random(kv_elems));
+        let mut o = vec![f32::NAN; q_elems];
+        let mut lse = vec![f32::NAN; plan.num_q_rows() * hq];
+        let kv = if self.ragged {
+            let s = KvStrides::ragged(hkv, d);
+            KvCache::ragged(TensorRef::F32(&k), TensorRef::F32(&v), s, tokens)
+        } else {
+            let s = KvStrides::dense(KvLayout::Nhd, ps, hkv, d);
+            KvCache::paged(
+                TensorRef::F32(&k),
+                TensorRef::F32(&v),
+                s,
+                tokens,
+                &self.kv_indices,
+            )
+        };
+        let mut ws = HostWorkspace::new(plan.requirement().float.total());
+        cpu.run(
+            &plan,
+            RunArgs {
+                q: TensorRef::F32(&q),
+                kv,
+                o: flashpage::tensor::TensorMut::F32(&mut o),
+                lse: Some(&mut lse),
+            },
+            ws.as_bytes_mut(),
+        )
+    }
+
+    /// Runs the case and checks the error: `Ok(message)` when it matches the expectation,
+    /// `Err(why)` otherwise.
+    pub fn check(&self, cpu: &CpuBackend) -> std::result::Result<String, String> {
+        match self.outcome(cpu) {
+            Ok(()) => Err(format!(
+                "{}: the batch was accepted, expected {}",
+                self.name,
+                self.expectation()
+            )),
+            Err(e) => {
+                let msg = e.to_string();
+                let variant = variant_name(&e);
+                let variant_ok = self.expect.as_ref().is_none_or(|v| *v == variant);
+                let msg_ok = self.message.as_ref().is_none_or(|m| msg.contains(m));
+                if variant_ok && msg_ok {
+                    Ok(format!("{variant}: {msg}"))
+                } else {
+                    Err(format!(
+                        "{}: got {variant}: {msg:?}, expected {}",
+                        self.name,
+                        self.expectation()
+                    ))
+                }
+            }
+        }
+    }
+
+    fn expectation(&self) -> String {
+        match (&self.expect, &self.message) {
+            (Some(v), Some(m)) => format!("{v} with a message containing {m:?}"),
+            (Some(v), None) => v.clone(),
+            (None, Some(m)) => format!("an error containing {m:?}"),
+            (None, None) => "an error".into(),
+        }
+    }
+}
+
+/// The reference for a sample of query rows of a materialised case, computed on a compact
+/// copy of only the pages those rows read, so verifying a large batch stays cheap.
+///
+/// Each sampled row `i` of request `r` becomes a one-row request over the keys it can see:
+/// with a causal mask its keys are `0..=i + kv_len - qo_len`, and a one-row request over
+/// exactly those keys places the query at the same position, so masks, windows, RoPE and
+/// ALiBi give the same logits. Without a causal mask only decode rows (`qo_len = 1`) or
+/// options without positions (no window, RoPE or ALiBi) can be sampled; other rows are an
+/// error. Returns the reference `(o, lse)` of the sampled rows, in the order given.
+pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOutput> {
+    let opts = data.options();
+    let vb = check_batch(&data.desc(), &opts)?;
+    let h = data.spec.heads;
+    let (hq, hkv, d) = (h.num_qo_heads(), h.num_kv_heads(), h.head_dim());
+    let kv = data.kv_cache();
+    let s = kv.strides;
+    let paged = data.spec.storage != KvStorage::Ragged;
+    let ps = if paged { data.spec.page_size } else { 1 };
+    // Elements of one page (or ragged token) that any view touches.
+    let page_extent = s.extent(1, ps, hkv, d).unwrap_or(0);
+    let chunk = s.page.max(page_extent);
+    let sub_strides = KvStrides { page: chunk, ..s };
+    let positional = opts.window().is_some() || opts.pos_encoding != PosEncoding::None;
+    let mut q = Vec::with_capacity(rows.len() * hq * d);
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    let mut qo_indptr = vec![0i32];
+    let mut kv_indptr = vec![0i32];
+    let mut last = Vec::new();
+    let mut indices = Vec::new();
+    let q_all = data.q.view();
+    for &row in rows {
+        let r = (0..vb.batch_size())
+            .find(|&r| {
+                let req = vb.request(r);
+                row >= req.qo_start && row < req.qo_start + req.qo_len
+            })
+            .ok_or(Error::QueryRows {
+                tensor: "sample",
+                expected: vb.num_q_rows(),
+                actual: row + 1,
+                rule: "sampled rows must exist",
+            })?;
+        let req = vb.request(r);
+        let i = row - req.qo_start;
+        let visible = if opts.causal {
+            i + req.kv_len - req.qo_len + 1
+        } else if req.qo_len == 1 || !positional {
+            req.kv_len
+        } else {
+            return Err(Error::Unsupported {
+                backend: "reference sample",
+                what:
+                    "sampling rows of a non-causal multi-row request with a window, rope or alibi"
+                        .into(),
+            });
+        };
+        for x in 0..hq * d {
+            q.push(q_all.get_f64(row * hq * d + x));
+        }
+        let n = visible.div_ceil(ps);
+        for p in 0..n {
+            let src = if paged {
+                data.batch.kv_indices()[req.kv_start + p] as usize * s.page
+            } else {
+                (req.kv_start + p) * s.page
+            };
+            indices.push(indices.len() as i32);
+            let base = k.len();
+            k.resize(base + chunk, 0.0);
+            v.resize(base + chunk, 0.0);
+            for x in 0..page_extent {
+                k[base + x] = kv.k.get_f64(src + x);
+                v[base + x] = kv.v.get_f64(src + x);
+            }
+        }
+        qo_indptr.push(qo_indptr.len() as i32);
+        let used = if paged { n } else { visible };
+        let end = kv_indptr.last().copied().unwrap_or(0) + used as i32;
+        kv_indptr.push(end);
+        last.push(if n == 0 {
+            0
+        } else {
+            (visible - (n - 1) * ps) as i32
+        });
+    }
+    let num = indices.len();
+    let desc = if paged {
+        BatchDesc::prefill_paged(
+            h,
+            &qo_indptr,
+            PageTable {
+                page_size: ps,
+                num_pages: num,
+                indptr: &kv_indptr,
+                last_page_len: &last,
+                num_indices: num,
+            },
+        )
+    } else {
+        BatchDesc::prefill_ragged(h, &qo_indptr, &kv_indptr)
+    };
+    let sub = check_batch(&desc, &opts)?;
+    Ok(reference::attention(
+        &sub,
+        &opts,
+        &ReferenceInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            strides: sub_strides,
+            kv_indices: &indices,
+        },
+    ))
+}
+
+/// Compares the sampled rows of a run's output with [`sampled_reference`]; the whole output
+/// must also be written (no poison left anywhere).
+pub fn compare_rows(
+    data: &CaseData,
+    rows: &[usize],
+    o: &Tensor,
+    lse: &[f32],
+    r: &ReferenceOutput,
+) -> Comparison {
+    let hq = data.spec.heads.num_qo_heads();
+    let d = data.spec.heads.head_dim();
+    let ov = o.view();
+    let mut os = Vec::with_capacity(rows.len() * hq * d);
+    let mut ls = Vec::with_capacity(rows.len() * hq);
+    for &row in rows {
+        os.extend((0..hq * d).map(|x| ov.get_f64(row * hq * d + x)));
+        ls.extend(lse[row * hq..(row + 1) * hq].iter().map(|&x| x as f64));
+    }
+    let fully_written =
+        (0..ov.len()).all(|i| !ov.get_f64(i).is_nan()) && lse.iter().all(|x| !x.is_nan());
+    Comparison {
+        o_error: reference::rel_error(&os, &r.o),
+        lse_error: reference::rel_error(&ls, &r.lse),
+        tolerance: reference::tolerance(data.spec.dtype),
+        fully_written,
+    }
+}

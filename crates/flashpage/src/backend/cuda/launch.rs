@@ -1,0 +1,360 @@
+//! Kernel parameters and launch shapes: what the CUDA backend launches, described on the
+//! host. Public so offline tools work from the very description the backend launches: the
+//! kernel report (`flashpage kernels`) compiles [`DecodeVariant`]s, and the host emulation
+//! runs the kernels' sources on [`params`]' bytes.
+//!
+//! [`Params`] is passed by value to both kernels and mirrors `struct Params` in
+//! `kernels/common.cuh` field for field (`#[repr(C)]`, 8-byte fields first). In graph mode it
+//! is baked into the captured graph, so it holds only what a replan cannot change: buffer
+//! addresses and sizes, strides, heads, options and the plan's capacities and offsets.
+
+use cudarc::driver::DeviceRepr;
+
+use crate::layout::{DType, KvStrides};
+use crate::options::PosEncoding;
+use crate::plan::Plan;
+
+/// Threads per block of the decode kernel.
+pub const DECODE_THREADS: u32 = 128;
+/// Threads per block of the merge kernel.
+pub const MERGE_THREADS: u32 = 128;
+
+/// Kernel parameters (see `kernels/common.cuh`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Params {
+    pub(crate) q: u64,
+    pub(crate) k: u64,
+    pub(crate) v: u64,
+    pub(crate) o: u64,
+    pub(crate) lse: u64,
+    pub(crate) kv_indices: u64,
+    pub(crate) int_ws: u64,
+    pub(crate) partial_o: u64,
+    pub(crate) partial_lse: u64,
+    pub(crate) stride_page: i64,
+    pub(crate) stride_token: i64,
+    pub(crate) stride_head: i64,
+    pub(crate) qo_elems: i64,
+    pub(crate) num_indices: i64,
+    pub(crate) partial_cap: i64,
+    pub(crate) num_pages: i32,
+    pub(crate) page_size: i32,
+    pub(crate) ps_magic: u32,
+    pub(crate) ps_shift: i32,
+    pub(crate) num_qo_heads: i32,
+    pub(crate) group: i32,
+    pub(crate) req_cap: i32,
+    pub(crate) work_cap: i32,
+    pub(crate) merge_cap: i32,
+    pub(crate) req_off: i32,
+    pub(crate) work_off: i32,
+    pub(crate) merge_off: i32,
+    pub(crate) paged: i32,
+    pub(crate) causal: i32,
+    pub(crate) window_left: i32,
+    pub(crate) alibi: i32,
+    pub(crate) has_soft_cap: i32,
+    pub(crate) soft_cap: f32,
+    pub(crate) sm_scale: f32,
+    pub(crate) rope_theta: f32,
+    pub(crate) rope_scale: f32,
+    pub(crate) pad_: i32,
+}
+
+impl Params {
+    /// The parameter block's bytes, exactly as the kernels receive it.
+    pub fn as_bytes(&self) -> &[u8] {
+        bytemuck::bytes_of(self)
+    }
+}
+
+// SAFETY: Params is #[repr(C)] plain old data (integers and floats) laid out exactly as the
+// kernels' `struct Params`; it is passed by value as a kernel argument.
+unsafe impl DeviceRepr for Params {}
+
+/// Magic numbers for dividing by `d` (1..=2^31) with a multiply: for every `n < 2^31`,
+/// `n / d == (umulhi(n, magic) + n) >> shift`.
+pub(crate) fn div_magic(d: u32) -> (u32, u32) {
+    debug_assert!(d >= 1);
+    let mut shift = 0u32;
+    while shift < 32 && (1u64 << shift) < d as u64 {
+        shift += 1;
+    }
+    let magic = ((1u64 << 32) * ((1u64 << shift) - d as u64)) / d as u64 + 1;
+    (magic as u32, shift)
+}
+
+/// The division the kernels perform, on the host (for tests).
+#[cfg(test)]
+pub(crate) fn div_with(n: u32, magic: u32, shift: u32) -> u32 {
+    let hi = ((n as u64 * magic as u64) >> 32) as u32;
+    (hi + n) >> shift
+}
+
+/// Compile-time shape of one decode-kernel variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeVariant {
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Element type of q, K, V and o.
+    pub dtype: DType,
+    /// Packed rows per pass over the KV chunk.
+    pub rows: usize,
+    /// Tokens per thread per pipeline stage.
+    pub unroll: usize,
+    /// Threads per token (a power of two covering head_dim / 8 lanes).
+    pub tpr: usize,
+    /// RoPE applied on the fly.
+    pub rope: bool,
+}
+
+impl DecodeVariant {
+    /// The variant for a plan: a pass covers the whole GQA group up to 8 rows.
+    pub fn for_plan(plan: &Plan, dtype: DType) -> Self {
+        let h = plan.heads();
+        let rows = match plan.kind() {
+            crate::plan::PlanKind::Decode => h.group_size().next_power_of_two().min(8),
+            crate::plan::PlanKind::Prefill => 8,
+        };
+        let unroll = match (dtype, rows) {
+            (DType::F32, r) if r >= 8 => 1,
+            (DType::F32, _) => 2,
+            (_, r) if r >= 8 => 2,
+            _ => 4,
+        };
+        DecodeVariant {
+            head_dim: h.head_dim(),
+            dtype,
+            rows,
+            unroll,
+            tpr: (h.head_dim() / 8).next_power_of_two(),
+            rope: matches!(plan.options().pos_encoding, PosEncoding::Rope { .. }),
+        }
+    }
+
+    /// NVRTC `-D` options.
+    pub fn defines(&self) -> Vec<String> {
+        vec![
+            format!("-DFP_HEAD_DIM={}", self.head_dim),
+            format!("-DFP_DTYPE={}", dtype_code(self.dtype)),
+            format!("-DFP_TPR={}", self.tpr),
+            format!("-DFP_ROWS={}", self.rows),
+            format!("-DFP_UNROLL={}", self.unroll),
+            format!("-DFP_THREADS={DECODE_THREADS}"),
+            format!("-DFP_ROPE={}", self.rope as u8),
+        ]
+    }
+}
+
+/// `FP_DTYPE` of a dtype.
+pub fn dtype_code(d: DType) -> u8 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+/// NVRTC `-D` options of the merge kernel.
+pub fn merge_defines(head_dim: usize, dtype: DType) -> Vec<String> {
+    vec![
+        format!("-DFP_HEAD_DIM={head_dim}"),
+        format!("-DFP_DTYPE={}", dtype_code(dtype)),
+    ]
+}
+
+/// Device addresses and sizes of one run's buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct Buffers {
+    /// Address of q.
+    pub q: u64,
+    /// Address of the K cache.
+    pub k: u64,
+    /// Address of the V cache.
+    pub v: u64,
+    /// Address of o.
+    pub o: u64,
+    /// Address of the LSE (0 when not written).
+    pub lse: u64,
+    /// Address of the page ids.
+    pub kv_indices: u64,
+    /// Address of the int workspace (the plan's image).
+    pub int_ws: u64,
+    /// Address of the float workspace.
+    pub float_ws: u64,
+    /// Elements of q (and of o).
+    pub qo_elems: usize,
+    /// Length of the page-id array.
+    pub num_indices: usize,
+    /// Pages (ragged: tokens) in the cache.
+    pub num_pages: usize,
+    /// K/V element strides.
+    pub strides: KvStrides,
+}
+
+/// The parameters of `plan` over `b` (all values already checked to fit their types, as
+/// [`crate::backend::check_run_args`] does before every launch).
+pub fn params(plan: &Plan, b: &Buffers) -> Params {
+    let h = plan.heads();
+    let opts = plan.options();
+    let caps = plan.capacities();
+    let [ro, wo, mo] = plan.int_offsets();
+    let float = plan.requirement().float;
+    let po = float.buffer("partial_o").map_or(0, |x| x.offset);
+    let pl = float.buffer("partial_lse").map_or(0, |x| x.offset);
+    let (magic, shift) = div_magic(plan.page_size() as u32);
+    let (rope_theta, rope_scale) = match opts.pos_encoding {
+        PosEncoding::Rope { theta, scale } => (theta, scale),
+        _ => (1.0, 1.0),
+    };
+    Params {
+        q: b.q,
+        k: b.k,
+        v: b.v,
+        o: b.o,
+        lse: b.lse,
+        kv_indices: b.kv_indices,
+        int_ws: b.int_ws,
+        partial_o: b.float_ws + po as u64,
+        partial_lse: b.float_ws + pl as u64,
+        stride_page: b.strides.page as i64,
+        stride_token: b.strides.token as i64,
+        stride_head: b.strides.head as i64,
+        qo_elems: b.qo_elems as i64,
+        num_indices: b.num_indices as i64,
+        partial_cap: caps.partial_rows as i64,
+        num_pages: b.num_pages as i32,
+        page_size: plan.page_size() as i32,
+        ps_magic: magic,
+        ps_shift: shift as i32,
+        num_qo_heads: h.num_qo_heads() as i32,
+        group: h.group_size() as i32,
+        req_cap: caps.requests as i32,
+        work_cap: caps.work_items as i32,
+        merge_cap: caps.merge_rows as i32,
+        req_off: ro as i32,
+        work_off: wo as i32,
+        merge_off: mo as i32,
+        paged: plan.is_paged() as i32,
+        causal: opts.causal as i32,
+        window_left: opts.window_left,
+        alibi: (opts.pos_encoding == PosEncoding::Alibi) as i32,
+        has_soft_cap: opts.logits_soft_cap.is_some() as i32,
+        soft_cap: opts.logits_soft_cap.unwrap_or(1.0),
+        sm_scale: opts.resolved_sm_scale(h.head_dim()),
+        rope_theta,
+        rope_scale,
+        pad_: 0,
+    }
+}
+
+/// The parameters of `plan` over the buffers captured in `c` (to compare a replay's plan
+/// with a captured run).
+pub(crate) fn params_like(plan: &Plan, c: &Params) -> Params {
+    let po = plan
+        .requirement()
+        .float
+        .buffer("partial_o")
+        .map_or(0, |x| x.offset) as u64;
+    let b = Buffers {
+        q: c.q,
+        k: c.k,
+        v: c.v,
+        o: c.o,
+        lse: c.lse,
+        kv_indices: c.kv_indices,
+        int_ws: c.int_ws,
+        float_ws: c.partial_o.wrapping_sub(po),
+        qo_elems: c.qo_elems as usize,
+        num_indices: c.num_indices as usize,
+        num_pages: c.num_pages as usize,
+        strides: KvStrides {
+            page: c.stride_page as usize,
+            token: c.stride_token as usize,
+            head: c.stride_head as usize,
+        },
+    };
+    params(plan, &b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_layout_matches_the_kernels() {
+        // 9 pointers + 6 i64 = 120 bytes, then 22 four-byte fields = 88: 208 bytes, no
+        // padding anywhere (the C struct has the same fields in the same order).
+        assert_eq!(std::mem::size_of::<Params>(), 208);
+        assert_eq!(std::mem::align_of::<Params>(), 8);
+        let src = include_str!("kernels/common.cuh");
+        let start = src.find("struct Params {").unwrap();
+        let body = &src[start..start + src[start..].find("};").unwrap()];
+        let fields: Vec<&str> = body
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.trim().split(';').next())
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        let rust = [
+            "q",
+            "k",
+            "v",
+            "o",
+            "lse",
+            "kv_indices",
+            "int_ws",
+            "partial_o",
+            "partial_lse",
+            "stride_page",
+            "stride_token",
+            "stride_head",
+            "qo_elems",
+            "num_indices",
+            "partial_cap",
+            "num_pages",
+            "page_size",
+            "ps_magic",
+            "ps_shift",
+            "num_qo_heads",
+            "group",
+            "req_cap",
+            "work_cap",
+            "merge_cap",
+            "req_off",
+            "work_off",
+            "merge_off",
+            "paged",
+            "causal",
+            "window_left",
+            "alibi",
+            "has_soft_cap",
+            "soft_cap",
+            "sm_scale",
+            "rope_theta",
+            "rope_scale",
+            "pad_",
+        ];
+        assert_eq!(fields, rust);
+    }
+
+    #[test]
+    fn magic_division_is_exact() {
+        for d in 1..=256u32 {
+            let (m, s) = div_magic(d);
+            let check = |n: u32| assert_eq!(div_with(n, m, s), n / d, "{n} / {d}");
+            for n in 0..5000 {
+                check(n);
+            }
+            for k in 1..2000u32 {
+                let n = k.wrapping_mul(2_654_435_761) & 0x7fff_ffff;
+                check(n);
+            }
+            for n in (i32::MAX as u32 - 600)..=(i32::MAX as u32) {
+                check(n);
+            }
+        }
+    }
+}

@@ -1,0 +1,732 @@
+//! The CUDA backend (feature `cuda`): kernels compiled at run time with NVRTC.
+//!
+//! The crate builds without any CUDA toolkit: `cudarc` loads the driver and NVRTC at run
+//! time, and a machine without them gets [`Error::BackendUnavailable`] from
+//! [`CudaBackend::new`], never a panic.
+//!
+//! # Flow
+//!
+//! 1. [`CudaBackend::new`] opens the device and a stream.
+//! 2. Per step: plan on the host ([`Plan::new`] with [`CudaBackend::parallelism`]), then
+//!    [`CudaBackend::upload_plan`] copies the plan's int image into the caller's int
+//!    workspace in **one** asynchronous host-to-device copy.
+//! 3. Per layer: [`CudaBackend::run`] launches the attention kernel over the plan's work
+//!    items (grid: work-item capacity × KV heads) and, for split-KV rows, the merge kernel.
+//!    It allocates nothing; both workspaces are the caller's ([`DeviceWorkspace`]).
+//!
+//! Kernels are CUDA C++ sources in the crate (`kernels/*.cu`), specialised by head
+//! dimension, dtype and GQA group with `-D` options, compiled for the device's architecture
+//! (`sm_90a` on H100) on first use and cached on disk (`FLASHPAGE_CUDA_CACHE`, see
+//! `docs/cuda.md`).
+//!
+//! # Graph mode
+//!
+//! With a plan in graph mode (`PlanConfig::graph_capacity`) the launch shape and every
+//! kernel argument are fixed: [`CudaBackend::capture`] records `run` calls into a
+//! [`CudaGraph`]; for the next batch, [`Plan::replan`] + [`CudaBackend::upload_plan`]
+//! rewrite the int workspace in place and [`CudaGraph::launch`] replays.
+//!
+//! # Streams
+//!
+//! Everything runs on the backend's stream. The backend turns off cudarc's cross-stream
+//! event tracking on its context (CUDA-graph capture requires it), so buffers written on
+//! another stream must be synchronised by the caller before `run`.
+
+mod context;
+mod graph;
+pub mod launch;
+mod nvrtc;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+
+pub use graph::CudaGraph;
+pub use nvrtc::CACHE_ENV;
+
+use self::launch::{Buffers, DecodeVariant, Params};
+use super::{ArgShapes, check_run_args};
+use crate::error::{Error, Result};
+use crate::layout::{DType, KvStrides};
+use crate::plan::{Capacities, Plan};
+use crate::workspace::{CUDA_BASE_ALIGN, Requirement};
+
+/// The sources of the kernels, by file name (`common.cuh` is prepended to the others at
+/// compile time), for offline tools such as the host emulation.
+pub const KERNEL_SOURCES: [(&str, &str); 4] = [
+    ("common.cuh", include_str!("kernels/common.cuh")),
+    ("decode.cu", include_str!("kernels/decode.cu")),
+    ("merge.cu", include_str!("kernels/merge.cu")),
+    ("bandwidth.cu", include_str!("kernels/bandwidth.cu")),
+];
+
+const DECODE_SRC: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    "\n",
+    include_str!("kernels/decode.cu")
+);
+const MERGE_SRC: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    "\n",
+    include_str!("kernels/merge.cu")
+);
+const BANDWIDTH_SRC: &str = include_str!("kernels/bandwidth.cu");
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
+/// Element storage of device tensors: `f32` for [`DType::F32`], `u16` (the raw bits) for
+/// [`DType::F16`] and [`DType::BF16`].
+pub trait DeviceElem: DeviceRepr + sealed::Sealed {
+    /// Bytes per element.
+    const BYTES: usize;
+}
+impl DeviceElem for f32 {
+    const BYTES: usize = 4;
+}
+impl DeviceElem for u16 {
+    const BYTES: usize = 2;
+}
+
+/// The device tensors of one run (any mix of `CudaSlice`, `CudaView` and `CudaViewMut`).
+///
+/// Shapes are those of [`super::RunArgs`]: q and o `[rows, num_qo_heads, head_dim]`, lse
+/// `[rows, num_qo_heads]`, K and V addressed by `strides` (a combined K/V cache is two views
+/// of one buffer), except that q, o and lse may hold **more** rows than the batch (graph
+/// mode: buffers sized for the capacity); rows past the batch are not touched. Base addresses must be 16-byte aligned and strides multiples of 16 bytes.
+pub struct DeviceRunArgs<'a, T: DeviceElem> {
+    /// Element type of q, k, v and o (`f16`/`bf16` with `T = u16`, `f32` with `T = f32`).
+    pub dtype: DType,
+    /// Queries.
+    pub q: &'a dyn DevicePtr<T>,
+    /// K cache.
+    pub k: &'a dyn DevicePtr<T>,
+    /// V cache.
+    pub v: &'a dyn DevicePtr<T>,
+    /// Element strides (page, token, head) shared by K and V.
+    pub strides: KvStrides,
+    /// Pages in the cache (ragged K/V: tokens).
+    pub num_pages: usize,
+    /// Page ids on the device (paged plans; may be empty for ragged K/V).
+    pub kv_indices: &'a dyn DevicePtr<i32>,
+    /// A host copy of the page ids, if the caller has one: every id the plan reads is then
+    /// checked against `num_pages` (device ids are bounds-checked by the kernel instead,
+    /// which skips an out-of-range page).
+    pub host_kv_indices: Option<&'a [i32]>,
+    /// Output.
+    pub o: &'a mut dyn DevicePtrMut<T>,
+    /// Log-sum-exp output (natural log), if wanted.
+    pub lse: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+/// The caller's device workspaces: float (partial states) and int (the plan's schedule).
+///
+/// Allocate once for the deployment's limits ([`crate::plan::workspace_size`]) and
+/// keep it: a captured graph points into it.
+pub struct DeviceWorkspace {
+    float: CudaSlice<u8>,
+    int: CudaSlice<u8>,
+    uploaded: Option<Uploaded>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Uploaded {
+    image: Vec<i32>,
+    caps: Capacities,
+    offsets: [usize; 3],
+}
+
+impl std::fmt::Debug for DeviceWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceWorkspace")
+            .field("float_bytes", &self.float.len())
+            .field("int_bytes", &self.int.len())
+            .field("has_plan", &self.uploaded.is_some())
+            .finish()
+    }
+}
+
+impl DeviceWorkspace {
+    /// Allocates both workspaces for `req` (e.g. `workspace_size(&limits)`), zeroed.
+    pub fn new(backend: &CudaBackend, req: &Requirement) -> Result<Self> {
+        // At least one 256-byte line each, so the addresses are real allocations.
+        let f = req.float.total().max(CUDA_BASE_ALIGN);
+        let i = req.int.total().max(CUDA_BASE_ALIGN);
+        let float = backend
+            .stream
+            .alloc_zeros::<u8>(f)
+            .map_err(|e| driver_err("allocating the float workspace", e))?;
+        let int = backend
+            .stream
+            .alloc_zeros::<u8>(i)
+            .map_err(|e| driver_err("allocating the int workspace", e))?;
+        Self::from_slices(float, int, &backend.stream)
+    }
+
+    /// Wraps caller-allocated device buffers (base addresses aligned to 256 bytes).
+    pub fn from_slices(
+        float: CudaSlice<u8>,
+        int: CudaSlice<u8>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Self> {
+        for (name, s) in [("float", &float), ("int", &int)] {
+            let (addr, _g) = s.device_ptr(stream);
+            if !addr.is_multiple_of(CUDA_BASE_ALIGN as u64) {
+                return Err(Error::WorkspaceMisaligned {
+                    workspace: name,
+                    address: addr as usize,
+                    align: CUDA_BASE_ALIGN,
+                });
+            }
+        }
+        Ok(DeviceWorkspace {
+            float,
+            int,
+            uploaded: None,
+        })
+    }
+
+    /// Bytes of the float workspace.
+    pub fn float_bytes(&self) -> usize {
+        self.float.len()
+    }
+
+    /// Bytes of the int workspace.
+    pub fn int_bytes(&self) -> usize {
+        self.int.len()
+    }
+
+    /// The buffers back.
+    pub fn into_slices(self) -> (CudaSlice<u8>, CudaSlice<u8>) {
+        (self.float, self.int)
+    }
+
+    fn holds(&self, plan: &Plan) -> bool {
+        self.uploaded.as_ref().is_some_and(|u| {
+            u.caps == *plan.capacities()
+                && u.offsets == plan.int_offsets()
+                && u.image == plan.int_image()
+        })
+    }
+}
+
+/// Everything a captured run depends on besides the int image: a replay is valid only for
+/// plans with the same signature.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RunSignature {
+    params: Params,
+    variant: DecodeVariant,
+    int_ws: u64,
+    float_req: crate::workspace::WorkspaceReq,
+    launch_merge: bool,
+}
+
+/// The CUDA backend: one device, one stream, the compiled kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: context::DeviceInfo,
+    compiler: nvrtc::Compiler,
+    decode: Mutex<HashMap<DecodeVariant, CudaFunction>>,
+    merge: Mutex<HashMap<(usize, DType), CudaFunction>>,
+    bandwidth: Mutex<Option<(CudaFunction, CudaFunction)>>,
+    capture: Mutex<Option<Vec<RunSignature>>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.info.name)
+            .field("ordinal", &self.ctx.ordinal())
+            .field("arch", &self.compiler.arch)
+            .field("sms", &self.info.sms)
+            .finish()
+    }
+}
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Backend {
+        backend: "cuda",
+        message: format!("{what}: {e:?}"),
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` with a new stream.
+    ///
+    /// Without an NVIDIA driver, NVRTC or a device this is
+    /// [`Error::BackendUnavailable`] with the reason (checked before any call that could
+    /// panic):
+    ///
+    /// ```
+    /// # use flashpage::backend::cuda::CudaBackend;
+    /// match CudaBackend::new(0) {
+    ///     Ok(gpu) => println!("running on {gpu:?}"),
+    ///     Err(flashpage::Error::BackendUnavailable { reason, .. }) => println!("no gpu: {reason}"),
+    ///     Err(e) => panic!("{e}"),
+    /// }
+    /// ```
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let (ctx, info) = context::open(ordinal)?;
+        context::guarded("cuda stream creation", || {
+            // SAFETY: the backend uses one stream and orders its own work; graph capture
+            // needs cross-stream event tracking off (documented on the type).
+            unsafe { ctx.disable_event_tracking() };
+            let stream = ctx
+                .new_stream()
+                .map_err(|e| driver_err("creating a stream", e))?;
+            let version = nvrtc::nvrtc_version()?;
+            Ok(CudaBackend {
+                compiler: nvrtc::Compiler {
+                    arch: context::arch_for(info.compute_capability),
+                    version,
+                    cache: nvrtc::cache_dir(),
+                },
+                ctx: ctx.clone(),
+                stream,
+                info,
+                decode: Mutex::new(HashMap::new()),
+                merge: Mutex::new(HashMap::new()),
+                bandwidth: Mutex::new(None),
+                capture: Mutex::new(None),
+            })
+        })
+    }
+
+    /// The stream every operation of this backend is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Device name.
+    pub fn device_name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The NVRTC architecture kernels are compiled for (`sm_90a` on H100).
+    pub fn arch(&self) -> &str {
+        &self.compiler.arch
+    }
+
+    /// Streaming multiprocessors.
+    pub fn num_sms(&self) -> usize {
+        self.info.sms
+    }
+
+    /// Work slots to pass as [`crate::PlanConfig::parallelism`]: four decode blocks per SM.
+    pub fn parallelism(&self) -> usize {
+        self.info.sms * 4
+    }
+
+    /// Waits for all work on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("synchronising the stream", e))
+    }
+
+    /// Copies `plan`'s int image into `ws`'s int workspace: one asynchronous host-to-device
+    /// copy on the backend's stream (the image is staged by the driver, so the plan may be
+    /// replanned as soon as this returns). In graph mode this is the in-place rewrite that
+    /// precedes [`CudaGraph::launch`]. Must not be called while capturing.
+    pub fn upload_plan(&self, plan: &Plan, ws: &mut DeviceWorkspace) -> Result<()> {
+        if self.capture.lock().expect("capture lock").is_some() {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: "upload_plan during graph capture (upload before capture and before each launch)".into(),
+            });
+        }
+        plan.requirement().int.check_fits(ws.int.len())?;
+        let image = plan.int_image();
+        // Forget the previous plan first: after a failed copy the workspace holds none.
+        let mut up = ws.uploaded.take().unwrap_or_else(|| Uploaded {
+            image: Vec::new(),
+            caps: *plan.capacities(),
+            offsets: plan.int_offsets(),
+        });
+        if !image.is_empty() {
+            let bytes: &[u8] = bytemuck::cast_slice(image);
+            let mut dst = ws.int.slice_mut(0..bytes.len());
+            self.stream
+                .memcpy_htod(bytes, &mut dst)
+                .map_err(|e| driver_err("uploading the plan", e))?;
+        }
+        up.image.clear();
+        up.image.extend_from_slice(image);
+        up.caps = *plan.capacities();
+        up.offsets = plan.int_offsets();
+        ws.uploaded = Some(up);
+        Ok(())
+    }
+
+    /// Compiles and loads the kernels `plan` needs for `dtype` (otherwise done by the first
+    /// `run`; call it before capturing a graph so no compile happens during capture).
+    pub fn prepare(&self, plan: &Plan, dtype: DType) -> Result<()> {
+        self.decode_fn(DecodeVariant::for_plan(plan, dtype))?;
+        self.merge_fn(plan.heads().head_dim(), dtype)?;
+        Ok(())
+    }
+
+    fn load(&self, name: &str, src: &str, defines: &[String], func: &str) -> Result<CudaFunction> {
+        let img = self.compiler.compile(name, src, defines)?;
+        let ptx = match img {
+            nvrtc::Image::Cubin(b) => cudarc::nvrtc::Ptx::from_binary(b),
+            nvrtc::Image::Ptx(s) => cudarc::nvrtc::Ptx::from_src(s),
+        };
+        let module = self
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| driver_err(&format!("loading {name}"), e))?;
+        module
+            .load_function(func)
+            .map_err(|e| driver_err(&format!("loading {func}"), e))
+    }
+
+    fn decode_fn(&self, v: DecodeVariant) -> Result<CudaFunction> {
+        let mut map = self.decode.lock().expect("kernel cache lock");
+        if let Some(f) = map.get(&v) {
+            return Ok(f.clone());
+        }
+        let f = self.load("decode.cu", DECODE_SRC, &v.defines(), "fp_decode")?;
+        map.insert(v, f.clone());
+        Ok(f)
+    }
+
+    fn merge_fn(&self, head_dim: usize, dtype: DType) -> Result<CudaFunction> {
+        let mut map = self.merge.lock().expect("kernel cache lock");
+        if let Some(f) = map.get(&(head_dim, dtype)) {
+            return Ok(f.clone());
+        }
+        let defines = launch::merge_defines(head_dim, dtype);
+        let f = self.load("merge.cu", MERGE_SRC, &defines, "fp_merge")?;
+        map.insert((head_dim, dtype), f.clone());
+        Ok(f)
+    }
+
+    /// Runs `plan` on device tensors. `ws` must hold the plan (see
+    /// [`CudaBackend::upload_plan`]); arguments are checked against the plan first (shapes,
+    /// dtypes, strides, host page ids, workspace sizes and alignment) and on error nothing is
+    /// launched. Asynchronous: synchronise the stream before reading `o` on the host.
+    pub fn run<T: DeviceElem>(
+        &self,
+        plan: &Plan,
+        args: DeviceRunArgs<'_, T>,
+        ws: &mut DeviceWorkspace,
+    ) -> Result<()> {
+        let dt = args.dtype;
+        if dt.size() != T::BYTES {
+            return Err(Error::DTypeMismatch {
+                tensor: "q",
+                expected: if T::BYTES == 4 { "f32" } else { "f16 or bf16" },
+                actual: dt.name(),
+            });
+        }
+        // The host copy is read where the device ids are: same length (checked first).
+        if let Some(h) = args.host_kv_indices
+            && h.len() != args.kv_indices.len()
+        {
+            return Err(Error::TensorShape {
+                tensor: "host_kv_indices",
+                expected: format!(
+                    "{} entries (as kv_indices on the device)",
+                    args.kv_indices.len()
+                ),
+                actual: format!("{} entries", h.len()),
+            });
+        }
+        // Device buffers may be larger than the batch (graph mode: sized for the capacity);
+        // the kernels' row bound is what all of q, o and lse can hold.
+        let heads = plan.heads();
+        let (hq, d) = (heads.num_qo_heads(), heads.head_dim());
+        let rows = plan.num_q_rows();
+        let at_least = |len: usize, need: usize| if len >= need { need } else { len };
+        let (q_len, o_len) = (args.q.len(), args.o.len());
+        let lse_len = args.lse.as_ref().map(|l| l.len());
+        let shapes = ArgShapes {
+            q: (dt, at_least(q_len, rows * hq * d)),
+            k: (dt, args.k.len()),
+            v: (dt, args.v.len()),
+            o: (dt, at_least(o_len, rows * hq * d)),
+            lse: lse_len.map(|n| at_least(n, rows * hq)),
+            strides: args.strides,
+            num_pages: args.num_pages,
+            kv_indices: args.host_kv_indices,
+            num_indices: args.kv_indices.len(),
+        };
+        let row_cap = (q_len / (hq * d))
+            .min(o_len / (hq * d))
+            .min(lse_len.map_or(usize::MAX, |n| n / hq));
+        check_run_args(plan, &shapes)?;
+        let req = plan.requirement();
+        req.float.check_fits(ws.float.len())?;
+        req.int.check_fits(ws.int.len())?;
+        if !ws.holds(plan) {
+            return Err(Error::PlanMismatch {
+                what: "int workspace",
+                expected: "this plan's int image".into(),
+                actual: "another plan's (call upload_plan after planning)".into(),
+            });
+        }
+        let vec = 16 / T::BYTES;
+        let s = args.strides;
+        if !(s.page.is_multiple_of(vec)
+            && s.token.is_multiple_of(vec)
+            && s.head.is_multiple_of(vec))
+        {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: format!(
+                    "kv strides (page {}, token {}, head {}) that are not multiples of {vec} elements (16 bytes)",
+                    s.page, s.token, s.head
+                ),
+            });
+        }
+        for (what, v, lim) in [
+            ("num_pages", args.num_pages, i32::MAX as usize),
+            ("num_kv_heads", heads.num_kv_heads(), 65_535),
+        ] {
+            if v > lim {
+                return Err(Error::Unsupported {
+                    backend: "cuda",
+                    what: format!("{what} = {v} (at most {lim})"),
+                });
+            }
+        }
+
+        let variant = DecodeVariant::for_plan(plan, dt);
+        let decode = self.decode_fn(variant)?;
+        let caps = *plan.capacities();
+        let launch_merge = caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0);
+        let merge = if launch_merge {
+            Some(self.merge_fn(heads.head_dim(), dt)?)
+        } else {
+            None
+        };
+
+        let stream = &*self.stream;
+        let (q, _gq) = args.q.device_ptr(stream);
+        let (k, _gk) = args.k.device_ptr(stream);
+        let (v, _gv) = args.v.device_ptr(stream);
+        let (kvi, _gi) = args.kv_indices.device_ptr(stream);
+        let (fw, _gf) = ws.float.device_ptr_mut(stream);
+        let (iw, _gw) = ws.int.device_ptr(stream);
+        let (o, _go) = args.o.device_ptr_mut(stream);
+        let mut lse_ptr = 0u64;
+        let mut _gl = None;
+        if let Some(l) = args.lse {
+            let (p, g) = l.device_ptr_mut(stream);
+            lse_ptr = p;
+            _gl = Some(g);
+        }
+        for (tensor, p) in [("q", q), ("k", k), ("v", v), ("o", o)] {
+            if !p.is_multiple_of(16) {
+                return Err(Error::Unsupported {
+                    backend: "cuda",
+                    what: format!("{tensor} at address {p:#x}, not 16-byte aligned"),
+                });
+            }
+        }
+        for (name, p) in [("float", fw), ("int", iw)] {
+            if !p.is_multiple_of(CUDA_BASE_ALIGN as u64) {
+                return Err(Error::WorkspaceMisaligned {
+                    workspace: name,
+                    address: p as usize,
+                    align: CUDA_BASE_ALIGN,
+                });
+            }
+        }
+        let bufs = Buffers {
+            q,
+            k,
+            v,
+            o,
+            lse: lse_ptr,
+            kv_indices: kvi,
+            int_ws: iw,
+            float_ws: fw,
+            qo_elems: row_cap * hq * d,
+            num_indices: args.kv_indices.len(),
+            num_pages: args.num_pages,
+            strides: args.strides,
+        };
+        let params = launch::params(plan, &bufs);
+        {
+            let mut cap = self.capture.lock().expect("capture lock");
+            if let Some(sigs) = cap.as_mut() {
+                sigs.push(RunSignature {
+                    params,
+                    variant,
+                    int_ws: iw,
+                    float_req: req.float,
+                    launch_merge,
+                });
+            }
+        }
+        if caps.work_items > 0 {
+            let cfg = LaunchConfig {
+                grid_dim: (caps.work_items as u32, heads.num_kv_heads() as u32, 1),
+                block_dim: (launch::DECODE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&decode);
+            b.arg(&params);
+            // SAFETY: Params matches the kernel's parameter struct; every address in it is a
+            // live device allocation of at least the size checked above (check_run_args and
+            // the workspace checks), and the kernel bounds-checks every index it reads from
+            // the int image against those sizes.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching the decode kernel", e))?;
+        }
+        if let Some(m) = merge {
+            let cfg = LaunchConfig {
+                grid_dim: (caps.merge_rows as u32, 1, 1),
+                block_dim: (launch::MERGE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&m);
+            b.arg(&params);
+            // SAFETY: as above; the merge kernel reads partial rows below partial_cap and
+            // writes rows of o/lse below qo_elems only.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching the merge kernel", e))?;
+        }
+        Ok(())
+    }
+
+    /// Records the runs `f` issues on the backend's stream into a [`CudaGraph`] (nothing
+    /// executes during capture). Every run inside must use one plan signature (graph-mode
+    /// plans of one capacity, same options, buffers and workspace). Upload the plan and call
+    /// [`CudaBackend::prepare`] (or run once) before capturing.
+    pub fn capture(&self, f: impl FnOnce(&Self) -> Result<()>) -> Result<CudaGraph> {
+        {
+            let mut cap = self.capture.lock().expect("capture lock");
+            if cap.is_some() {
+                return Err(Error::Unsupported {
+                    backend: "cuda",
+                    what: "nested graph capture".into(),
+                });
+            }
+            *cap = Some(Vec::new());
+        }
+        let begun = self.stream.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        );
+        if let Err(e) = begun {
+            self.capture.lock().expect("capture lock").take();
+            return Err(driver_err("beginning graph capture", e));
+        }
+        let body = f(self);
+        let ended = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let sigs = self
+            .capture
+            .lock()
+            .expect("capture lock")
+            .take()
+            .unwrap_or_default();
+        body?;
+        let g = ended
+            .map_err(|e| driver_err("ending graph capture", e))?
+            .ok_or_else(|| driver_err("ending graph capture", "no graph was captured"))?;
+        if sigs.windows(2).any(|w| w[0] != w[1]) {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: "a graph whose runs use different plans or buffers".into(),
+            });
+        }
+        Ok(CudaGraph::new(g, sigs.into_iter().next()))
+    }
+
+    /// Measures the device's read bandwidth in bytes per second: `reps` timed passes (median)
+    /// of a streaming read kernel over `bytes` bytes of non-zero data (at least 1 GiB
+    /// recommended), after one warm-up pass. Allocates the buffer for the measurement.
+    pub fn measure_read_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let (f, fill) = {
+            let mut slot = self.bandwidth.lock().expect("kernel cache lock");
+            match &*slot {
+                Some(fs) => fs.clone(),
+                None => {
+                    let f = self.load("bandwidth.cu", BANDWIDTH_SRC, &[], "fp_read_bw")?;
+                    let fill = self.load("bandwidth.cu", BANDWIDTH_SRC, &[], "fp_fill")?;
+                    *slot = Some((f.clone(), fill.clone()));
+                    (f, fill)
+                }
+            }
+        };
+        let n16 = (bytes / 16).max(1);
+        // SAFETY: every byte is written by fp_fill below before it is read.
+        let mut src = unsafe { self.stream.alloc::<u8>(n16 * 16) }
+            .map_err(|e| driver_err("allocating the bandwidth buffer", e))?;
+        let mut sink = self
+            .stream
+            .alloc_zeros::<u32>(1)
+            .map_err(|e| driver_err("allocating the bandwidth sink", e))?;
+        let n = n16 as u64;
+        {
+            let seed = 0x1234_5678u32;
+            let mut b = self.stream.launch_builder(&fill);
+            b.arg(&mut src).arg(&n).arg(&seed);
+            // SAFETY: the kernel writes n 16-byte vectors, exactly the n16 * 16 bytes of src.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: ((self.info.sms * 8) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| driver_err("launching the fill kernel", e))?;
+        }
+        let blocks = (self.info.sms * 8) as u32;
+        let key = 0x9e37_79b9u32;
+        let mut times = Vec::with_capacity(reps);
+        for rep in 0..=reps.max(1) {
+            let start = self
+                .ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_err("creating an event", e))?;
+            let end = self
+                .ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_err("creating an event", e))?;
+            start
+                .record(&self.stream)
+                .map_err(|e| driver_err("recording an event", e))?;
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&src).arg(&n).arg(&key).arg(&mut sink);
+            // SAFETY: the kernel reads n 16-byte vectors of src (n16 * 16 bytes allocated)
+            // and writes at most sink[0].
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(|e| driver_err("launching the bandwidth kernel", e))?;
+            end.record(&self.stream)
+                .map_err(|e| driver_err("recording an event", e))?;
+            end.synchronize()
+                .map_err(|e| driver_err("waiting for an event", e))?;
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(|e| driver_err("reading an event", e))?;
+            if rep > 0 {
+                times.push(ms as f64 * 1e-3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        Ok((n16 * 16) as f64 / t)
+    }
+}

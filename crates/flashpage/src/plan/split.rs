@@ -1,0 +1,275 @@
+//! Split-KV chunk choice and the capacity formulas shared by graph mode and
+//! [`workspace_size`].
+
+use super::config::{PlanConfig, PlanKind};
+use super::sizing::{WorkspaceLimits, carve_float, carve_int};
+use crate::error::{Error, Result};
+use crate::layout::HeadConfig;
+use crate::validate::ValidBatch;
+use crate::workspace::{AlignedAllocator, BUFFER_ALIGN, Requirement, WorkspaceReq};
+
+/// Work-item target: `(item, KV head)` pairs are the unit of parallel work, so `parallelism`
+/// slots are filled by `ceil(parallelism / num_kv_heads)` items.
+pub(crate) fn item_target(parallelism: usize, heads: &HeadConfig) -> usize {
+    parallelism.div_ceil(heads.num_kv_heads()).max(1)
+}
+
+/// Packed rows per q tile: a decode request is one tile (its whole GQA group).
+pub(crate) fn tile_rows(kind: PlanKind, config: &PlanConfig, heads: &HeadConfig) -> usize {
+    match kind {
+        PlanKind::Decode => heads.group_size(),
+        PlanKind::Prefill => config.q_tile.max(1),
+    }
+}
+
+/// Q tiles of a request (no division in the common case of one tile: every decode request).
+#[inline(always)]
+pub(crate) fn tiles_of(qo_len: usize, group: usize, tile: usize) -> usize {
+    let packed = qo_len * group;
+    if packed <= tile {
+        (packed > 0) as usize
+    } else {
+        packed.div_ceil(tile)
+    }
+}
+
+/// Chunks of a request of `kv_len` keys with chunk `c` (an empty request is one empty chunk;
+/// no division when the request fits one chunk, e.g. whenever the KV is not split).
+#[inline(always)]
+pub(crate) fn chunks_of(kv_len: usize, c: usize) -> usize {
+    if kv_len <= c { 1 } else { kv_len.div_ceil(c) }
+}
+
+/// True when the batch's requests with keys have at most `target` work items with KV chunk
+/// `c` tokens (stops counting as soon as the target is passed; saturating, so no input
+/// overflows).
+fn items_within(vb: &ValidBatch<'_>, group: usize, tile: usize, c: usize, target: usize) -> bool {
+    let mut n = 0usize;
+    for r in 0..vb.batch_size() {
+        let q = vb.request(r);
+        if q.kv_len > 0 {
+            n = n.saturating_add(
+                tiles_of(q.qo_len, group, tile).saturating_mul(chunks_of(q.kv_len, c)),
+            );
+            if n > target {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The KV chunk in tokens (`usize::MAX` for "no split").
+///
+/// Deterministic mode: the configured chunk. Otherwise, when the q tiles of the requests
+/// with keys already reach the work-item target there is no split; else the smallest
+/// page-aligned chunk (at least `min_kv_chunk`) whose items, over the requests with keys,
+/// stay within the target. Requests without keys (padding) cost nothing, so they neither
+/// count toward the target nor prevent a split; each still gets its one empty item.
+pub(crate) fn choose_chunk(
+    vb: &ValidBatch<'_>,
+    kind: PlanKind,
+    config: &PlanConfig,
+    heads: &HeadConfig,
+) -> usize {
+    if let Some(d) = config.deterministic_chunk {
+        return d;
+    }
+    let group = heads.group_size();
+    let tile = tile_rows(kind, config, heads);
+    let target = item_target(config.parallelism, heads);
+    let mut tiles = 0usize;
+    for r in 0..vb.batch_size() {
+        let q = vb.request(r);
+        if q.kv_len > 0 {
+            tiles = tiles.saturating_add(tiles_of(q.qo_len, group, tile));
+            if tiles >= target {
+                return usize::MAX;
+            }
+        }
+    }
+    if tiles == 0 {
+        return usize::MAX;
+    }
+    let unit = vb.page_size();
+    let lo = config.min_kv_chunk.max(1).div_ceil(unit);
+    let hi = vb.max_kv_len().div_ceil(unit);
+    if lo >= hi {
+        return usize::MAX;
+    }
+    // Smallest k in [lo, hi] with items(k * unit) <= target; items(hi * unit) = tiles.
+    let (mut a, mut b) = (lo, hi);
+    while a < b {
+        let m = a + (b - a) / 2;
+        if items_within(vb, group, tile, m * unit, target) {
+            b = m;
+        } else {
+            a = m + 1;
+        }
+    }
+    if a >= hi { usize::MAX } else { a * unit }
+}
+
+/// Upper bounds on a plan's arrays: the launch shape in graph mode and the sizes behind
+/// [`workspace_size`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacities {
+    /// Requests (`C`).
+    pub requests: usize,
+    /// Work items (`W`).
+    pub work_items: usize,
+    /// Partial rows in the float workspace (`P`).
+    pub partial_rows: usize,
+    /// Merge rows (`M`).
+    pub merge_rows: usize,
+}
+
+impl Capacities {
+    /// Bounds for batches of at most `batch` requests, `q_rows` rows and `max_kv_len` keys.
+    pub(crate) fn bound(
+        kind: PlanKind,
+        heads: &HeadConfig,
+        config: &PlanConfig,
+        batch: usize,
+        q_rows: usize,
+        max_kv_len: usize,
+    ) -> Result<Capacities> {
+        let ovf = |what| Error::SizeOverflow { what };
+        let g = heads.group_size();
+        let t = tile_rows(kind, config, heads);
+        let target = item_target(config.parallelism, heads);
+        let (tiles, q) = match kind {
+            PlanKind::Decode => (batch, batch),
+            PlanKind::Prefill => {
+                let packed = q_rows.checked_mul(g).ok_or(ovf("q tiles"))?;
+                let spill = batch.checked_mul(t - 1).ok_or(ovf("q tiles"))?;
+                let t_bound = packed.checked_add(spill).ok_or(ovf("q tiles"))? / t;
+                (packed.min(t_bound), q_rows)
+            }
+        };
+        let (work_items, partial_rows, merge_rows) = match config.deterministic_chunk {
+            Some(d) => {
+                let n = chunks_of(max_kv_len, d);
+                let w = tiles.checked_mul(n).ok_or(ovf("work items"))?;
+                if n > 1 {
+                    let p = q.checked_mul(n).ok_or(ovf("partial rows"))?;
+                    (w, p, q)
+                } else {
+                    (w, 0, 0)
+                }
+            }
+            None => {
+                let p = match kind {
+                    PlanKind::Decode => target,
+                    PlanKind::Prefill => target.checked_mul(t).ok_or(ovf("partial rows"))? / g,
+                };
+                // Split: at most T items over requests with keys, one per tile of the
+                // others; unsplit: one item per tile.
+                let w = target.checked_add(tiles).ok_or(ovf("work items"))?;
+                (w, p, q.min(p / 2))
+            }
+        };
+        Ok(Capacities {
+            requests: batch,
+            work_items,
+            partial_rows,
+            merge_rows,
+        })
+    }
+
+    /// Bounds for `limits` and plans of `kind`.
+    ///
+    /// In graph mode every plan has exactly the graph capacities (batch, query rows, and the
+    /// longest request when the chunk is deterministic), so those are the bounds; otherwise
+    /// `max_batch`, `max_q_tokens` (decode: `max_batch`) and `max_kv_len`.
+    pub(crate) fn for_limits(kind: PlanKind, limits: &WorkspaceLimits) -> Result<Capacities> {
+        let (batch, q_rows, kv_len) = match limits.config.graph() {
+            Some(g) => (
+                g.batch,
+                match kind {
+                    PlanKind::Decode => g.batch,
+                    PlanKind::Prefill => g.q_rows.unwrap_or(g.batch),
+                },
+                g.kv_len.unwrap_or(limits.max_kv_len),
+            ),
+            None => (
+                limits.max_batch,
+                match kind {
+                    PlanKind::Decode => limits.max_batch,
+                    PlanKind::Prefill => limits.max_q_tokens,
+                },
+                limits.max_kv_len,
+            ),
+        };
+        Self::bound(kind, &limits.heads, &limits.config, batch, q_rows, kv_len)
+    }
+
+    /// The workspace these capacities need.
+    pub fn requirement(&self, heads: &HeadConfig) -> Result<Requirement> {
+        let mut f = AlignedAllocator::counting(BUFFER_ALIGN);
+        carve_float(&mut f, heads, self.partial_rows)?;
+        let mut i = AlignedAllocator::counting(BUFFER_ALIGN);
+        carve_int(&mut i, self.requests, self.work_items, self.merge_rows)?;
+        Ok(Requirement {
+            float: WorkspaceReq::from_allocator(&f),
+            int: WorkspaceReq::from_allocator(&i),
+        })
+    }
+}
+
+/// The workspace every valid plan within `limits` fits in (decode and prefill alike).
+///
+/// With `C` the batch bound (the graph capacity when set, else `max_batch`), `Q` the row
+/// bound (decode: `C`; prefill: `graph_max_q_rows`, default `C`, in graph mode, else
+/// `max_q_tokens`), `K` the longest request (`graph_max_kv_len` in graph mode when set, else
+/// `max_kv_len`), `g` the group size, `t` the prefill tile in packed rows,
+/// `T = ceil(parallelism / num_kv_heads)` the work-item target and `d` the deterministic
+/// chunk:
+///
+/// - q tiles: decode `C`; prefill `min(Q·g, floor((Q·g + C·(t-1)) / t))`;
+/// - work items `W`: `T + tiles`, or `tiles · ceil(K / d)` in deterministic mode;
+/// - partial rows `P`: `T` (decode) / `floor(T·t / g)` (prefill), or `Q · ceil(K / d)`
+///   in deterministic mode (0 when `ceil(K / d) = 1`); merge rows `M`: `min(Q, P / 2)`, or
+///   `Q` in deterministic mode (0 without a split);
+/// - float bytes: `P·Hq·D·4` (`partial_o`) + `P·Hq·4` (`partial_lse`), each 256-aligned;
+/// - int bytes: `16·C` (`requests`) + `24·W` (`work_items`) + `16·M` (`merge_map`), aligned.
+///
+/// The result is the larger of the decode and prefill bounds, part by part. Why it holds: a
+/// split happens only while the items of the requests with keys stay within `T` (requests
+/// without keys add one empty item per tile); a decode item covers one
+/// partial row, a prefill item at most `t / g` query rows; every split row has at least two
+/// partial rows.
+///
+/// Errors: the planner configuration's own checks (e.g. `parallelism` 0, a zero
+/// deterministic chunk) and [`Error::SizeOverflow`] for limits whose bytes overflow 64 bits.
+pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
+    limits.config.validate()?;
+    let mut best: Option<Requirement> = None;
+    for kind in [PlanKind::Decode, PlanKind::Prefill] {
+        let cap = Capacities::for_limits(kind, limits)?;
+        let req = cap.requirement(&limits.heads)?;
+        best = Some(match best {
+            None => req,
+            Some(b) => {
+                if req.float.total() > b.float.total() || req.int.total() > b.int.total() {
+                    // Keep each part's larger layout.
+                    Requirement {
+                        float: if req.float.total() > b.float.total() {
+                            req.float
+                        } else {
+                            b.float
+                        },
+                        int: if req.int.total() > b.int.total() {
+                            req.int
+                        } else {
+                            b.int
+                        },
+                    }
+                } else {
+                    b
+                }
+            }
+        });
+    }
+    Ok(best.expect("two kinds were sized"))
+}
