@@ -15,14 +15,7 @@ pub fn check_plan(desc: &BatchDesc<'_>, opts: &AttentionOptions, config: &PlanCo
     assert!(req.int.total() <= flashpage::plan::MAX_INT_IMAGE_BYTES);
 
     // The bound: limits taken from the batch itself must admit it, and the plan fits them.
-    let limits = WorkspaceLimits {
-        heads: desc.heads,
-        dtype: DType::F32,
-        max_batch: vb.batch_size(),
-        max_q_tokens: vb.num_q_rows(),
-        max_kv_len: vb.max_kv_len(),
-        config: *config,
-    };
+    let limits = WorkspaceLimits::new(desc.heads, DType::F32, vb.batch_size(), vb.num_q_rows(), vb.max_kv_len(), 1).with_config(*config);
     let bound = workspace_size(&limits).expect("limits of a planned batch are sized");
     assert!(req.fits_in(&bound), "{req:?} exceeds {bound:?}");
     {

@@ -54,17 +54,10 @@ fuzz_target!(|inp: Input| {
         1 => BatchDesc::prefill_paged(heads, &inp.qo_indptr, pages),
         _ => BatchDesc::prefill_ragged(heads, &inp.qo_indptr, &inp.kv_indptr),
     };
-    let opts = AttentionOptions {
-        causal: inp.causal,
-        sm_scale: inp.sm_scale,
-        logits_soft_cap: inp.soft_cap,
-        window_left: inp.window_left,
-        pos_encoding: match inp.rope {
+    let opts = AttentionOptions::default().with_causal(inp.causal).with_sm_scale(inp.sm_scale).with_logits_soft_cap(inp.soft_cap).with_window_left(inp.window_left).with_pos_encoding(match inp.rope {
             Some((theta, scale)) => PosEncoding::Rope { theta, scale },
             None => PosEncoding::None,
-        },
-        return_lse: inp.causal,
-    };
+        }).with_return_lse(inp.causal);
     let mut config = PlanConfig::with_parallelism(inp.parallelism as usize);
     config.parallelism = inp.parallelism as usize;
     config.q_tile = inp.q_tile as usize;
@@ -78,14 +71,7 @@ fuzz_target!(|inp: Input| {
     common::check_plan(&desc, &opts, &config);
 
     // Arbitrary limits: whenever new_within accepts, the plan fits workspace_size(limits).
-    let limits = WorkspaceLimits {
-        heads,
-        dtype: DType::BF16,
-        max_batch: inp.limits.0 as usize,
-        max_q_tokens: inp.limits.1 as usize,
-        max_kv_len: inp.limits.2 as usize,
-        config,
-    };
+    let limits = WorkspaceLimits::new(heads, DType::BF16, inp.limits.0 as usize, inp.limits.1 as usize, inp.limits.2 as usize, 1).with_config(config);
     if let Ok(plan) = Plan::new_within(&desc, &opts, &limits) {
         let bound = workspace_size(&limits).expect("sized limits");
         assert!(plan.requirement().fits_in(&bound));

@@ -232,11 +232,9 @@ fn matrix(what: What, dtypes: &[DType], filter: Option<&str>) -> Vec<BenchCase> 
     for m in &MODELS {
         let heads = HeadConfig::new(m.heads.0, m.heads.1, m.heads.2)
             .expect("the matrix's head configurations are valid");
-        let options = AttentionOptions {
-            logits_soft_cap: m.soft_cap,
-            sm_scale: m.sm_scale,
-            ..AttentionOptions::default()
-        };
+        let options = AttentionOptions::default()
+            .with_logits_soft_cap(m.soft_cap)
+            .with_sm_scale(m.sm_scale);
         let mut push = |name: String, requests: Vec<(usize, usize)>, decode: bool| {
             if filter.is_some_and(|f| !name.contains(f)) {
                 return;
@@ -252,10 +250,7 @@ fn matrix(what: What, dtypes: &[DType], filter: Option<&str>) -> Vec<BenchCase> 
                         dtype,
                         layout: KvLayout::Nhd,
                         storage: KvStorage::Separate,
-                        options: AttentionOptions {
-                            causal: !decode,
-                            ..options
-                        },
+                        options: options.with_causal(!decode),
                         input_scale: 1.0,
                     },
                     decode,
@@ -570,11 +565,9 @@ fn plan_batches() -> Vec<(String, PlanBatch)> {
             batch: b,
             num_pages: next as usize,
             decode,
-            options: AttentionOptions {
-                causal: !decode,
-                pos_encoding: PosEncoding::None,
-                ..AttentionOptions::default()
-            },
+            options: AttentionOptions::default()
+                .with_causal(!decode)
+                .with_pos_encoding(PosEncoding::None),
         }
     };
     for n in [1, 64, 256, 1024] {

@@ -123,11 +123,9 @@ pub fn main(args: &BenchArgs) -> Result<(), CliError> {
                 dtype,
                 layout: KvLayout::Nhd,
                 storage: KvStorage::Separate,
-                options: AttentionOptions {
-                    logits_soft_cap: cap,
-                    sm_scale: scale,
-                    ..AttentionOptions::default()
-                },
+                options: AttentionOptions::default()
+                    .with_logits_soft_cap(cap)
+                    .with_sm_scale(scale),
                 input_scale: 1.0,
             };
             match run_case(&gpu, &cpu, &spec, read_gbps) {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use flashpage::DType;
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
+use flashpage_testkit::HostRunner;
 use flashpage_testkit::suite::{self, CaseRun, Suite};
 use serde_json::json;
 
@@ -36,9 +37,6 @@ struct Worst {
 }
 
 pub fn main(args: CheckArgs) -> Result<(), CliError> {
-    if args.backend == BackendArg::Cuda {
-        return Err(cuda_unavailable());
-    }
     if args.threads == Some(0) {
         return Err(CliError::invalid("--threads must be greater than 0, got 0"));
     }
@@ -55,18 +53,21 @@ pub fn main(args: CheckArgs) -> Result<(), CliError> {
         }
     }
     let levels = SimdLevel::available();
-    let backends = levels
-        .iter()
-        .map(|&l| CpuBackend::with_simd(threads, l))
-        .collect::<Result<Vec<_>, _>>()?;
+    let runners = make_runners(args.backend, threads, &levels)?;
+    let backends: Vec<&dyn HostRunner> = runners.iter().map(|r| r.as_ref()).collect();
     let seed = suite::seed_from_env();
-    let level_names: Vec<&str> = levels.iter().map(|l| l.name()).collect();
+    let level_names: Vec<&str> = match args.backend {
+        BackendArg::Cpu => levels.iter().map(|l| l.name()).collect(),
+        BackendArg::Cuda => Vec::new(),
+    };
+    let labels: Vec<String> = backends.iter().map(|b| b.label()).collect();
     if !args.json {
         println!(
-            "flashpage check: {} cases, {} expected-error cases; backend cpu, {threads} threads, simd {}; seed {seed}",
+            "flashpage check: {} cases, {} expected-error cases; backend {}, {threads} threads, runs on {}; seed {seed}",
             suite.cases.len(),
             suite.errors.len(),
-            level_names.join(", ")
+            args.backend.name(),
+            labels.join(", ")
         );
     }
 
@@ -81,7 +82,7 @@ pub fn main(args: CheckArgs) -> Result<(), CliError> {
         .unwrap_or(0);
     for case in &suite.cases {
         for &dtype in &case.dtypes {
-            let runs = case.run_cpu(dtype, &backends, seed);
+            let runs = case.run(dtype, &backends, seed);
             let ok = runs.iter().all(CaseRun::passed);
             let (o, lse) = worst_of(&runs);
             let w = worst.entry(dtype.name()).or_default();
@@ -125,7 +126,7 @@ pub fn main(args: CheckArgs) -> Result<(), CliError> {
         }
     }
     for e in &suite.errors {
-        let results: Vec<Result<String, String>> = backends.iter().map(|b| e.check(b)).collect();
+        let results: Vec<Result<String, String>> = backends.iter().map(|&b| e.check(b)).collect();
         let first_bad = results.iter().find_map(|r| r.as_ref().err());
         let ok = first_bad.is_none();
         if ok {
@@ -166,7 +167,8 @@ pub fn main(args: CheckArgs) -> Result<(), CliError> {
             .collect();
         println!(
             "{}",
-            json!({"type": "summary", "passed": passed, "failed": failed, "backend": "cpu",
+            json!({"type": "summary", "passed": passed, "failed": failed,
+                   "backend": args.backend.name(), "runners": labels,
                    "threads": threads, "simd": level_names, "seed": seed, "worst": w})
         );
     } else {
@@ -211,16 +213,33 @@ fn tolerance_of(name: &str) -> f64 {
     DType::parse(name).map_or(f64::NAN, flashpage_testkit::reference::tolerance)
 }
 
-/// The error for `--backend cuda`: the suite runs host tensors, which the CUDA backend does
-/// not take.
-fn cuda_unavailable() -> CliError {
-    if cfg!(feature = "cuda") {
-        CliError::failure(
-            "check --backend cuda is unavailable: the cuda backend has no host-tensor run api to run the suite through",
-        )
-    } else {
-        CliError::failure(
-            "flashpage was built without the cuda feature: rebuild with --features cuda",
-        )
+/// The backends the suite runs on: the CPU at every SIMD level of this machine, or the GPU
+/// (device 0) through host tensors.
+fn make_runners(
+    backend: BackendArg,
+    threads: usize,
+    levels: &[SimdLevel],
+) -> Result<Vec<Box<dyn HostRunner>>, CliError> {
+    match backend {
+        BackendArg::Cpu => levels
+            .iter()
+            .map(|&l| CpuBackend::with_simd(threads, l).map(|b| Box::new(b) as Box<dyn HostRunner>))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CliError::from),
+        BackendArg::Cuda => cuda_runner().map(|r| vec![r]),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_runner() -> Result<Box<dyn HostRunner>, CliError> {
+    let host = flashpage_testkit::runner::CudaHost::new(0)?;
+    Ok(Box::new(host))
+}
+
+/// Without the `cuda` feature there is no GPU backend to check.
+#[cfg(not(feature = "cuda"))]
+fn cuda_runner() -> Result<Box<dyn HostRunner>, CliError> {
+    Err(CliError::failure(
+        "flashpage was built without the cuda feature: rebuild with --features cuda",
+    ))
 }

@@ -26,3 +26,13 @@ pub enum BackendArg {
     /// The CUDA backend (needs the `cuda` feature and a GPU).
     Cuda,
 }
+
+impl BackendArg {
+    /// `cpu` or `cuda`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendArg::Cpu => "cpu",
+            BackendArg::Cuda => "cuda",
+        }
+    }
+}

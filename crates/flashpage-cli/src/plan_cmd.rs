@@ -17,7 +17,8 @@ use flashpage::{WorkspaceLimits, workspace_size};
 use serde_json::{Map, Value, json};
 
 use crate::CliError;
-use crate::workspace_cmd::{MAX_PARALLELISM, buffers_json, emit, human_bytes, print_workspace};
+use crate::workspace_cmd::{buffers_json, emit, human_bytes, print_workspace};
+use flashpage::plan::{MAX_INT_IMAGE_BYTES, MAX_PARALLELISM};
 
 /// Arguments of `flashpage plan`.
 #[derive(clap::Args, Debug)]
@@ -64,10 +65,6 @@ const KNOWN_FIELDS: &[&str] = &[
     "workspace_bytes",
     "int_workspace_bytes",
 ];
-
-/// The largest int image (schedule) this command builds; a batch that could need more is
-/// refused before planning, so no number in a file can drive a huge allocation.
-pub const MAX_INT_IMAGE_BYTES: usize = 1 << 30;
 
 /// Which planner path a batch takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,43 +406,20 @@ fn parse_batch(value: &Value) -> Result<BatchFile, CliError> {
     let kv_indices = f.i32_array("kv_indices", "the page ids of every request")?;
     let kv_last_page_len = f.i32_array("kv_last_page_len", "B entries")?;
 
-    let mut options = AttentionOptions {
-        return_lse: true,
-        ..AttentionOptions::default()
-    };
+    let mut options = AttentionOptions::default().with_return_lse(true);
     if let Some(c) = f.bool_opt("causal")? {
         options.causal = c;
     }
     if let Some(w) = f.get("window_left") {
-        options.window_left = to_i32("window_left", w)?;
+        let w = to_i32("window_left", w)?;
+        options.window_left = AttentionOptions::window_from_signed(w.into())?;
     }
     options.logits_soft_cap = f.f32_opt("logits_soft_cap")?;
     options.sm_scale = f.f32_opt("sm_scale")?;
     let rope_theta = f.f32_opt("rope_theta")?;
     let rope_scale = f.f32_opt("rope_scale")?;
     let pos = f.str_opt("pos_encoding")?.unwrap_or("none");
-    options.pos_encoding = match pos {
-        "none" => PosEncoding::None,
-        "alibi" => PosEncoding::Alibi,
-        "rope" => PosEncoding::Rope {
-            theta: rope_theta.unwrap_or(1e4),
-            scale: rope_scale.unwrap_or(1.0),
-        },
-        other => {
-            return Err(CliError::invalid(format!(
-                "pos_encoding must be \"none\", \"alibi\" or \"rope\", got {other:?}"
-            )));
-        }
-    };
-    if pos != "rope" {
-        for (field, v) in [("rope_theta", rope_theta), ("rope_scale", rope_scale)] {
-            if let Some(x) = v {
-                return Err(CliError::invalid(format!(
-                    "{field} = {x} is set but pos_encoding is {pos:?}: it applies only with \"rope\""
-                )));
-            }
-        }
-    }
+    options.pos_encoding = PosEncoding::parse(pos, rope_theta, rope_scale)?;
 
     let parallelism = f.usize_opt("parallelism")?;
     let mut config = PlanConfig::with_parallelism(parallelism.unwrap_or_else(default_parallelism));
@@ -565,14 +539,8 @@ fn int_image_bound(
         None => vb.num_q_rows(),
     };
     let kv = config.graph_max_kv_len.unwrap_or(0).max(vb.max_kv_len());
-    let limits = WorkspaceLimits {
-        heads: desc.heads,
-        dtype: DType::F32,
-        max_batch: batch,
-        max_q_tokens: q_rows,
-        max_kv_len: kv,
-        config: *config,
-    };
+    let limits =
+        WorkspaceLimits::new(desc.heads, DType::F32, batch, q_rows, kv, 1).with_config(*config);
     Ok(workspace_size(&limits)?.int.total())
 }
 
@@ -646,6 +614,11 @@ fn check_decode_qo_indptr(qo: &[i32], kv_indptr: &[i32]) -> Result<(), CliError>
     Ok(())
 }
 
+/// The window as the batch schema writes it: `-1` for none.
+fn window_signed(opts: &AttentionOptions) -> i64 {
+    opts.window_left.map_or(-1, i64::from)
+}
+
 fn opt_str<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "none".to_string(), |x| x.to_string())
 }
@@ -693,7 +666,7 @@ fn render(b: &BatchFile, plan: &Plan, total_kv: u64) -> Report {
             ""
         },
         opt_str(opts.logits_soft_cap),
-        opts.window_left,
+        window_signed(opts),
         opts.pos_encoding.name()
     );
     let _ = writeln!(
@@ -778,7 +751,7 @@ fn render(b: &BatchFile, plan: &Plan, total_kv: u64) -> Report {
         "causal": opts.causal,
         "sm_scale": sm_scale,
         "logits_soft_cap": opts.logits_soft_cap,
-        "window_left": opts.window_left,
+        "window_left": window_signed(opts),
         "pos_encoding": opts.pos_encoding.name(),
         "parallelism": cfg.parallelism,
         "graph_mode": plan.is_graph(),

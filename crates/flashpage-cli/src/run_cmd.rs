@@ -150,10 +150,7 @@ fn parse_meta(meta: &HashMap<String, String>) -> Result<Meta, CliError> {
             KNOWN_METADATA[..KNOWN_METADATA.len() - 1].join(", ")
         )));
     }
-    let mut options = AttentionOptions {
-        return_lse: true,
-        ..AttentionOptions::default()
-    };
+    let mut options = AttentionOptions::default().with_return_lse(true);
     if let Some(v) = meta.get("causal") {
         options.causal = match v.trim().to_ascii_lowercase().as_str() {
             "true" => true,
@@ -168,11 +165,13 @@ fn parse_meta(meta: &HashMap<String, String>) -> Result<Meta, CliError> {
     options.sm_scale = parse_opt_f32("sm_scale", meta.get("sm_scale"))?;
     options.logits_soft_cap = parse_opt_f32("logits_soft_cap", meta.get("logits_soft_cap"))?;
     if let Some(v) = meta.get("window_left") {
-        options.window_left = v.trim().parse().map_err(|_| {
+        let w: i32 = v.trim().parse().map_err(|_| {
             CliError::invalid(format!(
                 "metadata window_left = {v:?} is not an int32 integer"
             ))
         })?;
+        options.window_left = AttentionOptions::window_from_signed(w.into())
+            .map_err(|e| CliError::invalid(format!("metadata {e}")))?;
     }
     let layout = match meta.get("kv_layout") {
         None => KvLayout::Nhd,
@@ -184,32 +183,11 @@ fn parse_meta(meta: &HashMap<String, String>) -> Result<Meta, CliError> {
     };
     let theta = parse_opt_f32("rope_theta", meta.get("rope_theta"))?;
     let scale = parse_opt_f32("rope_scale", meta.get("rope_scale"))?;
-    let pos = meta
-        .get("pos_encoding")
-        .map_or("none".to_string(), |v| v.trim().to_ascii_lowercase());
-    options.pos_encoding = match pos.as_str() {
-        "none" | "" => PosEncoding::None,
-        "alibi" => PosEncoding::Alibi,
-        "rope" => PosEncoding::Rope {
-            theta: theta.unwrap_or(1e4),
-            scale: scale.unwrap_or(1.0),
-        },
-        _ => {
-            return Err(CliError::invalid(format!(
-                "metadata pos_encoding = {:?} is invalid: expected \"none\", \"alibi\" or \"rope\"",
-                meta.get("pos_encoding").map_or("", |s| s.as_str())
-            )));
-        }
-    };
-    if pos != "rope" {
-        for (key, v) in [("rope_theta", theta), ("rope_scale", scale)] {
-            if let Some(x) = v {
-                return Err(CliError::invalid(format!(
-                    "metadata {key} = {x} is set but pos_encoding is {pos:?}: it applies only with \"rope\""
-                )));
-            }
-        }
-    }
+    let pos = meta.get("pos_encoding").map_or("none", |v| v.as_str());
+    // An empty value means none, as an absent key does.
+    let pos = if pos.trim().is_empty() { "none" } else { pos };
+    options.pos_encoding = PosEncoding::parse(pos, theta, scale)
+        .map_err(|e| CliError::invalid(format!("metadata {e}")))?;
     options
         .validate()
         .map_err(|e| CliError::invalid(format!("metadata {e}")))?;
@@ -493,7 +471,7 @@ mod tests {
         .unwrap();
         assert!(m.options.causal);
         assert_eq!(m.options.sm_scale, Some(0.125));
-        assert_eq!(m.options.window_left, 7);
+        assert_eq!(m.options.window_left, Some(7));
         assert_eq!(m.layout, KvLayout::Hnd);
         assert_eq!(
             m.options.pos_encoding,

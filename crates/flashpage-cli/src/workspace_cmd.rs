@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use flashpage::plan::MAX_PARALLELISM;
 use flashpage::workspace::WorkspaceReq;
 use flashpage::{DType, Error, HeadConfig, PlanConfig};
 use flashpage::{WorkspaceLimits, workspace_size};
@@ -52,9 +53,6 @@ pub struct WorkspaceArgs {
     #[arg(long)]
     json: bool,
 }
-
-/// Most parallel work slots a plan may be asked to fill (far beyond any GPU or CPU).
-pub const MAX_PARALLELISM: usize = 1 << 24;
 
 /// Writes `text` to standard output. A closed pipe (`flashpage ... | head`) ends the output
 /// quietly; any other write error is a failure.

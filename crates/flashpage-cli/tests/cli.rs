@@ -145,17 +145,21 @@ fn try_library_plan(b: &Value) -> Result<Plan, Error> {
     } else {
         BatchDesc::decode(heads, pages)
     };
-    let opts = AttentionOptions {
-        causal: b.get("causal").and_then(Value::as_bool).unwrap_or(false),
-        sm_scale: b.get("sm_scale").and_then(Value::as_f64).map(|x| x as f32),
-        logits_soft_cap: b
-            .get("logits_soft_cap")
-            .and_then(Value::as_f64)
-            .map(|x| x as f32),
-        window_left: b.get("window_left").and_then(Value::as_i64).unwrap_or(-1) as i32,
-        return_lse: true,
-        ..Default::default()
-    };
+    let opts = AttentionOptions::default()
+        .with_causal(b.get("causal").and_then(Value::as_bool).unwrap_or(false))
+        .with_sm_scale(b.get("sm_scale").and_then(Value::as_f64).map(|x| x as f32))
+        .with_logits_soft_cap(
+            b.get("logits_soft_cap")
+                .and_then(Value::as_f64)
+                .map(|x| x as f32),
+        )
+        .with_window_left(
+            AttentionOptions::window_from_signed(
+                b.get("window_left").and_then(Value::as_i64).unwrap_or(-1),
+            )
+            .unwrap(),
+        )
+        .with_return_lse(true);
     let mut cfg = PlanConfig::with_parallelism(us(b, "parallelism"));
     cfg.graph_capacity = opt_us(b, "graph_capacity");
     cfg.graph_max_q_rows = opt_us(b, "graph_max_q_rows");
@@ -1007,7 +1011,10 @@ impl CaseFile {
         let o = &s.options;
         let mut meta = HashMap::new();
         meta.insert("causal".to_string(), o.causal.to_string());
-        meta.insert("window_left".to_string(), o.window_left.to_string());
+        meta.insert(
+            "window_left".to_string(),
+            o.window_left.map_or(-1, i64::from).to_string(),
+        );
         meta.insert("kv_layout".to_string(), s.layout.name().to_string());
         if let Some(x) = o.sm_scale {
             meta.insert("sm_scale".to_string(), x.to_string());
@@ -1124,7 +1131,7 @@ fn run_round_trip_decode_and_prefill() {
         hnd.layout = KvLayout::Hnd;
         hnd.page_size = 5;
         hnd.options.logits_soft_cap = Some(5.0);
-        hnd.options.window_left = 30;
+        hnd.options.window_left = Some(30);
         hnd.options.sm_scale = Some(0.1);
         hnd.options.pos_encoding = PosEncoding::Rope {
             theta: 5e5,

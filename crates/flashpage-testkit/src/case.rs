@@ -3,6 +3,7 @@
 //! f64 reference. Used by the tests, `flashpage check` and `flashpage bench`.
 
 use crate::reference::{self, ReferenceInputs};
+use crate::runner::HostRunner;
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::{KvCache, RunArgs};
 use flashpage::builder::BatchBuilder;
@@ -12,7 +13,6 @@ use flashpage::options::AttentionOptions;
 use flashpage::plan::{Plan, PlanConfig};
 use flashpage::tensor::Tensor;
 use flashpage::validate::check_batch;
-use flashpage::workspace::HostWorkspace;
 
 /// A small, fast, seedable random generator (SplitMix64).
 #[derive(Debug, Clone)]
@@ -238,10 +238,7 @@ impl CaseSpec {
 impl CaseData {
     /// Options with the LSE on.
     pub fn options(&self) -> AttentionOptions {
-        AttentionOptions {
-            return_lse: true,
-            ..self.spec.options
-        }
+        self.spec.options.with_return_lse(true)
     }
 
     /// The batch description.
@@ -326,10 +323,18 @@ impl CaseData {
 
     /// Plans and runs on the CPU backend into fresh poisoned outputs.
     pub fn run_cpu(&self, cpu: &CpuBackend, config: &PlanConfig) -> Result<(Tensor, Vec<f32>)> {
+        self.run_on(cpu, config)
+    }
+
+    /// Plans and runs on any backend (through host tensors) into fresh poisoned outputs.
+    pub fn run_on(
+        &self,
+        backend: &dyn HostRunner,
+        config: &PlanConfig,
+    ) -> Result<(Tensor, Vec<f32>)> {
         let plan = self.plan(config)?;
-        let mut ws = HostWorkspace::new(plan.requirement().float.total());
         let (mut o, mut lse) = self.poisoned_outputs();
-        cpu.run(
+        backend.run_host(
             &plan,
             RunArgs {
                 q: self.q.view(),
@@ -337,7 +342,6 @@ impl CaseData {
                 o: o.view_mut(),
                 lse: Some(&mut lse),
             },
-            ws.as_bytes_mut(),
         )?;
         Ok((o, lse))
     }

@@ -6,7 +6,7 @@
 //! - [`case`]: a case specification, materialised into fresh random inputs (a seeded PRNG,
 //!   shuffled pages, poisoned outputs) and compared with the reference;
 //! - [`suite`]: the declarative TOML suite (`data/*.toml`) and its runner, on any
-//!   backend;
+//!   [`HostRunner`] (every backend through host tensors);
 //! - [`ceiling`]: this machine's read bandwidth and FMA peak, measured in the same run as a
 //!   benchmark.
 #![deny(missing_docs)]
@@ -16,6 +16,8 @@ pub mod ceiling;
 #[cfg(feature = "cuda")]
 pub mod emulate;
 pub mod reference;
+pub mod runner;
 pub mod suite;
 
 pub use case::{CaseData, CaseSpec, Comparison, KvStorage, Rng, poisoned};
+pub use runner::HostRunner;

@@ -51,15 +51,15 @@ use serde::Deserialize;
 
 use crate::case::{CaseData, CaseSpec, Comparison, KvStorage, Rng};
 use crate::reference::{self, ReferenceInputs, ReferenceOutput};
-use flashpage::backend::cpu::{CpuBackend, SimdLevel};
+use crate::runner::HostRunner;
+use flashpage::backend::cpu::SimdLevel;
 use flashpage::backend::{KvCache, RunArgs};
-use flashpage::error::{Error, Result};
+use flashpage::error::{Error, ErrorKind, Result};
 use flashpage::layout::{BatchDesc, DType, HeadConfig, KvLayout, KvStrides, PageTable};
 use flashpage::options::{AttentionOptions, PosEncoding};
 use flashpage::plan::{Plan, PlanConfig};
 use flashpage::tensor::{Tensor, TensorRef};
 use flashpage::validate::check_batch;
-use flashpage::workspace::HostWorkspace;
 
 /// The suite files, embedded at build time: `(file name, contents)`.
 pub const FILES: &[(&str, &str)] = &[
@@ -147,10 +147,10 @@ pub struct ErrorCase {
     pub kv_indices: Vec<i32>,
     /// `kv_last_page_len`.
     pub kv_last_page_len: Vec<i32>,
-    /// Options, unchecked.
-    pub options: AttentionOptions,
-    /// Expected [`Error`] variant name.
-    pub expect: Option<String>,
+    /// Options, unchecked (or the error their conversion raised).
+    pub options: Result<AttentionOptions>,
+    /// Expected [`Error`] variant.
+    pub expect: Option<ErrorKind>,
     /// Expected substring of the message.
     pub message: Option<String>,
 }
@@ -169,7 +169,7 @@ struct FileToml {
 struct OptionsToml {
     #[serde(default)]
     causal: bool,
-    window_left: Option<i32>,
+    window_left: Option<i64>,
     logits_soft_cap: Option<f32>,
     sm_scale: Option<f32>,
     pos_encoding: Option<String>,
@@ -232,33 +232,25 @@ struct ErrorToml {
     message: Option<String>,
 }
 
-fn options_from(o: &OptionsToml) -> std::result::Result<AttentionOptions, String> {
-    let pos_encoding = match o.pos_encoding.as_deref().unwrap_or("none") {
-        "none" => PosEncoding::None,
-        "alibi" => PosEncoding::Alibi,
-        "rope" => PosEncoding::Rope {
-            theta: o.rope_theta.unwrap_or(1e4),
-            scale: o.rope_scale.unwrap_or(1.0),
-        },
-        other => {
-            return Err(format!(
-                "pos_encoding {other:?} is unknown: expected none, alibi or rope"
-            ));
-        }
+/// The options of a case as the library's own parsers read them (so an error case can expect
+/// their errors, e.g. `window_left = -2`).
+fn options_from(o: &OptionsToml) -> Result<AttentionOptions> {
+    let pos_encoding = PosEncoding::parse(
+        o.pos_encoding.as_deref().unwrap_or("none"),
+        o.rope_theta,
+        o.rope_scale,
+    )?;
+    let window_left = match o.window_left {
+        None => None,
+        Some(w) => AttentionOptions::window_from_signed(w)?,
     };
-    if !matches!(pos_encoding, PosEncoding::Rope { .. })
-        && (o.rope_theta.is_some() || o.rope_scale.is_some())
-    {
-        return Err("rope_theta/rope_scale given without pos_encoding = \"rope\"".into());
-    }
-    Ok(AttentionOptions {
-        causal: o.causal,
-        sm_scale: o.sm_scale,
-        logits_soft_cap: o.logits_soft_cap,
-        window_left: o.window_left.unwrap_or(-1),
-        pos_encoding,
-        return_lse: true,
-    })
+    Ok(AttentionOptions::default()
+        .with_causal(o.causal)
+        .with_sm_scale(o.sm_scale)
+        .with_logits_soft_cap(o.logits_soft_cap)
+        .with_window_left(window_left)
+        .with_pos_encoding(pos_encoding)
+        .with_return_lse(true))
 }
 
 fn parse_kind(kind: Option<&str>) -> std::result::Result<bool, String> {
@@ -352,7 +344,7 @@ impl CaseToml {
                 dtype: dtypes.first().copied().unwrap_or(DType::F32),
                 layout,
                 storage,
-                options: options_from(&self.options)?,
+                options: options_from(&self.options).map_err(|e| e.to_string())?,
                 input_scale: self.input_scale.unwrap_or(1.0),
             },
             dtypes,
@@ -394,8 +386,12 @@ impl ErrorToml {
             kv_indptr: self.kv_indptr.clone(),
             kv_indices: self.kv_indices.clone(),
             kv_last_page_len: self.kv_last_page_len.clone(),
-            options: options_from(&self.options)?,
-            expect: self.expect.clone(),
+            options: options_from(&self.options),
+            expect: self
+                .expect
+                .as_deref()
+                .map(str::parse::<ErrorKind>)
+                .transpose()?,
             message: self.message.clone(),
         })
     }
@@ -463,8 +459,10 @@ pub struct CaseRun {
     pub case: String,
     /// Element type.
     pub dtype: DType,
-    /// SIMD level of the backend.
-    pub simd: SimdLevel,
+    /// The backend that ran it ([`HostRunner::label`], e.g. `cpu/avx2`).
+    pub backend: String,
+    /// SIMD level of a CPU backend.
+    pub simd: Option<SimdLevel>,
     /// Parallelism of the plan.
     pub parallelism: usize,
     /// Seed of the random inputs (reproduce with `FLASHPAGE_SEED`).
@@ -484,10 +482,10 @@ impl fmt::Display for CaseRun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {} simd={} parallelism={} seed={}: ",
+            "{} {} backend={} parallelism={} seed={}: ",
             self.case,
             self.dtype.name(),
-            self.simd.name(),
+            self.backend,
             self.parallelism,
             self.seed
         )?;
@@ -566,29 +564,30 @@ impl SuiteCase {
     /// f64 reference (computed once). Inputs are fresh random values from `seed` (mixed with
     /// the case name and dtype); outputs are poisoned before every run. In deterministic mode
     /// the outputs of one backend must also be bit-identical across parallelisms.
-    pub fn run_cpu(&self, dtype: DType, backends: &[CpuBackend], seed: u64) -> Vec<CaseRun> {
+    pub fn run(&self, dtype: DType, backends: &[&dyn HostRunner], seed: u64) -> Vec<CaseRun> {
         let seed = seed ^ name_hash(&self.name) ^ name_hash(dtype.name()).rotate_left(17);
-        let mk = |simd, parallelism, result| CaseRun {
+        let mk = |backend: Option<&dyn HostRunner>, parallelism, result| CaseRun {
             case: self.name.clone(),
             dtype,
-            simd,
+            backend: backend.map_or_else(|| "none".to_string(), |b| b.label()),
+            simd: backend.and_then(|b| b.simd()),
             parallelism,
             seed,
             result,
         };
         let data = match self.spec(dtype).materialise(seed) {
             Ok(d) => d,
-            Err(e) => return vec![mk(SimdLevel::Scalar, 0, Err(format!("materialise: {e}")))],
+            Err(e) => return vec![mk(None, 0, Err(format!("materialise: {e}")))],
         };
         let reference = match data.reference() {
             Ok(r) => r,
-            Err(e) => return vec![mk(SimdLevel::Scalar, 0, Err(format!("reference: {e}")))],
+            Err(e) => return vec![mk(None, 0, Err(format!("reference: {e}")))],
         };
         let mut runs = Vec::new();
-        for cpu in backends {
+        for &backend in backends {
             let mut first: Option<(usize, Tensor, Vec<f32>)> = None;
             for &p in &self.parallelism {
-                let result = match data.run_cpu(cpu, &self.plan_config(p)) {
+                let result = match data.run_on(backend, &self.plan_config(p)) {
                     Err(e) => Err(format!("run failed: {e}")),
                     Ok((o, lse)) => {
                         let c = data.compare(&o, &lse, &reference);
@@ -609,7 +608,7 @@ impl SuiteCase {
                         }
                     }
                 };
-                runs.push(mk(cpu.simd(), p, result));
+                runs.push(mk(Some(backend), p, result));
             }
         }
         runs
@@ -624,15 +623,6 @@ fn same_bits_f32(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-/// The variant name of an error (`IndptrLengthMismatch` for `Error::IndptrLengthMismatch`).
-pub fn variant_name(e: &Error) -> String {
-    let dbg = format!("{e:?}");
-    dbg.split(|c: char| !c.is_alphanumeric() && c != '_')
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Largest cache an error case may allocate to reach the backend's checks (elements).
 const MAX_ERROR_CASE_ELEMS: usize = 1 << 24;
 
@@ -640,7 +630,7 @@ impl ErrorCase {
     /// Runs the whole pipeline on `cpu`: head configuration, batch validation, planning,
     /// then a run on random tensors of the right shapes (which checks the page ids). Returns
     /// the first error, or `Ok(())` if the batch was accepted.
-    pub fn outcome(&self, cpu: &CpuBackend) -> Result<()> {
+    pub fn outcome(&self, backend: &dyn HostRunner) -> Result<()> {
         let [hq, hkv, d] = self.heads;
         let heads = HeadConfig::new(hq, hkv, d)?;
         let pages = PageTable {
@@ -657,7 +647,8 @@ impl ErrorCase {
         } else {
             BatchDesc::prefill_paged(heads, &self.qo_indptr, pages)
         };
-        let plan = Plan::new(&desc, &self.options, &PlanConfig::with_parallelism(4))?;
+        let options = self.options.clone()?;
+        let plan = Plan::new(&desc, &options, &PlanConfig::with_parallelism(4))?;
         let (ps, tokens) = if self.ragged {
             (
                 1,
@@ -697,8 +688,7 @@ impl ErrorCase {
                 &self.kv_indices,
             )
         };
-        let mut ws = HostWorkspace::new(plan.requirement().float.total());
-        cpu.run(
+        backend.run_host(
             &plan,
             RunArgs {
                 q: TensorRef::F32(&q),
@@ -706,14 +696,13 @@ impl ErrorCase {
                 o: flashpage::tensor::TensorMut::F32(&mut o),
                 lse: Some(&mut lse),
             },
-            ws.as_bytes_mut(),
         )
     }
 
     /// Runs the case and checks the error: `Ok(message)` when it matches the expectation,
     /// `Err(why)` otherwise.
-    pub fn check(&self, cpu: &CpuBackend) -> std::result::Result<String, String> {
-        match self.outcome(cpu) {
+    pub fn check(&self, backend: &dyn HostRunner) -> std::result::Result<String, String> {
+        match self.outcome(backend) {
             Ok(()) => Err(format!(
                 "{}: the batch was accepted, expected {}",
                 self.name,
@@ -721,8 +710,8 @@ impl ErrorCase {
             )),
             Err(e) => {
                 let msg = e.to_string();
-                let variant = variant_name(&e);
-                let variant_ok = self.expect.as_ref().is_none_or(|v| *v == variant);
+                let variant = e.kind();
+                let variant_ok = self.expect.is_none_or(|v| v == variant);
                 let msg_ok = self.message.as_ref().is_none_or(|m| msg.contains(m));
                 if variant_ok && msg_ok {
                     Ok(format!("{variant}: {msg}"))
@@ -740,7 +729,7 @@ impl ErrorCase {
     fn expectation(&self) -> String {
         match (&self.expect, &self.message) {
             (Some(v), Some(m)) => format!("{v} with a message containing {m:?}"),
-            (Some(v), None) => v.clone(),
+            (Some(v), None) => v.to_string(),
             (None, Some(m)) => format!("an error containing {m:?}"),
             (None, None) => "an error".into(),
         }

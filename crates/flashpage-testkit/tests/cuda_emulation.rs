@@ -98,33 +98,21 @@ fn emulated_options() {
     let (emu, cpu) = setup("options");
     let h = HeadConfig::new(8, 2, 64).unwrap();
     let opts = [
-        AttentionOptions {
-            logits_soft_cap: Some(3.0),
-            sm_scale: Some(0.3),
-            ..Default::default()
-        },
-        AttentionOptions {
-            causal: true,
-            window_left: 40,
-            ..Default::default()
-        },
-        AttentionOptions {
-            window_left: 0,
-            ..Default::default()
-        },
-        AttentionOptions {
-            pos_encoding: PosEncoding::Alibi,
-            ..Default::default()
-        },
-        AttentionOptions {
-            pos_encoding: PosEncoding::Rope {
+        AttentionOptions::default()
+            .with_logits_soft_cap(3.0)
+            .with_sm_scale(0.3),
+        AttentionOptions::default()
+            .with_causal(true)
+            .with_window_left(40),
+        AttentionOptions::default().with_window_left(0),
+        AttentionOptions::default().with_pos_encoding(PosEncoding::Alibi),
+        AttentionOptions::default()
+            .with_pos_encoding(PosEncoding::Rope {
                 theta: 1e4,
                 scale: 2.0,
-            },
-            window_left: 50,
-            logits_soft_cap: Some(20.0),
-            ..Default::default()
-        },
+            })
+            .with_window_left(50)
+            .with_logits_soft_cap(20.0),
     ];
     for (i, o) in opts.into_iter().enumerate() {
         for dt in [DType::BF16, DType::F32] {

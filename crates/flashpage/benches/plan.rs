@@ -51,10 +51,7 @@ fn batch(requests: usize, prefill: bool) -> (BatchBuilder, usize) {
 
 fn bench(c: &mut Criterion) {
     let opts = AttentionOptions::default();
-    let causal = AttentionOptions {
-        causal: true,
-        ..opts
-    };
+    let causal = opts.with_causal(true);
     let cases: Vec<(String, BatchBuilder, usize, bool)> = [1, 64, 256, 1000, 1024]
         .into_iter()
         .map(|n| {

@@ -185,10 +185,7 @@ mod tests {
         assert_eq!(b.qo_indptr(), &[0, 3, 3, 5, 5, 5, 5]);
         assert_eq!(b.kv_last_page_len(), &[1, 0, 4, 0, 0, 0]);
         let heads = HeadConfig::new(4, 2, 64).unwrap();
-        let opts = AttentionOptions {
-            causal: true,
-            ..Default::default()
-        };
+        let opts = AttentionOptions::default().with_causal(true);
         let vb = check_batch(&b.prefill(heads, 4), &opts).unwrap();
         assert_eq!(vb.batch_size(), 6);
         assert_eq!(vb.request(0).kv_len, 9);

@@ -308,6 +308,37 @@ fn entries(n: usize) -> &'static str {
 }
 
 impl Error {
+    /// The variant of this error, without its data.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotPositive { .. } => ErrorKind::NotPositive,
+            Error::HeadRatio { .. } => ErrorKind::HeadRatio,
+            Error::UnsupportedHeadDim { .. } => ErrorKind::UnsupportedHeadDim,
+            Error::UnsupportedPageSize { .. } => ErrorKind::UnsupportedPageSize,
+            Error::IndptrLengthMismatch { .. } => ErrorKind::IndptrLengthMismatch,
+            Error::ArrayLength { .. } => ErrorKind::ArrayLength,
+            Error::EmptyIndptr { .. } => ErrorKind::EmptyIndptr,
+            Error::IndptrStart { .. } => ErrorKind::IndptrStart,
+            Error::IndptrDecreasing { .. } => ErrorKind::IndptrDecreasing,
+            Error::IndicesTooShort { .. } => ErrorKind::IndicesTooShort,
+            Error::PageIdOutOfRange { .. } => ErrorKind::PageIdOutOfRange,
+            Error::LastPageLen { .. } => ErrorKind::LastPageLen,
+            Error::QueryRows { .. } => ErrorKind::QueryRows,
+            Error::CausalQueryLongerThanKv { .. } => ErrorKind::CausalQueryLongerThanKv,
+            Error::InvalidOption { .. } => ErrorKind::InvalidOption,
+            Error::TensorShape { .. } => ErrorKind::TensorShape,
+            Error::DTypeMismatch { .. } => ErrorKind::DTypeMismatch,
+            Error::LimitExceeded { .. } => ErrorKind::LimitExceeded,
+            Error::SizeOverflow { .. } => ErrorKind::SizeOverflow,
+            Error::WorkspaceTooSmall { .. } => ErrorKind::WorkspaceTooSmall,
+            Error::WorkspaceMisaligned { .. } => ErrorKind::WorkspaceMisaligned,
+            Error::PlanMismatch { .. } => ErrorKind::PlanMismatch,
+            Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::Backend { .. } => ErrorKind::Backend,
+        }
+    }
+
     /// True for errors caused by invalid input (the CLI exits with status 2 for these),
     /// false for environment or device failures (status 1).
     pub fn is_invalid_input(&self) -> bool {
@@ -315,6 +346,151 @@ impl Error {
             self,
             Error::BackendUnavailable { .. } | Error::Backend { .. } | Error::Unsupported { .. }
         )
+    }
+}
+
+/// Which [`Error`] variant an error is, without its data: for matching on the kind of
+/// failure (logs, metrics, language bindings) without depending on the fields.
+///
+/// ```
+/// use flashpage::error::{Error, ErrorKind};
+/// let e = Error::IndptrLengthMismatch { qo_indptr_len: 3, kv_indptr_len: 1 };
+/// assert_eq!(e.kind(), ErrorKind::IndptrLengthMismatch);
+/// assert_eq!(e.kind().name(), "IndptrLengthMismatch");
+/// assert_eq!("IndptrLengthMismatch".parse::<ErrorKind>(), Ok(ErrorKind::IndptrLengthMismatch));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::NotPositive`].
+    NotPositive,
+    /// [`Error::HeadRatio`].
+    HeadRatio,
+    /// [`Error::UnsupportedHeadDim`].
+    UnsupportedHeadDim,
+    /// [`Error::UnsupportedPageSize`].
+    UnsupportedPageSize,
+    /// [`Error::IndptrLengthMismatch`].
+    IndptrLengthMismatch,
+    /// [`Error::ArrayLength`].
+    ArrayLength,
+    /// [`Error::EmptyIndptr`].
+    EmptyIndptr,
+    /// [`Error::IndptrStart`].
+    IndptrStart,
+    /// [`Error::IndptrDecreasing`].
+    IndptrDecreasing,
+    /// [`Error::IndicesTooShort`].
+    IndicesTooShort,
+    /// [`Error::PageIdOutOfRange`].
+    PageIdOutOfRange,
+    /// [`Error::LastPageLen`].
+    LastPageLen,
+    /// [`Error::QueryRows`].
+    QueryRows,
+    /// [`Error::CausalQueryLongerThanKv`].
+    CausalQueryLongerThanKv,
+    /// [`Error::InvalidOption`].
+    InvalidOption,
+    /// [`Error::TensorShape`].
+    TensorShape,
+    /// [`Error::DTypeMismatch`].
+    DTypeMismatch,
+    /// [`Error::LimitExceeded`].
+    LimitExceeded,
+    /// [`Error::SizeOverflow`].
+    SizeOverflow,
+    /// [`Error::WorkspaceTooSmall`].
+    WorkspaceTooSmall,
+    /// [`Error::WorkspaceMisaligned`].
+    WorkspaceMisaligned,
+    /// [`Error::PlanMismatch`].
+    PlanMismatch,
+    /// [`Error::BackendUnavailable`].
+    BackendUnavailable,
+    /// [`Error::Unsupported`].
+    Unsupported,
+    /// [`Error::Backend`].
+    Backend,
+}
+
+impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: &'static [ErrorKind] = &[
+        ErrorKind::NotPositive,
+        ErrorKind::HeadRatio,
+        ErrorKind::UnsupportedHeadDim,
+        ErrorKind::UnsupportedPageSize,
+        ErrorKind::IndptrLengthMismatch,
+        ErrorKind::ArrayLength,
+        ErrorKind::EmptyIndptr,
+        ErrorKind::IndptrStart,
+        ErrorKind::IndptrDecreasing,
+        ErrorKind::IndicesTooShort,
+        ErrorKind::PageIdOutOfRange,
+        ErrorKind::LastPageLen,
+        ErrorKind::QueryRows,
+        ErrorKind::CausalQueryLongerThanKv,
+        ErrorKind::InvalidOption,
+        ErrorKind::TensorShape,
+        ErrorKind::DTypeMismatch,
+        ErrorKind::LimitExceeded,
+        ErrorKind::SizeOverflow,
+        ErrorKind::WorkspaceTooSmall,
+        ErrorKind::WorkspaceMisaligned,
+        ErrorKind::PlanMismatch,
+        ErrorKind::BackendUnavailable,
+        ErrorKind::Unsupported,
+        ErrorKind::Backend,
+    ];
+
+    /// The variant's name, e.g. `"IndptrLengthMismatch"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::NotPositive => "NotPositive",
+            ErrorKind::HeadRatio => "HeadRatio",
+            ErrorKind::UnsupportedHeadDim => "UnsupportedHeadDim",
+            ErrorKind::UnsupportedPageSize => "UnsupportedPageSize",
+            ErrorKind::IndptrLengthMismatch => "IndptrLengthMismatch",
+            ErrorKind::ArrayLength => "ArrayLength",
+            ErrorKind::EmptyIndptr => "EmptyIndptr",
+            ErrorKind::IndptrStart => "IndptrStart",
+            ErrorKind::IndptrDecreasing => "IndptrDecreasing",
+            ErrorKind::IndicesTooShort => "IndicesTooShort",
+            ErrorKind::PageIdOutOfRange => "PageIdOutOfRange",
+            ErrorKind::LastPageLen => "LastPageLen",
+            ErrorKind::QueryRows => "QueryRows",
+            ErrorKind::CausalQueryLongerThanKv => "CausalQueryLongerThanKv",
+            ErrorKind::InvalidOption => "InvalidOption",
+            ErrorKind::TensorShape => "TensorShape",
+            ErrorKind::DTypeMismatch => "DTypeMismatch",
+            ErrorKind::LimitExceeded => "LimitExceeded",
+            ErrorKind::SizeOverflow => "SizeOverflow",
+            ErrorKind::WorkspaceTooSmall => "WorkspaceTooSmall",
+            ErrorKind::WorkspaceMisaligned => "WorkspaceMisaligned",
+            ErrorKind::PlanMismatch => "PlanMismatch",
+            ErrorKind::BackendUnavailable => "BackendUnavailable",
+            ErrorKind::Unsupported => "Unsupported",
+            ErrorKind::Backend => "Backend",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ErrorKind {
+    type Err = String;
+    /// Parses a variant name (exact, as [`ErrorKind::name`] writes it).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        ErrorKind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown error kind {s:?}"))
     }
 }
 

@@ -8,6 +8,11 @@ use crate::error::{Error, Result};
 
 /// Element type of q, k, v and o. Accumulation is always f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum DType {
     /// IEEE single precision.
     F32,
@@ -64,6 +69,11 @@ pub const MAX_PAGE_SIZE: usize = 256;
 /// assert!(flashpage::HeadConfig::new(32, 5, 128).is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(try_from = "HeadCounts", into = "HeadCounts")
+)]
 pub struct HeadConfig {
     num_qo_heads: usize,
     num_kv_heads: usize,
@@ -218,8 +228,37 @@ impl<'a> BatchDesc<'a> {
     }
 }
 
+/// The serialized form of a [`HeadConfig`], validated by [`HeadConfig::new`] when read.
+#[cfg(feature = "serde")]
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HeadCounts {
+    num_qo_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<HeadCounts> for HeadConfig {
+    type Error = Error;
+    fn try_from(h: HeadCounts) -> Result<HeadConfig> {
+        HeadConfig::new(h.num_qo_heads, h.num_kv_heads, h.head_dim)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl From<HeadConfig> for HeadCounts {
+    fn from(h: HeadConfig) -> HeadCounts {
+        HeadCounts {
+            num_qo_heads: h.num_qo_heads,
+            num_kv_heads: h.num_kv_heads,
+            head_dim: h.head_dim,
+        }
+    }
+}
+
 /// Memory order of a paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum KvLayout {
     /// `[num_pages, page_size, num_kv_heads, head_dim]`.
     #[default]

@@ -43,7 +43,7 @@
 //! batch.push(1, 20, &[3, 0])?; // request 0: 20 keys in pages 3 and 0
 //! batch.push(1, 7, &[2])?;     // request 1: 7 keys in page 2
 //!
-//! let opts = AttentionOptions { return_lse: true, ..Default::default() };
+//! let opts = AttentionOptions::default().with_return_lse(true);
 //! let plan = Plan::new(&batch.decode(heads, num_pages), &opts, &PlanConfig::with_parallelism(2))?;
 //!
 //! let kv_elems = num_pages * page_size * 2 * 64;
@@ -82,7 +82,7 @@ pub mod workspace;
 pub use half;
 
 pub use builder::BatchBuilder;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use layout::{
     BatchDesc, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QueryIndex,
 };

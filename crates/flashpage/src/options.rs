@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 
 /// Positional encoding applied inside the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PosEncoding {
     /// No positional encoding (the caller already applied RoPE, or the model has none).
     #[default]
@@ -35,22 +36,80 @@ impl PosEncoding {
             PosEncoding::Rope { .. } => "rope",
         }
     }
+
+    /// Parses a positional encoding by name (`none`, `alibi` or `rope`, ASCII case-insensitive),
+    /// with RoPE's `theta` and `scale` (defaults `1e4` and `1`). Theta or scale given with
+    /// another encoding is an error, so a typo cannot silently drop them. The one parser
+    /// behind every input format (JSON batches, safetensors metadata, the case suite).
+    ///
+    /// ```
+    /// use flashpage::PosEncoding;
+    /// assert_eq!(PosEncoding::parse("ROPE", Some(5e5), None).unwrap(),
+    ///            PosEncoding::Rope { theta: 5e5, scale: 1.0 });
+    /// assert!(PosEncoding::parse("alibi", Some(1e4), None).is_err());
+    /// assert!(PosEncoding::parse("yarn", None, None).is_err());
+    /// ```
+    pub fn parse(name: &str, rope_theta: Option<f32>, rope_scale: Option<f32>) -> Result<Self> {
+        let p: PosEncoding = name.parse()?;
+        match p {
+            PosEncoding::Rope { theta, scale } => Ok(PosEncoding::Rope {
+                theta: rope_theta.unwrap_or(theta),
+                scale: rope_scale.unwrap_or(scale),
+            }),
+            _ if rope_theta.is_some() || rope_scale.is_some() => Err(Error::InvalidOption {
+                field: if rope_theta.is_some() {
+                    "rope_theta"
+                } else {
+                    "rope_scale"
+                },
+                expected: "no rope_theta or rope_scale unless pos_encoding is rope",
+                actual: format!("pos_encoding {}", p.name()),
+            }),
+            _ => Ok(p),
+        }
+    }
+}
+
+impl std::str::FromStr for PosEncoding {
+    type Err = Error;
+    /// `none`, `alibi` or `rope` (ASCII case-insensitive); RoPE with its default theta and
+    /// scale ([`PosEncoding::ROPE_DEFAULT`]).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("none") {
+            Ok(PosEncoding::None)
+        } else if t.eq_ignore_ascii_case("alibi") {
+            Ok(PosEncoding::Alibi)
+        } else if t.eq_ignore_ascii_case("rope") {
+            Ok(PosEncoding::ROPE_DEFAULT)
+        } else {
+            Err(Error::InvalidOption {
+                field: "pos_encoding",
+                expected: "none, alibi or rope",
+                actual: format!("{:?}", s.chars().take(40).collect::<String>()),
+            })
+        }
+    }
 }
 
 /// What the attention computes, besides the plain softmax(q·kᵀ)·v.
 ///
+/// Built from [`AttentionOptions::default`] (or [`AttentionOptions::new`]) with the `with_*`
+/// methods; the fields are public to read and to change on an existing value.
+///
 /// ```
 /// use flashpage::{AttentionOptions, PosEncoding};
-/// let gemma2 = AttentionOptions {
-///     sm_scale: Some(1.0 / 12.0),
-///     logits_soft_cap: Some(50.0),
-///     window_left: 4095,
-///     ..AttentionOptions::default()
-/// };
+/// let gemma2 = AttentionOptions::new()
+///     .with_sm_scale(1.0 / 12.0)
+///     .with_logits_soft_cap(50.0)
+///     .with_window_left(4095);
 /// assert!(gemma2.validate().is_ok());
 /// assert_eq!(gemma2.resolved_sm_scale(128), 1.0 / 12.0);
+/// assert_eq!(gemma2.window_left, Some(4095));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct AttentionOptions {
     /// Causal mask, bottom-right aligned: row `i` of a request sees key `j` iff
     /// `j <= i + kv_len - qo_len`.
@@ -60,59 +119,92 @@ pub struct AttentionOptions {
     /// Logits soft-cap `c`: `s = c * tanh(s / c)` (Gemma-2 uses 50).
     pub logits_soft_cap: Option<f32>,
     /// Sliding window: row `i` sees key `j` only if `j >= i + kv_len - qo_len - window_left`.
-    /// `-1` disables the window.
-    pub window_left: i32,
+    /// `None`: no window.
+    pub window_left: Option<u32>,
     /// Positional encoding applied on the fly.
     pub pos_encoding: PosEncoding,
     /// Also write the log-sum-exp (natural log) of every row and head.
     pub return_lse: bool,
 }
 
-impl Default for AttentionOptions {
-    fn default() -> Self {
-        AttentionOptions {
-            causal: false,
-            sm_scale: None,
-            logits_soft_cap: None,
-            window_left: -1,
-            pos_encoding: PosEncoding::None,
-            return_lse: false,
-        }
+/// A float as messages show it: plain, or in exponent form when tiny or huge (so `1e-45` is
+/// not printed as a run of zeros).
+fn show_f32(v: f32) -> String {
+    if v != 0.0 && v.is_finite() && (v.abs() < 1e-4 || v.abs() >= 1e16) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
     }
 }
 
-fn finite_positive(field: &'static str, v: f32) -> Result<()> {
-    if v.is_finite() && v > 0.0 {
+/// Checks a scale-like option: finite and at least the smallest normal f32, so the
+/// arithmetic it enters (a product, a division) stays meaningful.
+fn normal_positive(field: &'static str, v: f32) -> Result<()> {
+    if v.is_finite() && v >= f32::MIN_POSITIVE {
         Ok(())
     } else {
         Err(Error::InvalidOption {
             field,
-            expected: "a finite number > 0",
-            actual: format!("{v}"),
+            expected: "a finite number of at least 1.1754944e-38 (the smallest normal f32)",
+            actual: show_f32(v),
         })
     }
 }
 
 impl AttentionOptions {
-    /// Checks every option (DESIGN §4): `sm_scale` and the soft-cap finite and positive,
-    /// `window_left >= -1`, RoPE theta and scale finite and positive.
+    /// No mask, default scale, no soft-cap, no window, no positional encoding, no LSE.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Sets the causal mask.
+    pub fn with_causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    /// Sets the scale of q·k (`None`: `1/sqrt(head_dim)`).
+    pub fn with_sm_scale(mut self, sm_scale: impl Into<Option<f32>>) -> Self {
+        self.sm_scale = sm_scale.into();
+        self
+    }
+    /// Sets the logits soft-cap (`None`: none).
+    pub fn with_logits_soft_cap(mut self, cap: impl Into<Option<f32>>) -> Self {
+        self.logits_soft_cap = cap.into();
+        self
+    }
+    /// Sets the sliding window (`None`: none).
+    pub fn with_window_left(mut self, window_left: impl Into<Option<u32>>) -> Self {
+        self.window_left = window_left.into();
+        self
+    }
+    /// Sets the positional encoding.
+    pub fn with_pos_encoding(mut self, pos_encoding: PosEncoding) -> Self {
+        self.pos_encoding = pos_encoding;
+        self
+    }
+    /// Asks for the log-sum-exp of every row and head.
+    pub fn with_return_lse(mut self, return_lse: bool) -> Self {
+        self.return_lse = return_lse;
+        self
+    }
+
+    /// Checks every option (docs/semantics.md): `sm_scale`, the soft-cap and RoPE's scale
+    /// finite and at least the smallest normal f32; RoPE's theta finite and above 1.
     pub fn validate(&self) -> Result<()> {
         if let Some(s) = self.sm_scale {
-            finite_positive("sm_scale", s)?;
+            normal_positive("sm_scale", s)?;
         }
         if let Some(c) = self.logits_soft_cap {
-            finite_positive("logits_soft_cap", c)?;
-        }
-        if self.window_left < -1 {
-            return Err(Error::InvalidOption {
-                field: "window_left",
-                expected: "-1 (no window) or a number >= 0",
-                actual: self.window_left.to_string(),
-            });
+            normal_positive("logits_soft_cap", c)?;
         }
         if let PosEncoding::Rope { theta, scale } = self.pos_encoding {
-            finite_positive("rope_theta", theta)?;
-            finite_positive("rope_scale", scale)?;
+            if !(theta.is_finite() && theta > 1.0) {
+                return Err(Error::InvalidOption {
+                    field: "rope_theta",
+                    expected: "a finite number above 1",
+                    actual: show_f32(theta),
+                });
+            }
+            normal_positive("rope_scale", scale)?;
         }
         Ok(())
     }
@@ -123,9 +215,32 @@ impl AttentionOptions {
             .unwrap_or_else(|| (1.0 / (head_dim as f64).sqrt()) as f32)
     }
 
-    /// The window as an option (`None` when disabled).
+    /// Converts a signed window in FlashInfer's convention (`-1`: no window) to
+    /// [`AttentionOptions::window_left`]: `-1` is `None`, `0..=u32::MAX` is the window, anything
+    /// else an [`Error::InvalidOption`] naming `window_left`.
+    ///
+    /// ```
+    /// use flashpage::AttentionOptions;
+    /// assert_eq!(AttentionOptions::window_from_signed(-1), Ok(None));
+    /// assert_eq!(AttentionOptions::window_from_signed(4095), Ok(Some(4095)));
+    /// assert!(AttentionOptions::window_from_signed(-2).is_err());
+    /// ```
+    pub fn window_from_signed(window_left: i64) -> Result<Option<u32>> {
+        match window_left {
+            -1 => Ok(None),
+            w => u32::try_from(w)
+                .map(Some)
+                .map_err(|_| Error::InvalidOption {
+                    field: "window_left",
+                    expected: "-1 (no window) or a number in 0..=4294967295",
+                    actual: w.to_string(),
+                }),
+        }
+    }
+
+    /// The window in keys (`None` when disabled).
     pub fn window(&self) -> Option<usize> {
-        usize::try_from(self.window_left).ok()
+        self.window_left.map(|w| w as usize)
     }
 }
 
@@ -155,58 +270,56 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_option() {
+        let d = AttentionOptions::default;
+        let rope = |theta, scale| d().with_pos_encoding(PosEncoding::Rope { theta, scale });
         let bad = [
-            AttentionOptions {
-                sm_scale: Some(0.0),
-                ..Default::default()
-            },
-            AttentionOptions {
-                sm_scale: Some(f32::NAN),
-                ..Default::default()
-            },
-            AttentionOptions {
-                logits_soft_cap: Some(-1.0),
-                ..Default::default()
-            },
-            AttentionOptions {
-                logits_soft_cap: Some(f32::INFINITY),
-                ..Default::default()
-            },
-            AttentionOptions {
-                window_left: -2,
-                ..Default::default()
-            },
-            AttentionOptions {
-                pos_encoding: PosEncoding::Rope {
-                    theta: 0.0,
-                    scale: 1.0,
-                },
-                ..Default::default()
-            },
-            AttentionOptions {
-                pos_encoding: PosEncoding::Rope {
-                    theta: 1e4,
-                    scale: -1.0,
-                },
-                ..Default::default()
-            },
+            (d().with_sm_scale(0.0), "sm_scale"),
+            (d().with_sm_scale(f32::NAN), "sm_scale"),
+            (d().with_sm_scale(1e-40), "sm_scale"),
+            (d().with_logits_soft_cap(-1.0), "logits_soft_cap"),
+            (d().with_logits_soft_cap(f32::INFINITY), "logits_soft_cap"),
+            (d().with_logits_soft_cap(1e-45), "logits_soft_cap"),
+            (rope(0.0, 1.0), "rope_theta"),
+            (rope(1e-30, 1.0), "rope_theta"),
+            (rope(f32::INFINITY, 1.0), "rope_theta"),
+            (rope(1e4, -1.0), "rope_scale"),
+            (rope(1e4, 1e-45), "rope_scale"),
         ];
-        let fields = [
-            "sm_scale",
-            "sm_scale",
-            "logits_soft_cap",
-            "logits_soft_cap",
-            "window_left",
-            "rope_theta",
-            "rope_scale",
-        ];
-        for (o, f) in bad.iter().zip(fields) {
+        for (o, f) in bad {
             match o.validate() {
                 Err(Error::InvalidOption { field, .. }) => assert_eq!(field, f),
                 other => panic!("{o:?}: expected InvalidOption for {f}, got {other:?}"),
             }
         }
         assert!(AttentionOptions::default().validate().is_ok());
+        assert!(rope(5e5, 8.0).validate().is_ok());
+        assert!(d().with_sm_scale(f32::MIN_POSITIVE).validate().is_ok());
+    }
+
+    #[test]
+    fn one_parser_for_positional_encodings() {
+        for (s, want) in [
+            ("none", PosEncoding::None),
+            ("NONE", PosEncoding::None),
+            ("Alibi", PosEncoding::Alibi),
+            ("rope", PosEncoding::ROPE_DEFAULT),
+            ("ROPE", PosEncoding::ROPE_DEFAULT),
+        ] {
+            assert_eq!(s.parse::<PosEncoding>().unwrap(), want, "{s}");
+        }
+        let e = "rotary".parse::<PosEncoding>().unwrap_err();
+        assert!(e.to_string().contains("pos_encoding"), "{e}");
+        assert_eq!(
+            PosEncoding::parse("rope", None, Some(4.0)).unwrap(),
+            PosEncoding::Rope {
+                theta: 1e4,
+                scale: 4.0
+            }
+        );
+        match PosEncoding::parse("none", None, Some(4.0)) {
+            Err(Error::InvalidOption { field, .. }) => assert_eq!(field, "rope_scale"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

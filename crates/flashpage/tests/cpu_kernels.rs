@@ -89,10 +89,10 @@ fn decode_bf16_long_kv_odd_keys_and_options() {
     s.options.logits_soft_cap = None;
     s.input_scale = 1.0;
     for w in [0, 33, 1000] {
-        s.options.window_left = w;
+        s.options.window_left = Some(w);
         check_within(&s, &PlanConfig::with_parallelism(8), 602 + w as u64, 4e-3);
     }
-    s.options.window_left = -1;
+    s.options.window_left = None;
     s.options.pos_encoding = PosEncoding::Alibi;
     check_within(&s, &PlanConfig::with_parallelism(1), 610, 4e-3);
     // Page size 1: every key of a pair on its own (shuffled) page.
@@ -163,10 +163,10 @@ fn decode_soft_cap_alibi_window_on_block_boundaries() {
         s.input_scale = 1.0;
         // Windows ending inside, at and just past a block boundary.
         for w in [0, 31, 32, 33, 100] {
-            s.options.window_left = w;
+            s.options.window_left = Some(w);
             check(&s, &PlanConfig::with_parallelism(4), 22 + w as u64);
         }
-        s.options.window_left = -1;
+        s.options.window_left = None;
         s.options.pos_encoding = PosEncoding::Alibi;
         check(&s, &PlanConfig::with_parallelism(1), 23);
     }
@@ -205,7 +205,7 @@ fn prefill_options_and_storage() {
             s.options.causal = false;
             check(&s, &PlanConfig::with_parallelism(8), 31);
             s.options.causal = true;
-            s.options.window_left = 32;
+            s.options.window_left = Some(32);
             s.options.logits_soft_cap = Some(30.0);
             s.input_scale = 3.0;
             check(&s, &PlanConfig::with_parallelism(8), 32);

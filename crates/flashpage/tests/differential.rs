@@ -47,25 +47,24 @@ fn random_case(seed: u64) -> (CaseSpec, PlanConfig) {
             (qo, kv)
         })
         .collect();
-    let options = AttentionOptions {
-        causal,
-        sm_scale: (rng.below(3) == 0).then(|| 0.02 + rng.uniform().abs() as f32 * 0.3),
-        logits_soft_cap: (rng.below(3) == 0).then(|| [1.0, 5.0, 30.0, 50.0][rng.below(4)]),
-        window_left: if rng.below(3) == 0 {
-            rng.below(40) as i32
+    let options = AttentionOptions::default()
+        .with_causal(causal)
+        .with_sm_scale((rng.below(3) == 0).then(|| 0.02 + rng.uniform().abs() as f32 * 0.3))
+        .with_logits_soft_cap((rng.below(3) == 0).then(|| [1.0, 5.0, 30.0, 50.0][rng.below(4)]))
+        .with_window_left(if rng.below(3) == 0 {
+            Some(rng.below(40) as u32)
         } else {
-            -1
-        },
-        pos_encoding: match rng.below(4) {
+            None
+        })
+        .with_pos_encoding(match rng.below(4) {
             0 => PosEncoding::Alibi,
             1 => PosEncoding::Rope {
                 theta: [1e4, 5e5][rng.below(2)],
                 scale: [1.0, 4.0][rng.below(2)],
             },
             _ => PosEncoding::None,
-        },
-        return_lse: true,
-    };
+        })
+        .with_return_lse(true);
     let input_scale = if options.logits_soft_cap.is_some() && rng.below(2) == 0 {
         6.0
     } else {

@@ -225,59 +225,38 @@ fn decode_options() {
         let opts = [
             (
                 "soft-cap gemma",
-                AttentionOptions {
-                    logits_soft_cap: Some(50.0),
-                    sm_scale: Some(1.0 / 12.0),
-                    ..Default::default()
-                },
+                AttentionOptions::default()
+                    .with_logits_soft_cap(50.0)
+                    .with_sm_scale(1.0 / 12.0),
             ),
             (
                 "tight soft-cap",
-                AttentionOptions {
-                    logits_soft_cap: Some(2.0),
-                    ..Default::default()
-                },
+                AttentionOptions::default().with_logits_soft_cap(2.0),
             ),
             (
                 "window",
-                AttentionOptions {
-                    window_left: 100,
-                    causal: true,
-                    ..Default::default()
-                },
+                AttentionOptions::default()
+                    .with_window_left(100)
+                    .with_causal(true),
             ),
-            (
-                "window 0",
-                AttentionOptions {
-                    window_left: 0,
-                    ..Default::default()
-                },
-            ),
+            ("window 0", AttentionOptions::default().with_window_left(0)),
             (
                 "alibi",
-                AttentionOptions {
-                    pos_encoding: PosEncoding::Alibi,
-                    ..Default::default()
-                },
+                AttentionOptions::default().with_pos_encoding(PosEncoding::Alibi),
             ),
             (
                 "rope",
-                AttentionOptions {
-                    pos_encoding: PosEncoding::Rope {
-                        theta: 1e4,
-                        scale: 2.0,
-                    },
-                    ..Default::default()
-                },
+                AttentionOptions::default().with_pos_encoding(PosEncoding::Rope {
+                    theta: 1e4,
+                    scale: 2.0,
+                }),
             ),
             (
                 "rope + window + soft-cap",
-                AttentionOptions {
-                    pos_encoding: PosEncoding::ROPE_DEFAULT,
-                    window_left: 37,
-                    logits_soft_cap: Some(30.0),
-                    ..Default::default()
-                },
+                AttentionOptions::default()
+                    .with_pos_encoding(PosEncoding::ROPE_DEFAULT)
+                    .with_window_left(37)
+                    .with_logits_soft_cap(30.0),
             ),
         ];
         for (name, o) in opts {

@@ -68,34 +68,33 @@ fn wild_f32(rng: &mut Rng) -> Option<f32> {
 }
 
 fn wild_options(rng: &mut Rng) -> AttentionOptions {
-    AttentionOptions {
-        causal: rng.below(2) == 0,
-        sm_scale: if rng.below(2) == 0 {
+    AttentionOptions::default()
+        .with_causal(rng.below(2) == 0)
+        .with_sm_scale(if rng.below(2) == 0 {
             None
         } else {
             wild_f32(rng)
-        },
-        logits_soft_cap: if rng.below(2) == 0 {
+        })
+        .with_logits_soft_cap(if rng.below(2) == 0 {
             None
         } else {
             wild_f32(rng)
-        },
-        window_left: match rng.below(6) {
-            0 => -2 - rng.below(10) as i32,
-            1 => i32::MIN,
-            2 | 3 => -1,
-            _ => rng.below(100) as i32,
-        },
-        pos_encoding: match rng.below(4) {
+        })
+        .with_window_left(match rng.below(6) {
+            0 => Some(u32::MAX - rng.below(10) as u32),
+            1 => Some(0),
+            2 | 3 => None,
+            _ => Some(rng.below(100) as u32),
+        })
+        .with_pos_encoding(match rng.below(4) {
             0 => PosEncoding::Alibi,
             1 => PosEncoding::Rope {
                 theta: wild_f32(rng).unwrap_or(1e4),
                 scale: wild_f32(rng).unwrap_or(1.0),
             },
             _ => PosEncoding::None,
-        },
-        return_lse: rng.below(2) == 0,
-    }
+        })
+        .with_return_lse(rng.below(2) == 0)
 }
 
 fn wild_config(rng: &mut Rng) -> PlanConfig {
@@ -129,14 +128,17 @@ fn own_limits(
     config: &PlanConfig,
 ) -> Option<WorkspaceLimits> {
     let vb = check_batch(desc, opts).ok()?;
-    Some(WorkspaceLimits {
-        heads: desc.heads,
-        dtype: DType::BF16,
-        max_batch: vb.batch_size(),
-        max_q_tokens: vb.num_q_rows(),
-        max_kv_len: vb.max_kv_len(),
-        config: *config,
-    })
+    Some(
+        WorkspaceLimits::new(
+            desc.heads,
+            DType::BF16,
+            vb.batch_size(),
+            vb.num_q_rows(),
+            vb.max_kv_len(),
+            1,
+        )
+        .with_config(*config),
+    )
 }
 
 /// `a <= b` for both parts (float and int workspace totals: a plan carves its own buffers
@@ -212,14 +214,15 @@ fn arbitrary_case(seed: u64) {
         }
     }
     // Arbitrary limits: new_within never returns a plan larger than the limits allow.
-    let limits = WorkspaceLimits {
+    let limits = WorkspaceLimits::new(
         heads,
-        dtype: DType::F16,
-        max_batch: wild_usize(&mut rng, 12),
-        max_q_tokens: wild_usize(&mut rng, 300),
-        max_kv_len: wild_usize(&mut rng, 3000),
-        config,
-    };
+        DType::F16,
+        wild_usize(&mut rng, 12),
+        wild_usize(&mut rng, 300),
+        wild_usize(&mut rng, 3000),
+        1,
+    )
+    .with_config(config);
     if let Ok(plan) = Plan::new_within(&desc, &opts, &limits) {
         assert_fits(
             plan.requirement(),
@@ -283,14 +286,15 @@ fn limits_for(rng: &mut Rng, heads: HeadConfig, page_size: usize) -> WorkspaceLi
             config.graph_max_kv_len = Some(max_kv_len + rng.below(8));
         }
     }
-    WorkspaceLimits {
+    WorkspaceLimits::new(
         heads,
-        dtype: DType::ALL[rng.below(3)],
+        DType::ALL[rng.below(3)],
         max_batch,
         max_q_tokens,
         max_kv_len,
-        config,
-    }
+        1,
+    )
+    .with_config(config)
 }
 
 /// Request lengths within `limits` (and within the graph's capacities).
@@ -357,15 +361,13 @@ fn valid_case(seed: u64) -> Valid {
         [1, 3, 16, 64, 256][rng.below(5)]
     };
     let limits = limits_for(&mut rng, heads, page_size);
-    let opts = AttentionOptions {
-        causal: rng.below(2) == 0,
-        window_left: if rng.below(3) == 0 {
-            rng.below(50) as i32
+    let opts = AttentionOptions::default()
+        .with_causal(rng.below(2) == 0)
+        .with_window_left(if rng.below(3) == 0 {
+            Some(rng.below(50) as u32)
         } else {
-            -1
-        },
-        ..AttentionOptions::default()
-    };
+            None
+        });
     let reqs = requests_within(&mut rng, &limits, decode, opts.causal);
     let mut builder = BatchBuilder::new(page_size).unwrap();
     let mut ragged_indptr = vec![0i32];

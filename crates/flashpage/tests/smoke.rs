@@ -38,7 +38,7 @@ fn smoke_decode_and_prefill() {
         check(&p, 64);
         p.storage = KvStorage::Combined;
         p.layout = KvLayout::Hnd;
-        p.options.window_left = 20;
+        p.options.window_left = Some(20);
         p.options.logits_soft_cap = Some(5.0);
         p.options.pos_encoding = PosEncoding::ROPE_DEFAULT;
         check(&p, 64);

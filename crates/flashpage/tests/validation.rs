@@ -344,10 +344,7 @@ fn last_page_len_invalid() {
 
 #[test]
 fn causal_query_longer_than_kv() {
-    let causal = AttentionOptions {
-        causal: true,
-        ..opts()
-    };
+    let causal = opts().with_causal(true);
     // Request 1: 3 rows, 2 keys.
     let desc = BatchDesc::prefill_paged(heads(), &[0, 1, 4], table(&[0, 1, 2], &[16, 2], 2));
     expect(
@@ -374,73 +371,28 @@ fn causal_query_longer_than_kv() {
 fn options_invalid() {
     let desc = BatchDesc::decode(heads(), table(&[0, 1], &[1], 1));
     let cases: Vec<(AttentionOptions, &str, &str)> = vec![
+        (opts().with_sm_scale(0.0), "sm_scale", "0"),
+        (opts().with_sm_scale(-2.0), "sm_scale", "-2"),
+        (opts().with_sm_scale(f32::NAN), "sm_scale", "NaN"),
         (
-            AttentionOptions {
-                sm_scale: Some(0.0),
-                ..opts()
-            },
-            "sm_scale",
-            "0",
-        ),
-        (
-            AttentionOptions {
-                sm_scale: Some(-2.0),
-                ..opts()
-            },
-            "sm_scale",
-            "-2",
-        ),
-        (
-            AttentionOptions {
-                sm_scale: Some(f32::NAN),
-                ..opts()
-            },
-            "sm_scale",
-            "NaN",
-        ),
-        (
-            AttentionOptions {
-                logits_soft_cap: Some(f32::INFINITY),
-                ..opts()
-            },
+            opts().with_logits_soft_cap(f32::INFINITY),
             "logits_soft_cap",
             "inf",
         ),
+        (opts().with_logits_soft_cap(0.0), "logits_soft_cap", "0"),
         (
-            AttentionOptions {
-                logits_soft_cap: Some(0.0),
-                ..opts()
-            },
-            "logits_soft_cap",
-            "0",
-        ),
-        (
-            AttentionOptions {
-                window_left: -2,
-                ..opts()
-            },
-            "window_left",
-            "-2",
-        ),
-        (
-            AttentionOptions {
-                pos_encoding: PosEncoding::Rope {
-                    theta: f32::NAN,
-                    scale: 1.0,
-                },
-                ..opts()
-            },
+            opts().with_pos_encoding(PosEncoding::Rope {
+                theta: f32::NAN,
+                scale: 1.0,
+            }),
             "rope_theta",
             "NaN",
         ),
         (
-            AttentionOptions {
-                pos_encoding: PosEncoding::Rope {
-                    theta: 1e4,
-                    scale: 0.0,
-                },
-                ..opts()
-            },
+            opts().with_pos_encoding(PosEncoding::Rope {
+                theta: 1e4,
+                scale: 0.0,
+            }),
             "rope_scale",
             "0",
         ),
@@ -753,10 +705,7 @@ fn run_args_checked_against_plan() {
     static IDS: [i32; 3] = [3, 1, 0];
     let indptr = [0, 2, 3];
     let last = [5, 16];
-    let o = AttentionOptions {
-        return_lse: true,
-        ..opts()
-    };
+    let o = opts().with_return_lse(true);
     let plan = Plan::new(
         &BatchDesc::decode(heads(), table(&indptr, &last, 3)),
         &o,
@@ -879,14 +828,7 @@ fn founding_scenario() {
         err.to_string(),
         "kv_indptr has 1 entry, qo_indptr has 9 entries: both must have batch_size + 1 = 9 entries"
     );
-    let limits = WorkspaceLimits {
-        heads: h,
-        dtype: DType::BF16,
-        max_batch: 8,
-        max_q_tokens: 8,
-        max_kv_len: 4096,
-        config: cfg,
-    };
+    let limits = WorkspaceLimits::new(h, DType::BF16, 8, 8, 4096, 1).with_config(cfg);
     assert_eq!(Plan::new_within(&desc, &opts(), &limits).unwrap_err(), err);
 
     // The same warm-up batch written correctly: 8 empty requests padded to the capacity.
@@ -1018,10 +960,7 @@ fn builder_round_trip() {
         }
         b.pad_to(want.len() + rng.below(4)).unwrap();
         let h = heads();
-        let causal = AttentionOptions {
-            causal: true,
-            ..opts()
-        };
+        let causal = opts().with_causal(true);
         let desc = b.prefill(h, next as usize);
         let vb = check_batch(&desc, &causal).unwrap();
         assert_eq!(vb.batch_size(), b.len());

@@ -33,6 +33,7 @@ impl PlanKind {
 
 /// Fixed launch shape for graph mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GraphCapacity {
     /// Most requests in a batch (padded requests included).
     pub batch: usize,
@@ -42,8 +43,11 @@ pub struct GraphCapacity {
     pub kv_len: Option<usize>,
 }
 
-/// How to plan.
+/// How to plan. Built with [`PlanConfig::with_parallelism`]; the fields are public to read
+/// and to set on an existing value.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct PlanConfig {
     /// Parallel work slots to fill: GPU SMs × blocks per SM, or CPU threads. A slot runs one
     /// `(work item, KV head)` pair. `1..=`[`MAX_PARALLELISM`].

@@ -65,6 +65,8 @@ pub(crate) fn mul(factors: &[usize], what: &'static str) -> Result<usize> {
 /// assert!(req.float.total() > 0 && req.int.total() > 0);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
 pub struct WorkspaceLimits {
     /// Heads and head dimension.
     pub heads: HeadConfig,
@@ -99,5 +101,11 @@ impl WorkspaceLimits {
             max_kv_len,
             config: PlanConfig::with_parallelism(parallelism),
         }
+    }
+    /// The same limits with another planner configuration (graph capacity, deterministic
+    /// chunk, tile, parallelism).
+    pub fn with_config(mut self, config: PlanConfig) -> Self {
+        self.config = config;
+        self
     }
 }

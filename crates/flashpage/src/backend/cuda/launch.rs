@@ -238,7 +238,10 @@ pub fn params(plan: &Plan, b: &Buffers) -> Params {
         merge_off: mo as i32,
         paged: plan.is_paged() as i32,
         causal: opts.causal as i32,
-        window_left: opts.window_left,
+        // A window wider than any i32 KV length is no window in effect.
+        window_left: opts
+            .window_left
+            .map_or(-1, |w| w.min(i32::MAX as u32) as i32),
         alibi: (opts.pos_encoding == PosEncoding::Alibi) as i32,
         has_soft_cap: opts.logits_soft_cap.is_some() as i32,
         soft_cap: opts.logits_soft_cap.unwrap_or(1.0),

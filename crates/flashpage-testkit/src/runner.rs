@@ -1,0 +1,217 @@
+//! Every backend seen through host tensors: the suite and the case helpers run on a
+//! [`HostRunner`], so one TOML suite runs on the CPU at every SIMD level and on CUDA (upload,
+//! run, download) through the library's [`Backend`] trait.
+
+use flashpage::Plan;
+use flashpage::backend::cpu::{CpuBackend, SimdLevel};
+use flashpage::backend::{Backend, RunArgs};
+use flashpage::error::Result;
+use flashpage::workspace::HostWorkspace;
+
+/// A backend driven with host tensors.
+pub trait HostRunner {
+    /// What ran: `cpu/avx2`, `cuda/<device name>`.
+    fn label(&self) -> String;
+    /// The CPU SIMD level, for CPU runners.
+    fn simd(&self) -> Option<SimdLevel>;
+    /// Runs `plan` over host `args`: uploads what the backend needs, runs, and writes `o`
+    /// (and `lse`) back into `args`. Errors are the backend's (the checks run first; on error
+    /// nothing is written).
+    fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()>;
+}
+
+impl HostRunner for CpuBackend {
+    fn label(&self) -> String {
+        format!("cpu/{}", CpuBackend::simd(self).name())
+    }
+
+    fn simd(&self) -> Option<SimdLevel> {
+        Some(CpuBackend::simd(self))
+    }
+
+    fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
+        let mut ws = HostWorkspace::new(plan.requirement().float.total());
+        self.prepare(plan, args.q.dtype())?;
+        Backend::upload_plan(self, plan, ws.as_bytes_mut())?;
+        Backend::run(self, plan, args, ws.as_bytes_mut())
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use cuda::CudaHost;
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::CudaSlice;
+    use flashpage::backend::cuda::{CudaBackend, DeviceRunArgs, DeviceWorkspace};
+    use flashpage::backend::{Backend, DeviceArgs, RunArgs, check_run_args};
+    use flashpage::error::{Error, Result};
+    use flashpage::half::{bf16, f16};
+    use flashpage::tensor::{TensorMut, TensorRef};
+    use flashpage::{DType, Plan};
+
+    use super::HostRunner;
+    use flashpage::backend::cpu::SimdLevel;
+
+    /// The CUDA backend driven with host tensors: every call uploads q, K, V and the page
+    /// ids, runs through [`Backend`], synchronises and downloads o and the LSE. For tests and
+    /// `flashpage check --backend cuda`, not for speed.
+    pub struct CudaHost {
+        backend: CudaBackend,
+    }
+
+    impl CudaHost {
+        /// Opens device `ordinal` (a typed `BackendUnavailable` where there is no GPU).
+        pub fn new(ordinal: usize) -> Result<CudaHost> {
+            Ok(CudaHost {
+                backend: CudaBackend::new(ordinal)?,
+            })
+        }
+        /// The backend.
+        pub fn backend(&self) -> &CudaBackend {
+            &self.backend
+        }
+    }
+
+    fn dev(e: impl std::fmt::Debug) -> Error {
+        Error::Backend {
+            backend: "cuda",
+            message: format!("{e:?}"),
+        }
+    }
+
+    /// 16-bit elements as raw bits, or f32 elements.
+    fn bits(t: TensorRef<'_>) -> std::result::Result<Vec<u16>, Vec<f32>> {
+        match t {
+            TensorRef::F16(v) => Ok(v.iter().map(|x| x.to_bits()).collect()),
+            TensorRef::BF16(v) => Ok(v.iter().map(|x| x.to_bits()).collect()),
+            TensorRef::F32(v) => Err(v.to_vec()),
+        }
+    }
+
+    /// A device buffer never has zero elements (an empty V of a ragged batch, no page ids).
+    fn nonempty<T: Clone + Default>(mut v: Vec<T>) -> Vec<T> {
+        if v.is_empty() {
+            v.push(T::default());
+        }
+        v
+    }
+
+    impl HostRunner for CudaHost {
+        fn label(&self) -> String {
+            format!("cuda/{}", self.backend.device_name())
+        }
+
+        fn simd(&self) -> Option<SimdLevel> {
+            None
+        }
+
+        fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
+            // The host tensors' own checks first (dtypes, shapes, page ids), so nothing is
+            // uploaded for a run that cannot happen.
+            check_run_args(plan, &args.shapes())?;
+            let b = &self.backend;
+            let s = b.stream();
+            let dtype = args.q.dtype();
+            // o starts as the caller's buffer (poisoned in tests), so an element the kernel
+            // does not write comes back as it was.
+            let o_init = match &args.o {
+                TensorMut::F16(v) => Ok(v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>()),
+                TensorMut::BF16(v) => Ok(v.iter().map(|x| x.to_bits()).collect()),
+                TensorMut::F32(v) => Err(v.to_vec()),
+            };
+            b.prepare(plan, dtype)?;
+            let mut ws = DeviceWorkspace::new(b, plan.requirement())?;
+            Backend::upload_plan(b, plan, &mut ws)?;
+            let ids = nonempty(args.kv.kv_indices.to_vec());
+            let kvi = s.clone_htod(&ids).map_err(dev)?;
+            let host_ids = (!args.kv.kv_indices.is_empty()).then_some(&ids[..]);
+            let lse_host: Option<Vec<f32>> = args.lse.as_ref().map(|l| l.to_vec());
+            let mut lse_dev: Option<CudaSlice<f32>> = match &lse_host {
+                Some(l) => Some(s.clone_htod(&nonempty(l.clone())).map_err(dev)?),
+                None => None,
+            };
+            let (strides, num_pages) = (args.kv.strides, args.kv.num_pages);
+            match (bits(args.q), bits(args.kv.k), bits(args.kv.v), o_init) {
+                (Ok(q), Ok(k), Ok(v), Ok(o_init)) => {
+                    let (q, k) = (
+                        s.clone_htod(&q).map_err(dev)?,
+                        s.clone_htod(&nonempty(k)).map_err(dev)?,
+                    );
+                    let v = s.clone_htod(&nonempty(v)).map_err(dev)?;
+                    let mut o = s.clone_htod(&nonempty(o_init)).map_err(dev)?;
+                    let run = DeviceRunArgs {
+                        dtype,
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        strides,
+                        num_pages,
+                        kv_indices: &kvi,
+                        host_kv_indices: host_ids,
+                        o: &mut o,
+                        lse: lse_dev.as_mut().map(|l| l as _),
+                    };
+                    Backend::run(b, plan, DeviceArgs::Half(run), &mut ws)?;
+                    b.synchronize()?;
+                    let out = s.clone_dtoh(&o).map_err(dev)?;
+                    match args.o {
+                        TensorMut::F16(dst) => {
+                            for (d, &x) in dst.iter_mut().zip(&out) {
+                                *d = f16::from_bits(x);
+                            }
+                        }
+                        TensorMut::BF16(dst) => {
+                            for (d, &x) in dst.iter_mut().zip(&out) {
+                                *d = bf16::from_bits(x);
+                            }
+                        }
+                        TensorMut::F32(_) => {
+                            unreachable!("check_run_args: o has q's dtype")
+                        }
+                    }
+                }
+                (Err(q), Err(k), Err(v), Err(o_init)) => {
+                    let (q, k) = (
+                        s.clone_htod(&q).map_err(dev)?,
+                        s.clone_htod(&nonempty(k)).map_err(dev)?,
+                    );
+                    let v = s.clone_htod(&nonempty(v)).map_err(dev)?;
+                    let mut o = s.clone_htod(&nonempty(o_init)).map_err(dev)?;
+                    let run = DeviceRunArgs {
+                        dtype: DType::F32,
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        strides,
+                        num_pages,
+                        kv_indices: &kvi,
+                        host_kv_indices: host_ids,
+                        o: &mut o,
+                        lse: lse_dev.as_mut().map(|l| l as _),
+                    };
+                    Backend::run(b, plan, DeviceArgs::F32(run), &mut ws)?;
+                    b.synchronize()?;
+                    let out = s.clone_dtoh(&o).map_err(dev)?;
+                    if let TensorMut::F32(dst) = args.o {
+                        let n = dst.len();
+                        dst.copy_from_slice(&out[..n]);
+                    }
+                }
+                _ => {
+                    return Err(Error::DTypeMismatch {
+                        tensor: "k",
+                        expected: dtype.name(),
+                        actual: args.kv.k.dtype().name(),
+                    });
+                }
+            }
+            if let (Some(dst), Some(src)) = (args.lse, lse_dev) {
+                let got = s.clone_dtoh(&src).map_err(dev)?;
+                let n = dst.len();
+                dst.copy_from_slice(&got[..n]);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The tensors of a run on the host, and the checks every backend applies to a run's
+//! arguments against its plan.
+
+use crate::error::{Error, Result, shape_str};
+use crate::layout::{DType, KvStrides};
+use crate::plan::Plan;
+use crate::tensor::{TensorMut, TensorRef};
+
+/// The K/V tensors of a run: a paged cache or contiguous (ragged) K/V, described by strides.
+#[derive(Debug, Clone, Copy)]
+pub struct KvCache<'a> {
+    /// K elements.
+    pub k: TensorRef<'a>,
+    /// V elements (may be a sub-slice of the same buffer as K for a combined cache).
+    pub v: TensorRef<'a>,
+    /// Element strides (page, token, head) shared by K and V.
+    pub strides: KvStrides,
+    /// Pages in the cache (ragged: tokens).
+    pub num_pages: usize,
+    /// Page ids (paged); empty for ragged K/V.
+    pub kv_indices: &'a [i32],
+}
+
+impl<'a> KvCache<'a> {
+    /// A paged cache.
+    pub fn paged(
+        k: TensorRef<'a>,
+        v: TensorRef<'a>,
+        strides: KvStrides,
+        num_pages: usize,
+        kv_indices: &'a [i32],
+    ) -> Self {
+        KvCache {
+            k,
+            v,
+            strides,
+            num_pages,
+            kv_indices,
+        }
+    }
+
+    /// Contiguous K/V `[tokens, num_kv_heads, head_dim]` (or any strides).
+    pub fn ragged(k: TensorRef<'a>, v: TensorRef<'a>, strides: KvStrides, tokens: usize) -> Self {
+        KvCache {
+            k,
+            v,
+            strides,
+            num_pages: tokens,
+            kv_indices: &[],
+        }
+    }
+}
+
+/// The tensors of one run on the host.
+#[derive(Debug)]
+pub struct RunArgs<'a, 'o> {
+    /// Queries `[rows, num_qo_heads, head_dim]`.
+    pub q: TensorRef<'a>,
+    /// Keys and values.
+    pub kv: KvCache<'a>,
+    /// Output `[rows, num_qo_heads, head_dim]`, same dtype as `q`.
+    pub o: TensorMut<'o>,
+    /// Log-sum-exp `[rows, num_qo_heads]` (natural log), if wanted.
+    pub lse: Option<&'o mut [f32]>,
+}
+
+/// Shapes a backend needs to check, independent of where the data lives.
+#[derive(Debug, Clone, Copy)]
+pub struct ArgShapes<'a> {
+    /// dtype and elements of q.
+    pub q: (DType, usize),
+    /// dtype and elements of k.
+    pub k: (DType, usize),
+    /// dtype and elements of v.
+    pub v: (DType, usize),
+    /// dtype and elements of o.
+    pub o: (DType, usize),
+    /// elements of lse, if given.
+    pub lse: Option<usize>,
+    /// K/V strides.
+    pub strides: KvStrides,
+    /// Pages (or ragged tokens) in the cache.
+    pub num_pages: usize,
+    /// Host page ids, when the caller has them on the host (checked against `num_pages`).
+    pub kv_indices: Option<&'a [i32]>,
+    /// Length of the page-id array.
+    pub num_indices: usize,
+}
+
+/// Checks run arguments against a plan: dtypes agree, shapes match the batch, the strides
+/// stay inside K and V for every page, and every page id the plan reads is in range.
+pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
+    let h = plan.heads();
+    let (hq, hkv, d) = (h.num_qo_heads(), h.num_kv_heads(), h.head_dim());
+    let dt = a.q.0;
+    for (tensor, (t, _)) in [("k", a.k), ("v", a.v), ("o", a.o)] {
+        if t != dt {
+            return Err(Error::DTypeMismatch {
+                tensor,
+                expected: dt.name(),
+                actual: t.name(),
+            });
+        }
+    }
+    let rows = plan.num_q_rows();
+    for (tensor, (_, n)) in [("q", a.q), ("o", a.o)] {
+        if n != rows * hq * d {
+            return Err(Error::TensorShape {
+                tensor,
+                expected: shape_str(&[rows, hq, d]),
+                actual: format!("{n} elements"),
+            });
+        }
+    }
+    if let Some(n) = a.lse
+        && n != rows * hq
+    {
+        return Err(Error::TensorShape {
+            tensor: "lse",
+            expected: shape_str(&[rows, hq]),
+            actual: format!("{n} elements"),
+        });
+    }
+    if plan.options().return_lse && a.lse.is_none() {
+        return Err(Error::TensorShape {
+            tensor: "lse",
+            expected: shape_str(&[rows, hq]),
+            actual: "none (the plan's options ask for the LSE)".into(),
+        });
+    }
+    let page_size = plan.page_size();
+    let s = a.strides;
+    if s.head < d && hkv > 1 || (page_size > 1 && s.token < d) || (a.num_pages > 1 && s.page < d) {
+        return Err(Error::TensorShape {
+            tensor: "k_cache",
+            expected: format!("strides of at least head_dim = {d}"),
+            actual: format!("page {}, token {}, head {}", s.page, s.token, s.head),
+        });
+    }
+    let extent = s
+        .extent(a.num_pages, page_size, hkv, d)
+        .ok_or(Error::SizeOverflow { what: "kv cache" })?;
+    for (tensor, (_, n)) in [("k_cache", a.k), ("v_cache", a.v)] {
+        if extent > n {
+            return Err(Error::TensorShape {
+                tensor,
+                expected: format!(
+                    "at least {extent} elements for {} pages of {page_size} tokens with strides (page {}, token {}, head {})",
+                    a.num_pages, s.page, s.token, s.head
+                ),
+                actual: format!("{n} elements"),
+            });
+        }
+    }
+    // Every page (or ragged token) the plan touches.
+    for r in 0..plan.batch_size() {
+        let req = plan.request(r);
+        if req.kv_len == 0 {
+            continue;
+        }
+        if plan.is_paged() {
+            let pages = req.kv_len.div_ceil(page_size);
+            let end = req.kv_start + pages;
+            if end > a.num_indices {
+                return Err(Error::IndicesTooShort {
+                    batch_size: plan.batch_size(),
+                    needed: end,
+                    actual: a.num_indices,
+                });
+            }
+            if let Some(ids) = a.kv_indices {
+                for (i, &id) in ids[req.kv_start..end].iter().enumerate() {
+                    if id < 0 || id as usize >= a.num_pages {
+                        return Err(Error::PageIdOutOfRange {
+                            index: req.kv_start + i,
+                            page_id: id as i64,
+                            num_pages: a.num_pages,
+                        });
+                    }
+                }
+            }
+        } else if req.kv_start + req.kv_len > a.num_pages {
+            return Err(Error::TensorShape {
+                tensor: "k",
+                expected: format!(
+                    "at least {} tokens (request {r} ends there)",
+                    req.kv_start + req.kv_len
+                ),
+                actual: format!("{} tokens", a.num_pages),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl RunArgs<'_, '_> {
+    /// The shapes of these host arguments.
+    pub fn shapes(&self) -> ArgShapes<'_> {
+        ArgShapes {
+            q: (self.q.dtype(), self.q.len()),
+            k: (self.kv.k.dtype(), self.kv.k.len()),
+            v: (self.kv.v.dtype(), self.kv.v.len()),
+            o: (self.o.dtype(), self.o.len()),
+            lse: self.lse.as_ref().map(|l| l.len()),
+            strides: self.kv.strides,
+            num_pages: self.kv.num_pages,
+            kv_indices: Some(self.kv.kv_indices),
+            num_indices: self.kv.kv_indices.len(),
+        }
+    }
+}
