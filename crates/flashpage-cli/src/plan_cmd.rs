@@ -9,7 +9,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use flashpage::validate::{check_batch, check_page_ids};
+use flashpage::validate::{ValidBatch, check_batch, check_page_ids};
 use flashpage::{
     AttentionOptions, BatchDesc, DType, Error, HeadConfig, PageTable, Plan, PlanConfig, PosEncoding,
 };
@@ -525,12 +525,8 @@ impl BatchFile {
 
 /// Upper bound of the int image a plan of `desc` with `config` builds (counted, nothing
 /// allocated): the library's `workspace_size` for limits equal to this batch.
-fn int_image_bound(
-    desc: &BatchDesc<'_>,
-    options: &AttentionOptions,
-    config: &PlanConfig,
-) -> Result<usize, CliError> {
-    let vb = check_batch(desc, options)?;
+fn int_image_bound(vb: &ValidBatch<'_>, config: &PlanConfig) -> Result<usize, CliError> {
+    let desc = vb.desc();
     let batch = config.graph_capacity.unwrap_or(0).max(vb.batch_size());
     let q_rows = match config.graph_capacity {
         _ if desc.is_decode() => batch,
@@ -567,8 +563,9 @@ pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
             BatchDesc::decode(heads, pages)
         }
     };
-    // Validate and bound the schedule before anything is allocated for it.
-    let bound = int_image_bound(&desc, &b.options, &b.config)?;
+    // Validate (once) and bound the schedule before anything is allocated for it.
+    let vb = check_batch(&desc, &b.options)?;
+    let bound = int_image_bound(&vb, &b.config)?;
     if bound > MAX_INT_IMAGE_BYTES {
         return Err(CliError::invalid(format!(
             "the plan could need up to {bound} bytes of int workspace (graph_capacity {}, parallelism {}, q_tile {}), more than the {MAX_INT_IMAGE_BYTES} bytes this command plans",
@@ -579,7 +576,7 @@ pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
             b.config.q_tile
         )));
     }
-    let plan = Plan::new(&desc, &b.options, &b.config)?;
+    let plan = Plan::from_valid(&vb, &b.config)?;
     check_page_ids(&b.kv_indptr, &b.kv_indices, b.num_pages)?;
     let req = plan.requirement();
     if let Some(cap) = b.workspace_bytes {
@@ -591,7 +588,6 @@ pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
             other => other.into(),
         })?;
     }
-    let vb = check_batch(&desc, &b.options)?;
     Ok(render(b, &plan, vb.total_kv_len()))
 }
 

@@ -379,11 +379,7 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         )));
     }
     check_page_ids(&case.kv_indptr, &case.kv_indices, case.num_pages)?;
-    let plan = Plan::new(
-        &desc,
-        &case.options,
-        &PlanConfig::with_parallelism(backend.threads()),
-    )?;
+    let plan = Plan::from_valid(&vb, &PlanConfig::with_parallelism(backend.threads()))?;
 
     let hq = case.heads.num_qo_heads();
     let d = case.heads.head_dim();

@@ -1,4 +1,4 @@
-//! The oracle: naive attention in f64, straight from the semantics of DESIGN §3.
+//! The oracle: naive attention in f64, straight from the semantics of docs/semantics.md.
 //!
 //! Slow on purpose (no tiling, no online softmax, no split): it is what every backend and
 //! SIMD level is checked against in tests and in `flashpage check`.
@@ -166,7 +166,7 @@ pub fn rel_error(a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
-/// The tolerance of DESIGN §7 for a dtype (`‖out − ref‖ / ‖ref‖`).
+/// The tolerance of docs/semantics.md (Accuracy) for a dtype (`‖out − ref‖ / ‖ref‖`).
 pub fn tolerance(dtype: flashpage::layout::DType) -> f64 {
     match dtype {
         flashpage::layout::DType::F32 => 1e-5,

@@ -1,4 +1,4 @@
-//! Validation: every invariant of a batch (DESIGN §4), checked before any arithmetic.
+//! Validation: every invariant of a batch (docs/validation.md), checked before any arithmetic.
 //!
 //! Lengths are taken from the slices themselves and every value is range-checked before it
 //! is used as an offset, so no input can make flashpage read out of bounds, allocate an
@@ -26,6 +26,7 @@ pub struct Request {
 #[derive(Debug, Clone, Copy)]
 pub struct ValidBatch<'a> {
     desc: BatchDesc<'a>,
+    options: AttentionOptions,
     batch_size: usize,
     num_q_rows: usize,
     max_kv_len: usize,
@@ -37,6 +38,10 @@ impl<'a> ValidBatch<'a> {
     /// The batch as described by the caller.
     pub fn desc(&self) -> &BatchDesc<'a> {
         &self.desc
+    }
+    /// The options the batch was validated with.
+    pub fn options(&self) -> &AttentionOptions {
+        &self.options
     }
     /// Requests in the batch (B), padded ones included.
     pub fn batch_size(&self) -> usize {
@@ -220,6 +225,7 @@ pub fn check_batch<'a>(desc: &BatchDesc<'a>, options: &AttentionOptions) -> Resu
     };
     let mut vb = ValidBatch {
         desc: *desc,
+        options: *options,
         batch_size,
         num_q_rows,
         max_kv_len: 0,

@@ -1,7 +1,7 @@
 //! Differential tests: random batches on the CPU backend, at every SIMD level this machine
 //! has, against the f64 reference. Inputs are fresh random values on a paged cache whose
 //! pages are shuffled; outputs are poisoned (NaN) before each run and must be fully written;
-//! tolerances per DESIGN §7.
+//! tolerances per docs/semantics.md.
 
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::*;

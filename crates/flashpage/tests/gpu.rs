@@ -1,12 +1,15 @@
-//! CUDA backend tests. Each test that needs a GPU first opens one; without a driver, NVRTC
-//! or device it prints `skipped: <reason>` and passes. Run them on the GPU machine through
+//! CUDA backend specifics: a missing device is a typed error, arguments are refused before
+//! any launch, and graph capture/replay. What the kernels compute is checked by the case
+//! suite on the GPU (`crates/flashpage-testkit/tests/gpu_suite.rs`, and `flashpage check
+//! --backend cuda`). Each test that needs a GPU first opens one; without a driver, NVRTC or
+//! device it prints `skipped: <reason>` and passes. Run them on the GPU machine through
 //! `bash ../shared/gpu/stage.sh` and `bash .gpu/on_device.sh tests`.
 #![cfg(feature = "cuda")]
 
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::cuda::{CudaBackend, DeviceElem, DeviceRunArgs, DeviceWorkspace};
 use flashpage::*;
-use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
+use flashpage_testkit::case::{CaseData, CaseSpec};
 use half::{bf16, f16};
 
 fn gpu() -> Option<CudaBackend> {
@@ -55,88 +58,6 @@ impl Storage for u16 {
     }
 }
 
-fn nonempty(v: &[i32]) -> Vec<i32> {
-    if v.is_empty() { vec![0] } else { v.to_vec() }
-}
-
-/// Plans and runs `data` on the GPU into poisoned outputs.
-fn run_gpu_typed<T: Storage>(
-    gpu: &CudaBackend,
-    data: &CaseData,
-    config: &PlanConfig,
-) -> Result<(Tensor, Vec<f32>)> {
-    let plan = data.plan(config)?;
-    let s = gpu.stream();
-    let dev = |e| Error::Backend {
-        backend: "cuda",
-        message: format!("{e:?}"),
-    };
-    let mut ws = DeviceWorkspace::new(gpu, plan.requirement())?;
-    gpu.upload_plan(&plan, &mut ws)?;
-    let q = s.clone_htod(&T::from_tensor(&data.q)).map_err(dev)?;
-    let k = s.clone_htod(&T::from_tensor(&data.k)).map_err(dev)?;
-    let v_host = T::from_tensor(&data.v);
-    let v = s
-        .clone_htod(&if v_host.is_empty() {
-            vec![T::default()]
-        } else {
-            v_host
-        })
-        .map_err(dev)?;
-    let idx = nonempty(data.batch.kv_indices());
-    let kvi = s.clone_htod(&idx).map_err(dev)?;
-    let (o_poison, lse_poison) = data.poisoned_outputs();
-    let mut o = s.clone_htod(&T::from_tensor(&o_poison)).map_err(dev)?;
-    let mut lse = s.clone_htod(&lse_poison).map_err(dev)?;
-    let combined = data.spec.storage == KvStorage::Combined;
-    let v_view = k.slice(data.v_offset..);
-    let args = DeviceRunArgs {
-        dtype: data.spec.dtype,
-        q: &q,
-        k: &k,
-        v: if combined { &v_view } else { &v },
-        strides: data.strides,
-        num_pages: data.num_pages,
-        kv_indices: &kvi,
-        host_kv_indices: Some(&idx),
-        o: &mut o,
-        lse: Some(&mut lse),
-    };
-    gpu.run(&plan, args, &mut ws)?;
-    gpu.synchronize()?;
-    let o = s.clone_dtoh(&o).map_err(dev)?;
-    let lse = s.clone_dtoh(&lse).map_err(dev)?;
-    Ok((T::to_tensor(data.spec.dtype, &o), lse))
-}
-
-fn run_gpu(gpu: &CudaBackend, data: &CaseData, config: &PlanConfig) -> Result<(Tensor, Vec<f32>)> {
-    match data.spec.dtype {
-        DType::F32 => run_gpu_typed::<f32>(gpu, data, config),
-        _ => run_gpu_typed::<u16>(gpu, data, config),
-    }
-}
-
-/// GPU vs the f64 reference (DESIGN §7 tolerance, fully written) and vs the CPU backend.
-fn check(gpu: &CudaBackend, cpu: &CpuBackend, spec: &CaseSpec, parallelism: usize, seed: u64) {
-    let data = spec.materialise(seed).unwrap();
-    let config = PlanConfig::with_parallelism(parallelism);
-    let reference = data.reference().unwrap();
-    let (o, lse) = run_gpu(gpu, &data, &config).unwrap();
-    let c = data.compare(&o, &lse, &reference);
-    assert!(
-        c.passed(),
-        "{} (p = {parallelism}) vs reference: {c:?}",
-        spec.name
-    );
-    let (co, clse) = data.run_cpu(cpu, &config).unwrap();
-    let (e, el) = CaseData::output_difference(&o, &lse, &co, &clse);
-    assert!(
-        e <= c.tolerance && el <= c.tolerance,
-        "{} (p = {parallelism}) vs cpu: o {e:e}, lse {el:e}",
-        spec.name
-    );
-}
-
 #[test]
 fn unavailable_is_typed_not_a_panic() {
     // Everywhere: either a backend or a typed error with a reason.
@@ -162,137 +83,6 @@ fn seed(i: usize) -> u64 {
         .unwrap()
         .as_nanos() as u64;
     t ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-#[test]
-fn decode_every_dtype_group_and_head_dim() {
-    let Some(g) = gpu() else { return };
-    let cpu = CpuBackend::new(0).unwrap();
-    let mut i = 0;
-    for dtype in DType::ALL {
-        for (hq, hkv, d) in [
-            (8, 8, 64),
-            (8, 4, 128),
-            (32, 8, 128),
-            (12, 4, 128),
-            (16, 2, 256),
-            (32, 2, 64),
-            (4, 1, 80),
-            (2, 1, 16),
-        ] {
-            let h = HeadConfig::new(hq, hkv, d).unwrap();
-            let mut s = CaseSpec::decode("decode", h, 16, 5, 300, dtype);
-            s.name = format!("decode {} h{hq}/{hkv} d{d}", dtype.name());
-            s.requests = vec![(1, 300), (1, 0), (1, 1), (1, 777), (1, 16)];
-            for p in [1, 528] {
-                check(&g, &cpu, &s, p, seed(i));
-                i += 1;
-            }
-        }
-    }
-}
-
-#[test]
-fn decode_page_sizes_layouts_and_storage() {
-    let Some(g) = gpu() else { return };
-    let cpu = CpuBackend::new(0).unwrap();
-    let h = HeadConfig::new(16, 4, 128).unwrap();
-    let mut i = 0;
-    for dtype in [DType::BF16, DType::F16, DType::F32] {
-        for ps in [1, 3, 16, 64, 256] {
-            for layout in [KvLayout::Nhd, KvLayout::Hnd] {
-                for storage in [KvStorage::Separate, KvStorage::Combined] {
-                    let mut s = CaseSpec::decode("ps", h, ps, 4, 0, dtype);
-                    s.name = format!("{} ps{ps} {} {storage:?}", dtype.name(), layout.name());
-                    s.requests = vec![(1, 513), (1, ps), (1, 1), (1, 1000)];
-                    s.layout = layout;
-                    s.storage = storage;
-                    check(&g, &cpu, &s, 264, seed(i));
-                    i += 1;
-                }
-            }
-        }
-    }
-}
-
-#[test]
-fn decode_options() {
-    let Some(g) = gpu() else { return };
-    let cpu = CpuBackend::new(0).unwrap();
-    let h = HeadConfig::new(32, 16, 128).unwrap();
-    let mut i = 0;
-    for dtype in DType::ALL {
-        let opts = [
-            (
-                "soft-cap gemma",
-                AttentionOptions::default()
-                    .with_logits_soft_cap(50.0)
-                    .with_sm_scale(1.0 / 12.0),
-            ),
-            (
-                "tight soft-cap",
-                AttentionOptions::default().with_logits_soft_cap(2.0),
-            ),
-            (
-                "window",
-                AttentionOptions::default()
-                    .with_window_left(100)
-                    .with_causal(true),
-            ),
-            ("window 0", AttentionOptions::default().with_window_left(0)),
-            (
-                "alibi",
-                AttentionOptions::default().with_pos_encoding(PosEncoding::Alibi),
-            ),
-            (
-                "rope",
-                AttentionOptions::default().with_pos_encoding(PosEncoding::Rope {
-                    theta: 1e4,
-                    scale: 2.0,
-                }),
-            ),
-            (
-                "rope + window + soft-cap",
-                AttentionOptions::default()
-                    .with_pos_encoding(PosEncoding::ROPE_DEFAULT)
-                    .with_window_left(37)
-                    .with_logits_soft_cap(30.0),
-            ),
-        ];
-        for (name, o) in opts {
-            let mut s = CaseSpec::decode(name, h, 16, 4, 0, dtype);
-            s.name = format!("{name} {}", dtype.name());
-            s.requests = vec![(1, 700), (1, 0), (1, 33), (1, 2049)];
-            s.options = o;
-            s.input_scale = 3.0;
-            for p in [1, 528] {
-                check(&g, &cpu, &s, p, seed(i));
-                i += 1;
-            }
-        }
-    }
-}
-
-#[test]
-fn prefill_through_the_same_kernel() {
-    let Some(g) = gpu() else { return };
-    let cpu = CpuBackend::new(0).unwrap();
-    let h = HeadConfig::new(8, 2, 64).unwrap();
-    let mut i = 0;
-    for dtype in DType::ALL {
-        for storage in [KvStorage::Separate, KvStorage::Ragged, KvStorage::Combined] {
-            let mut s = CaseSpec::decode("prefill", h, 16, 4, 0, dtype);
-            s.name = format!("prefill {} {storage:?}", dtype.name());
-            s.decode = false;
-            s.storage = storage;
-            s.requests = vec![(5, 100), (0, 0), (1, 1), (70, 300)];
-            s.options.causal = true;
-            for p in [1, 256] {
-                check(&g, &cpu, &s, p, seed(i));
-                i += 1;
-            }
-        }
-    }
 }
 
 #[test]

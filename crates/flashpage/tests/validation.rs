@@ -1,4 +1,4 @@
-//! One failing input per invariant of DESIGN §4, each asserting the exact error variant, its
+//! One failing input per invariant of docs/validation.md, each asserting the exact error variant, its
 //! fields and that the message names the field and both values; the founding scenario; the
 //! batch builder. (That rejected batches allocate nothing is proven in `tests/no_alloc.rs`.)
 

@@ -12,9 +12,9 @@ use super::cpu::CpuBackend;
 mod sealed {
     /// Only this crate's backends implement [`super::Backend`].
     pub trait Sealed {}
-    impl Sealed for super::CpuBackend {}
+    impl Sealed for crate::backend::cpu::CpuBackend {}
     #[cfg(feature = "cuda")]
-    impl Sealed for super::super::cuda::CudaBackend {}
+    impl Sealed for crate::backend::cuda::CudaBackend {}
 }
 
 /// A backend: where plans run.

@@ -4,7 +4,7 @@
 //! heads (a backend runs one `(item, KV head)` pair per thread or thread block), and a
 //! **merge map** for query rows whose KV was split into chunks. Items of an unsplit request
 //! write `o`/`lse` directly; items of a split request write partial states into the float
-//! workspace and the merge step combines them (DESIGN §3, §5).
+//! workspace and the merge step combines them (docs/semantics.md, docs/workspace.md).
 //!
 //! Query rows are tiled in **packed rows**: within a request, packed row `p` is query row
 //! `p / group_size`, head `p % group_size` of every KV head's group. A decode request is one
@@ -134,8 +134,27 @@ impl Plan {
         options: &AttentionOptions,
         config: &PlanConfig,
     ) -> Result<Plan> {
-        let mut plan = Plan::new_empty(batch.heads, options, config)?;
-        plan.build(batch, options, config, None)?;
+        let vb = check_batch(batch, options)?;
+        Plan::from_valid(&vb, config)
+    }
+
+    /// Plans a batch that was already validated ([`check_batch`]), with the options it was
+    /// validated with: the typed path for callers that validate once and then plan, size or
+    /// report (the batch is not checked again).
+    ///
+    /// ```
+    /// use flashpage::{AttentionOptions, BatchDesc, HeadConfig, PageTable, Plan, PlanConfig};
+    /// use flashpage::validate::check_batch;
+    /// let pages = PageTable { page_size: 16, num_pages: 4, indptr: &[0, 2, 3],
+    ///                         last_page_len: &[16, 1], num_indices: 3 };
+    /// let desc = BatchDesc::decode(HeadConfig::new(8, 2, 64).unwrap(), pages);
+    /// let valid = check_batch(&desc, &AttentionOptions::new()).unwrap();
+    /// let plan = Plan::from_valid(&valid, &PlanConfig::with_parallelism(4)).unwrap();
+    /// assert_eq!((plan.batch_size(), valid.total_kv_len()), (2, 33));
+    /// ```
+    pub fn from_valid(batch: &ValidBatch<'_>, config: &PlanConfig) -> Result<Plan> {
+        let mut plan = Plan::new_empty(batch.desc().heads, batch.options(), config)?;
+        plan.build_valid(batch, config, None)?;
         Ok(plan)
     }
 
@@ -241,8 +260,19 @@ impl Plan {
         config: &PlanConfig,
         bound: Option<&Requirement>,
     ) -> Result<()> {
-        config.validate()?;
         let vb = check_batch(batch, options)?;
+        self.build_valid(&vb, config, bound)
+    }
+
+    fn build_valid(
+        &mut self,
+        vb: &ValidBatch<'_>,
+        config: &PlanConfig,
+        bound: Option<&Requirement>,
+    ) -> Result<()> {
+        config.validate()?;
+        let batch = vb.desc();
+        let options = vb.options();
         let kind = if batch.is_decode() {
             PlanKind::Decode
         } else {
@@ -266,7 +296,7 @@ impl Plan {
             vb.max_qo_len().saturating_mul(heads.group_size()),
             "packed rows",
         )?;
-        let chunk = split::choose_chunk(&vb, kind, config, &heads);
+        let chunk = split::choose_chunk(vb, kind, config, &heads);
         let tile = split::tile_rows(kind, config, &heads);
         let group = heads.group_size();
 
@@ -385,7 +415,7 @@ impl Plan {
         self.req = req;
         // emit writes every word, so only a change of length needs the allocator.
         self.image.resize(words, 0);
-        self.emit(&vb, tile, group, chunk);
+        self.emit(vb, tile, group, chunk);
         Ok(())
     }
 

@@ -1,4 +1,4 @@
-//! Merging attention states `(o, lse)` (DESIGN §3): the split-KV merge step of a plan, and
+//! Merging attention states `(o, lse)` (docs/semantics.md): the split-KV merge step of a plan, and
 //! the public merge operators for cascades and custom splits.
 //!
 //! A state is an output row `o` (normalised, length `head_dim`) with its log-sum-exp `lse`
