@@ -112,7 +112,13 @@ pub fn attention(
                     }
                     s.push(x);
                 }
-                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                // A NaN score (NaN or infinite inputs) makes the row NaN: IEEE propagation
+                // (`f64::max` alone would drop it).
+                let m = if s.iter().any(|x| x.is_nan()) {
+                    f64::NAN
+                } else {
+                    s.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                };
                 if m == f64::NEG_INFINITY {
                     continue; // no visible key: o = 0, lse = -inf
                 }

@@ -22,6 +22,10 @@
 //! min_kv_chunk = 16             # smallest split chunk (default: the planner's)
 //! deterministic_chunk = 32      # fixed chunk: outputs must be identical for every parallelism
 //! graph_capacity = 8            # graph mode (also graph_max_q_rows, graph_max_kv_len)
+//! set = [{ input = "v", request = 0, pos = 2, value = inf }]
+//!                               # after the random fill, every element of a q row ("q":
+//!                               # query row `pos`) or a key's K or V rows ("k", "v": key
+//!                               # `pos`, all KV heads) of a request is `value` (inf, nan ok)
 //! ```
 //!
 //! An `[[error]]` is a batch given as raw arrays that must be rejected:
@@ -49,7 +53,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::case::{CaseData, CaseSpec, Comparison, KvStorage, Rng};
+use crate::case::{CaseData, CaseSpec, Comparison, Input, KvStorage, Rng};
 use crate::reference::{self, ReferenceInputs, ReferenceOutput};
 use crate::runner::HostRunner;
 use flashpage::backend::cpu::SimdLevel;
@@ -66,6 +70,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("decode.toml", include_str!("../data/decode.toml")),
     ("prefill.toml", include_str!("../data/prefill.toml")),
     ("variants.toml", include_str!("../data/variants.toml")),
+    ("numerics.toml", include_str!("../data/numerics.toml")),
     ("errors.toml", include_str!("../data/errors.toml")),
 ];
 
@@ -120,6 +125,9 @@ pub struct SuiteCase {
     pub graph_max_q_rows: Option<usize>,
     /// Graph mode: longest request.
     pub graph_max_kv_len: Option<usize>,
+    /// Input rows set after the random fill: `(input, request, pos, value)` (see
+    /// [`CaseData::set_row`]).
+    pub set: Vec<(Input, usize, usize, f64)>,
 }
 
 /// A batch given as raw arrays, and the error it must produce.
@@ -207,6 +215,17 @@ struct CaseToml {
     graph_capacity: Option<usize>,
     graph_max_q_rows: Option<usize>,
     graph_max_kv_len: Option<usize>,
+    #[serde(default)]
+    set: Vec<SetToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetToml {
+    input: String,
+    request: usize,
+    pos: usize,
+    value: f64,
 }
 
 #[derive(Deserialize)]
@@ -355,6 +374,15 @@ impl CaseToml {
             graph_capacity: self.graph_capacity,
             graph_max_q_rows: self.graph_max_q_rows,
             graph_max_kv_len: self.graph_max_kv_len,
+            set: self
+                .set
+                .iter()
+                .map(|x| {
+                    let input = Input::parse(&x.input)
+                        .ok_or_else(|| format!("set: input {:?} is not q, k or v", x.input))?;
+                    Ok((input, x.request, x.pos, x.value))
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()?,
         })
     }
 }
@@ -560,6 +588,18 @@ impl SuiteCase {
         c
     }
 
+    /// The case at `dtype` with fresh random inputs from `seed`, then its `set` rows.
+    pub fn materialise(&self, dtype: DType, seed: u64) -> std::result::Result<CaseData, String> {
+        let mut data = self
+            .spec(dtype)
+            .materialise(seed)
+            .map_err(|e| e.to_string())?;
+        for &(input, request, pos, value) in &self.set {
+            data.set_row(input, request, pos, value)?;
+        }
+        Ok(data)
+    }
+
     /// Runs the case at `dtype` on every backend and parallelism, comparing each run with the
     /// f64 reference (computed once). Inputs are fresh random values from `seed` (mixed with
     /// the case name and dtype); outputs are poisoned before every run. In deterministic mode
@@ -575,7 +615,7 @@ impl SuiteCase {
             seed,
             result,
         };
-        let data = match self.spec(dtype).materialise(seed) {
+        let data = match self.materialise(dtype, seed) {
             Ok(d) => d,
             Err(e) => return vec![mk(None, 0, Err(format!("materialise: {e}")))],
         };

@@ -63,6 +63,11 @@ fn variant_cases() {
 }
 
 #[test]
+fn numerics_cases() {
+    run_file("numerics.toml");
+}
+
+#[test]
 fn expected_errors_at_every_simd_level() {
     let suite = Suite::embedded().unwrap();
     assert!(suite.errors.len() >= 25);

@@ -9,21 +9,15 @@
 //! from the cache, widening in registers; larger tiles (prefill) or RoPE first widen the
 //! block's rows into f32 scratch, which the tile then reuses from L1.
 
+use super::ctx::{Ctx, Scratch};
 use super::elem::Elem;
 use super::simd::Isa;
-use super::{Ctx, Scratch};
+use super::tile::{Bf16Tiles, KEY_BLOCK, PREFETCH_STRIDE, prefetch_rows};
 use crate::layout::DType;
 use crate::options::alibi_slope;
 
-/// Keys per block: S is `rows × KEY_BLOCK`.
-pub(crate) const KEY_BLOCK: usize = 32;
-
 /// Tiles of at most this many rows read K/V rows directly from the cache.
 const DIRECT_ROWS: usize = 8;
-
-/// Bytes between software prefetches along a K/V row: every cache line (prefetching one
-/// line in four and leaving the rest to the hardware was slower, see docs/perf/cpu.md).
-const PREFETCH_STRIDE: usize = 64;
 
 /// Rotates a row in place (rotate-half RoPE) at `pos`.
 ///
@@ -123,26 +117,6 @@ unsafe fn s_block<I: Isa, T: Elem, const R: usize, const C: usize>(
     }
 }
 
-/// Prefetches rows `pf[j]` (`j < np`), `d` elements each, for the keys `j0..j0 + n`: the
-/// kernels fetch the rows of a later block while they compute one, a few keys at a time, so
-/// the fetches are spread over the computation (see docs/perf/cpu.md).
-#[inline(always)]
-pub(crate) fn prefetch_rows<I: Isa, T>(
-    pf: &[*const T; KEY_BLOCK],
-    np: usize,
-    j0: usize,
-    n: usize,
-    c0: usize,
-    c1: usize,
-) {
-    let step = (PREFETCH_STRIDE / size_of::<T>()).max(1);
-    for p in &pf[j0.min(np)..(j0 + n).min(np)] {
-        for c in (c0..c1).step_by(step) {
-            I::prefetch(p.wrapping_add(c));
-        }
-    }
-}
-
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
@@ -180,11 +154,66 @@ unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
     }
 }
 
-/// `acc[r] = corr[r]·acc[r] + Σ_j p[r][j]·v_j` over columns `c0..c0 + NV·LANES`.
+/// The score of q row `qrow` (element offset in `ctx.q`, position `qpos`) against the K row
+/// at element offset `koff` (key position `j`), computed in f64 from the inputs: used where
+/// the f32 score came out non-finite. Finite inputs cannot overflow in f64; a score beyond
+/// the f32 range becomes `+inf` (the softmax then takes its limit) or `-f32::MAX` (so a row
+/// whose every score is hugely negative is not mistaken for an empty one). Non-finite
+/// inputs give what IEEE arithmetic gives the reference: NaN for `NaN` or `+inf` (whose
+/// `inf − inf` poisons the reference's softmax), `-inf` for `-inf` (a key with weight 0).
+#[cold]
+#[inline(never)]
+pub(crate) fn exact_score<E: Elem>(
+    ctx: &Ctx<'_, E>,
+    qrow: usize,
+    qpos: i64,
+    koff: usize,
+    j: usize,
+) -> f32 {
+    let d = ctx.plan.heads().head_dim();
+    let mut q: Vec<f64> = ctx.q[qrow..qrow + d]
+        .iter()
+        .map(|x| x.to_f32() as f64)
+        .collect();
+    let mut k: Vec<f64> = ctx.k[koff..koff + d]
+        .iter()
+        .map(|x| x.to_f32() as f64)
+        .collect();
+    if ctx.rope {
+        let scale = ctx.rope_scale as f64;
+        rope_f64(&mut q, qpos as f64 / scale, &ctx.inv_freq);
+        rope_f64(&mut k, j as f64 / scale, &ctx.inv_freq);
+    }
+    let x = q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() * ctx.sm_scale as f64;
+    if x.is_nan() || x == f64::INFINITY {
+        f32::NAN
+    } else if x == f64::NEG_INFINITY {
+        f32::NEG_INFINITY
+    } else if x > f32::MAX as f64 {
+        f32::INFINITY
+    } else {
+        x.max(-f32::MAX as f64) as f32
+    }
+}
+
+/// [`rope`] in f64.
+fn rope_f64(x: &mut [f64], pos: f64, inv_freq: &[f64]) {
+    let half = x.len() / 2;
+    for f in 0..half {
+        let (s, c) = (pos * inv_freq[f]).sin_cos();
+        let (a, b) = (x[f], x[f + half]);
+        x[f] = a * c - b * s;
+        x[f + half] = b * c + a * s;
+    }
+}
+
+/// `acc[r] = corr[r]·acc[r] + Σ_j p[r][j]·v_j` over columns `c0..c0 + NV·LANES`, where row
+/// `r` sums only over its visible keys `vis[r][0]..vis[r][1]`: a masked key contributes
+/// nothing, even where its V holds an infinity or NaN (0·inf would be NaN).
 ///
 /// # Safety
 /// `acc` rows (stride `d`) and every `vp[j] + c0..+NV·LANES` in bounds; `p` holds `R` rows
-/// of `KEY_BLOCK`.
+/// of `KEY_BLOCK`; `vis` `R` ranges within `0..nb`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // register arrays: explicit indices read best
 #[allow(clippy::too_many_arguments)]
@@ -193,6 +222,7 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
     d: usize,
     corr: &[f32],
     p: &[f32],
+    vis: &[[usize; 2]],
     vp: &[*const T; KEY_BLOCK],
     nb: usize,
     c0: usize,
@@ -200,6 +230,12 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
     np: usize,
 ) {
     let l = I::LANES;
+    // Keys every row sees (`ca..cb`) and keys some row sees (`ua..ub`).
+    let (mut ca, mut cb, mut ua, mut ub) = (0, nb, nb, 0);
+    for v in &vis[..R] {
+        (ca, cb) = (ca.max(v[0]), cb.min(v[1]));
+        (ua, ub) = (ua.min(v[0]), ub.max(v[1]));
+    }
     let mut a = [[I::zero(); NV]; R];
     for r in 0..R {
         let cr = I::splat(corr[r]);
@@ -210,12 +246,19 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
     }
     for (j, vj) in vp.iter().enumerate().take(nb) {
         prefetch_rows::<I, T>(pf, np, j, 1, c0, c0 + NV * l);
+        if j < ua || j >= ub {
+            continue;
+        }
         let mut vv = [I::zero(); NV];
         for v in 0..NV {
             // SAFETY: in bounds (caller).
             vv[v] = unsafe { I::load::<T>(vj.add(c0 + v * l)) };
         }
+        let all = j >= ca && j < cb;
         for (r, ar) in a.iter_mut().enumerate() {
+            if !all && (j < vis[r][0] || j >= vis[r][1]) {
+                continue;
+            }
             let pr = I::splat(p[r * KEY_BLOCK + j]);
             for v in 0..NV {
                 ar[v] = I::fma(pr, vv[v], ar[v]);
@@ -235,7 +278,8 @@ unsafe fn pv_tile<I: Isa, T: Elem, const R: usize, const NV: usize>(
 /// later block's) along the way ([`prefetch_rows`]).
 ///
 /// # Safety
-/// `acc` holds `rows·d`, `p` `rows·KEY_BLOCK`, every `vp[j]` (j < nb) `d` readable values.
+/// `acc` holds `rows·d`, `p` `rows·KEY_BLOCK`, `vis` `rows` ranges within `0..nb`, every
+/// `vp[j]` (j < nb) `d` readable values.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
@@ -244,6 +288,7 @@ unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
     rows: usize,
     corr: &[f32],
     p: &[f32],
+    vis: &[[usize; 2]],
     vp: &[*const T; KEY_BLOCK],
     nb: usize,
     pf: &[*const T; KEY_BLOCK],
@@ -261,7 +306,7 @@ unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
             1
         };
         let a = acc[r0 * d..].as_mut_ptr();
-        let (cr, pr) = (&corr[r0..], &p[r0 * KEY_BLOCK..]);
+        let (cr, pr, vr) = (&corr[r0..], &p[r0 * KEY_BLOCK..], &vis[r0..]);
         let mut c0 = 0;
         // Prefetch during the first row tile only.
         let np = if r0 == 0 { np } else { 0 };
@@ -269,17 +314,17 @@ unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
         unsafe {
             while c0 + wide <= d {
                 match tr {
-                    1 => pv_tile::<I, T, 1, NV>(a, d, cr, pr, vp, nb, c0, pf, np),
-                    2 => pv_tile::<I, T, 2, NV>(a, d, cr, pr, vp, nb, c0, pf, np),
-                    _ => pv_tile::<I, T, R, NV>(a, d, cr, pr, vp, nb, c0, pf, np),
+                    1 => pv_tile::<I, T, 1, NV>(a, d, cr, pr, vr, vp, nb, c0, pf, np),
+                    2 => pv_tile::<I, T, 2, NV>(a, d, cr, pr, vr, vp, nb, c0, pf, np),
+                    _ => pv_tile::<I, T, R, NV>(a, d, cr, pr, vr, vp, nb, c0, pf, np),
                 }
                 c0 += wide;
             }
             while c0 < d {
                 match tr {
-                    1 => pv_tile::<I, T, 1, 1>(a, d, cr, pr, vp, nb, c0, pf, np),
-                    2 => pv_tile::<I, T, 2, 1>(a, d, cr, pr, vp, nb, c0, pf, np),
-                    _ => pv_tile::<I, T, R, 1>(a, d, cr, pr, vp, nb, c0, pf, np),
+                    1 => pv_tile::<I, T, 1, 1>(a, d, cr, pr, vr, vp, nb, c0, pf, np),
+                    2 => pv_tile::<I, T, 2, 1>(a, d, cr, pr, vr, vp, nb, c0, pf, np),
+                    _ => pv_tile::<I, T, R, 1>(a, d, cr, pr, vr, vp, nb, c0, pf, np),
                 }
                 c0 += I::LANES;
             }
@@ -296,12 +341,13 @@ unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
 /// and the cache is streamed once. State (q tile, accumulators, running max and sum) is
 /// kept per (head, row): tile row `t = head_index · rows + p`.
 ///
-/// With `DP` (an entry point compiled for bf16 dot products), bf16 direct tiles (decode,
-/// no RoPE) run on [`Isa::s_block_bf16`] and [`Isa::pv_block_bf16`]: q is kept as its bf16
-/// input, K and V are never widened, and the accumulators are in the permuted column order
-/// of [`Isa::permuted_column`] until the rows are finalised.
+/// With bf16 microkernels `B` ([`Bf16Tiles::ENABLED`]: an entry point compiled for bf16 dot
+/// products), bf16 direct tiles (decode, no RoPE) run on [`Bf16Tiles::s_block`] and
+/// [`Bf16Tiles::pv_block`]: q is kept as its bf16 input, K and V are never widened, and the
+/// accumulators are in the permuted column order of [`Bf16Tiles::permuted_column`] until
+/// the rows are finalised.
 #[inline(always)]
-pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
+pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
     ctx: &Ctx<'_, E>,
     w: usize,
     kv_heads: (usize, usize),
@@ -323,7 +369,7 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
     let trows = rows * nh;
     sc.prepare(trows, d);
     let direct = rows <= DIRECT_ROWS && !ctx.rope;
-    let dp = DP && direct && E::DTYPE == DType::BF16;
+    let dp = B::ENABLED && direct && E::DTYPE == DType::BF16;
     if dp {
         sc.qb.resize(trows * d, 0);
     }
@@ -372,6 +418,7 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
             0.0
         };
         sc.qpos[t] = qpos;
+        sc.qrow[t] = (req.qo_start + i) * hq * d + hh * d;
         lo_all = lo_all.min(lo);
         hi_all = hi_all.max(hi);
     }
@@ -452,8 +499,8 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
                 let qb = &sc.qb[t0 * d..(t0 + rows) * d];
                 // SAFETY: E is bf16 (a transparent u16); the first nb offsets plus any head
                 // of the range leave d elements in k (checked by block_offsets); the entry
-                // point has the bf16 dot-product instruction (`DP`).
-                unsafe { I::s_block_bf16(qb, d, rows, &kp, nb, ctx.sm_scale, s, &pk, npk) };
+                // point has the bf16 dot-product instruction (`B::ENABLED`).
+                unsafe { B::s_block(qb, d, rows, &kp, nb, ctx.sm_scale, s, &pk, npk) };
             } else if direct {
                 let mut kp = [ctx.k.as_ptr(); KEY_BLOCK];
                 for (p, &o) in kp.iter_mut().zip(&offs) {
@@ -497,15 +544,46 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
                 unsafe { s_dispatch::<I, f32>(q, d, rows, &kp, nb, s, &kp, 0) };
             }
 
-            // Soft-cap, ALiBi and masks; then the online softmax update, giving P in place
-            // of S.
+            // Scores that overflowed (or came from non-finite inputs) are recomputed exactly;
+            // then soft-cap, ALiBi and masks; then the online softmax update, giving P in
+            // place of S, and each row's visible key range for P·V.
             let neg = I::splat(f32::NEG_INFINITY);
             for p in 0..rows {
                 let t = t0 + p;
+                let (lo, hi) = (sc.lo[t], sc.hi[t]);
+                let vis = if interior {
+                    [0, nb]
+                } else {
+                    let a = (lo - j0 as i64).clamp(0, nb as i64) as usize;
+                    let b = (hi + 1 - j0 as i64).clamp(a as i64, nb as i64) as usize;
+                    [a, b]
+                };
+                sc.vis[p] = vis;
                 let srow = &mut s[p * KEY_BLOCK..(p + 1) * KEY_BLOCK];
+                // Lanes past nb hold stale values: make them finite for the check.
+                srow[nb..].fill(0.0);
+                let zero = I::zero();
+                let mut bad = zero;
+                for c in (0..KEY_BLOCK).step_by(l) {
+                    // SAFETY: c + LANES <= KEY_BLOCK = srow.len(). `x·0` is NaN exactly
+                    // when x is infinite or NaN, and NaN is sticky through the sum.
+                    bad = I::fma(unsafe { I::load::<f32>(srow.as_ptr().add(c)) }, zero, bad);
+                }
+                if I::reduce_add(bad).is_nan() {
+                    let (qr, qp) = (sc.qrow[t], sc.qpos[t]);
+                    for jj in vis[0]..vis[1] {
+                        if !srow[jj].is_finite() {
+                            srow[jj] = exact_score(ctx, qr, qp, offs[jj] + hoff, j0 + jj);
+                        }
+                    }
+                    // A visible NaN score (non-finite inputs) makes the row NaN, as IEEE
+                    // arithmetic does in the reference.
+                    if srow[vis[0]..vis[1]].iter().any(|x| x.is_nan()) {
+                        sc.l[t] = f32::NAN;
+                    }
+                }
                 if let Some(c) = ctx.soft_cap {
-                    // Every lane (those past nb hold finite or -inf values of an earlier
-                    // block, overwritten just below).
+                    // Every lane (those past nb hold 0, overwritten just below).
                     let (cv, inv) = (I::splat(c), I::splat(1.0 / c));
                     for k in (0..KEY_BLOCK).step_by(l) {
                         // SAFETY: k + LANES <= KEY_BLOCK = srow.len().
@@ -526,13 +604,8 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
                     }
                 }
                 if !interior {
-                    let (lo, hi) = (sc.lo[t], sc.hi[t]);
-                    for (jj, x) in srow[..nb].iter_mut().enumerate() {
-                        let j = (j0 + jj) as i64;
-                        if j > hi || j < lo {
-                            *x = f32::NEG_INFINITY;
-                        }
-                    }
+                    srow[..vis[0]].fill(f32::NEG_INFINITY);
+                    srow[vis[1]..nb].fill(f32::NEG_INFINITY);
                 }
                 let mut mv = neg;
                 for c in (0..KEY_BLOCK).step_by(l) {
@@ -546,6 +619,19 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
                     // Nothing visible to this row yet: P = 0, the accumulator stays 0.
                     srow.fill(0.0);
                     sc.corr[t] = 1.0;
+                    continue;
+                }
+                if m_new == f32::INFINITY {
+                    // Logits past the f32 range (finite inputs; see `exact_score`): the
+                    // softmax is the limit, uniform over the +inf scores.
+                    let mut n = 0.0;
+                    for x in srow.iter_mut() {
+                        *x = if *x == f32::INFINITY { 1.0 } else { 0.0 };
+                        n += *x;
+                    }
+                    sc.corr[t] = if m_old == f32::INFINITY { 1.0 } else { 0.0 };
+                    sc.m[t] = m_new;
+                    sc.l[t] = sc.l[t] * sc.corr[t] + n;
                     continue;
                 }
                 sc.corr[t] = if m_old == m_new {
@@ -571,6 +657,7 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
             let s = &sc.s[..rows * KEY_BLOCK];
             let acc = &mut sc.acc[t0 * d..(t0 + rows) * d];
             let corr = &sc.corr[t0..t0 + rows];
+            let vis = &sc.vis[..rows];
             if dp {
                 let mut vp = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
                 let mut pv = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
@@ -579,43 +666,67 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
                     pv[j] = pfv[j] as *const u16;
                 }
                 // SAFETY: as for k (block_offsets checks against both); rows <= DIRECT_ROWS.
-                unsafe { I::pv_block_bf16(acc, d, rows, corr, s, &vp, nb, &pv, npk) };
+                unsafe { B::pv_block(acc, d, rows, corr, s, vis, &vp, nb, &pv, npk) };
             } else if direct {
                 let mut vp = [ctx.v.as_ptr(); KEY_BLOCK];
                 for (p, &o) in vp.iter_mut().zip(&offs) {
                     *p = p.wrapping_add(o + hoff);
                 }
                 // SAFETY: as for k (block_offsets checks against both).
-                unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, &vp, nb, &pfv, npk) };
+                unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, vis, &vp, nb, &pfv, npk) };
             } else {
                 let mut vp = [sc.v.as_ptr(); KEY_BLOCK];
                 for (j, p) in vp.iter_mut().enumerate() {
                     *p = p.wrapping_add(j * d);
                 }
                 // SAFETY: scratch v holds KEY_BLOCK rows of d.
-                unsafe { pv_dispatch::<I, f32>(acc, d, rows, corr, s, &vp, nb, &vp, 0) };
+                unsafe { pv_dispatch::<I, f32>(acc, d, rows, corr, s, vis, &vp, nb, &vp, 0) };
             }
         }
         j0 = jn;
     }
 
-    // Finalise and write.
+    finish_rows::<I, E>(ctx, w, h0, rows, trows, sc, |c| {
+        if dp { B::permuted_column(c, d) } else { c }
+    });
+}
+
+/// Normalises the accumulators of tile rows `0..trows` (KV heads from `h0`, `rows` rows each;
+/// column `c` of a row at `position(c)` of its accumulator) and writes them, with their
+/// LSE, to the output (or to the partial state of a split row).
+#[inline(always)]
+pub(crate) fn finish_rows<I: Isa, E: Elem>(
+    ctx: &Ctx<'_, E>,
+    w: usize,
+    h0: usize,
+    rows: usize,
+    trows: usize,
+    sc: &mut Scratch,
+    position: impl Fn(usize) -> usize,
+) {
+    let plan = ctx.plan;
+    let item = plan.work_item(w);
+    let req = plan.request(item.request);
+    let heads = plan.heads();
+    let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
+    let l = I::LANES;
     for t in 0..trows {
         let (kvh, p) = (h0 + t / rows, t % rows);
         let packed = item.row_start + p;
         let (i, hh) = (packed / g, kvh * g + packed % g);
         let lsum = sc.l[t];
-        let mut acc = &sc.acc[t * d..(t + 1) * d];
-        if dp {
-            // Back to the natural column order (scratch k is free now: KEY_BLOCK·d values).
-            let tmp = &mut sc.k[..d];
-            for (c, x) in tmp.iter_mut().enumerate() {
-                *x = acc[I::permuted_column(c, d)];
-            }
-            acc = &sc.k[..d];
+        // Back to the natural column order, through scratch k (free now).
+        sc.k.resize(d.max(sc.k.len()), 0.0);
+        let src = &sc.acc[t * d..(t + 1) * d];
+        for (c, x) in sc.k[..d].iter_mut().enumerate() {
+            *x = src[position(c)];
         }
+        let acc = &sc.k[..d];
         let (inv, lse) = if lsum > 0.0 {
             (1.0 / lsum, sc.m[t] + lsum.ln())
+        } else if lsum.is_nan() {
+            // A visible NaN score: the row is NaN (IEEE propagation, as the reference).
+            (f32::NAN, f32::NAN)
         } else {
             (0.0, f32::NEG_INFINITY)
         };
@@ -643,8 +754,8 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
             }
         }
         for c in (0..d).step_by(l) {
-            // SAFETY: c + LANES <= d, the length of acc and of both destinations. A zero
-            // accumulator times 0 stays 0 (never NaN: acc is finite).
+            // SAFETY: c + LANES <= d, the length of acc and of both destinations. An empty
+            // row's accumulator is exactly 0 (masked keys contribute nothing), so 0·0 = 0.
             unsafe {
                 let x = I::mul(I::load::<f32>(acc.as_ptr().add(c)), inv);
                 if let Some(dp) = dst_partial.as_deref_mut() {
@@ -696,6 +807,7 @@ unsafe fn pv_dispatch<I: Isa, T: Elem>(
     rows: usize,
     corr: &[f32],
     p: &[f32],
+    vis: &[[usize; 2]],
     vp: &[*const T; KEY_BLOCK],
     nb: usize,
     pf: &[*const T; KEY_BLOCK],
@@ -704,9 +816,9 @@ unsafe fn pv_dispatch<I: Isa, T: Elem>(
     // SAFETY: forwarded.
     unsafe {
         if I::LANES >= 16 {
-            pv_block::<I, T, 4, 4>(acc, d, rows, corr, p, vp, nb, pf, np)
+            pv_block::<I, T, 4, 4>(acc, d, rows, corr, p, vis, vp, nb, pf, np)
         } else {
-            pv_block::<I, T, 4, 2>(acc, d, rows, corr, p, vp, nb, pf, np)
+            pv_block::<I, T, 4, 2>(acc, d, rows, corr, p, vis, vp, nb, pf, np)
         }
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! Accumulation is in f32 whatever the element type.
 
-use super::Ctx;
+use super::ctx::Ctx;
 use super::elem::Elem;
 use super::simd::Isa;
 use crate::error::{Error, Result, shape_str};
@@ -30,21 +30,34 @@ pub(crate) fn merge_row<I: Isa, E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut V
                 .slice((mr.first + i * mr.stride) * hq + h, 1)[0]
         };
         let mut mx = f32::NEG_INFINITY;
+        let mut nan = false;
         for i in 0..mr.count {
-            mx = mx.max(lse_of(i));
+            let li = lse_of(i);
+            nan |= li.is_nan();
+            mx = mx.max(li);
         }
         let acc = &mut buf[..d];
         acc.fill(0.0);
-        let lse = if mx == f32::NEG_INFINITY {
+        let lse = if nan {
+            // A partial state poisoned by non-finite inputs: the row is NaN.
+            acc.fill(f32::NAN);
+            f32::NAN
+        } else if mx == f32::NEG_INFINITY {
             f32::NEG_INFINITY
         } else {
             let mut sum = 0.0f32;
             for i in 0..mr.count {
                 let li = lse_of(i);
-                if li == f32::NEG_INFINITY {
+                // Past the f32 range (mx = +inf) the merge is the limit: the +inf states
+                // share the weight equally.
+                let wgt = if mx == f32::INFINITY {
+                    if li == f32::INFINITY { 1.0 } else { 0.0 }
+                } else {
+                    (li - mx).exp()
+                };
+                if li == f32::NEG_INFINITY || wgt == 0.0 {
                     continue;
                 }
-                let wgt = (li - mx).exp();
                 sum += wgt;
                 let prow = mr.first + i * mr.stride;
                 // SAFETY: as above.

@@ -6,16 +6,25 @@
 //! work is a work item for one KV head (prefill) or a range of KV heads (decode). The SIMD level is detected once at construction
 //! (or chosen, for tests), so every run of a backend uses one specialised loop nest.
 
+//!
+//! Files import downward only (checked by `scripts/import_cycles.py`):
+//! `elem` → `simd/` (ISA primitives) → `tile`, `ctx` → kernels (`attend`, `dpbf16`,
+//! `merge`) → `dispatch` (the `#[target_feature]` entry points) → this file.
+
 mod attend;
+mod ctx;
+mod dispatch;
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
 mod elem;
 mod merge;
 pub mod simd;
-
-use std::marker::PhantomData;
+mod tile;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use ctx::{Ctx, Scratch, SharedMut};
 pub use elem::Elem;
 pub use merge::{merge_state, merge_state_in_place, merge_states};
 pub use simd::SimdLevel;
@@ -200,193 +209,11 @@ impl CpuBackend {
                 .for_each_init(Scratch::default, |sc, u| {
                     let (w, gi) = (u / groups, u % groups);
                     let h0 = gi * per_unit;
-                    simd::dispatch_attend(level, &ctx, w, (h0, (h0 + per_unit).min(hkv)), sc)
+                    dispatch::attend(level, &ctx, w, (h0, (h0 + per_unit).min(hkv)), sc)
                 });
             (0..plan.num_merge_rows())
                 .into_par_iter()
-                .for_each_init(Vec::new, |buf, m| simd::dispatch_merge(level, &ctx, m, buf));
+                .for_each_init(Vec::new, |buf, m| dispatch::merge(level, &ctx, m, buf));
         });
-    }
-}
-
-/// Everything a kernel reads, resolved once per run.
-pub(crate) struct Ctx<'a, E> {
-    pub(crate) plan: &'a Plan,
-    pub(crate) q: &'a [E],
-    pub(crate) k: &'a [E],
-    pub(crate) v: &'a [E],
-    pub(crate) strides: KvStrides,
-    pub(crate) kv_indices: &'a [i32],
-    pub(crate) page_size: usize,
-    pub(crate) paged: bool,
-    pub(crate) o: SharedMut<'a, E>,
-    pub(crate) lse: Option<SharedMut<'a, f32>>,
-    pub(crate) partial_o: SharedMut<'a, f32>,
-    pub(crate) partial_lse: SharedMut<'a, f32>,
-    pub(crate) sm_scale: f32,
-    pub(crate) soft_cap: Option<f32>,
-    pub(crate) causal: bool,
-    pub(crate) window: Option<usize>,
-    pub(crate) alibi: bool,
-    pub(crate) rope: bool,
-    pub(crate) rope_scale: f32,
-    pub(crate) inv_freq: Vec<f64>,
-}
-
-impl<E> Ctx<'_, E> {
-    /// Offsets of tokens `j0..j0 + out.len()` (head `h`) of the request whose KV starts at
-    /// `kv_start`, walking pages incrementally; each offset plus `span` (the distance to the
-    /// last head a kernel reads) is checked to leave `head_dim` elements in both K and V, so
-    /// kernels may read rows through raw pointers.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn block_offsets(
-        &self,
-        kv_start: usize,
-        j0: usize,
-        n: usize,
-        h: usize,
-        span: usize,
-        out: &mut [usize],
-    ) {
-        let d = self.plan.heads().head_dim() + span;
-        let limit = self.k.len().min(self.v.len());
-        let check = |o: usize| {
-            assert!(o <= limit && d <= limit - o, "kv row out of bounds");
-            o
-        };
-        if self.paged {
-            let (mut page, mut slot) = (j0 / self.page_size, j0 % self.page_size);
-            for o in &mut out[..n] {
-                let id = self.kv_indices[kv_start + page] as usize;
-                *o = check(
-                    id * self.strides.page + slot * self.strides.token + h * self.strides.head,
-                );
-                slot += 1;
-                if slot == self.page_size {
-                    slot = 0;
-                    page += 1;
-                }
-            }
-        } else {
-            for (t, o) in out[..n].iter_mut().enumerate() {
-                *o = check((kv_start + j0 + t) * self.strides.page + h * self.strides.head);
-            }
-        }
-    }
-}
-
-/// Per-thread scratch of the tile kernel.
-pub(crate) struct Scratch {
-    pub(crate) q: Vec<f32>,
-    /// q rows as bf16 bits (the bf16 dot-product path).
-    pub(crate) qb: Vec<u16>,
-    pub(crate) k: Vec<f32>,
-    pub(crate) v: Vec<f32>,
-    pub(crate) s: Vec<f32>,
-    pub(crate) acc: Vec<f32>,
-    pub(crate) m: Vec<f32>,
-    pub(crate) l: Vec<f32>,
-    pub(crate) lo: Vec<i64>,
-    pub(crate) hi: Vec<i64>,
-    pub(crate) qpos: Vec<i64>,
-    pub(crate) slope: Vec<f32>,
-    pub(crate) corr: Vec<f32>,
-    pub(crate) off: [usize; attend::KEY_BLOCK],
-}
-
-impl Default for Scratch {
-    fn default() -> Self {
-        Scratch {
-            q: Vec::new(),
-            qb: Vec::new(),
-            k: Vec::new(),
-            v: Vec::new(),
-            s: Vec::new(),
-            acc: Vec::new(),
-            m: Vec::new(),
-            l: Vec::new(),
-            lo: Vec::new(),
-            hi: Vec::new(),
-            qpos: Vec::new(),
-            slope: Vec::new(),
-            corr: Vec::new(),
-            off: [0; attend::KEY_BLOCK],
-        }
-    }
-}
-
-impl Scratch {
-    pub(crate) fn prepare(&mut self, rows: usize, d: usize) {
-        let kb = attend::KEY_BLOCK;
-        self.q.resize(rows * d, 0.0);
-        self.k.resize(kb * d, 0.0);
-        self.v.resize(kb * d, 0.0);
-        self.s.resize(rows * kb, 0.0);
-        self.corr.resize(rows, 1.0);
-        self.acc.clear();
-        self.acc.resize(rows * d, 0.0);
-        self.m.clear();
-        self.m.resize(rows, f32::NEG_INFINITY);
-        self.l.clear();
-        self.l.resize(rows, 0.0);
-        self.lo.resize(rows, 0);
-        self.hi.resize(rows, 0);
-        self.qpos.resize(rows, 0);
-        self.slope.resize(rows, 0.0);
-    }
-}
-
-/// A mutable buffer shared by the threads of one run; each thread writes disjoint ranges.
-pub(crate) struct SharedMut<'a, T> {
-    ptr: *mut T,
-    len: usize,
-    _life: PhantomData<&'a mut [T]>,
-}
-
-// SAFETY: SharedMut hands out disjoint sub-slices only (see `slice`); T is Send.
-unsafe impl<T: Send> Send for SharedMut<'_, T> {}
-// SAFETY: as above: concurrent users touch disjoint ranges.
-unsafe impl<T: Send> Sync for SharedMut<'_, T> {}
-
-impl<'a, T> SharedMut<'a, T> {
-    fn new(s: &'a mut [T]) -> Self {
-        SharedMut {
-            ptr: s.as_mut_ptr(),
-            len: s.len(),
-            _life: PhantomData,
-        }
-    }
-
-    /// `[off, off + len)` as a mutable slice.
-    ///
-    /// # Safety
-    /// No other live slice from this buffer may overlap the range while this one is used.
-    #[inline(always)]
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice(&self, off: usize, len: usize) -> &mut [T] {
-        assert!(
-            off <= self.len && len <= self.len - off,
-            "shared slice out of bounds"
-        );
-        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
-    }
-}
-
-impl<'a> SharedMut<'a, u8> {
-    /// The f32 view of bytes `[off, off + bytes)` (offset 4-aligned: a multiple of 256 from
-    /// a 64-aligned base).
-    fn cast_f32(&self, off: usize, bytes: usize) -> SharedMut<'a, f32> {
-        assert!(off <= self.len && bytes <= self.len - off);
-        // SAFETY: in bounds; the address is 4-aligned (base 64-aligned checked by `run`,
-        // offset a multiple of 256 or the range is empty).
-        let ptr = unsafe { self.ptr.add(off) } as *mut f32;
-        assert!(bytes == 0 || (ptr as usize).is_multiple_of(4));
-        SharedMut {
-            ptr,
-            len: bytes / 4,
-            _life: PhantomData,
-        }
     }
 }

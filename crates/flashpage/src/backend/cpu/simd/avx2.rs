@@ -4,9 +4,8 @@
 use std::arch::x86_64::*;
 
 use super::super::elem::Elem;
-use super::super::{Ctx, Scratch};
-use super::Isa;
-use super::expconst as ec;
+use super::isa::Isa;
+use super::isa::expconst as ec;
 use crate::layout::DType;
 
 /// The AVX2 register set (`__m256`).
@@ -18,8 +17,8 @@ impl Isa for Avx2 {
     const LANES: usize = 8;
     #[inline(always)]
     fn zero() -> __m256 {
-        // SAFETY (all intrinsics in this impl): only reached from the entry points below,
-        // compiled with avx2, fma and f16c, and called after detection.
+        // SAFETY (all intrinsics in this impl): only reached from the entry points of
+        // `dispatch.rs`, compiled with avx2, fma and f16c, and called after detection.
         unsafe { _mm256_setzero_ps() }
     }
     #[inline(always)]
@@ -170,37 +169,4 @@ impl Isa for Avx2 {
         // SAFETY: a prefetch never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
     }
-}
-
-/// The attend kernel compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support the AVX2 level ([`super::SimdLevel::Avx2`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn attend_entry<E: Elem>(
-    ctx: &Ctx<'_, E>,
-    w: usize,
-    kv_heads: (usize, usize),
-    sc: &mut Scratch,
-) {
-    super::super::attend::attend::<Avx2, E, false>(ctx, w, kv_heads, sc)
-}
-
-/// The merge step compiled for AVX2.
-///
-/// # Safety
-/// The CPU must support the AVX2 level.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn merge_entry<E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
-    super::super::merge::merge_row::<Avx2, E>(ctx, m, buf)
-}
-
-/// Runs `f` in a context compiled for AVX2 (tests of the primitives).
-///
-/// # Safety
-/// The CPU must support the AVX2 level.
-#[cfg(test)]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn run_exp_test(f: impl FnOnce()) {
-    f()
 }

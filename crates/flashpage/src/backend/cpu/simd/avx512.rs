@@ -3,11 +3,9 @@
 
 use std::arch::x86_64::*;
 
-use super::super::attend::KEY_BLOCK;
 use super::super::elem::Elem;
-use super::super::{Ctx, Scratch};
-use super::Isa;
-use super::expconst as ec;
+use super::isa::Isa;
+use super::isa::expconst as ec;
 use crate::layout::DType;
 
 /// The AVX-512 register set (`__m512`).
@@ -19,8 +17,9 @@ impl Isa for Avx512 {
     const LANES: usize = 16;
     #[inline(always)]
     fn zero() -> __m512 {
-        // SAFETY (all intrinsics in this impl): only reached from the entry points below,
-        // compiled with avx512f/bw/vl/dq, avx2, fma and f16c, and called after detection.
+        // SAFETY (all intrinsics in this impl): only reached from the entry points of
+        // `dispatch.rs`, compiled with avx512f/bw/vl/dq, avx2, fma and f16c, and called
+        // after detection.
         unsafe { _mm512_setzero_ps() }
     }
     #[inline(always)]
@@ -172,88 +171,4 @@ impl Isa for Avx512 {
         // SAFETY: a prefetch never faults, whatever the address.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p as *const i8) }
     }
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn s_block_bf16(
-        q: &[u16],
-        d: usize,
-        rows: usize,
-        kp: &[*const u16; KEY_BLOCK],
-        nb: usize,
-        scale: f32,
-        s: &mut [f32],
-        pf: &[*const u16; KEY_BLOCK],
-        np: usize,
-    ) {
-        // SAFETY: forwarded (the trait's contract is the function's).
-        unsafe { super::dpbf16::s_block(q, d, rows, kp, nb, scale, s, pf, np) }
-    }
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_block_bf16(
-        acc: &mut [f32],
-        d: usize,
-        rows: usize,
-        corr: &[f32],
-        p: &[f32],
-        vp: &[*const u16; KEY_BLOCK],
-        nb: usize,
-        pf: &[*const u16; KEY_BLOCK],
-        np: usize,
-    ) {
-        // SAFETY: forwarded (the trait's contract is the function's).
-        unsafe { super::dpbf16::pv_block(acc, d, rows, corr, p, vp, nb, pf, np) }
-    }
-    #[inline(always)]
-    fn permuted_column(c: usize, d: usize) -> usize {
-        super::dpbf16::permuted_column(c, d)
-    }
-}
-
-/// The attend kernel compiled for AVX-512.
-///
-/// # Safety
-/// The CPU must support the AVX-512 level ([`super::SimdLevel::Avx512`]).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-pub(crate) unsafe fn attend_entry<E: Elem>(
-    ctx: &Ctx<'_, E>,
-    w: usize,
-    kv_heads: (usize, usize),
-    sc: &mut Scratch,
-) {
-    super::super::attend::attend::<Avx512, E, false>(ctx, w, kv_heads, sc)
-}
-
-/// The attend kernel compiled for AVX-512 with AVX-512 BF16: bf16 decode tiles use
-/// `vdpbf16ps` ([`super::dpbf16`]); everything else is the AVX-512 kernel.
-///
-/// # Safety
-/// The CPU must support the AVX-512 level and AVX-512 BF16.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")]
-pub(crate) unsafe fn attend_bf16_entry<E: Elem>(
-    ctx: &Ctx<'_, E>,
-    w: usize,
-    kv_heads: (usize, usize),
-    sc: &mut Scratch,
-) {
-    super::super::attend::attend::<Avx512, E, true>(ctx, w, kv_heads, sc)
-}
-
-/// The merge step compiled for AVX-512.
-///
-/// # Safety
-/// The CPU must support the AVX-512 level.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-pub(crate) unsafe fn merge_entry<E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
-    super::super::merge::merge_row::<Avx512, E>(ctx, m, buf)
-}
-
-/// Runs `f` in a context compiled for AVX-512 (tests of the primitives).
-///
-/// # Safety
-/// The CPU must support the AVX-512 level.
-#[cfg(test)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-pub(crate) unsafe fn run_exp_test(f: impl FnOnce()) {
-    f()
 }

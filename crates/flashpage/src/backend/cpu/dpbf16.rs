@@ -14,15 +14,59 @@
 
 use std::arch::x86_64::*;
 
-use super::super::attend::{KEY_BLOCK, prefetch_rows};
-use super::avx512::Avx512;
+use super::simd::Avx512;
+use super::tile::{Bf16Tiles, KEY_BLOCK, prefetch_rows};
+
+/// The [`Bf16Tiles`] of this file; instantiate the attend kernel with it only in an entry
+/// point compiled for AVX-512 BF16.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dpbf16;
+
+impl Bf16Tiles for Dpbf16 {
+    const ENABLED: bool = true;
+    #[inline(always)]
+    unsafe fn s_block(
+        q: &[u16],
+        d: usize,
+        rows: usize,
+        kp: &[*const u16; KEY_BLOCK],
+        nb: usize,
+        scale: f32,
+        s: &mut [f32],
+        pf: &[*const u16; KEY_BLOCK],
+        np: usize,
+    ) {
+        // SAFETY: forwarded (the trait's contract is the function's).
+        unsafe { s_block(q, d, rows, kp, nb, scale, s, pf, np) }
+    }
+    #[inline(always)]
+    unsafe fn pv_block(
+        acc: &mut [f32],
+        d: usize,
+        rows: usize,
+        corr: &[f32],
+        p: &[f32],
+        vis: &[[usize; 2]],
+        vp: &[*const u16; KEY_BLOCK],
+        nb: usize,
+        pf: &[*const u16; KEY_BLOCK],
+        np: usize,
+    ) {
+        // SAFETY: forwarded (the trait's contract is the function's).
+        unsafe { pv_block(acc, d, rows, corr, p, vis, vp, nb, pf, np) }
+    }
+    #[inline(always)]
+    fn permuted_column(c: usize, d: usize) -> usize {
+        permuted_column(c, d)
+    }
+}
 
 /// The accumulator position of column `c` of a row of `d` columns: columns are grouped in
 /// chunks of 32 (a last chunk of 16 where `d % 32 == 16`); inside a chunk of width `w`,
 /// storage `[0, w/2)` holds the `unpacklo` columns and `[w/2, w)` the `unpackhi` ones,
 /// each 128-bit lane of 4 pairs covering 8 consecutive columns.
 #[inline(always)]
-pub(crate) fn permuted_column(c: usize, d: usize) -> usize {
+fn permuted_column(c: usize, d: usize) -> usize {
     let c0 = c - c % 32;
     let w = if c0 + 32 <= d { 32 } else { 16 };
     let x = c - c0; // column inside the chunk
@@ -222,7 +266,7 @@ unsafe fn s_rows<const R: usize, const C: usize>(
 /// `s` holds `rows·KEY_BLOCK` values; avx512bf16 context.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn s_block(
+unsafe fn s_block(
     q: &[u16],
     d: usize,
     rows: usize,
@@ -405,21 +449,44 @@ unsafe fn pv_rows<const R: usize>(
     }
 }
 
+/// Row `p[..KEY_BLOCK]` as bf16 pairs `(p_2i, p_2i+1)`, rounded to nearest even.
+///
+/// # Safety
+/// `p` holds at least `KEY_BLOCK` values; avx512bf16 context.
+#[inline(always)]
+unsafe fn bf16_pairs(p: &[f32]) -> [u32; KEY_BLOCK / 2] {
+    assert!(p.len() >= KEY_BLOCK);
+    let mut out = [0u32; KEY_BLOCK / 2];
+    // SAFETY: p holds KEY_BLOCK = 32 values; out holds 64 bytes; avx512bf16 (caller).
+    unsafe {
+        let lo = _mm512_loadu_ps(p.as_ptr());
+        let hi = _mm512_loadu_ps(p.as_ptr().add(16));
+        let b = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut __m512i, b);
+    }
+    out
+}
+
 /// `O = diag(corr)·O + P·V` for all rows and the first `nb` keys, in the permuted column
 /// order; P is rounded to bf16 (`p[r·KEY_BLOCK + j]`, zero for `j >= nb`). The rows
 /// `pf[..np]` (a later block's) are prefetched along the way, each column range once.
 ///
+/// Row `r` sums only over its visible keys `vis[r][0]..vis[r][1]`: where rows see different
+/// keys (a mask edge inside the block), each row runs alone over its own keys, so a masked
+/// key's V (maybe infinite or NaN) never meets the zero weight of another row's pair.
+///
 /// # Safety
-/// `acc` holds `rows·d`, `p` `rows·KEY_BLOCK` (at most 8 rows), every `vp[j]` (j < nb) `d`
-/// readable values; `d % 16 == 0`; avx512bf16 context.
+/// `acc` holds `rows·d`, `p` `rows·KEY_BLOCK` (at most 8 rows), `vis` `rows` ranges within
+/// `0..nb`, every `vp[j]` (j < nb) `d` readable values; `d % 16 == 0`; avx512bf16 context.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn pv_block(
+unsafe fn pv_block(
     acc: &mut [f32],
     d: usize,
     rows: usize,
     corr: &[f32],
     p: &[f32],
+    vis: &[[usize; 2]],
     vp: &[*const u16; KEY_BLOCK],
     nb: usize,
     pf: &[*const u16; KEY_BLOCK],
@@ -427,15 +494,29 @@ pub(crate) unsafe fn pv_block(
 ) {
     const MAX_ROWS: usize = 8;
     assert!(rows <= MAX_ROWS && acc.len() >= rows * d && p.len() >= rows * KEY_BLOCK);
+    assert!(vis.len() >= rows && vis[..rows].iter().all(|v| v[0] <= v[1] && v[1] <= nb));
+    if vis[..rows].iter().any(|v| *v != [0, nb]) {
+        for r in 0..rows {
+            let [a, b] = vis[r];
+            let mut pr = [0.0f32; KEY_BLOCK];
+            pr[..b - a].copy_from_slice(&p[r * KEY_BLOCK + a..r * KEY_BLOCK + b]);
+            let mut vr = [vp[0]; KEY_BLOCK];
+            vr[..b - a].copy_from_slice(&vp[a..b]);
+            let np = if r == 0 { np } else { 0 };
+            // SAFETY: row r is in bounds; keys a..b of the block are readable (caller);
+            // avx512bf16 context (caller).
+            unsafe {
+                let pp = [bf16_pairs(&pr)];
+                let at = acc.as_mut_ptr().add(r * d);
+                pv_rows::<1>(at, d, &corr[r..], &pp, &vr, b - a, pf, np);
+            }
+        }
+        return;
+    }
     let mut pp = [[0u32; KEY_BLOCK / 2]; MAX_ROWS];
     for (r, ppr) in pp.iter_mut().enumerate().take(rows) {
-        // SAFETY: p holds KEY_BLOCK = 32 values per row; ppr holds 64 bytes.
-        unsafe {
-            let lo = _mm512_loadu_ps(p.as_ptr().add(r * KEY_BLOCK));
-            let hi = _mm512_loadu_ps(p.as_ptr().add(r * KEY_BLOCK + 16));
-            let b = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(ppr.as_mut_ptr() as *mut __m512i, b);
-        }
+        // SAFETY: p holds KEY_BLOCK values per row; avx512bf16 context (caller).
+        *ppr = unsafe { bf16_pairs(&p[r * KEY_BLOCK..]) };
     }
     let mut r0 = 0;
     // SAFETY (all calls): rows r0.. in bounds (loop conditions), columns as the caller's.
