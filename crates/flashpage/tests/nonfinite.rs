@@ -91,7 +91,7 @@ fn masked_nan_and_inf_values_contribute_nothing() {
         // A sliding window of 0: each row sees only its own key.
         seed += 1;
         let mut s = prefill("window0", (4, 2, 64), (3, 3), dtype);
-        s.options.window_left = 0;
+        s.options.window_left = Some(0);
         let mut data = s.materialise(seed).unwrap();
         data.set_row(Input::V, 0, 0, f64::NAN).unwrap();
         check_ieee(&data, "window 0, V=NaN at key 0");

@@ -7,7 +7,7 @@
 //! (or chosen, for tests), so every run of a backend uses one specialised loop nest.
 
 //!
-//! Files import downward only (checked by `scripts/import_cycles.py`):
+//! Files import downward only (checked by `scripts/import_graph.py`):
 //! `elem` → `simd/` (ISA primitives) → `tile`, `ctx` → kernels (`attend`, `dpbf16`,
 //! `merge`) → `dispatch` (the `#[target_feature]` entry points) → this file.
 
