@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use crate::errors::{guard, type_error};
-use crate::ffi::{Borrowed, check_disjoint};
+use crate::ffi::{Borrowed, check_disjoint, union_bytes_mut};
 
 /// Appends `append_key`/`append_value` (`[nnz, num_kv_heads, head_dim]`) to the paged cache:
 /// row `i` goes to request `batch_indices[i]` at token `positions[i]`.
@@ -205,31 +205,49 @@ pub fn append_paged_kv_cache(
             slots.push(page as usize * sp + (p as usize % ps) * st);
         }
         {
+            // K and V may be views of one storage (a combined tensor, or its two halves as a
+            // pair): their union is then one written region.
             let mut written = vec![&kc];
             written.extend(&vc);
-            check_disjoint(&written, &[&key, &value])?;
+            let union = vc.as_ref().is_some_and(|v| {
+                let ((a0, a1), (b0, b1)) = (kc.byte_range(), v.byte_range());
+                a0 < b1 && b0 < a1
+            });
+            if union {
+                check_disjoint(&written[..1], &[&key, &value])?;
+                check_disjoint(&written[1..], &[&key, &value])?;
+            } else {
+                check_disjoint(&written, &[&key, &value])?;
+            }
         }
         let es = kc.kind.size();
         let row = d * es;
         let (kb, vb) = (key.bytes(), value.bytes());
-        let kcopy = |dst: &mut [u8], base: usize, src: &[u8], s: &[usize]| {
+        // `base` is a byte offset into `dst`.
+        let copy = |dst: &mut [u8], base: usize, src: &[u8], s: &[usize]| {
             for (i, &slot) in slots.iter().enumerate() {
                 for h in 0..hkv {
-                    let to = (base + slot + h * sh) * es;
+                    let to = base + (slot + h * sh) * es;
                     let from = (i * s[0] + h * s[1]) * es;
                     dst[to..to + row].copy_from_slice(&src[from..from + row]);
                 }
             }
         };
         match &mut vc {
-            Some(v) => {
-                kcopy(kc.bytes_mut(), 0, kb, &key.strides);
-                kcopy(v.bytes_mut(), 0, vb, &value.strides);
-            }
+            Some(v) => match union_bytes_mut(&mut kc, v) {
+                Some((all, k0, v0)) => {
+                    copy(all, k0, kb, &key.strides);
+                    copy(all, v0, vb, &value.strides);
+                }
+                None => {
+                    copy(kc.bytes_mut(), 0, kb, &key.strides);
+                    copy(v.bytes_mut(), 0, vb, &value.strides);
+                }
+            },
             None => {
                 let all = kc.bytes_mut();
-                kcopy(all, 0, kb, &key.strides);
-                kcopy(all, v_off, vb, &value.strides);
+                copy(all, 0, kb, &key.strides);
+                copy(all, v_off * es, vb, &value.strides);
             }
         }
         Ok(())

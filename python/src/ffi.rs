@@ -434,3 +434,25 @@ unsafe fn exclusive<'a, T>(addr: usize, len: usize) -> &'a mut [T] {
     // SAFETY: the caller's contract.
     unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
 }
+
+/// When the byte ranges of `a` and `b` overlap (two views of one storage, e.g. the K and V
+/// halves of one cache tensor), one mutable byte slice over their union and the byte offsets
+/// of `a` and `b` in it; `None` when they are disjoint. Writes through the slice to elements
+/// of both tensors are then ordinary writes to one buffer (no two live mutable references).
+/// Callers check the union is disjoint from every other tensor of the call.
+pub fn union_bytes_mut<'a>(
+    a: &'a mut Borrowed<'_>,
+    b: &'a mut Borrowed<'_>,
+) -> Option<(&'a mut [u8], usize, usize)> {
+    let ((a0, a1), (b0, b1)) = (a.byte_range(), b.byte_range());
+    if a0 == a1 || b0 == b1 || a1 <= b0 || b1 <= a0 {
+        return None;
+    }
+    let (lo, hi) = (a0.min(b0), a1.max(b1));
+    // SAFETY: the two ranges overlap, so every byte of [lo, hi) lies in the range of `a` or
+    // of `b`, each inside its tensor's live storage (as in `Borrowed::float_ref`); both
+    // descriptions are borrowed mutably for the slice's lifetime, so no other slice of
+    // either exists.
+    let all = unsafe { exclusive::<u8>(lo, hi - lo) };
+    Some((all, a0 - lo, b0 - lo))
+}
