@@ -64,8 +64,7 @@ pub fn append_paged_kv_cache(
         // The cache: one [pages, 2, ...] tensor or a (k, v) pair; slot (page, token, head)
         // of K at element p*sp + t*st + h*sh, of V `v_off` elements later (combined) or in
         // the second tensor.
-        let pair: Option<Vec<Bound<'_, PyAny>>> = if let Ok(t) = paged_kv_cache.cast::<PyTuple>()
-        {
+        let pair: Option<Vec<Bound<'_, PyAny>>> = if let Ok(t) = paged_kv_cache.cast::<PyTuple>() {
             Some(t.iter().collect())
         } else if let Ok(l) = paged_kv_cache.cast::<PyList>() {
             Some(l.iter().collect())
@@ -114,7 +113,10 @@ pub fn append_paged_kv_cache(
         } else {
             [None, Some(hkv), Some(ps), Some(d)]
         };
-        let ok = shape.iter().zip(&want).all(|(&n, w)| w.is_none_or(|w| w == n));
+        let ok = shape
+            .iter()
+            .zip(&want)
+            .all(|(&n, w)| w.is_none_or(|w| w == n));
         if !ok {
             return Err(Error::TensorShape {
                 tensor: kc.name,
@@ -131,12 +133,12 @@ pub fn append_paged_kv_cache(
             }
             .into());
         }
-        if d > 1 && (strides[3] != 1 || key.strides[2] != 1 || value.strides[2] != 1)
-        {
+        if d > 1 && (strides[3] != 1 || key.strides[2] != 1 || value.strides[2] != 1) {
             return Err(Error::TensorShape {
                 tensor: "paged_kv_cache",
-                expected: "a contiguous last (head_dim) dimension in the cache and the appended rows"
-                    .into(),
+                expected:
+                    "a contiguous last (head_dim) dimension in the cache and the appended rows"
+                        .into(),
                 actual: format!(
                     "strides {:?} (cache), {:?} (append_key), {:?} (append_value)",
                     kc.strides, key.strides, value.strides
@@ -176,7 +178,10 @@ pub fn append_paged_kv_cache(
                 return Err(Error::InvalidOption {
                     field: "batch_indices",
                     expected: "request indices in 0..batch_size (len(kv_indptr) - 1)",
-                    actual: format!("batch_indices[{i}] = {b}, batch_size {}", valid.batch_size()),
+                    actual: format!(
+                        "batch_indices[{i}] = {b}, batch_size {}",
+                        valid.batch_size()
+                    ),
                 }
                 .into());
             }

@@ -6,7 +6,7 @@ use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::{KvCache, RunArgs};
 use flashpage::{
     AttentionOptions, BatchDesc, DType, Error, HeadConfig, KvLayout, KvStrides, PageTable, Plan,
-    PlanConfig, PosEncoding,
+    PlanConfig, PosEncoding, TensorMut,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
@@ -368,7 +368,10 @@ impl AttentionPlan {
         if v.shape != k.shape || v.strides != k.strides {
             return Err(Error::TensorShape {
                 tensor: "v",
-                expected: format!("the shape and strides of k: {:?} / {:?}", k.shape, k.strides),
+                expected: format!(
+                    "the shape and strides of k: {:?} / {:?}",
+                    k.shape, k.strides
+                ),
                 actual: format!("{:?} / {:?}", v.shape, v.strides),
             }
             .into());
@@ -396,7 +399,8 @@ impl AttentionPlan {
         kv: KvTensors<'_>,
         out: &Bound<'_, PyAny>,
         lse: Option<&Bound<'_, PyAny>>,
-    ) -> Result<(), Failure> {
+        reps: usize,
+    ) -> Result<f64, Failure> {
         let (hq, _, d, _) = self.dims();
         let rows = self.plan.num_q_rows();
         let q = Borrowed::new(q, "q")?;
@@ -457,25 +461,44 @@ impl AttentionPlan {
         } else {
             KvCache::paged(kref, vref, kv.strides, kv.num_pages, &self.kv_indices)
         };
-        let lse_slice = match &mut lse {
+        let qref = q.float_ref(0)?;
+        let mut o = out.float_mut()?;
+        let mut lse_slice = match &mut lse {
             Some(l) => Some(l.f32_mut()?),
             None => None,
         };
-        let args = RunArgs {
-            q: q.float_ref(0)?,
-            kv: cache,
-            o: out.float_mut()?,
-            lse: lse_slice,
-        };
         let ws_bytes = ws.bytes_mut();
-        backend()?.run(&self.plan, args, ws_bytes)?;
+        let cpu = backend()?;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            let args = RunArgs {
+                q: qref,
+                kv: cache,
+                o: reborrow(&mut o),
+                lse: lse_slice.as_deref_mut(),
+            };
+            cpu.run(&self.plan, args, ws_bytes)?;
+        }
+        let elapsed = start.elapsed().as_secs_f64() / reps.max(1) as f64;
+        if reps == 0 {
+            return Ok(0.0);
+        }
         // FlashInfer's LSE is base 2; the library's natural.
         if let Some(l) = &mut lse {
             for x in l.f32_mut()?.iter_mut() {
                 *x *= std::f32::consts::LOG2_E;
             }
         }
-        Ok(())
+        Ok(elapsed)
+    }
+}
+
+/// A shorter-lived view of a mutable tensor, for one run of several.
+fn reborrow<'a>(t: &'a mut TensorMut<'_>) -> TensorMut<'a> {
+    match t {
+        TensorMut::F32(s) => TensorMut::F32(s),
+        TensorMut::F16(s) => TensorMut::F16(s),
+        TensorMut::BF16(s) => TensorMut::BF16(s),
     }
 }
 
@@ -500,7 +523,34 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.paged_cache(&paged_kv_cache)?;
-            self.run_inner(&workspace, &q, kv, &out, lse.as_ref())
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), 1)
+                .map(|_| ())
+        })
+    }
+
+    /// Runs the plan on a paged cache `iterations` times with the arguments read once, and
+    /// returns the mean seconds per run: the library's run (checks and kernels) without the
+    /// cost of reading the arguments from Python. With `iterations == 0` it reads and checks
+    /// the arguments and runs nothing. For measuring the binding's overhead
+    /// (`python/bench/overhead.py`).
+    #[pyo3(signature = (workspace, q, paged_kv_cache, out, iterations))]
+    fn time_kernel(
+        &self,
+        py: Python<'_>,
+        workspace: Bound<'_, PyAny>,
+        q: Bound<'_, PyAny>,
+        paged_kv_cache: Bound<'_, PyAny>,
+        out: Bound<'_, PyAny>,
+        iterations: usize,
+    ) -> PyResult<f64> {
+        guard(py, || {
+            if self.flavor == Flavor::RaggedPrefill {
+                return Err(crate::errors::type_error(
+                    "a ragged plan runs with k and v, not a paged cache".into(),
+                ));
+            }
+            let kv = self.paged_cache(&paged_kv_cache)?;
+            self.run_inner(&workspace, &q, kv, &out, None, iterations)
         })
     }
 
@@ -524,7 +574,8 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.ragged_kv(&k, &v)?;
-            self.run_inner(&workspace, &q, kv, &out, lse.as_ref())
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), 1)
+                .map(|_| ())
         })
     }
 

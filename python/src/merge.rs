@@ -24,7 +24,10 @@ fn mismatch(tensor: &'static str, want: &Borrowed<'_>, got: &Borrowed<'_>) -> Fa
 
 fn same_shape(t: &Borrowed<'_>, like: &Borrowed<'_>) -> Result<(), Failure> {
     let dims: Vec<Option<usize>> = like.shape.iter().map(|&n| Some(n)).collect();
-    t.expect_shape(&dims, &format!("{:?} (the shape of {})", like.shape, like.name))
+    t.expect_shape(
+        &dims,
+        &format!("{:?} (the shape of {})", like.shape, like.name),
+    )
 }
 
 /// Merges `(v_a, s_a)` and `(v_b, s_b)` (`[seq, heads, head_dim]`, `[seq, heads]`, LSE base 2)
