@@ -202,3 +202,16 @@ def test_append_paged_kv_cache(layout, tuple_cache):
         flashpage.append_paged_kv_cache(k, v, batch, pos + 1, target, indices, indptr, last, layout)
     assert e.value.kind == "InvalidOption" and "positions" in str(e.value)
     assert torch.equal(cache, snapshot)
+
+
+def test_readme_example():
+    """The README's Python example runs as written."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out, lse = scope["out"], scope["lse"]
+    assert out.shape == (2, 8, 64) and lse.shape == (2, 8) and bool(out.isfinite().all())
