@@ -147,6 +147,8 @@ class _Wrapper:
     def _outputs(self, q: torch.Tensor, out, lse, return_lse: bool):
         if self._plan is None:
             raise RuntimeError("plan() must be called before run()")
+        if isinstance(q, torch.Tensor) and not q.is_contiguous():
+            q = q.contiguous()  # FlashInfer takes strided q; flashpage reads it packed
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         if return_lse:
@@ -154,7 +156,7 @@ class _Wrapper:
                 lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32)
         else:
             lse = None
-        return out, lse
+        return q, out, lse
 
     def _check_window(self, window_left) -> None:
         if window_left is not None and int(window_left) != self._plan.window_left:
@@ -267,7 +269,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
             _check_run_extras(args, q_scale, k_scale, v_scale, sinks)
         if window_left is not None:
             self._check_window(window_left)
-        out, lse = self._outputs(q, out, lse, return_lse)
+        q, out, lse = self._outputs(q, out, lse, return_lse)
         self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse)
         return (out, lse) if return_lse else out
 
@@ -374,7 +376,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
             _check_run_extras(args, q_scale, k_scale, v_scale, sinks)
         if window_left is not None:
             self._check_window(window_left)
-        out, lse = self._outputs(q, out, lse, return_lse)
+        q, out, lse = self._outputs(q, out, lse, return_lse)
         self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse)
         return (out, lse) if return_lse else out
 
@@ -399,8 +401,6 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         jit_args: Optional[list] = None,
     ) -> None:
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
-        if kv_layout != "NHD":
-            raise _unsupported("ragged K/V in the HND layout (ragged K/V is [kv_len, num_kv_heads, head_dim])")
         _reject("custom_mask_buf", custom_mask_buf)
         _reject("jit_args", jit_args)
 
@@ -470,11 +470,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         enable_pdl: Optional[bool] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Attention of ``q`` [qo_indptr[-1], num_qo_heads, head_dim] over ``k``, ``v``
-        [kv_indptr[-1], num_kv_heads, head_dim]. Returns ``out``, or ``(out, lse)`` with
+        [kv_indptr[-1], num_kv_heads, head_dim] (NHD; HND: [num_kv_heads, kv_indptr[-1],
+        head_dim]). Returns ``out``, or ``(out, lse)`` with
         ``lse`` base 2 when ``return_lse``."""
         if args or q_scale is not None or k_scale is not None or v_scale is not None:
             _check_run_extras(args, q_scale, k_scale, v_scale)
-        out, lse = self._outputs(q, out, lse, return_lse)
+        q, out, lse = self._outputs(q, out, lse, return_lse)
         self._plan.run_ragged(self._float_workspace_buffer, q, k, v, out, lse)
         return (out, lse) if return_lse else out
 

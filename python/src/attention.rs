@@ -164,6 +164,17 @@ pub fn plan(
             )?);
         let q_dtype = parse_dtype("q_data_type", q_data_type)?;
         let kv_dtype = parse_dtype("kv_data_type", kv_data_type)?;
+        if kv_dtype != q_dtype {
+            return Err(Error::Unsupported {
+                backend: "cpu",
+                what: format!(
+                    "kv_data_type {} with q_data_type {} (q and the KV cache must have one dtype)",
+                    torch_name(kv_dtype),
+                    torch_name(q_dtype)
+                ),
+            }
+            .into());
+        }
         let qo = match &qo_indptr {
             Some(t) => Some(Borrowed::new(t, "qo_indptr")?.indices()?),
             None => None,
@@ -343,7 +354,8 @@ impl AttentionPlan {
         }
     }
 
-    /// Ragged K/V: `k` and `v` of `[kv_indptr[-1], num_kv_heads, head_dim]`.
+    /// Ragged K/V: `k` and `v` of `[kv_indptr[-1], num_kv_heads, head_dim]` (NHD) or
+    /// `[num_kv_heads, kv_indptr[-1], head_dim]` (HND).
     fn ragged_kv<'py>(
         &self,
         k: &Bound<'py, PyAny>,
@@ -352,11 +364,21 @@ impl AttentionPlan {
         let (_, hkv, d, _) = self.dims();
         let k = Borrowed::new(k, "k")?;
         let v = Borrowed::new(v, "v")?;
+        // NHD: [kv_len, num_kv_heads, head_dim]; HND: [num_kv_heads, kv_len, head_dim].
+        let (tok, head) = if self.layout == KvLayout::Nhd {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
         for t in [&k, &v] {
-            t.expect_shape(
-                &[None, Some(hkv), Some(d)],
-                &format!("[kv_len, {hkv}, {d}] (kv_len, num_kv_heads, head_dim)"),
-            )?;
+            let mut dims = [None, None, Some(d)];
+            dims[head] = Some(hkv);
+            let what = if self.layout == KvLayout::Nhd {
+                format!("[kv_len, {hkv}, {d}] (kv_len, num_kv_heads, head_dim: NHD)")
+            } else {
+                format!("[{hkv}, kv_len, {d}] (num_kv_heads, kv_len, head_dim: HND)")
+            };
+            t.expect_shape(&dims, &what)?;
             if t.strides[2] != 1 && d > 1 {
                 return Err(shape_error(
                     t.name,
@@ -377,11 +399,11 @@ impl AttentionPlan {
             .into());
         }
         let strides = KvStrides {
-            page: k.strides[0],
+            page: k.strides[tok],
             token: 0,
-            head: k.strides[1],
+            head: k.strides[head],
         };
-        let num_pages = k.shape[0];
+        let num_pages = k.shape[tok];
         Ok(KvTensors {
             k,
             v: Some(v),

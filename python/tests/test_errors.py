@@ -129,3 +129,13 @@ def test_failed_plan_keeps_previous_plan():
     with pytest.raises(flashpage.Error):
         w.plan(indptr, indices, last, 8, 3, 64, 16, q_data_type=torch.float32)
     assert torch.equal(w.run(q, cache), before)
+
+
+def test_kv_dtype_different_from_q_is_unsupported_at_plan():
+    w, indptr, indices, last, _ = decode_setup()
+    with pytest.raises(flashpage.Error) as e:
+        w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type=torch.bfloat16, kv_data_type="float8_e4m3fn")
+    assert e.value.kind == "InvalidOption"
+    with pytest.raises(flashpage.Error) as e:
+        w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float16)
+    assert e.value.kind == "Unsupported" and "kv_data_type" in str(e.value)

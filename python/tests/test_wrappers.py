@@ -215,3 +215,20 @@ def test_readme_example():
     exec(compile(code, "README.md", "exec"), scope)
     out, lse = scope["out"], scope["lse"]
     assert out.shape == (2, 8, 64) and lse.shape == (2, 8) and bool(out.isfinite().all())
+
+
+def test_ragged_hnd_and_strided_q():
+    """HND ragged K/V ([heads, kv_len, dim]) and a non-contiguous q give the NHD result."""
+    hq, hkv, d = 4, 2, 16
+    qo_indptr, kv_indptr = torch.tensor([0, 3, 7]), torch.tensor([0, 9, 20])
+    q_big = torch.randn(hq, 7, d)
+    q = q_big.transpose(0, 1)  # [7, hq, d], strided
+    k, v = torch.randn(20, hkv, d), torch.randn(20, hkv, d)
+    nhd = flashpage.BatchPrefillWithRaggedKVCacheWrapper(WS, "NHD")
+    nhd.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=True, q_data_type=torch.float32)
+    hnd = flashpage.BatchPrefillWithRaggedKVCacheWrapper(WS, "HND")
+    hnd.plan(qo_indptr, kv_indptr, hq, hkv, d, causal=True, q_data_type=torch.float32)
+    a = nhd.run(q, k, v)
+    b = hnd.run(q.contiguous(), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous())
+    close(a, b, torch.float32, "HND vs NHD")
+    close(a[3:7], attention(q[3:7], k[9:20], v[9:20], causal=True)[0], torch.float32, "request 1")
