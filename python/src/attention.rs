@@ -1,0 +1,627 @@
+//! Plan and run: the engine under the three FlashInfer wrappers.
+
+use std::sync::OnceLock;
+
+use flashpage::backend::cpu::CpuBackend;
+use flashpage::backend::{KvCache, RunArgs};
+use flashpage::{
+    AttentionOptions, BatchDesc, DType, Error, HeadConfig, KvLayout, KvStrides, PageTable, Plan,
+    PlanConfig, PosEncoding, TensorMut,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+use crate::errors::{Failure, guard};
+use crate::ffi::{Borrowed, Kind, check_disjoint, shape_error};
+
+/// The process's CPU backend: one thread per core, or `FLASHPAGE_NUM_THREADS`.
+pub fn backend() -> Result<&'static CpuBackend, Failure> {
+    static CPU: OnceLock<Result<CpuBackend, Error>> = OnceLock::new();
+    CPU.get_or_init(|| {
+        let threads = std::env::var("FLASHPAGE_NUM_THREADS")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        CpuBackend::new(threads)
+    })
+    .as_ref()
+    .map_err(|e| e.clone().into())
+}
+
+/// A positive count from Python.
+fn count(field: &'static str, v: i64) -> Result<usize, Failure> {
+    if v <= 0 {
+        return Err(Error::NotPositive { field, actual: v }.into());
+    }
+    Ok(v as usize)
+}
+
+/// A finite option from Python as f32.
+fn opt_f32(v: Option<f64>) -> Option<f32> {
+    v.map(|x| x as f32)
+}
+
+/// torch's name of a dtype.
+fn torch_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "torch.float32",
+        DType::F16 => "torch.float16",
+        DType::BF16 => "torch.bfloat16",
+    }
+}
+
+/// Parses FlashInfer's `q_data_type`/`kv_data_type` (`"float16"`, `"torch.bfloat16"`, …).
+fn parse_dtype(field: &'static str, s: &str) -> Result<DType, Failure> {
+    let t = s.trim().trim_start_matches("torch.");
+    DType::parse(t).ok_or_else(|| {
+        Error::InvalidOption {
+            field,
+            expected: "torch.float32, torch.float16 or torch.bfloat16",
+            actual: s.to_string(),
+        }
+        .into()
+    })
+}
+
+/// FlashInfer's `pos_encoding_mode` (`NONE`, `ROPE_LLAMA`, `ALIBI`) with its RoPE options.
+fn parse_pos_encoding(
+    mode: &str,
+    rope_scale: Option<f64>,
+    rope_theta: Option<f64>,
+) -> Result<PosEncoding, Failure> {
+    let name = match mode {
+        "NONE" => "none",
+        "ROPE_LLAMA" => "rope",
+        "ALIBI" => "alibi",
+        _ => {
+            return Err(Error::InvalidOption {
+                field: "pos_encoding_mode",
+                expected: "\"NONE\", \"ROPE_LLAMA\" or \"ALIBI\"",
+                actual: format!("{mode:?}"),
+            }
+            .into());
+        }
+    };
+    Ok(PosEncoding::parse(
+        name,
+        opt_f32(rope_theta),
+        opt_f32(rope_scale),
+    )?)
+}
+
+/// Which FlashInfer wrapper a plan belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// `BatchDecodeWithPagedKVCacheWrapper`.
+    Decode,
+    /// `BatchPrefillWithPagedKVCacheWrapper`.
+    PagedPrefill,
+    /// `BatchPrefillWithRaggedKVCacheWrapper`.
+    RaggedPrefill,
+}
+
+/// A validated, planned batch: what a wrapper's `plan` builds and its `run` executes.
+#[pyclass(module = "flashpage._flashpage", frozen)]
+pub struct AttentionPlan {
+    plan: Plan,
+    flavor: Flavor,
+    kv_indices: Vec<i32>,
+    layout: KvLayout,
+    q_dtype: DType,
+    kv_dtype: DType,
+}
+
+/// Plans a batch (see `flashpage/_wrappers.py` for the FlashInfer arguments). Paged when
+/// `page_size` is given (decode when `qo_indptr` is `None`), ragged otherwise.
+#[pyfunction]
+#[pyo3(signature = (qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads,
+    head_dim, page_size, kv_layout, causal, window_left, logits_soft_cap, sm_scale,
+    pos_encoding_mode, rope_scale, rope_theta, q_data_type, kv_data_type))]
+#[allow(clippy::too_many_arguments)]
+pub fn plan(
+    py: Python<'_>,
+    qo_indptr: Option<Bound<'_, PyAny>>,
+    kv_indptr: Bound<'_, PyAny>,
+    kv_indices: Option<Bound<'_, PyAny>>,
+    last_page_len: Option<Bound<'_, PyAny>>,
+    num_qo_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    page_size: Option<i64>,
+    kv_layout: &str,
+    causal: bool,
+    window_left: i64,
+    logits_soft_cap: Option<f64>,
+    sm_scale: Option<f64>,
+    pos_encoding_mode: &str,
+    rope_scale: Option<f64>,
+    rope_theta: Option<f64>,
+    q_data_type: &str,
+    kv_data_type: &str,
+) -> PyResult<AttentionPlan> {
+    guard(py, || {
+        let layout = KvLayout::parse(kv_layout).ok_or_else(|| Error::InvalidOption {
+            field: "kv_layout",
+            expected: "\"NHD\" or \"HND\"",
+            actual: format!("{kv_layout:?}"),
+        })?;
+        let heads = HeadConfig::new(
+            count("num_qo_heads", num_qo_heads)?,
+            count("num_kv_heads", num_kv_heads)?,
+            count("head_dim", head_dim)?,
+        )?;
+        // FlashInfer treats a soft-cap of 0 as none.
+        let soft_cap = opt_f32(logits_soft_cap).filter(|&c| c != 0.0);
+        let opts = AttentionOptions::new()
+            .with_causal(causal)
+            .with_window_left(AttentionOptions::window_from_signed(window_left)?)
+            .with_logits_soft_cap(soft_cap)
+            .with_sm_scale(opt_f32(sm_scale))
+            .with_pos_encoding(parse_pos_encoding(
+                pos_encoding_mode,
+                rope_scale,
+                rope_theta,
+            )?);
+        let q_dtype = parse_dtype("q_data_type", q_data_type)?;
+        let kv_dtype = parse_dtype("kv_data_type", kv_data_type)?;
+        if kv_dtype != q_dtype {
+            return Err(Error::Unsupported {
+                backend: "cpu",
+                what: format!(
+                    "kv_data_type {} with q_data_type {} (q and the KV cache must have one dtype)",
+                    torch_name(kv_dtype),
+                    torch_name(q_dtype)
+                ),
+            }
+            .into());
+        }
+        let qo = match &qo_indptr {
+            Some(t) => Some(Borrowed::new(t, "qo_indptr")?.indices()?),
+            None => None,
+        };
+        let kv_indptr = Borrowed::new(&kv_indptr, "paged_kv_indptr")?.indices()?;
+        let config = PlanConfig::with_parallelism(backend()?.threads());
+        let (plan, flavor, indices) = match page_size {
+            Some(page_size) => {
+                let page_size = count("page_size", page_size)?;
+                let (Some(ix), Some(lp)) = (kv_indices, last_page_len) else {
+                    return Err(crate::errors::type_error(
+                        "a paged plan needs kv_indices and last_page_len".into(),
+                    ));
+                };
+                let indices = Borrowed::new(&ix, "paged_kv_indices")?.indices()?;
+                let last = Borrowed::new(&lp, "paged_kv_last_page_len")?.indices()?;
+                let pages = PageTable {
+                    page_size,
+                    // Page ids are checked against the cache at run time, when its size is
+                    // known (FlashInfer's plan does not see the cache either).
+                    num_pages: usize::MAX,
+                    indptr: &kv_indptr,
+                    last_page_len: &last,
+                    num_indices: indices.len(),
+                };
+                let (desc, flavor) = match &qo {
+                    None => (BatchDesc::decode(heads, pages), Flavor::Decode),
+                    Some(qo) => (
+                        BatchDesc::prefill_paged(heads, qo, pages),
+                        Flavor::PagedPrefill,
+                    ),
+                };
+                (Plan::new(&desc, &opts, &config)?, flavor, indices)
+            }
+            None => {
+                let qo = qo.as_deref().unwrap_or(&[]);
+                let desc = BatchDesc::prefill_ragged(heads, qo, &kv_indptr);
+                (
+                    Plan::new(&desc, &opts, &config)?,
+                    Flavor::RaggedPrefill,
+                    Vec::new(),
+                )
+            }
+        };
+        Ok(AttentionPlan {
+            plan,
+            flavor,
+            kv_indices: indices,
+            layout,
+            q_dtype,
+            kv_dtype,
+        })
+    })
+}
+
+/// K and V of a run: two (possibly identical) tensors and the offset of V's first element.
+struct KvTensors<'py> {
+    k: Borrowed<'py>,
+    v: Option<Borrowed<'py>>,
+    v_offset: usize,
+    strides: KvStrides,
+    num_pages: usize,
+}
+
+impl AttentionPlan {
+    fn dims(&self) -> (usize, usize, usize, usize) {
+        let h = self.plan.heads();
+        (
+            h.num_qo_heads(),
+            h.num_kv_heads(),
+            h.head_dim(),
+            self.plan.page_size(),
+        )
+    }
+
+    /// The paged cache: one `[pages, 2, ...]` tensor or a `(k_cache, v_cache)` pair.
+    fn paged_cache<'py>(&self, cache: &Bound<'py, PyAny>) -> Result<KvTensors<'py>, Failure> {
+        let (_, hkv, d, ps) = self.dims();
+        let page_dims = |nhd: bool| -> [Option<usize>; 3] {
+            if nhd {
+                [Some(ps), Some(hkv), Some(d)]
+            } else {
+                [Some(hkv), Some(ps), Some(d)]
+            }
+        };
+        let nhd = self.layout == KvLayout::Nhd;
+        let inner = if nhd {
+            format!("[{ps}, {hkv}, {d}] (page_size, num_kv_heads, head_dim: NHD)")
+        } else {
+            format!("[{hkv}, {ps}, {d}] (num_kv_heads, page_size, head_dim: HND)")
+        };
+        let strides_of = |s: &[usize]| {
+            // s: strides of (page, a, b, d) where (a, b) are (token, head) or (head, token).
+            let (token, head) = if nhd { (s[1], s[2]) } else { (s[2], s[1]) };
+            KvStrides {
+                page: s[0],
+                token,
+                head,
+            }
+        };
+        let pair = if let Ok(t) = cache.cast::<PyTuple>() {
+            Some(t.iter().collect::<Vec<_>>())
+        } else if let Ok(l) = cache.cast::<PyList>() {
+            Some(l.iter().collect::<Vec<_>>())
+        } else {
+            None
+        };
+        match pair {
+            Some(items) => {
+                if items.len() != 2 {
+                    return Err(crate::errors::type_error(format!(
+                        "paged_kv_cache must be one tensor or a (k_cache, v_cache) pair, got a sequence of {}",
+                        items.len()
+                    )));
+                }
+                let k = Borrowed::new(&items[0], "k_cache")?;
+                let v = Borrowed::new(&items[1], "v_cache")?;
+                for t in [&k, &v] {
+                    let [a, b, c] = page_dims(nhd);
+                    t.expect_shape(&[None, a, b, c], &format!("[num_pages, {inner}"))?;
+                    if t.strides[3] != 1 && d > 1 {
+                        return Err(Error::TensorShape {
+                            tensor: t.name,
+                            expected: "a contiguous last (head_dim) dimension".into(),
+                            actual: format!("strides {:?}", t.strides),
+                        }
+                        .into());
+                    }
+                }
+                if v.shape[0] != k.shape[0] || v.strides[..3] != k.strides[..3] {
+                    return Err(Error::TensorShape {
+                        tensor: "v_cache",
+                        expected: format!(
+                            "the shape and strides of k_cache: {:?} / {:?}",
+                            k.shape, k.strides
+                        ),
+                        actual: format!("{:?} / {:?}", v.shape, v.strides),
+                    }
+                    .into());
+                }
+                let strides = strides_of(&k.strides);
+                let num_pages = k.shape[0];
+                Ok(KvTensors {
+                    k,
+                    v: Some(v),
+                    v_offset: 0,
+                    strides,
+                    num_pages,
+                })
+            }
+            None => {
+                let t = Borrowed::new(cache, "paged_kv_cache")?;
+                let [a, b, c] = page_dims(nhd);
+                t.expect_shape(
+                    &[None, Some(2), a, b, c],
+                    &format!("[num_pages, 2, {inner}"),
+                )?;
+                if t.strides[4] != 1 && d > 1 {
+                    return Err(Error::TensorShape {
+                        tensor: "paged_kv_cache",
+                        expected: "a contiguous last (head_dim) dimension".into(),
+                        actual: format!("strides {:?}", t.strides),
+                    }
+                    .into());
+                }
+                let s = &t.strides;
+                let strides = strides_of(&[s[0], s[2], s[3], s[4]]);
+                let (num_pages, v_offset) = (t.shape[0], s[1]);
+                Ok(KvTensors {
+                    k: t,
+                    v: None,
+                    v_offset,
+                    strides,
+                    num_pages,
+                })
+            }
+        }
+    }
+
+    /// Ragged K/V: `k` and `v` of `[kv_indptr[-1], num_kv_heads, head_dim]` (NHD) or
+    /// `[num_kv_heads, kv_indptr[-1], head_dim]` (HND).
+    fn ragged_kv<'py>(
+        &self,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+    ) -> Result<KvTensors<'py>, Failure> {
+        let (_, hkv, d, _) = self.dims();
+        let k = Borrowed::new(k, "k")?;
+        let v = Borrowed::new(v, "v")?;
+        // NHD: [kv_len, num_kv_heads, head_dim]; HND: [num_kv_heads, kv_len, head_dim].
+        let (tok, head) = if self.layout == KvLayout::Nhd {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        for t in [&k, &v] {
+            let mut dims = [None, None, Some(d)];
+            dims[head] = Some(hkv);
+            let what = if self.layout == KvLayout::Nhd {
+                format!("[kv_len, {hkv}, {d}] (kv_len, num_kv_heads, head_dim: NHD)")
+            } else {
+                format!("[{hkv}, kv_len, {d}] (num_kv_heads, kv_len, head_dim: HND)")
+            };
+            t.expect_shape(&dims, &what)?;
+            if t.strides[2] != 1 && d > 1 {
+                return Err(shape_error(
+                    t.name,
+                    "a contiguous last (head_dim) dimension".into(),
+                    &t.shape,
+                ));
+            }
+        }
+        if v.shape != k.shape || v.strides != k.strides {
+            return Err(Error::TensorShape {
+                tensor: "v",
+                expected: format!(
+                    "the shape and strides of k: {:?} / {:?}",
+                    k.shape, k.strides
+                ),
+                actual: format!("{:?} / {:?}", v.shape, v.strides),
+            }
+            .into());
+        }
+        let strides = KvStrides {
+            page: k.strides[tok],
+            token: 0,
+            head: k.strides[head],
+        };
+        let num_pages = k.shape[tok];
+        Ok(KvTensors {
+            k,
+            v: Some(v),
+            v_offset: 0,
+            strides,
+            num_pages,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_inner(
+        &self,
+        workspace: &Bound<'_, PyAny>,
+        q: &Bound<'_, PyAny>,
+        kv: KvTensors<'_>,
+        out: &Bound<'_, PyAny>,
+        lse: Option<&Bound<'_, PyAny>>,
+        reps: usize,
+    ) -> Result<f64, Failure> {
+        let (hq, _, d, _) = self.dims();
+        let rows = self.plan.num_q_rows();
+        let q = Borrowed::new(q, "q")?;
+        let mut out = Borrowed::new(out, "out")?;
+        let mut lse = lse.map(|l| Borrowed::new(l, "lse")).transpose()?;
+        let mut ws = Borrowed::new(workspace, "float_workspace_buffer")?;
+        let qd = format!("[{rows}, {hq}, {d}] (num_q_rows, num_qo_heads, head_dim)");
+        q.expect_shape(&[Some(rows), Some(hq), Some(d)], &qd)?;
+        q.expect_contiguous()?;
+        out.expect_shape(&[Some(rows), Some(hq), Some(d)], &qd)?;
+        if let Some(l) = &lse {
+            l.expect_shape(
+                &[Some(rows), Some(hq)],
+                &format!("[{rows}, {hq}] (num_q_rows, num_qo_heads)"),
+            )?;
+        }
+        if q.kind.dtype() != Some(self.q_dtype) {
+            return Err(q.dtype_error(torch_name(self.q_dtype)));
+        }
+        if out.kind != q.kind {
+            return Err(out.dtype_error(q.kind.name()));
+        }
+        for t in std::iter::once(&kv.k).chain(&kv.v) {
+            if t.kind.dtype() != Some(self.kv_dtype) {
+                return Err(t.dtype_error(torch_name(self.kv_dtype)));
+            }
+            if t.kind != q.kind {
+                return Err(Error::Unsupported {
+                    backend: "cpu",
+                    what: format!(
+                        "{} of dtype {} with q of dtype {} (q and the KV cache must have one dtype)",
+                        t.name,
+                        t.kind.name(),
+                        q.kind.name()
+                    ),
+                }
+                .into());
+            }
+        }
+        if ws.kind != Kind::U8 {
+            return Err(ws.dtype_error("torch.uint8"));
+        }
+        ws.expect_contiguous()?;
+        {
+            let mut read = vec![&q, &kv.k];
+            read.extend(&kv.v);
+            let mut written = vec![&out, &ws];
+            written.extend(&lse);
+            check_disjoint(&written, &read)?;
+        }
+        let kref = kv.k.float_ref(0)?;
+        let vref = match &kv.v {
+            Some(v) => v.float_ref(0)?,
+            None => kv.k.float_ref(kv.v_offset)?,
+        };
+        let cache = if self.flavor == Flavor::RaggedPrefill {
+            KvCache::ragged(kref, vref, kv.strides, kv.num_pages)
+        } else {
+            KvCache::paged(kref, vref, kv.strides, kv.num_pages, &self.kv_indices)
+        };
+        let qref = q.float_ref(0)?;
+        let mut o = out.float_mut()?;
+        let mut lse_slice = match &mut lse {
+            Some(l) => Some(l.f32_mut()?),
+            None => None,
+        };
+        let ws_bytes = ws.bytes_mut();
+        let cpu = backend()?;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            let args = RunArgs {
+                q: qref,
+                kv: cache,
+                o: reborrow(&mut o),
+                lse: lse_slice.as_deref_mut(),
+            };
+            cpu.run(&self.plan, args, ws_bytes)?;
+        }
+        let elapsed = start.elapsed().as_secs_f64() / reps.max(1) as f64;
+        if reps == 0 {
+            return Ok(0.0);
+        }
+        // FlashInfer's LSE is base 2; the library's natural.
+        if let Some(l) = &mut lse {
+            for x in l.f32_mut()?.iter_mut() {
+                *x *= std::f32::consts::LOG2_E;
+            }
+        }
+        Ok(elapsed)
+    }
+}
+
+/// A shorter-lived view of a mutable tensor, for one run of several.
+fn reborrow<'a>(t: &'a mut TensorMut<'_>) -> TensorMut<'a> {
+    match t {
+        TensorMut::F32(s) => TensorMut::F32(s),
+        TensorMut::F16(s) => TensorMut::F16(s),
+        TensorMut::BF16(s) => TensorMut::BF16(s),
+    }
+}
+
+#[pymethods]
+impl AttentionPlan {
+    /// Runs the plan on a paged cache (one tensor or a `(k_cache, v_cache)` pair), writing
+    /// `out` and, if given, `lse` (base 2).
+    #[pyo3(signature = (workspace, q, paged_kv_cache, out, lse=None))]
+    fn run_paged(
+        &self,
+        py: Python<'_>,
+        workspace: Bound<'_, PyAny>,
+        q: Bound<'_, PyAny>,
+        paged_kv_cache: Bound<'_, PyAny>,
+        out: Bound<'_, PyAny>,
+        lse: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        guard(py, || {
+            if self.flavor == Flavor::RaggedPrefill {
+                return Err(crate::errors::type_error(
+                    "a ragged plan runs with k and v, not a paged cache".into(),
+                ));
+            }
+            let kv = self.paged_cache(&paged_kv_cache)?;
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), 1)
+                .map(|_| ())
+        })
+    }
+
+    /// Runs the plan on a paged cache `iterations` times with the arguments read once, and
+    /// returns the mean seconds per run: the library's run (checks and kernels) without the
+    /// cost of reading the arguments from Python. With `iterations == 0` it reads and checks
+    /// the arguments and runs nothing. For measuring the binding's overhead
+    /// (`python/bench/overhead.py`).
+    #[pyo3(signature = (workspace, q, paged_kv_cache, out, iterations))]
+    fn time_kernel(
+        &self,
+        py: Python<'_>,
+        workspace: Bound<'_, PyAny>,
+        q: Bound<'_, PyAny>,
+        paged_kv_cache: Bound<'_, PyAny>,
+        out: Bound<'_, PyAny>,
+        iterations: usize,
+    ) -> PyResult<f64> {
+        guard(py, || {
+            if self.flavor == Flavor::RaggedPrefill {
+                return Err(crate::errors::type_error(
+                    "a ragged plan runs with k and v, not a paged cache".into(),
+                ));
+            }
+            let kv = self.paged_cache(&paged_kv_cache)?;
+            self.run_inner(&workspace, &q, kv, &out, None, iterations)
+        })
+    }
+
+    /// Runs the plan on ragged `k` and `v`, writing `out` and, if given, `lse` (base 2).
+    #[pyo3(signature = (workspace, q, k, v, out, lse=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_ragged(
+        &self,
+        py: Python<'_>,
+        workspace: Bound<'_, PyAny>,
+        q: Bound<'_, PyAny>,
+        k: Bound<'_, PyAny>,
+        v: Bound<'_, PyAny>,
+        out: Bound<'_, PyAny>,
+        lse: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        guard(py, || {
+            if self.flavor != Flavor::RaggedPrefill {
+                return Err(crate::errors::type_error(
+                    "a paged plan runs with a paged cache, not k and v".into(),
+                ));
+            }
+            let kv = self.ragged_kv(&k, &v)?;
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), 1)
+                .map(|_| ())
+        })
+    }
+
+    /// Query rows of the planned batch (rows of `q`, `out` and `lse`).
+    #[getter]
+    fn num_q_rows(&self) -> usize {
+        self.plan.num_q_rows()
+    }
+
+    /// Requests in the planned batch.
+    #[getter]
+    fn batch_size(&self) -> usize {
+        self.plan.batch_size()
+    }
+
+    /// Bytes of float workspace the plan needs.
+    #[getter]
+    fn float_workspace_bytes(&self) -> usize {
+        self.plan.requirement().float.total()
+    }
+
+    /// The planned window (`-1`: none), as FlashInfer spells it.
+    #[getter]
+    fn window_left(&self) -> i64 {
+        self.plan.options().window_left.map_or(-1, i64::from)
+    }
+}
