@@ -1,6 +1,7 @@
 //! CUDA backend tests. Each test that needs a GPU first opens one; without a driver, NVRTC
 //! or device it prints `skipped: <reason>` and passes. Run them on the GPU machine through
-//! `bash ../shared/gpu/stage.sh` and `bash .gpu/on_device.sh tests`.
+//! `bash ../shared/gpu/stage.sh` and `bash .gpu/on_device.sh tests`. With
+//! `FLASHPAGE_REQUIRE_GPU=1` (the device check sets it) a missing GPU fails every test instead.
 #![cfg(feature = "cuda")]
 
 use flashpage::backend::cpu::CpuBackend;
@@ -12,7 +13,9 @@ use half::{bf16, f16};
 fn gpu() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
         Ok(g) => Some(g),
-        Err(Error::BackendUnavailable { reason, .. }) => {
+        Err(Error::BackendUnavailable { reason, .. })
+            if std::env::var_os("FLASHPAGE_REQUIRE_GPU").is_none_or(|v| v != "1") =>
+        {
             println!("skipped: {reason}");
             None
         }
@@ -401,7 +404,10 @@ fn graph_capture_and_replay() {
     for dtype in [DType::BF16, DType::F16] {
         let h = HeadConfig::new(32, 8, 128).unwrap();
         let (ps, cap, max_kv) = (16usize, 8usize, 2048usize);
-        let mut config = PlanConfig::with_parallelism(g.parallelism());
+        let parallelism = g
+            .parallelism(&h, PlanKind::Decode, dtype, &AttentionOptions::default())
+            .unwrap();
+        let mut config = PlanConfig::with_parallelism(parallelism);
         config.graph_capacity = Some(cap);
         let pool_pages = cap * max_kv.div_ceil(ps) + 1;
         let page_elems = ps * h.num_kv_heads() * h.head_dim();

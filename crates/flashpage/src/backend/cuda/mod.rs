@@ -36,6 +36,7 @@ mod context;
 mod graph;
 pub mod launch;
 mod nvrtc;
+pub mod report;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,8 +52,9 @@ pub use nvrtc::CACHE_ENV;
 use self::launch::{Buffers, DecodeVariant, Params};
 use super::{ArgShapes, check_run_args};
 use crate::error::{Error, Result};
-use crate::layout::{DType, KvStrides};
-use crate::plan::{Capacities, Plan};
+use crate::layout::{DType, HeadConfig, KvStrides};
+use crate::options::{AttentionOptions, PosEncoding};
+use crate::plan::{Capacities, Plan, PlanKind};
 use crate::workspace::{CUDA_BASE_ALIGN, Requirement};
 
 /// The sources of the kernels, by file name (`common.cuh` is prepended to the others at
@@ -228,6 +230,26 @@ pub(crate) struct RunSignature {
     launch_merge: bool,
 }
 
+/// The record of a kernel the backend loaded: where it came from and what it uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedKernel {
+    /// Source file (`decode.cu`, ...).
+    pub source: &'static str,
+    /// Entry function.
+    pub entry: &'static str,
+    /// The `-D` options it was compiled with.
+    pub defines: Vec<String>,
+    /// Whether the image came from the disk cache (no compile in this process).
+    pub from_cache: bool,
+    /// Wall time of the compile that produced the image, in milliseconds (also for a cached
+    /// image: the time recorded with it).
+    pub compile_ms: f64,
+    /// ptxas's resource report for the entry, from NVRTC's log.
+    pub resources: Option<report::Resources>,
+    /// Warnings in NVRTC's log.
+    pub warnings: Vec<String>,
+}
+
 /// The CUDA backend: one device, one stream, the compiled kernels.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -238,6 +260,7 @@ pub struct CudaBackend {
     merge: Mutex<HashMap<(usize, DType), CudaFunction>>,
     bandwidth: Mutex<Option<(CudaFunction, CudaFunction)>>,
     capture: Mutex<Option<Vec<RunSignature>>>,
+    loaded: Mutex<Vec<LoadedKernel>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -296,6 +319,7 @@ impl CudaBackend {
                 merge: Mutex::new(HashMap::new()),
                 bandwidth: Mutex::new(None),
                 capture: Mutex::new(None),
+                loaded: Mutex::new(Vec::new()),
             })
         })
     }
@@ -325,9 +349,35 @@ impl CudaBackend {
         self.info.sms
     }
 
-    /// Work slots to pass as [`crate::PlanConfig::parallelism`]: four decode blocks per SM.
-    pub fn parallelism(&self) -> usize {
-        self.info.sms * 4
+    /// Work slots to pass as [`crate::PlanConfig::parallelism`] for a plan of `kind` over
+    /// `heads` with `dtype` and `options`: SMs × the resident blocks per SM of the kernel
+    /// variant that plan launches, from the driver's occupancy calculator
+    /// (`cuOccupancyMaxActiveBlocksPerMultiprocessor`). Loads (compiles, or reads from the
+    /// cache) that variant.
+    pub fn parallelism(
+        &self,
+        heads: &HeadConfig,
+        kind: PlanKind,
+        dtype: DType,
+        options: &AttentionOptions,
+    ) -> Result<usize> {
+        let rope = matches!(options.pos_encoding, PosEncoding::Rope { .. });
+        let blocks = self.blocks_per_sm(DecodeVariant::new(heads, kind, dtype, rope))?;
+        Ok(self.info.sms * blocks.max(1) as usize)
+    }
+
+    /// Resident blocks per SM of decode variant `v` at its launch shape, from the driver's
+    /// occupancy calculator (the figure `flashpage kernels` computes offline from the
+    /// compile report).
+    pub fn blocks_per_sm(&self, v: DecodeVariant) -> Result<u32> {
+        let f = self.decode_fn(v)?;
+        f.occupancy_max_active_blocks_per_multiprocessor(v.threads(), 0, None)
+            .map_err(|e| driver_err("querying the decode kernel's occupancy", e))
+    }
+
+    /// The kernels this backend has loaded so far, in load order, with their compile records.
+    pub fn loaded_kernels(&self) -> Vec<LoadedKernel> {
+        self.loaded.lock().expect("kernel record lock").clone()
     }
 
     /// Waits for all work on the stream.
@@ -379,9 +429,27 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn load(&self, name: &str, src: &str, defines: &[String], func: &str) -> Result<CudaFunction> {
-        let img = self.compiler.compile(name, src, defines)?;
-        let ptx = match img {
+    fn load(
+        &self,
+        name: &'static str,
+        src: &str,
+        defines: &[String],
+        func: &'static str,
+    ) -> Result<CudaFunction> {
+        let c = self.compiler.compile(name, src, defines)?;
+        self.loaded
+            .lock()
+            .expect("kernel record lock")
+            .push(LoadedKernel {
+                source: name,
+                entry: func,
+                defines: defines.to_vec(),
+                from_cache: c.cached,
+                compile_ms: c.compile_ms,
+                resources: report::parse_resources(&c.log, func),
+                warnings: report::log_warnings(&c.log),
+            });
+        let ptx = match c.image {
             nvrtc::Image::Cubin(b) => cudarc::nvrtc::Ptx::from_binary(b),
             nvrtc::Image::Ptx(s) => cudarc::nvrtc::Ptx::from_src(s),
         };
