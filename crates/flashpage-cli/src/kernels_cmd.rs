@@ -139,7 +139,9 @@ pub fn main(args: KernelsArgs) -> Result<(), CliError> {
         )));
     }
     if args.jobs == Some(0) {
-        return Err(CliError::invalid("--jobs 0: at least one compile at a time"));
+        return Err(CliError::invalid(
+            "--jobs 0: at least one compile at a time",
+        ));
     }
     let compiler = OfflineCompiler::new(args.cache.clone())?;
     let (major, minor) = compiler.nvrtc_version();
@@ -211,15 +213,7 @@ pub fn main(args: KernelsArgs) -> Result<(), CliError> {
         );
         println!(
             "{:7} {:34} {:>4} {:>12} {:>6} {:>5} {:>9} {:>9} {:>8}",
-            "arch",
-            "kernel",
-            "regs",
-            "spill st/ld",
-            "smem",
-            "stack",
-            "blocks/SM",
-            "budget",
-            "ms"
+            "arch", "kernel", "regs", "spill st/ld", "smem", "stack", "blocks/SM", "budget", "ms"
         );
     }
     let mut failures = Vec::new();
@@ -303,7 +297,11 @@ fn print_report(r: &KernelReport, json: bool) {
             if r.warnings.is_empty() {
                 String::new()
             } else {
-                format!("  {} warnings: {}", r.warnings.len(), r.warnings.join(" | "))
+                format!(
+                    "  {} warnings: {}",
+                    r.warnings.len(),
+                    r.warnings.join(" | ")
+                )
             }
         );
     }

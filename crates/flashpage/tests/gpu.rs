@@ -535,3 +535,66 @@ fn graph_capture_and_replay() {
         }
     }
 }
+
+/// One small case per path (decode split into partial states and merged; causal prefill),
+/// against the CPU backend and the reference: the case the device check runs under
+/// `compute-sanitizer` (memcheck and racecheck).
+#[test]
+fn sanitizer_small_case() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new(2).unwrap();
+    let h = HeadConfig::new(8, 2, 128).unwrap();
+    let mut s = CaseSpec::decode("sanitizer decode", h, 16, 3, 0, DType::BF16);
+    s.requests = vec![(1, 300), (1, 0), (1, 37)];
+    check(&g, &cpu, &s, 64, seed(1));
+    let mut p = CaseSpec::decode("sanitizer prefill", h, 16, 2, 0, DType::F16);
+    p.decode = false;
+    p.requests = vec![(20, 70), (3, 3)];
+    p.options.causal = true;
+    check(&g, &cpu, &p, 16, seed(2));
+}
+
+/// The driver's occupancy calculator agrees with the offline figure from the compile report
+/// (the `flashpage kernels` column), and every variant of the standard matrix reaches the
+/// budget it is compiled for. With `FLASHPAGE_REQUIRE_CACHE=1` (the device check sets it,
+/// the cache having been built by `flashpage kernels --cache`) every kernel must have come
+/// from the cache: no compile on the device.
+#[test]
+fn occupancy_matches_the_compile_report() {
+    use flashpage::backend::cuda::launch::{DecodeVariant, blocks_per_sm, sm_limits};
+    let Some(g) = gpu() else { return };
+    let limits = sm_limits(g.arch()).expect("the device's architecture is tabulated");
+    for (hq, hkv) in [(32, 8), (32, 16), (32, 32)] {
+        let h = HeadConfig::new(hq, hkv, 128).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            for kind in [PlanKind::Decode, PlanKind::Prefill] {
+                let v = DecodeVariant::new(&h, kind, dtype, false);
+                let api = g.blocks_per_sm(v).unwrap();
+                let rec = g
+                    .loaded_kernels()
+                    .into_iter()
+                    .rfind(|k| k.entry == "fp_decode" && k.defines == v.defines())
+                    .expect("the variant was loaded");
+                let r = rec
+                    .resources
+                    .expect("the compile record has the resource report");
+                let offline = blocks_per_sm(&limits, v.threads(), r.registers, r.shared_bytes);
+                assert_eq!(api, offline, "{v:?}: occupancy API vs compile report {r:?}");
+                assert!(api as usize >= v.min_blocks, "{v:?}: {api} blocks per SM");
+                let p = g
+                    .parallelism(&h, kind, dtype, &AttentionOptions::default())
+                    .unwrap();
+                assert_eq!(p, g.num_sms() * api as usize);
+            }
+        }
+    }
+    if std::env::var_os("FLASHPAGE_REQUIRE_CACHE").is_some_and(|v| v == "1") {
+        let compiled: Vec<_> = g
+            .loaded_kernels()
+            .into_iter()
+            .filter(|k| !k.from_cache)
+            .map(|k| (k.source, k.defines))
+            .collect();
+        assert!(compiled.is_empty(), "compiled on the device: {compiled:?}");
+    }
+}

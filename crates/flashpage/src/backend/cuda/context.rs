@@ -115,9 +115,8 @@ pub(crate) fn open(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let nvrtc = super::nvrtc::nvrtc_version()?;
         let archs = super::nvrtc::supported_archs()?;
-        check_architecture(cc, nvrtc, &archs).map_err(|reason| {
-            unavailable(format!("device {ordinal} ({name}): {reason}"))
-        })?;
+        check_architecture(cc, nvrtc, &archs)
+            .map_err(|reason| unavailable(format!("device {ordinal} ({name}): {reason}")))?;
         Ok((
             ctx,
             DeviceInfo {
@@ -147,7 +146,10 @@ mod tests {
         assert_eq!(check_architecture((9, 0), (13, 0), &nvrtc13), Ok(()));
         assert_eq!(check_architecture((7, 5), (13, 0), &nvrtc13), Ok(()));
         let e = check_architecture((7, 0), (13, 0), &nvrtc13).unwrap_err();
-        assert!(e.contains("7.0") && e.contains("sm_75") && e.contains("13.0"), "{e}");
+        assert!(
+            e.contains("7.0") && e.contains("sm_75") && e.contains("13.0"),
+            "{e}"
+        );
         assert!(check_architecture((9, 0), (13, 0), &[]).is_err());
     }
 

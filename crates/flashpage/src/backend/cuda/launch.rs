@@ -137,21 +137,23 @@ impl DecodeVariant {
     /// The variant for `rows` packed rows per pass (1, 2, 4 or 8).
     ///
     /// Unroll and register budget per variant, chosen from ptxas's report (sm_90a and sm_80,
-    /// NVRTC 13) so that none spills: 16-bit dtypes keep 4 tokens in flight per thread up to 2
-    /// rows and 2 from 4 rows; f32 (twice the registers per token) 2, and 1 at 8 rows. The
-    /// budget is 4 blocks of 128 threads per SM (128 registers) at 1 row, 3 (168 registers) at
-    /// 2 and 4 rows, 2 (255) at 8 rows; RoPE's extra state lowers 1 and 2 rows by one block.
+    /// NVRTC 13) so that none spills and none has a stack frame (checked by
+    /// `tests/nvrtc_compile.rs`). Tokens in flight per thread: 16-bit dtypes 4 up to 2 rows,
+    /// 2 from 4 rows or with RoPE (its 8 sin/cos per token per thread); f32 (twice the
+    /// registers per token) 2 at 2 and 4 rows, else 1. Budget: 4 blocks of 128 threads per
+    /// SM (128 registers) at 1 row without RoPE, 2 (255 registers) at 8 rows, 3 (168
+    /// registers) otherwise.
     pub fn with_rows(head_dim: usize, dtype: DType, rows: usize, rope: bool) -> Self {
-        let unroll = match (dtype, rows) {
-            (DType::F32, r) if r >= 8 => 1,
-            (DType::F32, _) => 2,
-            (_, r) if r >= 4 => 2,
-            _ => 4,
+        let unroll = match (dtype, rows, rope) {
+            (DType::F32, 2 | 4, false) => 2,
+            (DType::F32, _, _) => 1,
+            (_, 1 | 2, false) => 4,
+            _ => 2,
         };
         let min_blocks = match (rows, rope) {
+            (r, _) if r >= 8 => 2,
             (1, false) => 4,
-            (1, true) | (2, false) | (4, _) => 3,
-            (2, true) | (_, _) => 2,
+            _ => 3,
         };
         DecodeVariant {
             head_dim,

@@ -259,6 +259,15 @@ impl Compiler {
         self.compile_with(name, source, defines, true)
     }
 
+    /// The cached record of `source` with `defines`, if the cache holds one (the lookup
+    /// [`Compiler::compile`] starts with).
+    pub(crate) fn lookup(&self, source: &str, defines: &[String]) -> Option<Compiled> {
+        let mut options = base_options(&self.arch);
+        options.extend(defines.iter().cloned());
+        let key = cache_key(source, &options, &self.arch, self.version);
+        read_entry(self.cache.as_ref()?, key)
+    }
+
     /// Compiles `source`; with `read_cache` false the cache is only written (a fresh compile
     /// whose record replaces any entry, as `flashpage kernels --cache` does).
     pub(crate) fn compile_with(
@@ -656,7 +665,10 @@ ptxas info    : Compile time = 703.213 ms
     fn options_are_nvrtc_spellings() {
         let o = base_options("sm_90a");
         assert!(o.contains(&"--generate-line-info".to_string()), "{o:?}");
-        assert!(!o.iter().any(|x| x == "--lineinfo" || x == "-lineinfo"), "{o:?}");
+        assert!(
+            !o.iter().any(|x| x == "--lineinfo" || x == "-lineinfo"),
+            "{o:?}"
+        );
         assert!(o.contains(&"--ptxas-options=-v".to_string()), "{o:?}");
     }
 }

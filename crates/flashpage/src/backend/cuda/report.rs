@@ -153,6 +153,19 @@ impl OfflineCompiler {
         &self.archs
     }
 
+    /// Whether the cache directory holds an intact image of `spec` for `arch` under the key
+    /// the backend computes on a device with this NVRTC version (what it would load without
+    /// compiling).
+    pub fn is_cached(&self, spec: &KernelSpec, arch: &str) -> bool {
+        let compiler = Compiler {
+            arch: arch.to_string(),
+            version: self.version,
+            cache: self.cache.clone(),
+        };
+        let (_, src, defines, _, _) = spec.parts();
+        compiler.lookup(src, &defines).is_some()
+    }
+
     /// Compiles `spec` for `arch` (`sm_90a`, `sm_80`, ...): always a fresh compile (its time
     /// is measured), written into the cache directory if there is one (a write failure is an
     /// error here).
