@@ -219,8 +219,9 @@ fn check_rows(emu: &Emulator, data: &CaseData, rows: &[usize]) {
         _ => 2e-2,
     };
     for &r in rows {
-        for i in r * width..(r + 1) * width {
-            let (got, want) = (o[i], reference.o[i]);
+        let span = r * width..(r + 1) * width;
+        for (i, (&got, &want)) in o[span.clone()].iter().zip(&reference.o[span]).enumerate() {
+            let i = r * width + i;
             assert!(
                 got.is_finite() && (got - want).abs() <= tol * (1.0 + want.abs()),
                 "{}: row {r} element {i}: emulated {got}, reference {want}",

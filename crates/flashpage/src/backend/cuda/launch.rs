@@ -250,11 +250,7 @@ pub fn blocks_per_sm(limits: &SmLimits, threads: u32, registers: u32, shared_byt
         warps_per_sub * 4 / warps
     };
     let smem = (shared_bytes + limits.reserved_shared_per_block).div_ceil(128) * 128;
-    let by_smem = if smem == 0 {
-        u32::MAX
-    } else {
-        limits.shared_bytes / smem
-    };
+    let by_smem = limits.shared_bytes.checked_div(smem).unwrap_or(u32::MAX);
     by_threads.min(limits.blocks).min(by_regs).min(by_smem)
 }
 
