@@ -142,11 +142,17 @@ impl DecodeVariant {
     /// 2 from 4 rows or with RoPE (its 8 sin/cos per token per thread); f32 (twice the
     /// registers per token) 2 at 2 and 4 rows, else 1. Budget: 4 blocks of 128 threads per
     /// SM (128 registers) at 1 row without RoPE, 2 (255 registers) at 8 rows, 3 (168
-    /// registers) otherwise.
+    /// registers) otherwise. Other head dims: one block less (at least 2), 1 token in flight
+    /// with RoPE at 8 rows.
     pub fn with_rows(head_dim: usize, dtype: DType, rows: usize, rope: bool) -> Self {
+        // Head dims other than 64, 128 and 256 (16 or 80: threads per token padded to a power
+        // of two, or 64 token groups) need more registers: one block less, and one token in
+        // flight with RoPE at 8 rows.
+        let common = matches!(head_dim, 64 | 128 | 256);
         let unroll = match (dtype, rows, rope) {
             (DType::F32, 2 | 4, false) => 2,
             (DType::F32, _, _) => 1,
+            (_, 8, true) if !common => 1,
             (_, 1 | 2, false) => 4,
             _ => 2,
         };
@@ -154,6 +160,11 @@ impl DecodeVariant {
             (r, _) if r >= 8 => 2,
             (1, false) => 4,
             _ => 3,
+        };
+        let min_blocks = if common {
+            min_blocks
+        } else {
+            (min_blocks - 1).max(2)
         };
         DecodeVariant {
             head_dim,
@@ -498,5 +509,12 @@ mod tests {
         let v = DecodeVariant::new(&gemma, PlanKind::Prefill, DType::F32, true);
         assert_eq!((v.rows, v.unroll, v.min_blocks), (8, 1, 2));
         assert!(v.defines().contains(&"-DFP_MIN_BLOCKS=2".to_string()));
+        // Other head dims: one block less, one token in flight with RoPE at 8 rows.
+        let v = DecodeVariant::with_rows(80, DType::BF16, 4, false);
+        assert_eq!((v.unroll, v.min_blocks), (2, 2));
+        let v = DecodeVariant::with_rows(16, DType::F16, 1, false);
+        assert_eq!((v.unroll, v.min_blocks), (4, 3));
+        let v = DecodeVariant::with_rows(80, DType::BF16, 8, true);
+        assert_eq!((v.unroll, v.min_blocks), (1, 2));
     }
 }
