@@ -19,6 +19,7 @@ use cudarc::driver::CudaSlice;
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::cuda::{CudaBackend, DeviceRunArgs, DeviceWorkspace};
 use flashpage::half;
+use flashpage::plan::PlanKind;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, Plan, PlanConfig, Tensor};
 use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
 use flashpage_testkit::reference::rel_error;
@@ -29,7 +30,7 @@ use crate::CliError;
 use crate::bench::{BenchArgs, What};
 
 /// `shared/gpu/cases.py` GPU_DECODE: `(batch, kv_len)`.
-const GPU_DECODE: [(usize, usize); 6] = [
+pub(crate) const GPU_DECODE: [(usize, usize); 6] = [
     (1, 4096),
     (16, 4096),
     (64, 4096),
@@ -38,17 +39,17 @@ const GPU_DECODE: [(usize, usize); 6] = [
     (32, 16384),
 ];
 /// name, (hq, hkv, d), soft-cap, sm_scale (cases.py MODELS).
-type ModelRow = (
+pub(crate) type ModelRow = (
     &'static str,
     (usize, usize, usize),
     Option<f32>,
     Option<f32>,
 );
-const MODELS: [ModelRow; 2] = [
+pub(crate) const MODELS: [ModelRow; 2] = [
     ("llama3-8b", (32, 8, 128), None, None),
     ("gemma2-27b", (32, 16, 128), Some(50.0), Some(1.0 / 12.0)),
 ];
-const PAGE_SIZE: usize = 16;
+pub(crate) const PAGE_SIZE: usize = 16;
 const READ_PROBE_BYTES: usize = 2 << 30;
 const ROTATE_BYTES: u64 = 200_000_000;
 const MAX_COPIES: usize = 16;
@@ -90,11 +91,10 @@ pub fn main(args: &BenchArgs) -> Result<(), CliError> {
         );
     } else {
         println!(
-            "flashpage bench: cuda backend on {} ({}, {} SMs), parallelism {}",
+            "flashpage bench: cuda backend on {} ({}, {} SMs); each case planned for SMs x its kernel's resident blocks per SM (occupancy API)",
             gpu.device_name(),
             gpu.arch(),
             gpu.num_sms(),
-            gpu.parallelism()
         );
         println!(
             "ceiling: read {:.0} GB/s ({} MiB streamed)",
@@ -102,8 +102,8 @@ pub fn main(args: &BenchArgs) -> Result<(), CliError> {
             READ_PROBE_BYTES >> 20
         );
         println!(
-            "{:34} {:5} {:>10} {:>11} {:>8} {:>9}  verified",
-            "case", "dtype", "median us", "GB/s", "ceiling", "plan us"
+            "{:34} {:5} {:>10} {:>11} {:>8} {:>9} {:>6}  verified",
+            "case", "dtype", "median us", "GB/s", "ceiling", "plan us", "blocks"
         );
     }
     let mut failures = Vec::new();
@@ -154,6 +154,7 @@ struct CaseResult {
     gbps: f64,
     ceiling_fraction: f64,
     plan_us: f64,
+    parallelism: usize,
     o_error: f64,
     cpu_error: f64,
     calls: usize,
@@ -167,18 +168,19 @@ impl CaseResult {
                 "{}",
                 json!({"case": self.name, "dtype": self.dtype.name(), "backend": "cuda",
                        "us": self.us, "gbps": self.gbps, "ceiling_fraction": self.ceiling_fraction,
-                       "plan_us": self.plan_us, "calls": self.calls, "kv_copies": self.copies,
+                       "plan_us": self.plan_us, "parallelism": self.parallelism, "calls": self.calls, "kv_copies": self.copies,
                        "o_error": self.o_error, "cpu_error": self.cpu_error})
             );
         } else {
             println!(
-                "{:34} {:5} {:>10.1} {:>11.0} {:>7.1}% {:>9.1}  ref {:.1e} cpu {:.1e}",
+                "{:34} {:5} {:>10.1} {:>11.0} {:>7.1}% {:>9.1} {:>6}  ref {:.1e} cpu {:.1e}",
                 self.name,
                 self.dtype.name(),
                 self.us,
                 self.gbps,
                 100.0 * self.ceiling_fraction,
                 self.plan_us,
+                self.parallelism,
                 self.o_error,
                 self.cpu_error
             );
@@ -221,7 +223,10 @@ fn run_case(
     let fe = |x: flashpage::Error| x.to_string();
     let seed = suite::seed_from_env();
     let data: CaseData = spec.materialise(seed).map_err(fe)?;
-    let config = PlanConfig::with_parallelism(gpu.parallelism());
+    let parallelism = gpu
+        .parallelism(&spec.heads, PlanKind::Decode, spec.dtype, &spec.options)
+        .map_err(fe)?;
+    let config = PlanConfig::with_parallelism(parallelism);
     let st = gpu.stream();
     let plan = data.plan(&config).map_err(fe)?;
     let mut ws = DeviceWorkspace::new(gpu, plan.requirement()).map_err(fe)?;
@@ -337,6 +342,7 @@ fn run_case(
         gbps,
         ceiling_fraction: gbps / read_gbps,
         plan_us,
+        parallelism,
         o_error: cmp.o_error,
         cpu_error,
         calls: TIMED_RUNS,

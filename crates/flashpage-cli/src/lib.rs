@@ -10,6 +10,8 @@ pub mod bench;
 pub mod bench_cuda;
 pub mod check;
 pub mod cli_error;
+#[cfg(feature = "cuda")]
+pub mod kernels_cmd;
 pub mod plan_cmd;
 pub mod run_cmd;
 pub mod workspace_cmd;

@@ -29,6 +29,17 @@ enum Command {
     Check(check::CheckArgs),
     /// Benchmark the standard matrix (verified against the reference first).
     Bench(bench::BenchArgs),
+    /// Compile the CUDA kernels with NVRTC (no GPU needed): resources, occupancy, cache.
+    #[cfg(feature = "cuda")]
+    Kernels(flashpage_cli::kernels_cmd::KernelsArgs),
+    /// Compile the CUDA kernels (needs a build with the `cuda` feature).
+    #[cfg(not(feature = "cuda"))]
+    #[command(disable_help_flag = true)]
+    Kernels {
+        /// Ignored: the command needs the cuda feature.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        rest: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +78,12 @@ fn main() -> ExitCode {
         Command::Run(a) => run_cmd::main(a),
         Command::Check(a) => check::main(a),
         Command::Bench(a) => bench::main(a),
+        #[cfg(feature = "cuda")]
+        Command::Kernels(a) => flashpage_cli::kernels_cmd::main(a),
+        #[cfg(not(feature = "cuda"))]
+        Command::Kernels { .. } => Err(flashpage_cli::CliError::failure(
+            "flashpage was built without the cuda feature: `flashpage kernels` compiles the cuda kernels; rebuild with `cargo build --release --features cuda`",
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,7 +27,7 @@
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __grid_constant__
 
@@ -58,8 +58,14 @@ static inline unsigned __umulhi(unsigned a, unsigned b) {
 static inline int __ldg(const int* p) { return *p; }
 static inline int min(int a, int b) { return a < b ? a : b; }
 using std::exp2;
+using std::floor;
 using std::pow;
-// sincosf: glibc's (a GNU extension g++ declares by default).
+// sin(pi x) and cos(pi x), as CUDA's sincospif (within 1 ulp there: here through double).
+static inline void sincospif(float x, float* s, float* c) {
+    const double a = 3.141592653589793 * (double)x;
+    *s = (float)std::sin(a);
+    *c = (float)std::cos(a);
+}
 
 // Warp and block synchronisation.
 struct BlockSync {

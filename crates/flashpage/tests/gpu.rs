@@ -1,21 +1,25 @@
 //! CUDA backend specifics: a missing device is a typed error, arguments are refused before
-//! any launch, and graph capture/replay. What the kernels compute is checked by the case
-//! suite on the GPU (`crates/flashpage-testkit/tests/gpu_suite.rs`, and `flashpage check
-//! --backend cuda`). Each test that needs a GPU first opens one; without a driver, NVRTC or
-//! device it prints `skipped: <reason>` and passes. Run them on the GPU machine through
-//! `bash ../shared/gpu/stage.sh` and `bash .gpu/on_device.sh tests`.
+//! any launch, graph capture/replay, occupancy and a small case for the sanitizers. What the
+//! kernels compute is checked by the case suite on the GPU
+//! (`crates/flashpage-testkit/tests/gpu_suite.rs`, and `flashpage check --backend cuda`).
+//! Each test that needs a GPU first opens one; without a driver, NVRTC or device it prints
+//! `skipped: <reason>` and passes, unless `FLASHPAGE_REQUIRE_GPU=1` (the device check sets
+//! it): then a missing GPU fails every test. Run them on the GPU machine through
+//! `bash .ci/gpu/stage.sh` and `bash .gpu/on_device.sh all`.
 #![cfg(feature = "cuda")]
 
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::cuda::{CudaBackend, DeviceElem, DeviceRunArgs, DeviceWorkspace};
 use flashpage::*;
-use flashpage_testkit::case::{CaseData, CaseSpec};
+use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
 use half::{bf16, f16};
 
 fn gpu() -> Option<CudaBackend> {
     match CudaBackend::new(0) {
         Ok(g) => Some(g),
-        Err(Error::BackendUnavailable { reason, .. }) => {
+        Err(Error::BackendUnavailable { reason, .. })
+            if std::env::var_os("FLASHPAGE_REQUIRE_GPU").is_none_or(|v| v != "1") =>
+        {
             println!("skipped: {reason}");
             None
         }
@@ -56,6 +60,88 @@ impl Storage for u16 {
             DType::F32 => panic!("expected a 16-bit dtype"),
         }
     }
+}
+
+fn nonempty(v: &[i32]) -> Vec<i32> {
+    if v.is_empty() { vec![0] } else { v.to_vec() }
+}
+
+/// Plans and runs `data` on the GPU into poisoned outputs.
+fn run_gpu_typed<T: Storage>(
+    gpu: &CudaBackend,
+    data: &CaseData,
+    config: &PlanConfig,
+) -> Result<(Tensor, Vec<f32>)> {
+    let plan = data.plan(config)?;
+    let s = gpu.stream();
+    let dev = |e| Error::Backend {
+        backend: "cuda",
+        message: format!("{e:?}"),
+    };
+    let mut ws = DeviceWorkspace::new(gpu, plan.requirement())?;
+    gpu.upload_plan(&plan, &mut ws)?;
+    let q = s.clone_htod(&T::from_tensor(&data.q)).map_err(dev)?;
+    let k = s.clone_htod(&T::from_tensor(&data.k)).map_err(dev)?;
+    let v_host = T::from_tensor(&data.v);
+    let v = s
+        .clone_htod(&if v_host.is_empty() {
+            vec![T::default()]
+        } else {
+            v_host
+        })
+        .map_err(dev)?;
+    let idx = nonempty(data.batch.kv_indices());
+    let kvi = s.clone_htod(&idx).map_err(dev)?;
+    let (o_poison, lse_poison) = data.poisoned_outputs();
+    let mut o = s.clone_htod(&T::from_tensor(&o_poison)).map_err(dev)?;
+    let mut lse = s.clone_htod(&lse_poison).map_err(dev)?;
+    let combined = data.spec.storage == KvStorage::Combined;
+    let v_view = k.slice(data.v_offset..);
+    let args = DeviceRunArgs {
+        dtype: data.spec.dtype,
+        q: &q,
+        k: &k,
+        v: if combined { &v_view } else { &v },
+        strides: data.strides,
+        num_pages: data.num_pages,
+        kv_indices: &kvi,
+        host_kv_indices: Some(&idx),
+        o: &mut o,
+        lse: Some(&mut lse),
+    };
+    gpu.run(&plan, args, &mut ws)?;
+    gpu.synchronize()?;
+    let o = s.clone_dtoh(&o).map_err(dev)?;
+    let lse = s.clone_dtoh(&lse).map_err(dev)?;
+    Ok((T::to_tensor(data.spec.dtype, &o), lse))
+}
+
+fn run_gpu(gpu: &CudaBackend, data: &CaseData, config: &PlanConfig) -> Result<(Tensor, Vec<f32>)> {
+    match data.spec.dtype {
+        DType::F32 => run_gpu_typed::<f32>(gpu, data, config),
+        _ => run_gpu_typed::<u16>(gpu, data, config),
+    }
+}
+
+/// GPU vs the f64 reference (DESIGN §7 tolerance, fully written) and vs the CPU backend.
+fn check(gpu: &CudaBackend, cpu: &CpuBackend, spec: &CaseSpec, parallelism: usize, seed: u64) {
+    let data = spec.materialise(seed).unwrap();
+    let config = PlanConfig::with_parallelism(parallelism);
+    let reference = data.reference().unwrap();
+    let (o, lse) = run_gpu(gpu, &data, &config).unwrap();
+    let c = data.compare(&o, &lse, &reference);
+    assert!(
+        c.passed(),
+        "{} (p = {parallelism}) vs reference: {c:?}",
+        spec.name
+    );
+    let (co, clse) = data.run_cpu(cpu, &config).unwrap();
+    let (e, el) = CaseData::output_difference(&o, &lse, &co, &clse);
+    assert!(
+        e <= c.tolerance && el <= c.tolerance,
+        "{} (p = {parallelism}) vs cpu: o {e:e}, lse {el:e}",
+        spec.name
+    );
 }
 
 #[test]
@@ -170,7 +256,10 @@ fn graph_capture_and_replay() {
     for dtype in [DType::BF16, DType::F16] {
         let h = HeadConfig::new(32, 8, 128).unwrap();
         let (ps, cap, max_kv) = (16usize, 8usize, 2048usize);
-        let mut config = PlanConfig::with_parallelism(g.parallelism());
+        let parallelism = g
+            .parallelism(&h, PlanKind::Decode, dtype, &AttentionOptions::default())
+            .unwrap();
+        let mut config = PlanConfig::with_parallelism(parallelism);
         config.graph_capacity = Some(cap);
         let pool_pages = cap * max_kv.div_ceil(ps) + 1;
         let page_elems = ps * h.num_kv_heads() * h.head_dim();
@@ -296,5 +385,68 @@ fn graph_capture_and_replay() {
                 s.name
             );
         }
+    }
+}
+
+/// One small case per path (decode split into partial states and merged; causal prefill),
+/// against the CPU backend and the reference: the case the device check runs under
+/// `compute-sanitizer` (memcheck and racecheck).
+#[test]
+fn sanitizer_small_case() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new(2).unwrap();
+    let h = HeadConfig::new(8, 2, 128).unwrap();
+    let mut s = CaseSpec::decode("sanitizer decode", h, 16, 3, 0, DType::BF16);
+    s.requests = vec![(1, 300), (1, 0), (1, 37)];
+    check(&g, &cpu, &s, 64, seed(1));
+    let mut p = CaseSpec::decode("sanitizer prefill", h, 16, 2, 0, DType::F16);
+    p.decode = false;
+    p.requests = vec![(20, 70), (3, 3)];
+    p.options.causal = true;
+    check(&g, &cpu, &p, 16, seed(2));
+}
+
+/// The driver's occupancy calculator agrees with the offline figure from the compile report
+/// (the `flashpage kernels` column), and every variant of the standard matrix reaches the
+/// budget it is compiled for. With `FLASHPAGE_REQUIRE_CACHE=1` (the device check sets it,
+/// the cache having been built by `flashpage kernels --cache`) every kernel must have come
+/// from the cache: no compile on the device.
+#[test]
+fn occupancy_matches_the_compile_report() {
+    use flashpage::backend::cuda::launch::{DecodeVariant, blocks_per_sm, sm_limits};
+    let Some(g) = gpu() else { return };
+    let limits = sm_limits(g.arch()).expect("the device's architecture is tabulated");
+    for (hq, hkv) in [(32, 8), (32, 16), (32, 32)] {
+        let h = HeadConfig::new(hq, hkv, 128).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            for kind in [PlanKind::Decode, PlanKind::Prefill] {
+                let v = DecodeVariant::new(&h, kind, dtype, false);
+                let api = g.blocks_per_sm(v).unwrap();
+                let rec = g
+                    .loaded_kernels()
+                    .into_iter()
+                    .rfind(|k| k.entry == "fp_decode" && k.defines == v.defines())
+                    .expect("the variant was loaded");
+                let r = rec
+                    .resources
+                    .expect("the compile record has the resource report");
+                let offline = blocks_per_sm(&limits, v.threads(), r.registers, r.shared_bytes);
+                assert_eq!(api, offline, "{v:?}: occupancy API vs compile report {r:?}");
+                assert!(api as usize >= v.min_blocks, "{v:?}: {api} blocks per SM");
+                let p = g
+                    .parallelism(&h, kind, dtype, &AttentionOptions::default())
+                    .unwrap();
+                assert_eq!(p, g.num_sms() * api as usize);
+            }
+        }
+    }
+    if std::env::var_os("FLASHPAGE_REQUIRE_CACHE").is_some_and(|v| v == "1") {
+        let compiled: Vec<_> = g
+            .loaded_kernels()
+            .into_iter()
+            .filter(|k| !k.from_cache)
+            .map(|k| (k.source, k.defines))
+            .collect();
+        assert!(compiled.is_empty(), "compiled on the device: {compiled:?}");
     }
 }

@@ -3,8 +3,9 @@
 //! the trait (it sits above them), so the import graph stays one-way.
 
 use crate::error::Result;
-use crate::layout::DType;
-use crate::plan::Plan;
+use crate::layout::{DType, HeadConfig};
+use crate::options::AttentionOptions;
+use crate::plan::{Plan, PlanKind};
 
 use super::args::RunArgs;
 use super::cpu::CpuBackend;
@@ -34,14 +35,17 @@ mod sealed {
 /// use flashpage::{BatchBuilder, HeadConfig, KvLayout, KvStrides, Plan, PlanConfig, TensorMut, TensorRef};
 /// use flashpage::{AttentionOptions, DType, workspace::HostWorkspace};
 ///
-/// fn decode_on<B: Backend>(b: &B) -> usize { b.parallelism() }
+/// use flashpage::PlanKind;
+/// fn slots<B: Backend>(b: &B, heads: &HeadConfig) -> flashpage::Result<usize> {
+///     b.parallelism(heads, PlanKind::Decode, DType::F32, &AttentionOptions::new())
+/// }
 ///
 /// let cpu = CpuBackend::new(1)?;
 /// let heads = HeadConfig::new(2, 1, 16)?;
 /// let mut batch = BatchBuilder::new(4)?;
 /// batch.push(1, 5, &[1, 0])?;
 /// let plan = Plan::new(&batch.decode(heads, 2), &AttentionOptions::new(),
-///                      &PlanConfig::with_parallelism(decode_on(&cpu)))?;
+///                      &PlanConfig::with_parallelism(slots(&cpu, &heads)?))?;
 /// cpu.prepare(&plan, DType::F32)?;
 /// let mut ws = HostWorkspace::new(plan.requirement().float.total());
 /// Backend::upload_plan(&cpu, &plan, ws.as_bytes_mut())?;
@@ -69,9 +73,17 @@ pub trait Backend: sealed::Sealed {
     /// The backend's name: `cpu` or `cuda`.
     fn name(&self) -> &'static str;
 
-    /// Work slots to plan for ([`crate::PlanConfig::with_parallelism`]): threads on the CPU,
-    /// SMs × resident blocks on CUDA.
-    fn parallelism(&self) -> usize;
+    /// Work slots to plan for ([`crate::PlanConfig::with_parallelism`]) a plan of `kind` over
+    /// `heads` with `dtype` and `options`: threads on the CPU; on CUDA, SMs × the resident
+    /// blocks per SM of the kernel variant that plan launches (from the driver's occupancy
+    /// calculator, which loads the variant).
+    fn parallelism(
+        &self,
+        heads: &HeadConfig,
+        kind: PlanKind,
+        dtype: DType,
+        options: &AttentionOptions,
+    ) -> Result<usize>;
 
     /// Gets the kernels `plan` launches ready for `dtype` (compiles or loads them on CUDA, so
     /// the first run pays nothing; nothing to do on the CPU).
@@ -95,8 +107,14 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn parallelism(&self) -> usize {
-        self.threads()
+    fn parallelism(
+        &self,
+        _heads: &HeadConfig,
+        _kind: PlanKind,
+        _dtype: DType,
+        _options: &AttentionOptions,
+    ) -> Result<usize> {
+        Ok(self.threads())
     }
 
     fn prepare(&self, _plan: &Plan, _dtype: DType) -> Result<()> {
@@ -120,8 +138,9 @@ mod device {
     use super::Backend;
     use crate::backend::cuda::{CudaBackend, DeviceRunArgs, DeviceWorkspace};
     use crate::error::Result;
-    use crate::layout::DType;
-    use crate::plan::Plan;
+    use crate::layout::{DType, HeadConfig};
+    use crate::options::AttentionOptions;
+    use crate::plan::{Plan, PlanKind};
 
     /// The device tensors of a CUDA run, by storage type: `f32` tensors, or 16-bit tensors
     /// (`f16`/`bf16` as raw bits).
@@ -140,8 +159,14 @@ mod device {
             "cuda"
         }
 
-        fn parallelism(&self) -> usize {
-            CudaBackend::parallelism(self)
+        fn parallelism(
+            &self,
+            heads: &HeadConfig,
+            kind: PlanKind,
+            dtype: DType,
+            options: &AttentionOptions,
+        ) -> Result<usize> {
+            CudaBackend::parallelism(self, heads, kind, dtype, options)
         }
 
         fn prepare(&self, plan: &Plan, dtype: DType) -> Result<()> {

@@ -69,6 +69,27 @@ pub(crate) fn arch_for(cc: (i32, i32)) -> String {
     }
 }
 
+/// Checks that NVRTC `nvrtc` (supporting `archs`, e.g. `[75, 80, ..]`) can compile for a
+/// device of compute capability `cc`: the reason, naming both, when it cannot.
+pub(crate) fn check_architecture(
+    cc: (i32, i32),
+    nvrtc: (i32, i32),
+    archs: &[i32],
+) -> std::result::Result<(), String> {
+    let lowest = archs.iter().copied().min();
+    match lowest {
+        Some(low) if cc.0 * 10 + cc.1 >= low => Ok(()),
+        Some(low) => Err(format!(
+            "compute capability {}.{} is below sm_{low}, the lowest architecture nvrtc {}.{} compiles for",
+            cc.0, cc.1, nvrtc.0, nvrtc.1
+        )),
+        None => Err(format!(
+            "nvrtc {}.{} reports no supported architecture",
+            nvrtc.0, nvrtc.1
+        )),
+    }
+}
+
 /// Opens device `ordinal`'s primary context.
 pub(crate) fn open(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
     check_libraries()?;
@@ -92,12 +113,10 @@ pub(crate) fn open(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
             .attribute(driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| unavailable(format!("cannot query device {ordinal}: {e:?}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
-        if cc.0 < 7 {
-            return Err(unavailable(format!(
-                "device {ordinal} ({name}) has compute capability {}.{}: at least 7.0 is needed",
-                cc.0, cc.1
-            )));
-        }
+        let nvrtc = super::nvrtc::nvrtc_version()?;
+        let archs = super::nvrtc::supported_archs()?;
+        check_architecture(cc, nvrtc, &archs)
+            .map_err(|reason| unavailable(format!("device {ordinal} ({name}): {reason}")))?;
         Ok((
             ctx,
             DeviceInfo {
@@ -119,6 +138,19 @@ mod tests {
         assert_eq!(arch_for((8, 9)), "sm_89");
         assert_eq!(arch_for((8, 0)), "sm_80");
         assert_eq!(arch_for((10, 0)), "sm_100");
+    }
+
+    #[test]
+    fn architecture_floor_names_device_and_compiler() {
+        let nvrtc13 = [75, 80, 86, 87, 88, 89, 90, 100, 103, 107, 110, 120, 121];
+        assert_eq!(check_architecture((9, 0), (13, 0), &nvrtc13), Ok(()));
+        assert_eq!(check_architecture((7, 5), (13, 0), &nvrtc13), Ok(()));
+        let e = check_architecture((7, 0), (13, 0), &nvrtc13).unwrap_err();
+        assert!(
+            e.contains("7.0") && e.contains("sm_75") && e.contains("13.0"),
+            "{e}"
+        );
+        assert!(check_architecture((9, 0), (13, 0), &[]).is_err());
     }
 
     #[test]

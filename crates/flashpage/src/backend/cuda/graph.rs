@@ -2,7 +2,7 @@
 
 use cudarc::driver::DevicePtr;
 
-use super::{DeviceWorkspace, RunSignature, driver_err};
+use super::device::{DeviceWorkspace, RunSignature, driver_err};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 

@@ -10,9 +10,9 @@
 
 use cudarc::driver::DeviceRepr;
 
-use crate::layout::{DType, KvStrides};
+use crate::layout::{DType, HeadConfig, KvStrides};
 use crate::options::PosEncoding;
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanKind};
 
 /// Threads per block of the decode kernel.
 pub const DECODE_THREADS: u32 = 128;
@@ -107,30 +107,79 @@ pub struct DecodeVariant {
     pub tpr: usize,
     /// RoPE applied on the fly.
     pub rope: bool,
+    /// Resident blocks per SM the register budget is set for (`__launch_bounds__`' second
+    /// argument): the occupancy the variant reaches without spills.
+    pub min_blocks: usize,
 }
 
 impl DecodeVariant {
     /// The variant for a plan: a pass covers the whole GQA group up to 8 rows.
     pub fn for_plan(plan: &Plan, dtype: DType) -> Self {
-        let h = plan.heads();
-        let rows = match plan.kind() {
-            crate::plan::PlanKind::Decode => h.group_size().next_power_of_two().min(8),
-            crate::plan::PlanKind::Prefill => 8,
+        Self::new(
+            plan.heads(),
+            plan.kind(),
+            dtype,
+            matches!(plan.options().pos_encoding, PosEncoding::Rope { .. }),
+        )
+    }
+
+    /// The variant a plan of `kind` over `heads` with `dtype` launches (what
+    /// [`DecodeVariant::for_plan`] returns, known before planning: the occupancy that sets
+    /// the plan's parallelism depends on it).
+    pub fn new(heads: &HeadConfig, kind: PlanKind, dtype: DType, rope: bool) -> Self {
+        let rows = match kind {
+            PlanKind::Decode => heads.group_size().next_power_of_two().min(8),
+            PlanKind::Prefill => 8,
         };
-        let unroll = match (dtype, rows) {
-            (DType::F32, r) if r >= 8 => 1,
-            (DType::F32, _) => 2,
-            (_, r) if r >= 8 => 2,
-            _ => 4,
+        Self::with_rows(heads.head_dim(), dtype, rows, rope)
+    }
+
+    /// The variant for `rows` packed rows per pass (1, 2, 4 or 8).
+    ///
+    /// Unroll and register budget per variant, chosen from ptxas's report (sm_90a and sm_80,
+    /// NVRTC 13) so that none spills and none has a stack frame (checked by
+    /// `tests/nvrtc_compile.rs`). Tokens in flight per thread: 16-bit dtypes 4 up to 2 rows,
+    /// 2 from 4 rows or with RoPE (its 8 sin/cos per token per thread); f32 (twice the
+    /// registers per token) 2 at 2 and 4 rows, else 1. Budget: 4 blocks of 128 threads per
+    /// SM (128 registers) at 1 row without RoPE, 2 (255 registers) at 8 rows, 3 (168
+    /// registers) otherwise. Other head dims: one block less (at least 2), 1 token in flight
+    /// with RoPE at 8 rows.
+    pub fn with_rows(head_dim: usize, dtype: DType, rows: usize, rope: bool) -> Self {
+        // Head dims other than 64, 128 and 256 (16 or 80: threads per token padded to a power
+        // of two, or 64 token groups) need more registers: one block less, and one token in
+        // flight with RoPE at 8 rows.
+        let common = matches!(head_dim, 64 | 128 | 256);
+        let unroll = match (dtype, rows, rope) {
+            (DType::F32, 2 | 4, false) => 2,
+            (DType::F32, _, _) => 1,
+            (_, 8, true) if !common => 1,
+            (_, 1 | 2, false) => 4,
+            _ => 2,
+        };
+        let min_blocks = match (rows, rope) {
+            (r, _) if r >= 8 => 2,
+            (1, false) => 4,
+            _ => 3,
+        };
+        let min_blocks = if common {
+            min_blocks
+        } else {
+            (min_blocks - 1).max(2)
         };
         DecodeVariant {
-            head_dim: h.head_dim(),
+            head_dim,
             dtype,
             rows,
             unroll,
-            tpr: (h.head_dim() / 8).next_power_of_two(),
-            rope: matches!(plan.options().pos_encoding, PosEncoding::Rope { .. }),
+            tpr: (head_dim / 8).next_power_of_two(),
+            rope,
+            min_blocks,
         }
+    }
+
+    /// Threads per block.
+    pub fn threads(&self) -> u32 {
+        DECODE_THREADS
     }
 
     /// NVRTC `-D` options.
@@ -143,8 +192,77 @@ impl DecodeVariant {
             format!("-DFP_UNROLL={}", self.unroll),
             format!("-DFP_THREADS={DECODE_THREADS}"),
             format!("-DFP_ROPE={}", self.rope as u8),
+            format!("-DFP_MIN_BLOCKS={}", self.min_blocks),
         ]
     }
+}
+
+/// Per-SM limits of an architecture, as the occupancy calculator uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SmLimits {
+    /// 32-bit registers per SM (split evenly over 4 sub-partitions).
+    pub registers: u32,
+    /// Resident threads per SM.
+    pub threads: u32,
+    /// Resident blocks per SM.
+    pub blocks: u32,
+    /// Shared memory per SM usable by blocks, in bytes.
+    pub shared_bytes: u32,
+    /// Shared memory the system reserves per block, in bytes.
+    pub reserved_shared_per_block: u32,
+}
+
+/// The limits of `arch` (`sm_80`, `sm_90a`, ...), for the architectures whose figures are
+/// tabulated here (CUDA C++ Programming Guide, "Technical Specifications per Compute
+/// Capability"); `None` for others.
+pub fn sm_limits(arch: &str) -> Option<SmLimits> {
+    let digits: String = arch
+        .strip_prefix("sm_")?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let kb = 1024;
+    let (threads, blocks, shared_kb, reserved) = match digits.parse::<u32>().ok()? {
+        75 => (1024, 16, 64, 0),
+        80 => (2048, 32, 164, kb),
+        86 => (1536, 16, 100, kb),
+        87 => (1536, 16, 164, kb),
+        89 => (1536, 24, 100, kb),
+        90 => (2048, 32, 228, kb),
+        100 => (2048, 32, 228, kb),
+        120 => (1536, 32, 100, kb),
+        _ => return None,
+    };
+    Some(SmLimits {
+        registers: 65_536,
+        threads,
+        blocks,
+        shared_bytes: shared_kb * kb,
+        reserved_shared_per_block: reserved,
+    })
+}
+
+/// Resident blocks per SM of a kernel using `registers` per thread and `shared_bytes` of
+/// static shared memory per block, launched with `threads` per block, under `limits`: the
+/// minimum of the thread, block, register and shared-memory limits, as the CUDA occupancy
+/// calculator (`cuda_occupancy.h`) computes it. Registers are allocated per warp in units of
+/// 256 and each of the SM's 4 sub-partitions holds a quarter of the register file.
+pub fn blocks_per_sm(limits: &SmLimits, threads: u32, registers: u32, shared_bytes: u32) -> u32 {
+    if threads == 0 {
+        return 0;
+    }
+    let warps = threads.div_ceil(32);
+    let by_threads = limits.threads / (warps * 32);
+    let by_regs = if registers == 0 {
+        u32::MAX
+    } else {
+        let per_warp = (registers * 32).div_ceil(256) * 256;
+        let warps_per_sub = (limits.registers / 4) / per_warp;
+        warps_per_sub * 4 / warps
+    };
+    let smem = (shared_bytes + limits.reserved_shared_per_block).div_ceil(128) * 128;
+    let by_smem = limits.shared_bytes.checked_div(smem).unwrap_or(u32::MAX);
+    by_threads.min(limits.blocks).min(by_regs).min(by_smem)
 }
 
 /// `FP_DTYPE` of a dtype.
@@ -359,5 +477,47 @@ mod tests {
                 check(n);
             }
         }
+    }
+
+    #[test]
+    fn occupancy_follows_the_calculator() {
+        let h100 = sm_limits("sm_90a").unwrap();
+        let a100 = sm_limits("sm_80").unwrap();
+        // 128 threads: 4 warps; 128 registers -> 4096 per warp, 4 warps per sub-partition.
+        assert_eq!(blocks_per_sm(&h100, 128, 128, 4160), 4);
+        assert_eq!(blocks_per_sm(&h100, 128, 125, 4160), 4);
+        // 168 registers: 5376 per warp, 3 per sub-partition; 230 (7424): 2.
+        assert_eq!(blocks_per_sm(&h100, 128, 168, 16640), 3);
+        assert_eq!(blocks_per_sm(&h100, 128, 169, 16640), 2);
+        assert_eq!(blocks_per_sm(&h100, 128, 230, 16640), 2);
+        assert_eq!(blocks_per_sm(&h100, 128, 255, 33280), 2);
+        // Tiny kernels hit the block limit, big shared memory the shared-memory limit.
+        assert_eq!(blocks_per_sm(&h100, 32, 16, 0), 32);
+        assert_eq!(blocks_per_sm(&h100, 128, 32, 100 * 1024), 2);
+        assert_eq!(blocks_per_sm(&a100, 128, 32, 100 * 1024), 1);
+        // Threads: 1024-thread blocks, 2 per SM on sm_80/sm_90.
+        assert_eq!(blocks_per_sm(&a100, 1024, 32, 0), 2);
+        assert_eq!(sm_limits("sm_70"), None);
+        assert_eq!(sm_limits("compute_90"), None);
+    }
+
+    #[test]
+    fn variants_follow_the_plan_shape() {
+        let llama = HeadConfig::new(32, 8, 128).unwrap();
+        let gemma = HeadConfig::new(32, 16, 128).unwrap();
+        let v = DecodeVariant::new(&llama, PlanKind::Decode, DType::BF16, false);
+        assert_eq!((v.rows, v.unroll, v.min_blocks), (4, 2, 3));
+        let v = DecodeVariant::new(&gemma, PlanKind::Decode, DType::BF16, false);
+        assert_eq!((v.rows, v.unroll, v.min_blocks), (2, 4, 3));
+        let v = DecodeVariant::new(&gemma, PlanKind::Prefill, DType::F32, true);
+        assert_eq!((v.rows, v.unroll, v.min_blocks), (8, 1, 2));
+        assert!(v.defines().contains(&"-DFP_MIN_BLOCKS=2".to_string()));
+        // Other head dims: one block less, one token in flight with RoPE at 8 rows.
+        let v = DecodeVariant::with_rows(80, DType::BF16, 4, false);
+        assert_eq!((v.unroll, v.min_blocks), (2, 2));
+        let v = DecodeVariant::with_rows(16, DType::F16, 1, false);
+        assert_eq!((v.unroll, v.min_blocks), (4, 3));
+        let v = DecodeVariant::with_rows(80, DType::BF16, 8, true);
+        assert_eq!((v.unroll, v.min_blocks), (1, 2));
     }
 }

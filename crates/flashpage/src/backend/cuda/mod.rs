@@ -33,122 +33,72 @@
 //! another stream must be synchronised by the caller before `run`.
 
 mod context;
+mod device;
 mod graph;
 pub mod launch;
 mod nvrtc;
+pub mod report;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
+use device::{BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, RunSignature, Uploaded, driver_err};
+pub use device::{DeviceElem, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES};
 pub use graph::CudaGraph;
 pub use nvrtc::CACHE_ENV;
 
-use self::launch::{Buffers, DecodeVariant, Params};
+use self::launch::{Buffers, DecodeVariant};
 use super::{ArgShapes, check_run_args};
 use crate::error::{Error, Result};
-use crate::layout::{DType, KvStrides};
-use crate::plan::{Capacities, Plan};
+use crate::layout::{DType, HeadConfig};
+use crate::options::{AttentionOptions, PosEncoding};
+use crate::plan::{Plan, PlanKind};
 use crate::workspace::{CUDA_BASE_ALIGN, Requirement};
 
-/// The sources of the kernels, by file name (`common.cuh` is prepended to the others at
-/// compile time), for offline tools such as the host emulation.
-pub const KERNEL_SOURCES: [(&str, &str); 4] = [
-    ("common.cuh", include_str!("kernels/common.cuh")),
-    ("decode.cu", include_str!("kernels/decode.cu")),
-    ("merge.cu", include_str!("kernels/merge.cu")),
-    ("bandwidth.cu", include_str!("kernels/bandwidth.cu")),
-];
-
-const DECODE_SRC: &str = concat!(
-    include_str!("kernels/common.cuh"),
-    "\n",
-    include_str!("kernels/decode.cu")
-);
-const MERGE_SRC: &str = concat!(
-    include_str!("kernels/common.cuh"),
-    "\n",
-    include_str!("kernels/merge.cu")
-);
-const BANDWIDTH_SRC: &str = include_str!("kernels/bandwidth.cu");
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for u16 {}
-}
-
-/// Element storage of device tensors: `f32` for [`DType::F32`], `u16` (the raw bits) for
-/// [`DType::F16`] and [`DType::BF16`].
-pub trait DeviceElem: DeviceRepr + sealed::Sealed {
-    /// Bytes per element.
-    const BYTES: usize;
-}
-impl DeviceElem for f32 {
-    const BYTES: usize = 4;
-}
-impl DeviceElem for u16 {
-    const BYTES: usize = 2;
-}
-
-/// The device tensors of one run (any mix of `CudaSlice`, `CudaView` and `CudaViewMut`).
-///
-/// Shapes are those of [`super::RunArgs`]: q and o `[rows, num_qo_heads, head_dim]`, lse
-/// `[rows, num_qo_heads]`, K and V addressed by `strides` (a combined K/V cache is two views
-/// of one buffer), except that q, o and lse may hold **more** rows than the batch (graph
-/// mode: buffers sized for the capacity); rows past the batch are not touched. Base addresses must be 16-byte aligned and strides multiples of 16 bytes.
-pub struct DeviceRunArgs<'a, T: DeviceElem> {
-    /// Element type of q, k, v and o (`f16`/`bf16` with `T = u16`, `f32` with `T = f32`).
-    pub dtype: DType,
-    /// Queries.
-    pub q: &'a dyn DevicePtr<T>,
-    /// K cache.
-    pub k: &'a dyn DevicePtr<T>,
-    /// V cache.
-    pub v: &'a dyn DevicePtr<T>,
-    /// Element strides (page, token, head) shared by K and V.
-    pub strides: KvStrides,
-    /// Pages in the cache (ragged K/V: tokens).
-    pub num_pages: usize,
-    /// Page ids on the device (paged plans; may be empty for ragged K/V).
-    pub kv_indices: &'a dyn DevicePtr<i32>,
-    /// A host copy of the page ids, if the caller has one: every id the plan reads is then
-    /// checked against `num_pages` (device ids are bounds-checked by the kernel instead,
-    /// which skips an out-of-range page).
-    pub host_kv_indices: Option<&'a [i32]>,
-    /// Output.
-    pub o: &'a mut dyn DevicePtrMut<T>,
-    /// Log-sum-exp output (natural log), if wanted.
-    pub lse: Option<&'a mut dyn DevicePtrMut<f32>>,
-}
-
-/// The caller's device workspaces: float (partial states) and int (the plan's schedule).
-///
-/// Allocate once for the deployment's limits ([`crate::plan::workspace_size`]) and
-/// keep it: a captured graph points into it.
-pub struct DeviceWorkspace {
-    float: CudaSlice<u8>,
-    int: CudaSlice<u8>,
-    uploaded: Option<Uploaded>,
-}
-
+/// The record of a kernel the backend loaded: where it came from and what it uses.
 #[derive(Debug, Clone, PartialEq)]
-struct Uploaded {
-    image: Vec<i32>,
-    caps: Capacities,
-    offsets: [usize; 3],
+pub struct LoadedKernel {
+    /// Source file (`decode.cu`, ...).
+    pub source: &'static str,
+    /// Entry function.
+    pub entry: &'static str,
+    /// The `-D` options it was compiled with.
+    pub defines: Vec<String>,
+    /// Whether the image came from the disk cache (no compile in this process).
+    pub from_cache: bool,
+    /// Wall time of the compile that produced the image, in milliseconds (also for a cached
+    /// image: the time recorded with it).
+    pub compile_ms: f64,
+    /// ptxas's resource report for the entry, from NVRTC's log.
+    pub resources: Option<report::Resources>,
+    /// Warnings in NVRTC's log.
+    pub warnings: Vec<String>,
 }
 
-impl std::fmt::Debug for DeviceWorkspace {
+/// The CUDA backend: one device, one stream, the compiled kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: context::DeviceInfo,
+    compiler: nvrtc::Compiler,
+    decode: Mutex<HashMap<DecodeVariant, CudaFunction>>,
+    merge: Mutex<HashMap<(usize, DType), CudaFunction>>,
+    bandwidth: Mutex<Option<(CudaFunction, CudaFunction)>>,
+    capture: Mutex<Option<Vec<RunSignature>>>,
+    loaded: Mutex<Vec<LoadedKernel>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceWorkspace")
-            .field("float_bytes", &self.float.len())
-            .field("int_bytes", &self.int.len())
-            .field("has_plan", &self.uploaded.is_some())
+        f.debug_struct("CudaBackend")
+            .field("device", &self.info.name)
+            .field("ordinal", &self.ctx.ordinal())
+            .field("arch", &self.compiler.arch)
+            .field("sms", &self.info.sms)
             .finish()
     }
 }
@@ -168,93 +118,6 @@ impl DeviceWorkspace {
             .alloc_zeros::<u8>(i)
             .map_err(|e| driver_err("allocating the int workspace", e))?;
         Self::from_slices(float, int, &backend.stream)
-    }
-
-    /// Wraps caller-allocated device buffers (base addresses aligned to 256 bytes).
-    pub fn from_slices(
-        float: CudaSlice<u8>,
-        int: CudaSlice<u8>,
-        stream: &Arc<CudaStream>,
-    ) -> Result<Self> {
-        for (name, s) in [("float", &float), ("int", &int)] {
-            let (addr, _g) = s.device_ptr(stream);
-            if !addr.is_multiple_of(CUDA_BASE_ALIGN as u64) {
-                return Err(Error::WorkspaceMisaligned {
-                    workspace: name,
-                    address: addr as usize,
-                    align: CUDA_BASE_ALIGN,
-                });
-            }
-        }
-        Ok(DeviceWorkspace {
-            float,
-            int,
-            uploaded: None,
-        })
-    }
-
-    /// Bytes of the float workspace.
-    pub fn float_bytes(&self) -> usize {
-        self.float.len()
-    }
-
-    /// Bytes of the int workspace.
-    pub fn int_bytes(&self) -> usize {
-        self.int.len()
-    }
-
-    /// The buffers back.
-    pub fn into_slices(self) -> (CudaSlice<u8>, CudaSlice<u8>) {
-        (self.float, self.int)
-    }
-
-    fn holds(&self, plan: &Plan) -> bool {
-        self.uploaded.as_ref().is_some_and(|u| {
-            u.caps == *plan.capacities()
-                && u.offsets == plan.int_offsets()
-                && u.image == plan.int_image()
-        })
-    }
-}
-
-/// Everything a captured run depends on besides the int image: a replay is valid only for
-/// plans with the same signature.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct RunSignature {
-    params: Params,
-    variant: DecodeVariant,
-    int_ws: u64,
-    float_req: crate::workspace::WorkspaceReq,
-    launch_merge: bool,
-}
-
-/// The CUDA backend: one device, one stream, the compiled kernels.
-pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    info: context::DeviceInfo,
-    compiler: nvrtc::Compiler,
-    decode: Mutex<HashMap<DecodeVariant, CudaFunction>>,
-    merge: Mutex<HashMap<(usize, DType), CudaFunction>>,
-    bandwidth: Mutex<Option<(CudaFunction, CudaFunction)>>,
-    capture: Mutex<Option<Vec<RunSignature>>>,
-}
-
-impl std::fmt::Debug for CudaBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend")
-            .field("device", &self.info.name)
-            .field("ordinal", &self.ctx.ordinal())
-            .field("arch", &self.compiler.arch)
-            .field("sms", &self.info.sms)
-            .finish()
-    }
-}
-
-fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Backend {
-        backend: "cuda",
-        message: format!("{what}: {e:?}"),
     }
 }
 
@@ -296,6 +159,7 @@ impl CudaBackend {
                 merge: Mutex::new(HashMap::new()),
                 bandwidth: Mutex::new(None),
                 capture: Mutex::new(None),
+                loaded: Mutex::new(Vec::new()),
             })
         })
     }
@@ -325,9 +189,35 @@ impl CudaBackend {
         self.info.sms
     }
 
-    /// Work slots to pass as [`crate::PlanConfig::parallelism`]: four decode blocks per SM.
-    pub fn parallelism(&self) -> usize {
-        self.info.sms * 4
+    /// Work slots to pass as [`crate::PlanConfig::parallelism`] for a plan of `kind` over
+    /// `heads` with `dtype` and `options`: SMs × the resident blocks per SM of the kernel
+    /// variant that plan launches, from the driver's occupancy calculator
+    /// (`cuOccupancyMaxActiveBlocksPerMultiprocessor`). Loads (compiles, or reads from the
+    /// cache) that variant.
+    pub fn parallelism(
+        &self,
+        heads: &HeadConfig,
+        kind: PlanKind,
+        dtype: DType,
+        options: &AttentionOptions,
+    ) -> Result<usize> {
+        let rope = matches!(options.pos_encoding, PosEncoding::Rope { .. });
+        let blocks = self.blocks_per_sm(DecodeVariant::new(heads, kind, dtype, rope))?;
+        Ok(self.info.sms * blocks.max(1) as usize)
+    }
+
+    /// Resident blocks per SM of decode variant `v` at its launch shape, from the driver's
+    /// occupancy calculator (the figure `flashpage kernels` computes offline from the
+    /// compile report).
+    pub fn blocks_per_sm(&self, v: DecodeVariant) -> Result<u32> {
+        let f = self.decode_fn(v)?;
+        f.occupancy_max_active_blocks_per_multiprocessor(v.threads(), 0, None)
+            .map_err(|e| driver_err("querying the decode kernel's occupancy", e))
+    }
+
+    /// The kernels this backend has loaded so far, in load order, with their compile records.
+    pub fn loaded_kernels(&self) -> Vec<LoadedKernel> {
+        self.loaded.lock().expect("kernel record lock").clone()
     }
 
     /// Waits for all work on the stream.
@@ -379,9 +269,27 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn load(&self, name: &str, src: &str, defines: &[String], func: &str) -> Result<CudaFunction> {
-        let img = self.compiler.compile(name, src, defines)?;
-        let ptx = match img {
+    fn load(
+        &self,
+        name: &'static str,
+        src: &str,
+        defines: &[String],
+        func: &'static str,
+    ) -> Result<CudaFunction> {
+        let c = self.compiler.compile(name, src, defines)?;
+        self.loaded
+            .lock()
+            .expect("kernel record lock")
+            .push(LoadedKernel {
+                source: name,
+                entry: func,
+                defines: defines.to_vec(),
+                from_cache: c.cached,
+                compile_ms: c.compile_ms,
+                resources: report::parse_resources(&c.log, func),
+                warnings: report::log_warnings(&c.log),
+            });
+        let ptx = match c.image {
             nvrtc::Image::Cubin(b) => cudarc::nvrtc::Ptx::from_binary(b),
             nvrtc::Image::Ptx(s) => cudarc::nvrtc::Ptx::from_src(s),
         };

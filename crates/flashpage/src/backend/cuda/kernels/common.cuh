@@ -4,6 +4,9 @@
 // Compile-time configuration (NVRTC -D options, set by the Rust side):
 //   FP_HEAD_DIM  head dimension (a multiple of 16, at most 256)
 //   FP_DTYPE     0 = f32, 1 = f16, 2 = bf16 (q, k, v and o)
+//
+// Helpers are `__device__ __forceinline__` without `static`: each kernel uses a subset, and
+// NVRTC warns (#177) about unused static functions; the warning-free log is checked in CI.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -63,7 +66,7 @@ struct alignas(16) V4 {
 
 #ifndef FP_HOST_EMULATION
 // 16-byte read-only load that does not allocate in L1 (K/V are streamed once).
-static __device__ __forceinline__ V4 ld_stream(const void* p) {
+__device__ __forceinline__ V4 ld_stream(const void* p) {
     V4 r;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
@@ -72,7 +75,7 @@ static __device__ __forceinline__ V4 ld_stream(const void* p) {
 }
 
 // 16-byte read-only load (q, partial states).
-static __device__ __forceinline__ V4 ld_ro(const void* p) {
+__device__ __forceinline__ V4 ld_ro(const void* p) {
     V4 r;
     asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
@@ -80,33 +83,33 @@ static __device__ __forceinline__ V4 ld_ro(const void* p) {
     return r;
 }
 
-static __device__ __forceinline__ void st16(void* p, V4 v) {
+__device__ __forceinline__ void st16(void* p, V4 v) {
     asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
                  :
                  : "l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                  : "memory");
 }
 
-static __device__ __forceinline__ float ex2(float x) {
+__device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 
-static __device__ __forceinline__ float f16_bits_to_f32(u32 h) {
+__device__ __forceinline__ float f16_bits_to_f32(u32 h) {
     float f;
     unsigned short b = (unsigned short)(h & 0xffffu);
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
     return f;
 }
 
-static __device__ __forceinline__ u32 f32_to_f16_bits(float f) {
+__device__ __forceinline__ u32 f32_to_f16_bits(float f) {
     unsigned short b;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
     return (u32)b;
 }
 
-static __device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
+__device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
 #if __CUDA_ARCH__ >= 800
     unsigned short b;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
@@ -124,7 +127,7 @@ static __device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
 #endif  // FP_HOST_EMULATION (host_emulation.cpp provides these on the host)
 
 // Eight f32 values stored as two 16-byte stores / loaded as two 16-byte loads.
-static __device__ __forceinline__ void store8_f32(float* p, const float* f) {
+__device__ __forceinline__ void store8_f32(float* p, const float* f) {
     V4 a, b;
     a.x = __float_as_uint(f[0]);
     a.y = __float_as_uint(f[1]);
@@ -138,7 +141,7 @@ static __device__ __forceinline__ void store8_f32(float* p, const float* f) {
     st16(p + 4, b);
 }
 
-static __device__ __forceinline__ void load8_f32(const float* p, float* f) {
+__device__ __forceinline__ void load8_f32(const float* p, float* f) {
     V4 a = ld_ro(p);
     V4 b = ld_ro(p + 4);
     f[0] = __uint_as_float(a.x);
@@ -157,19 +160,19 @@ static __device__ __forceinline__ void load8_f32(const float* p, float* f) {
 struct Raw8 {
     V4 a, b;
 };
-static __device__ __forceinline__ void raw_zero(Raw8& r) {
+__device__ __forceinline__ void raw_zero(Raw8& r) {
     r.a.x = r.a.y = r.a.z = r.a.w = 0u;
     r.b.x = r.b.y = r.b.z = r.b.w = 0u;
 }
-static __device__ __forceinline__ void raw_load_stream(Raw8& r, const char* p) {
+__device__ __forceinline__ void raw_load_stream(Raw8& r, const char* p) {
     r.a = ld_stream(p);
     r.b = ld_stream(p + 16);
 }
-static __device__ __forceinline__ void raw_load_ro(Raw8& r, const char* p) {
+__device__ __forceinline__ void raw_load_ro(Raw8& r, const char* p) {
     r.a = ld_ro(p);
     r.b = ld_ro(p + 16);
 }
-static __device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
+__device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
     f[0] = __uint_as_float(r.a.x);
     f[1] = __uint_as_float(r.a.y);
     f[2] = __uint_as_float(r.a.z);
@@ -179,7 +182,7 @@ static __device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
     f[6] = __uint_as_float(r.b.z);
     f[7] = __uint_as_float(r.b.w);
 }
-static __device__ __forceinline__ void store8(char* p, const float* f) {
+__device__ __forceinline__ void store8(char* p, const float* f) {
     store8_f32(reinterpret_cast<float*>(p), f);
 }
 #else
@@ -187,39 +190,39 @@ static __device__ __forceinline__ void store8(char* p, const float* f) {
 struct Raw8 {
     V4 a;
 };
-static __device__ __forceinline__ void raw_zero(Raw8& r) {
+__device__ __forceinline__ void raw_zero(Raw8& r) {
     r.a.x = r.a.y = r.a.z = r.a.w = 0u;
 }
-static __device__ __forceinline__ void raw_load_stream(Raw8& r, const char* p) {
+__device__ __forceinline__ void raw_load_stream(Raw8& r, const char* p) {
     r.a = ld_stream(p);
 }
-static __device__ __forceinline__ void raw_load_ro(Raw8& r, const char* p) {
+__device__ __forceinline__ void raw_load_ro(Raw8& r, const char* p) {
     r.a = ld_ro(p);
 }
 #if FP_DTYPE == 1
-static __device__ __forceinline__ void pair_to_f32(u32 w, float* f) {
+__device__ __forceinline__ void pair_to_f32(u32 w, float* f) {
     f[0] = f16_bits_to_f32(w);
     f[1] = f16_bits_to_f32(w >> 16);
 }
-static __device__ __forceinline__ u32 f32_to_pair(float lo, float hi) {
+__device__ __forceinline__ u32 f32_to_pair(float lo, float hi) {
     return f32_to_f16_bits(lo) | (f32_to_f16_bits(hi) << 16);
 }
 #else
-static __device__ __forceinline__ void pair_to_f32(u32 w, float* f) {
+__device__ __forceinline__ void pair_to_f32(u32 w, float* f) {
     f[0] = __uint_as_float(w << 16);
     f[1] = __uint_as_float(w & 0xffff0000u);
 }
-static __device__ __forceinline__ u32 f32_to_pair(float lo, float hi) {
+__device__ __forceinline__ u32 f32_to_pair(float lo, float hi) {
     return f32_to_bf16_bits(lo) | (f32_to_bf16_bits(hi) << 16);
 }
 #endif
-static __device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
+__device__ __forceinline__ void raw_to_f32(const Raw8& r, float* f) {
     pair_to_f32(r.a.x, f);
     pair_to_f32(r.a.y, f + 2);
     pair_to_f32(r.a.z, f + 4);
     pair_to_f32(r.a.w, f + 6);
 }
-static __device__ __forceinline__ void store8(char* p, const float* f) {
+__device__ __forceinline__ void store8(char* p, const float* f) {
     V4 a;
     a.x = f32_to_pair(f[0], f[1]);
     a.y = f32_to_pair(f[2], f[3]);

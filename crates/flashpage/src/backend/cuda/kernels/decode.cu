@@ -16,7 +16,8 @@
 // buffers described in the parameters, so no int image can make the kernel read or write out
 // of bounds.
 //
-// Extra defines: FP_TPR, FP_ROWS, FP_UNROLL, FP_THREADS, FP_ROPE (0/1).
+// Extra defines: FP_TPR, FP_ROWS, FP_UNROLL, FP_THREADS, FP_ROPE (0/1), FP_MIN_BLOCKS (the
+// resident blocks per SM the register budget is set for: __launch_bounds__' second argument).
 
 #define D FP_HEAD_DIM
 #define TPR FP_TPR
@@ -46,13 +47,37 @@ static __device__ __forceinline__ float group_sum(float x) {
 }
 
 #if FP_ROPE
-// Rotate-half RoPE of this thread's 8 elements at position `pos` (already divided by the
-// scale). The partner of element f is f +- D/2, held by lane +- D/16 of the same group.
-// Every lane of the warp must call this (it shuffles).
-static __device__ __forceinline__ void rope8(float* x, double pos, const double* inv_freq, int lane) {
+// RoPE angles without floating-point range reduction. The table holds, per frequency f, the
+// rotation per position in turns as an unsigned 0.64 fixed-point fraction (w_f =
+// theta^(-2f/D) / rope_scale / 2pi mod 1, formed once per block in the prologue). The angle
+// of position t is t * w_f mod 1 turn: its top 32 bits are exact integer arithmetic (a
+// 32x64-bit product, two multiplies), so the angle at position 1e6 is as accurate as at 0,
+// and sincospif of the resulting half-turn fraction in [-1, 1) needs no slow path.
+struct RopeW {
+    u32 lo, hi;
+};
+
+// sin and cos of position `pos` (any int) times the table entry.
+static __device__ __forceinline__ void rope_sincos(int pos, RopeW w, float* s, float* c) {
+    const u32 t = (u32)pos;
+    // Top 32 bits of the low 64 bits of sign-extended pos times (hi:lo).
+    u32 turns = t * w.hi + __umulhi(t, w.lo);
+    if (pos < 0) {
+        turns -= w.lo;
+    }
+    // Signed fraction of a turn, as half-turns in [-1, 1).
+    const float half_turns = (float)(int)turns * 4.656612873077393e-10f;  // 2^-31
+    sincospif(half_turns, s, c);
+}
+
+// Rotate-half RoPE of this thread's 8 elements at position `pos`. The partner of element f is
+// f +- D/2, held by lane +- D/16 of the same group. Every lane of the warp must call this
+// (it shuffles).
+static __device__ __forceinline__ void rope8(float* x, int pos, const RopeW* table, int lane) {
     const int half_lanes = D / 16;
     const bool lower = lane < half_lanes;
     const int src = lower ? lane + half_lanes : lane - half_lanes;
+    const int base = (lower ? lane : lane - half_lanes) * 8;
     float other[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -61,12 +86,23 @@ static __device__ __forceinline__ void rope8(float* x, double pos, const double*
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
         float s, c;
-        // The angle reaches 1e5 rad at long context: form and reduce it in double.
-        double a = pos * inv_freq[e];
-        a -= 6.283185307179586 * rint(a * 0.15915494309189535);
-        sincosf((float)a, &s, &c);
+        // Lanes past D/8 (padding) read entry 0: their values are zero and unused.
+        rope_sincos(pos, table[lane < LANES_USED ? base + e : e], &s, &c);
         x[e] = lower ? x[e] * c - other[e] * s : x[e] * c + other[e] * s;
     }
+}
+
+// The per-position rotation of frequency f in turns, as a 0.64 fixed-point fraction.
+static __device__ __forceinline__ RopeW rope_w(int f, float theta, float scale) {
+    double w = pow((double)theta, -2.0 * (double)f / (double)D) / (double)scale *
+               0.15915494309189535;
+    w -= floor(w);
+    const double hi = floor(w * 4294967296.0);
+    const double lo = floor((w * 4294967296.0 - hi) * 4294967296.0);
+    RopeW r;
+    r.hi = (u32)hi;
+    r.lo = (u32)lo;
+    return r;
 }
 #endif
 
@@ -149,11 +185,12 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
                                                int tg, int lane, const int* pid, const Raw8* kr,
                                                const Raw8* vr
 #if FP_ROPE
-                                               , const double* inv_freq
+                                               , const RopeW* rope_table
 #endif
 ) {
     float s[ROWS][U];
     float vf[U][8];
+    bool vis[ROWS][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         float kf[8];
@@ -162,7 +199,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
 #if FP_ROPE
         {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
-            rope8(kf, (double)t / (double)p.rope_scale, inv_freq, lane);
+            rope8(kf, t, rope_table, lane);
         }
 #endif
 #pragma unroll
@@ -181,7 +218,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
-            const bool vis = pid[u] >= 0 && t >= st.lo[r] && t <= st.hi[r];
+            vis[r][u] = pid[u] >= 0 && t >= st.lo[r] && t <= st.hi[r];
             float x = s[r][u];
             if (p.has_soft_cap) {
                 x = p.soft_cap * tanhf(x / p.soft_cap);
@@ -189,7 +226,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
             if (p.alibi) {
                 x += st.slope[r] * (float)((i64)t - (i64)st.qpos[r]);
             }
-            x = vis ? x * FP_LOG2E : FP_NEG_INF;
+            x = vis[r][u] ? x * FP_LOG2E : FP_NEG_INF;
             s[r][u] = x;
             bmax = fmaxf(bmax, x);
         }
@@ -203,11 +240,15 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                const float pr = ex2(s[r][u] - mn);  // 0 for masked tokens
-                l += pr;
+                // A key the row cannot see contributes exactly nothing: its weight is 0, but
+                // 0 * V would still be NaN for V = inf or NaN, so the product is skipped.
+                if (vis[r][u]) {
+                    const float pr = ex2(s[r][u] - mn);
+                    l += pr;
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    st.acc[r][e] = fmaf(pr, vf[u][e], st.acc[r][e]);
+                    for (int e = 0; e < 8; ++e) {
+                        st.acc[r][e] = fmaf(pr, vf[u][e], st.acc[r][e]);
+                    }
                 }
             }
             st.l[r] = l;
@@ -216,7 +257,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant__ Params p) {
+extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const __grid_constant__ Params p) {
     __shared__ float sh_acc[NTG][ROWS][D];
     __shared__ float sh_m[NTG][ROWS];
     __shared__ float sh_l[NTG][ROWS];
@@ -267,15 +308,11 @@ extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant
     }
 
 #if FP_ROPE
-    double inv_freq[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        int f = lane * 8 + e;
-        if (f >= D / 2) {
-            f -= D / 2;
-        }
-        inv_freq[e] = pow((double)p.rope_theta, -2.0 * (double)f / (double)D);
+    __shared__ RopeW rope_table[D / 2];
+    for (int f = tid; f < D / 2; f += NT) {
+        rope_table[f] = rope_w(f, p.rope_theta, p.rope_scale);
     }
+    __syncthreads();
 #endif
 
     const i64 shift = (i64)kv_len - (i64)qo_len;
@@ -301,7 +338,7 @@ extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant
             }
             raw_to_f32(raw, st.q[r]);
 #if FP_ROPE
-            rope8(st.q[r], (double)qp / (double)p.rope_scale, inv_freq, lane);
+            rope8(st.q[r], (int)qp, rope_table, lane);
 #endif
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
@@ -353,7 +390,7 @@ extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant
             fetch_pages(p, b + 2, start, end, kv_start, tg, pid_a);
             compute(p, st, b, start, tg, lane, pid_c, k_a, v_a
 #if FP_ROPE
-                    , inv_freq
+                    , rope_table
 #endif
             );
             ++b;
@@ -369,7 +406,7 @@ extern "C" __global__ void __launch_bounds__(NT) fp_decode(const __grid_constant
             fetch_pages(p, b + 2, start, end, kv_start, tg, pid_b);
             compute(p, st, b, start, tg, lane, pid_c, k_b, v_b
 #if FP_ROPE
-                    , inv_freq
+                    , rope_table
 #endif
             );
             ++b;
