@@ -100,8 +100,8 @@ pub use layout::{
     BatchDesc, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QueryIndex,
 };
 pub use options::{AttentionOptions, PosEncoding};
-pub use session::{Attention, CacheDesc, LayerArgs, Limits};
 pub use plan::{Plan, PlanConfig, PlanKind, WorkItem, WorkspaceLimits, workspace_size};
+pub use session::{Attention, CacheDesc, LayerArgs, Limits};
 pub use tensor::{Tensor, TensorMut, TensorRef};
 
 /// The README's example, compiled and run as a doctest.

@@ -12,11 +12,11 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{KvCache, RunArgs};
 use crate::builder::BatchBuilder;
 use crate::error::{Error, Result};
-use crate::layout::{DType, HeadConfig, KvLayout, KvStrides};
+use crate::layout::{BatchDesc, DType, HeadConfig, KvLayout, KvStrides};
 use crate::ops::Rows;
 use crate::ops::append::{AppendBatch, AppendRope, KvCacheMut, append_kv};
 use crate::options::AttentionOptions;
-use crate::plan::{Plan, WorkspaceLimits, workspace_size};
+use crate::plan::{Plan, PlanKind, WorkspaceLimits, workspace_size};
 use crate::tensor::{TensorMut, TensorRef};
 use crate::workspace::HostWorkspace;
 
@@ -35,6 +35,18 @@ pub struct CacheDesc {
     pub dtype: DType,
 }
 
+impl CacheDesc {
+    /// A cache of `num_pages` pages of `page_size` tokens in `layout`, elements `dtype`.
+    pub fn new(page_size: usize, num_pages: usize, layout: KvLayout, dtype: DType) -> Self {
+        CacheDesc {
+            page_size,
+            num_pages,
+            layout,
+            dtype,
+        }
+    }
+}
+
 /// The largest step the wrapper will plan: the workspace is sized for it once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -44,6 +56,18 @@ pub struct Limits {
     pub max_q_tokens: usize,
     /// Longest request in tokens.
     pub max_kv_len: usize,
+}
+
+impl Limits {
+    /// At most `max_batch` requests and `max_q_tokens` new tokens a step, requests of at
+    /// most `max_kv_len` tokens.
+    pub fn new(max_batch: usize, max_q_tokens: usize, max_kv_len: usize) -> Self {
+        Limits {
+            max_batch,
+            max_q_tokens,
+            max_kv_len,
+        }
+    }
 }
 
 /// The tensors of one layer: q and o `[rows, num_qo_heads, head_dim]` and this layer's cache.
@@ -59,6 +83,24 @@ pub struct LayerArgs<'a> {
     pub o: TensorMut<'a>,
     /// Log-sum-exp `[rows, num_qo_heads]`, when the options ask for it.
     pub lse: Option<&'a mut [f32]>,
+}
+
+impl<'a> LayerArgs<'a> {
+    /// A layer's q, caches and o, without the LSE.
+    pub fn new(
+        q: TensorRef<'a>,
+        k_cache: TensorRef<'a>,
+        v_cache: TensorRef<'a>,
+        o: TensorMut<'a>,
+    ) -> Self {
+        LayerArgs {
+            q,
+            k_cache,
+            v_cache,
+            o,
+            lse: None,
+        }
+    }
 }
 
 /// Batched paged attention in one object. See the [module docs](self) for the loop.
@@ -81,7 +123,10 @@ impl std::fmt::Debug for Attention {
             .field("limits", &self.limits)
             .field("workspace_bytes", &self.workspace.len())
             .field("batch", &self.batch)
-            .field("plan", &self.plan.as_ref().map(|p| (p.kind(), p.batch_size())))
+            .field(
+                "plan",
+                &self.plan.as_ref().map(|p| (p.kind(), p.batch_size())),
+            )
             .finish()
     }
 }
@@ -89,7 +134,12 @@ impl std::fmt::Debug for Attention {
 impl Attention {
     /// Builds the wrapper on the CPU backend with `threads` threads: checks the cache
     /// description and sizes the workspace for `limits` (allocated here, once).
-    pub fn new(heads: HeadConfig, cache: CacheDesc, limits: Limits, threads: usize) -> Result<Self> {
+    pub fn new(
+        heads: HeadConfig,
+        cache: CacheDesc,
+        limits: Limits,
+        threads: usize,
+    ) -> Result<Self> {
         let backend = CpuBackend::new(threads)?;
         let batch = BatchBuilder::new(cache.page_size)?;
         if cache.num_pages == 0 || cache.num_pages > i32::MAX as usize {
@@ -135,6 +185,16 @@ impl Attention {
     pub fn batch(&self) -> &BatchBuilder {
         &self.batch
     }
+    /// The planned step as a batch description (decode or prefill, as planned), e.g. to
+    /// run a reference on it.
+    pub fn batch_desc(&self) -> Result<BatchDesc<'_>> {
+        let plan = self.planned()?;
+        Ok(match plan.kind() {
+            PlanKind::Decode => self.batch.decode(self.heads, self.cache.num_pages),
+            PlanKind::Prefill => self.batch.prefill(self.heads, self.cache.num_pages),
+        })
+    }
+
     /// Elements of one layer's K (or V) cache.
     pub fn cache_elems(&self) -> usize {
         self.cache.num_pages
@@ -257,10 +317,7 @@ impl Attention {
         if plan.options() != options {
             plan.set_options(options)?;
         }
-        for (tensor, t) in [
-            ("q", layer.q.dtype()),
-            ("k_cache", layer.k_cache.dtype()),
-        ] {
+        for (tensor, t) in [("q", layer.q.dtype()), ("k_cache", layer.k_cache.dtype())] {
             if t != self.cache.dtype {
                 return Err(Error::DTypeMismatch {
                     tensor,
