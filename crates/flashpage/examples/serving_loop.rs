@@ -27,7 +27,7 @@ fn main() -> Result<()> {
         let o = AttentionOptions::new()
             .with_causal(true)
             .with_logits_soft_cap(50.0);
-        if l % 2 == 0 {
+        if l.is_multiple_of(2) {
             o.with_window_left(31)
         } else {
             o

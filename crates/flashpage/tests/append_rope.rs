@@ -198,7 +198,7 @@ fn check_append(seed: u64) {
     let use_rope = rng.below(2) == 0;
     let positions: Option<Vec<i32>> = (use_rope && rng.below(2) == 0)
         .then(|| (0..nnz).map(|_| rng.below(200_000) as i32).collect());
-    let ap = use_rope.then(|| AppendRope {
+    let ap = use_rope.then_some(AppendRope {
         rope: &rope,
         positions: positions.as_deref(),
     });
@@ -515,12 +515,12 @@ fn rope_matches_f64_reference_every_style_and_scaling() {
                 let (xs, ys) = (x.view().to_f64_vec(), y.view().to_f64_vec());
                 let mut want = Vec::new();
                 let mut got = Vec::new();
-                for t in 0..tokens {
+                for (t, &pos) in positions.iter().enumerate() {
                     for h in 0..heads + 2 {
                         let o = t * row + h * d;
                         let mut w = xs[o..o + d].to_vec();
                         if h < heads {
-                            rope_reference::rotate(&rope, &mut w, positions[t] as f64);
+                            rope_reference::rotate(&rope, &mut w, pos as f64);
                             want.extend_from_slice(&w);
                             got.extend_from_slice(&ys[o..o + d]);
                         } else {
