@@ -6,7 +6,7 @@
 //! rows `append_indptr[r]..append_indptr[r+1]` of `k`/`v`, which become its last
 //! `append_len` tokens, so its row `j` lands at position `kv_len - append_len + j`, in page
 //! `kv_indices[kv_indptr[r] + pos / page_size]`, slot `pos % page_size`. A prefill
-//! [`BatchBuilder`](crate::BatchBuilder) holds exactly these arrays (its `qo_indptr` is the
+//! [`BatchBuilder`] holds exactly these arrays (its `qo_indptr` is the
 //! append indptr): see [`AppendBatch::from_builder`].
 //!
 //! Flow: [`check_append`] validates everything (the CSR arrays, every page id, the shapes
