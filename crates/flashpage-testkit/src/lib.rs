@@ -3,6 +3,7 @@
 //!
 //! - [`reference`](mod@reference): the f64 oracle, written straight from the semantics in
 //!   `docs/semantics.md`;
+//! - [`rope_reference`]: the f64 oracle of the standalone RoPE;
 //! - [`case`]: a case specification, materialised into fresh random inputs (a seeded PRNG,
 //!   shuffled pages, poisoned outputs) and compared with the reference;
 //! - [`suite`]: the declarative TOML suite (`data/*.toml`) and its runner, on any
@@ -16,6 +17,7 @@ pub mod ceiling;
 #[cfg(feature = "cuda")]
 pub mod emulate;
 pub mod reference;
+pub mod rope_reference;
 pub mod runner;
 pub mod suite;
 

@@ -275,6 +275,49 @@ pub enum Error {
         actual: String,
     },
 
+    /// An append writes more tokens into a request than the request holds after it.
+    #[error(
+        "request {request} appends {append_len} tokens but holds only kv_len {kv_len} after the append: expected append_len <= kv_len"
+    )]
+    AppendLongerThanKv {
+        /// Request index.
+        request: usize,
+        /// Tokens appended (`append_indptr[r+1] - append_indptr[r]`).
+        append_len: usize,
+        /// Tokens of the request after the append (from `kv_indptr` and `kv_last_page_len`).
+        kv_len: usize,
+    },
+
+    /// The page allocator cannot give a request the pages it needs.
+    #[error(
+        "request {request} needs {wanted} more {pages} but only {free} of {num_pages} are free",
+        pages = if *wanted == 1 { "page" } else { "pages" }
+    )]
+    OutOfPages {
+        /// The request's id.
+        request: u64,
+        /// Pages the request needed.
+        wanted: usize,
+        /// Free pages at the time.
+        free: usize,
+        /// Pages in the cache.
+        num_pages: usize,
+    },
+
+    /// The page allocator does not know a request (never added, or already released).
+    #[error("request {request} is not allocated: expected an id added and not yet released")]
+    UnknownRequest {
+        /// The request's id.
+        request: u64,
+    },
+
+    /// The page allocator already holds a request of this id.
+    #[error("request {request} is already allocated: expected a new id")]
+    DuplicateRequest {
+        /// The request's id.
+        request: u64,
+    },
+
     /// The backend cannot run here (no driver, no GPU, no NVRTC, feature not built).
     #[error("backend {backend} is unavailable: {reason}")]
     BackendUnavailable {
@@ -333,6 +376,10 @@ impl Error {
             Error::WorkspaceTooSmall { .. } => ErrorKind::WorkspaceTooSmall,
             Error::WorkspaceMisaligned { .. } => ErrorKind::WorkspaceMisaligned,
             Error::PlanMismatch { .. } => ErrorKind::PlanMismatch,
+            Error::AppendLongerThanKv { .. } => ErrorKind::AppendLongerThanKv,
+            Error::OutOfPages { .. } => ErrorKind::OutOfPages,
+            Error::UnknownRequest { .. } => ErrorKind::UnknownRequest,
+            Error::DuplicateRequest { .. } => ErrorKind::DuplicateRequest,
             Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Backend { .. } => ErrorKind::Backend,
@@ -406,6 +453,14 @@ pub enum ErrorKind {
     WorkspaceMisaligned,
     /// [`Error::PlanMismatch`].
     PlanMismatch,
+    /// [`Error::AppendLongerThanKv`].
+    AppendLongerThanKv,
+    /// [`Error::OutOfPages`].
+    OutOfPages,
+    /// [`Error::UnknownRequest`].
+    UnknownRequest,
+    /// [`Error::DuplicateRequest`].
+    DuplicateRequest,
     /// [`Error::BackendUnavailable`].
     BackendUnavailable,
     /// [`Error::Unsupported`].
@@ -439,6 +494,10 @@ impl ErrorKind {
         ErrorKind::WorkspaceTooSmall,
         ErrorKind::WorkspaceMisaligned,
         ErrorKind::PlanMismatch,
+        ErrorKind::AppendLongerThanKv,
+        ErrorKind::OutOfPages,
+        ErrorKind::UnknownRequest,
+        ErrorKind::DuplicateRequest,
         ErrorKind::BackendUnavailable,
         ErrorKind::Unsupported,
         ErrorKind::Backend,
@@ -469,6 +528,10 @@ impl ErrorKind {
             ErrorKind::WorkspaceTooSmall => "WorkspaceTooSmall",
             ErrorKind::WorkspaceMisaligned => "WorkspaceMisaligned",
             ErrorKind::PlanMismatch => "PlanMismatch",
+            ErrorKind::AppendLongerThanKv => "AppendLongerThanKv",
+            ErrorKind::OutOfPages => "OutOfPages",
+            ErrorKind::UnknownRequest => "UnknownRequest",
+            ErrorKind::DuplicateRequest => "DuplicateRequest",
             ErrorKind::BackendUnavailable => "BackendUnavailable",
             ErrorKind::Unsupported => "Unsupported",
             ErrorKind::Backend => "Backend",

@@ -20,6 +20,15 @@
 //! 3. **Run** it per layer on a backend ([`backend::cpu::CpuBackend`], or the CUDA backend
 //!    with the `cuda` feature), into the caller's workspaces.
 //!
+//! ## The serving loop
+//!
+//! For the common path, [`Attention`] (in [`prelude`] with everything it needs) owns plan,
+//! workspace and the step's index arrays; [`pages::PageAllocator`] hands out pages and
+//! builds each step's CSR arrays; [`ops::append::append_kv`] writes new K/V into the cache
+//! and [`ops::rope::apply_rope`] rotates q/k. See [`session`] for the loop, and for the
+//! build profile a program using flashpage should set (`opt-level = 3` for flashpage in
+//! debug builds: the kernels are ~10x slower unoptimised).
+//!
 //! ## The workspace contract
 //!
 //! A plan needs a float workspace (f32 partial states of split-KV items) and an int
@@ -72,8 +81,12 @@ pub mod backend;
 pub mod builder;
 pub mod error;
 pub mod layout;
+pub mod ops;
 pub mod options;
+pub mod pages;
 pub mod plan;
+pub mod prelude;
+pub mod session;
 pub mod tensor;
 pub mod validate;
 pub mod workspace;
@@ -88,6 +101,7 @@ pub use layout::{
 };
 pub use options::{AttentionOptions, PosEncoding};
 pub use plan::{Plan, PlanConfig, PlanKind, WorkItem, WorkspaceLimits, workspace_size};
+pub use session::{Attention, CacheDesc, LayerArgs, Limits};
 pub use tensor::{Tensor, TensorMut, TensorRef};
 
 /// The README's example, compiled and run as a doctest.

@@ -113,7 +113,7 @@ impl<'a> ValidBatch<'a> {
     }
 }
 
-fn check_indptr(field: &'static str, indptr: &[i32]) -> Result<()> {
+pub(crate) fn check_indptr(field: &'static str, indptr: &[i32]) -> Result<()> {
     let Some(&first) = indptr.first() else {
         return Err(Error::EmptyIndptr { field });
     };

@@ -101,6 +101,8 @@ pub struct Plan {
     int_offsets: [usize; 3],
     image: Vec<i32>,
     req: Requirement,
+    /// The limits of [`Plan::new_within`], kept so every replan respects them.
+    limits: Option<WorkspaceLimits>,
 }
 
 fn to_i32(v: usize, what: &'static str) -> Result<i32> {
@@ -189,6 +191,7 @@ impl Plan {
             int_offsets: [0; 3],
             image: Vec::new(),
             req: caps.requirement(&heads)?,
+            limits: None,
         })
     }
 
@@ -200,6 +203,19 @@ impl Plan {
         options: &AttentionOptions,
         limits: &WorkspaceLimits,
     ) -> Result<Plan> {
+        let bound = Plan::check_within(batch, options, limits)?;
+        let mut plan = Plan::new_empty(batch.heads, options, &limits.config)?;
+        plan.build(batch, options, &limits.config, Some(&bound))?;
+        plan.limits = Some(*limits);
+        Ok(plan)
+    }
+
+    /// Checks `batch` against `limits` and returns the workspace bound of the limits.
+    fn check_within(
+        batch: &BatchDesc<'_>,
+        options: &AttentionOptions,
+        limits: &WorkspaceLimits,
+    ) -> Result<Requirement> {
         if batch.heads != limits.heads {
             return Err(Error::PlanMismatch {
                 what: "head configuration",
@@ -232,17 +248,19 @@ impl Plan {
                 });
             }
         }
-        let bound = workspace_size(limits)?;
-        let mut plan = Plan::new_empty(batch.heads, options, &limits.config)?;
-        plan.build(batch, options, &limits.config, Some(&bound))?;
-        Ok(plan)
+        workspace_size(limits)
     }
 
     /// Plans a new batch into this plan, reusing its memory. In graph mode the launch shape
     /// and the int image layout stay fixed and the image is rewritten in place; a batch that
-    /// exceeds the capacity is an error and leaves the plan unchanged.
+    /// exceeds the capacity is an error and leaves the plan unchanged. A plan made by
+    /// [`Plan::new_within`] keeps its limits: a batch beyond them is refused as there.
     pub fn replan(&mut self, batch: &BatchDesc<'_>, options: &AttentionOptions) -> Result<()> {
         let config = self.config;
+        if let Some(limits) = self.limits {
+            let bound = Plan::check_within(batch, options, &limits)?;
+            return self.build(batch, options, &config, Some(&bound));
+        }
         if self.graph && batch.heads != self.heads {
             return Err(Error::PlanMismatch {
                 what: "head configuration",
@@ -532,6 +550,35 @@ impl Plan {
     pub fn options(&self) -> &AttentionOptions {
         &self.options
     }
+    /// The limits the plan was made within ([`Plan::new_within`]), kept across replans.
+    pub fn limits(&self) -> Option<&WorkspaceLimits> {
+        self.limits.as_ref()
+    }
+
+    /// Runs the same schedule with other attention options: a model whose layers differ in
+    /// window, soft-cap, scale or LSE (Gemma-2's alternating sliding windows) needs one plan
+    /// per step, not one per kind of layer. The planner splits the KV range without looking
+    /// at the options, so the schedule is valid for any of them; the new options are
+    /// validated, and turning on the causal mask re-checks `qo_len <= kv_len` of every
+    /// prefill request. On error the plan is unchanged.
+    pub fn set_options(&mut self, options: &AttentionOptions) -> Result<()> {
+        options.validate()?;
+        if options.causal && self.kind == PlanKind::Prefill {
+            for r in 0..self.batch_size {
+                let q = self.request(r);
+                if q.qo_len > q.kv_len {
+                    return Err(Error::CausalQueryLongerThanKv {
+                        request: r,
+                        qo_len: q.qo_len,
+                        kv_len: q.kv_len,
+                    });
+                }
+            }
+        }
+        self.options = *options;
+        Ok(())
+    }
+
     /// The planner configuration.
     pub fn config(&self) -> &PlanConfig {
         &self.config

@@ -106,25 +106,35 @@ pub(crate) fn open(ordinal: usize) -> Result<(Arc<CudaContext>, DeviceInfo)> {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| unavailable(format!("cannot open cuda device {ordinal}: {e:?}")))?;
-        let cc = ctx
-            .compute_capability()
-            .map_err(|e| unavailable(format!("cannot query device {ordinal}: {e:?}")))?;
-        let sms = ctx
-            .attribute(driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| unavailable(format!("cannot query device {ordinal}: {e:?}")))?;
-        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
-        let nvrtc = super::nvrtc::nvrtc_version()?;
-        let archs = super::nvrtc::supported_archs()?;
-        check_architecture(cc, nvrtc, &archs)
-            .map_err(|reason| unavailable(format!("device {ordinal} ({name}): {reason}")))?;
-        Ok((
-            ctx,
-            DeviceInfo {
-                name,
-                compute_capability: cc,
-                sms: sms.max(1) as usize,
-            },
-        ))
+        let info = describe_unguarded(&ctx)?;
+        Ok((ctx, info))
+    })
+}
+
+/// What the backend needs to know about the device of `ctx` (a context of the caller's, for
+/// a backend on the caller's stream).
+pub(crate) fn describe(ctx: &Arc<CudaContext>) -> Result<DeviceInfo> {
+    check_libraries()?;
+    guarded("cuda device query", || describe_unguarded(ctx))
+}
+
+fn describe_unguarded(ctx: &Arc<CudaContext>) -> Result<DeviceInfo> {
+    let ordinal = ctx.ordinal();
+    let cc = ctx
+        .compute_capability()
+        .map_err(|e| unavailable(format!("cannot query device {ordinal}: {e:?}")))?;
+    let sms = ctx
+        .attribute(driver_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| unavailable(format!("cannot query device {ordinal}: {e:?}")))?;
+    let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+    let nvrtc = super::nvrtc::nvrtc_version()?;
+    let archs = super::nvrtc::supported_archs()?;
+    check_architecture(cc, nvrtc, &archs)
+        .map_err(|reason| unavailable(format!("device {ordinal} ({name}): {reason}")))?;
+    Ok(DeviceInfo {
+        name,
+        compute_capability: cc,
+        sms: sms.max(1) as usize,
     })
 }
 

@@ -145,22 +145,41 @@ impl CudaBackend {
             let stream = ctx
                 .new_stream()
                 .map_err(|e| driver_err("creating a stream", e))?;
-            let version = nvrtc::nvrtc_version()?;
-            Ok(CudaBackend {
-                compiler: nvrtc::Compiler {
-                    arch: context::arch_for(info.compute_capability),
-                    version,
-                    cache: nvrtc::cache_dir(),
-                },
-                ctx: ctx.clone(),
-                stream,
-                info,
-                decode: Mutex::new(HashMap::new()),
-                merge: Mutex::new(HashMap::new()),
-                bandwidth: Mutex::new(None),
-                capture: Mutex::new(None),
-                loaded: Mutex::new(Vec::new()),
-            })
+            Self::assemble(stream, info)
+        })
+    }
+
+    /// A backend on the caller's stream (and so on its context): an engine that owns its
+    /// CUDA context and stream (candle, torch) orders flashpage's work with its own. A raw
+    /// `CUstream` is wrapped with cudarc's `CudaContext::wrap_borrowed_stream` first.
+    ///
+    /// The caller's context keeps its settings: cudarc's cross-stream event tracking is
+    /// left as the caller set it (graph capture needs it off:
+    /// `CudaContext::disable_event_tracking`). Without a driver or NVRTC this is
+    /// [`Error::BackendUnavailable`].
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let info = context::describe(stream.context())?;
+        context::guarded("cuda backend on a caller's stream", || {
+            Self::assemble(stream, info)
+        })
+    }
+
+    fn assemble(stream: Arc<CudaStream>, info: context::DeviceInfo) -> Result<Self> {
+        let version = nvrtc::nvrtc_version()?;
+        Ok(CudaBackend {
+            compiler: nvrtc::Compiler {
+                arch: context::arch_for(info.compute_capability),
+                version,
+                cache: nvrtc::cache_dir(),
+            },
+            ctx: stream.context().clone(),
+            stream,
+            info,
+            decode: Mutex::new(HashMap::new()),
+            merge: Mutex::new(HashMap::new()),
+            bandwidth: Mutex::new(None),
+            capture: Mutex::new(None),
+            loaded: Mutex::new(Vec::new()),
         })
     }
 
