@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use clap::ValueEnum;
 use flashpage::backend::RunArgs;
-use flashpage::backend::cpu::CpuBackend;
+use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::workspace::HostWorkspace;
 use flashpage::{
     AttentionOptions, BatchBuilder, DType, HeadConfig, KvLayout, Plan, PlanConfig, PosEncoding,
@@ -62,6 +62,27 @@ pub struct BenchArgs {
     /// Run only this dtype (f32 or bf16; default both).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Force a SIMD level of the CPU backend (scalar, avx2 or avx512; default: the best
+    /// this machine has). A forced level is printed as forced.
+    #[arg(long)]
+    pub simd: Option<String>,
+}
+
+/// This machine's CPU model, family and model number (from `/proc/cpuinfo`), for the
+/// bench header: every figure names the CPU it was measured on.
+pub fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    match (field("model name"), field("cpu family"), field("model")) {
+        (Some(n), Some(f), Some(m)) => format!("{n} (family {f} model {m})"),
+        (Some(n), _, _) => n,
+        _ => "unknown".into(),
+    }
 }
 
 /// A model's head configuration and options (`shared/gpu/cases.py` MODELS).
@@ -131,7 +152,18 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             }
         },
     };
-    let cpu = CpuBackend::new(args.threads.unwrap_or(0))?;
+    let cpu = match args.simd.as_deref() {
+        None => CpuBackend::new(args.threads.unwrap_or(0))?,
+        Some(s) => {
+            let level = SimdLevel::parse(s).ok_or_else(|| {
+                CliError::invalid(format!(
+                    "--simd {s:?} is not a level: expected scalar, avx2 or avx512"
+                ))
+            })?;
+            CpuBackend::with_simd(args.threads.unwrap_or(0), level)?
+        }
+    };
+    let simd_forced = args.simd.is_some();
     let threads = cpu.threads();
     let cases = matrix(args.what, &dtypes, args.filter.as_deref());
     let plans = matches!(args.what, What::Plan | What::All);
@@ -164,7 +196,7 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     } else {
         progress.step("measuring the machine's ceilings");
         let c = Ceilings::measure(threads);
-        c.print(&cpu, args.json);
+        c.print(&cpu, simd_forced, args.json);
         Some(c)
     };
 
@@ -317,7 +349,7 @@ impl Ceilings {
         }
     }
 
-    fn print(&self, cpu: &CpuBackend, json: bool) {
+    fn print(&self, cpu: &CpuBackend, simd_forced: bool, json: bool) {
         let load = std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|s| s.split_whitespace().next().map(str::to_string))
@@ -327,16 +359,19 @@ impl Ceilings {
             println!(
                 "{}",
                 json!({"type": "ceilings", "backend": "cpu", "threads": self.threads,
-                       "simd": cpu.simd().name(), "read_gbps": self.read_gbps,
+                       "cpu": cpu_model(), "simd": cpu.simd().name(),
+                       "simd_forced": simd_forced, "read_gbps": self.read_gbps,
                        "read_bytes": ceiling::DRAM_BYTES, "cache_gbps": self.cache_gbps,
                        "cache_bytes": CACHE_BYTES, "fma_gflops": self.fma_gflops,
                        "time": when, "load_avg_1m": load})
             );
         } else {
             println!(
-                "flashpage bench: cpu backend, {} threads, simd {}, {when}, load average {load}",
+                "flashpage bench: cpu backend, {}, {} threads, simd {}{}, {when}, load average {load}",
+                cpu_model(),
                 self.threads,
-                cpu.simd().name()
+                cpu.simd().name(),
+                if simd_forced { " (forced)" } else { "" }
             );
             println!(
                 "ceilings: read {:.1} GB/s ({} MiB), cache read {:.1} GB/s ({} MiB), f32 fma {:.0} GFLOP/s",

@@ -5,6 +5,7 @@
 
 use super::attend;
 use super::ctx::{Ctx, Scratch};
+use super::decode;
 #[cfg(target_arch = "x86_64")]
 use super::dpbf16::Dpbf16;
 use super::elem::Elem;
@@ -28,7 +29,11 @@ unsafe fn attend_avx2<E: Elem>(
     kv_heads: (usize, usize),
     sc: &mut Scratch,
 ) {
-    attend::attend::<Avx2, E, NoBf16>(ctx, w, kv_heads, sc)
+    if decode::eligible(ctx, w) {
+        decode::decode::<Avx2, E>(ctx, w, kv_heads, sc)
+    } else {
+        attend::attend::<Avx2, E, NoBf16>(ctx, w, kv_heads, sc)
+    }
 }
 
 /// The attend kernel compiled for AVX-512.
@@ -104,6 +109,7 @@ pub(crate) fn attend<E: Elem>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { attend_avx2(ctx, w, kv_heads, sc) },
+        _ if decode::eligible(ctx, w) => decode::decode::<Scalar, E>(ctx, w, kv_heads, sc),
         _ => attend::attend::<Scalar, E, NoBf16>(ctx, w, kv_heads, sc),
     }
 }

@@ -8,11 +8,12 @@
 
 //!
 //! Files import downward only (checked by `scripts/import_graph.py`):
-//! `elem` → `simd/` (ISA primitives) → `tile`, `ctx` → kernels (`attend`, `dpbf16`,
-//! `merge`) → `dispatch` (the `#[target_feature]` entry points) → this file.
+//! `elem` → `simd/` (ISA primitives) → `tile`, `ctx` → kernels (`attend`, `decode`,
+//! `dpbf16`, `merge`) → `dispatch` (the `#[target_feature]` entry points) → this file.
 
 mod attend;
 mod ctx;
+mod decode;
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;

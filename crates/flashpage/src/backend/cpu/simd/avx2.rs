@@ -41,6 +41,32 @@ impl Isa for Avx2 {
         }
     }
     #[inline(always)]
+    unsafe fn load2<E: Elem>(p: *const E) -> (__m256, __m256) {
+        // SAFETY: 16 readable elements (caller); features as in `zero`.
+        unsafe {
+            match E::DTYPE {
+                DType::BF16 => {
+                    // Lane i holds elements 2i (low half) and 2i + 1 (high half).
+                    let x = _mm256_loadu_si256(p as *const __m256i);
+                    let even = _mm256_slli_epi32::<16>(x);
+                    let odd = _mm256_and_si256(x, _mm256_set1_epi32(0xffff_0000u32 as i32));
+                    (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+                }
+                _ => (Self::load(p), Self::load(p.add(8))),
+            }
+        }
+    }
+    #[inline(always)]
+    fn load2_position<E: Elem>(c: usize) -> usize {
+        match E::DTYPE {
+            DType::BF16 => {
+                let (c0, x) = (c - c % 16, c % 16);
+                c0 + if x % 2 == 0 { x / 2 } else { 8 + x / 2 }
+            }
+            _ => c,
+        }
+    }
+    #[inline(always)]
     unsafe fn store<E: Elem>(p: *mut E, v: __m256) {
         // SAFETY: 8 writable elements (caller); features as in `zero`.
         unsafe {

@@ -22,6 +22,23 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     /// # Safety
     /// `p..p + LANES` must be readable.
     unsafe fn load<E: Elem>(p: *const E) -> Self::V;
+    /// Loads `2·LANES` elements at `p` as two registers, widened to f32, in the level's
+    /// pair order for `E` ([`Isa::load2_position`]): natural order unless a level has a
+    /// cheaper split (AVX2 bf16: even elements, then odd, by one shift and one mask of a
+    /// single load — no element widened twice).
+    ///
+    /// # Safety
+    /// `p..p + 2·LANES` must be readable.
+    #[inline(always)]
+    unsafe fn load2<E: Elem>(p: *const E) -> (Self::V, Self::V) {
+        // SAFETY: forwarded from the caller.
+        unsafe { (Self::load(p), Self::load(p.add(Self::LANES))) }
+    }
+    /// Where [`Isa::load2`] puts element `c` of a row loaded in `2·LANES` chunks.
+    #[inline(always)]
+    fn load2_position<E: Elem>(c: usize) -> usize {
+        c
+    }
     /// Stores `LANES` values at `p`, rounded to nearest even.
     ///
     /// # Safety
