@@ -54,7 +54,7 @@ impl DeviceElem for u16 {
 
 /// The device tensors of one run (any mix of `CudaSlice`, `CudaView` and `CudaViewMut`).
 ///
-/// Shapes are those of [`super::RunArgs`]: q and o `[rows, num_qo_heads, head_dim]`, lse
+/// Shapes are those of [`crate::backend::RunArgs`]: q and o `[rows, num_qo_heads, head_dim]`, lse
 /// `[rows, num_qo_heads]`, K and V addressed by `strides` (a combined K/V cache is two views
 /// of one buffer), except that q, o and lse may hold **more** rows than the batch (graph
 /// mode: buffers sized for the capacity); rows past the batch are not touched. Base addresses must be 16-byte aligned and strides multiples of 16 bytes.

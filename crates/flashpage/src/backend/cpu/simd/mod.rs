@@ -1,9 +1,9 @@
 //! Instruction-set levels and the vector primitives the kernels are written in: ISA
 //! primitives only, no kernel logic, and nothing imported from the kernels.
 //!
-//! - [`isa`]: the `Isa` trait (a vector register of f32 lanes and its operations) and the
+//! - `isa`: the `Isa` trait (a vector register of f32 lanes and its operations) and the
 //!   constants of the shared vectorised `exp`;
-//! - [`scalar`], `avx2`, `avx512`: one implementation per level.
+//! - `scalar`, `avx2`, `avx512`: one implementation per level.
 //!
 //! Kernels (`attend`, `merge`) are generic over `Isa`; the `#[target_feature]` entry points
 //! that instantiate them per level live in one file, `dispatch.rs`.
