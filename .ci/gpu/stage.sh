@@ -42,26 +42,23 @@ cargo build --release --features cuda -p flashpage-cli --bins
 cp target/release/flashpage .gpu/
 rm -f .gpu/tests/*
 if [ "$want_tests" = 1 ]; then
-  # Only the GPU test binary: the others are CPU tests the build machines already run.
-  exe=$(cargo test --release --features cuda -p flashpage --test gpu --no-run --message-format=json \
-    | python3 -c 'import json,sys
+  # The GPU test binaries only (the others are CPU tests the build machines already run): the
+  # backend specifics (tests/gpu.rs) and the case suite on the GPU (the same TOML suite the
+  # CPU runs, through the test kit's runner).
+  test_exe() {
+    cargo test --release --features cuda -p "$1" --test "$2" --no-run --message-format=json \
+      | python3 -c 'import json,sys
 for line in sys.stdin:
     try: m = json.loads(line)
     except ValueError: continue
     if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
-        print(m["executable"])')
-  [ -n "$exe" ] || { echo "error: the gpu test binary was not built" >&2; exit 1; }
-  cp $exe .gpu/tests/
-  # The case suite on the GPU (the same TOML suite the CPU runs, through the test kit's runner).
-  suite_exe=$(cargo test --release --features cuda -p flashpage-testkit --test gpu_suite --no-run --message-format=json \
-    | python3 -c 'import json,sys
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
-        print(m["executable"])')
-  [ -n "$suite_exe" ] || { echo "error: the gpu suite binary was not built" >&2; exit 1; }
-  cp $suite_exe .gpu/tests/
+        print(m["executable"])'
+  }
+  for t in "flashpage gpu" "flashpage-testkit gpu_suite"; do
+    exe=$(test_exe $t)
+    [ -n "$exe" ] || { echo "error: the test binary $t was not built" >&2; exit 1; }
+    cp "$exe" .gpu/tests/
+  done
 fi
 
 venv="${FLASHPAGE_NVRTC130_VENV:-/tmp/nvrtc130-venv}"

@@ -14,7 +14,6 @@
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
-use clap::ValueEnum;
 use flashpage::backend::RunArgs;
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::workspace::HostWorkspace;
@@ -26,47 +25,9 @@ use flashpage_testkit::ceiling;
 use flashpage_testkit::suite;
 use serde_json::json;
 
+use crate::bench_args::median;
+pub use crate::bench_args::{BenchArgs, What};
 use crate::{BackendArg, CliError};
-
-/// Which part of the matrix to run.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum What {
-    /// Batch decode over the paged cache.
-    Decode,
-    /// Causal prefill (qo_len = kv_len).
-    Prefill,
-    /// Planning alone.
-    Plan,
-    /// Everything.
-    All,
-}
-
-/// Arguments of `flashpage bench`.
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
-    /// What to benchmark.
-    #[arg(value_enum, default_value_t = What::All)]
-    pub what: What,
-    /// Backend to benchmark.
-    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
-    pub backend: BackendArg,
-    /// Threads (CPU backend; default: one per available core).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Print one JSON object per line instead of text.
-    #[arg(long)]
-    pub json: bool,
-    /// Run only the cases whose name contains this string.
-    #[arg(long)]
-    pub filter: Option<String>,
-    /// Run only this dtype (f32 or bf16; default both).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Force a SIMD level of the CPU backend (scalar, avx2 or avx512; default: the best
-    /// this machine has). A forced level is printed as forced.
-    #[arg(long)]
-    pub simd: Option<String>,
-}
 
 /// This machine's CPU model, family and model number (from `/proc/cpuinfo`), for the
 /// bench header: every figure names the CPU it was measured on.
@@ -553,16 +514,6 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
         lse_error: cmp.lse_error,
         sample,
     })
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// A batch to plan: its arrays and whether it is decode.

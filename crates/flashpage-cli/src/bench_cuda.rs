@@ -27,7 +27,7 @@ use flashpage_testkit::suite;
 use serde_json::json;
 
 use crate::CliError;
-use crate::bench::{BenchArgs, What};
+use crate::bench_args::{BenchArgs, What, median};
 
 /// `shared/gpu/cases.py` GPU_DECODE: `(batch, kv_len)`.
 pub(crate) const GPU_DECODE: [(usize, usize); 6] = [
@@ -200,16 +200,6 @@ fn from_bits(dtype: DType, v: &[u16]) -> Tensor {
     match dtype {
         DType::F16 => Tensor::F16(v.iter().map(|&b| half::f16::from_bits(b)).collect()),
         _ => Tensor::BF16(v.iter().map(|&b| half::bf16::from_bits(b)).collect()),
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

@@ -6,6 +6,7 @@
 //! the offending field and values; 1 for other failures.
 
 pub mod bench;
+pub mod bench_args;
 #[cfg(feature = "cuda")]
 pub mod bench_cuda;
 pub mod check;

@@ -43,12 +43,12 @@ pub use cuda::CudaHost;
 #[cfg(feature = "cuda")]
 mod cuda {
     use cudarc::driver::CudaSlice;
-    use flashpage::backend::cuda::{CudaBackend, DeviceRunArgs, DeviceWorkspace};
+    use flashpage::backend::cuda::{CudaBackend, DeviceElem, DeviceRunArgs, DeviceWorkspace};
     use flashpage::backend::{Backend, DeviceArgs, RunArgs, check_run_args};
     use flashpage::error::{Error, Result};
     use flashpage::half::{bf16, f16};
     use flashpage::tensor::{TensorMut, TensorRef};
-    use flashpage::{DType, Plan};
+    use flashpage::{DType, KvStrides, Plan};
 
     use super::HostRunner;
     use flashpage::backend::cpu::SimdLevel;
@@ -97,6 +97,68 @@ mod cuda {
         v
     }
 
+    /// A device storage type and the [`DeviceArgs`] variant that carries it.
+    trait Storage: DeviceElem + Default + Clone + Unpin {
+        fn wrap(args: DeviceRunArgs<'_, Self>) -> DeviceArgs<'_>;
+    }
+
+    impl Storage for u16 {
+        fn wrap(args: DeviceRunArgs<'_, u16>) -> DeviceArgs<'_> {
+            DeviceArgs::Half(args)
+        }
+    }
+
+    impl Storage for f32 {
+        fn wrap(args: DeviceRunArgs<'_, f32>) -> DeviceArgs<'_> {
+            DeviceArgs::F32(args)
+        }
+    }
+
+    /// One device run of host data already converted to the device's storage type `T`.
+    struct DevRun<'a> {
+        backend: &'a CudaBackend,
+        plan: &'a Plan,
+        ws: &'a mut DeviceWorkspace,
+        dtype: DType,
+        strides: KvStrides,
+        num_pages: usize,
+        kv_indices: &'a CudaSlice<i32>,
+        host_kv_indices: Option<&'a [i32]>,
+        lse: Option<&'a mut CudaSlice<f32>>,
+    }
+
+    impl DevRun<'_> {
+        /// Uploads q, K, V and o's initial contents, runs, and returns o.
+        fn run<T: Storage>(
+            &mut self,
+            q: Vec<T>,
+            k: Vec<T>,
+            v: Vec<T>,
+            o_init: Vec<T>,
+        ) -> Result<Vec<T>> {
+            let s = self.backend.stream();
+            let q = s.clone_htod(&q).map_err(dev)?;
+            let k = s.clone_htod(&nonempty(k)).map_err(dev)?;
+            let v = s.clone_htod(&nonempty(v)).map_err(dev)?;
+            let mut o = s.clone_htod(&nonempty(o_init)).map_err(dev)?;
+            let run = DeviceRunArgs {
+                dtype: self.dtype,
+                q: &q,
+                k: &k,
+                v: &v,
+                strides: self.strides,
+                num_pages: self.num_pages,
+                kv_indices: self.kv_indices,
+                host_kv_indices: self.host_kv_indices,
+                o: &mut o,
+                lse: self.lse.as_mut().map(|l| &mut **l as _),
+            };
+            Backend::run(self.backend, self.plan, T::wrap(run), self.ws)?;
+            self.backend.synchronize()?;
+            s.clone_dtoh(&o).map_err(dev)
+        }
+    }
+
     impl HostRunner for CudaHost {
         fn label(&self) -> String {
             format!("cuda/{}", self.backend.device_name())
@@ -132,29 +194,20 @@ mod cuda {
                 None => None,
             };
             let (strides, num_pages) = (args.kv.strides, args.kv.num_pages);
+            let mut dev_run = DevRun {
+                backend: b,
+                plan,
+                ws: &mut ws,
+                dtype,
+                strides,
+                num_pages,
+                kv_indices: &kvi,
+                host_kv_indices: host_ids,
+                lse: lse_dev.as_mut(),
+            };
             match (bits(args.q), bits(args.kv.k), bits(args.kv.v), o_init) {
                 (Ok(q), Ok(k), Ok(v), Ok(o_init)) => {
-                    let (q, k) = (
-                        s.clone_htod(&q).map_err(dev)?,
-                        s.clone_htod(&nonempty(k)).map_err(dev)?,
-                    );
-                    let v = s.clone_htod(&nonempty(v)).map_err(dev)?;
-                    let mut o = s.clone_htod(&nonempty(o_init)).map_err(dev)?;
-                    let run = DeviceRunArgs {
-                        dtype,
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                        strides,
-                        num_pages,
-                        kv_indices: &kvi,
-                        host_kv_indices: host_ids,
-                        o: &mut o,
-                        lse: lse_dev.as_mut().map(|l| l as _),
-                    };
-                    Backend::run(b, plan, DeviceArgs::Half(run), &mut ws)?;
-                    b.synchronize()?;
-                    let out = s.clone_dtoh(&o).map_err(dev)?;
+                    let out = dev_run.run(q, k, v, o_init)?;
                     match args.o {
                         TensorMut::F16(dst) => {
                             for (d, &x) in dst.iter_mut().zip(&out) {
@@ -172,27 +225,7 @@ mod cuda {
                     }
                 }
                 (Err(q), Err(k), Err(v), Err(o_init)) => {
-                    let (q, k) = (
-                        s.clone_htod(&q).map_err(dev)?,
-                        s.clone_htod(&nonempty(k)).map_err(dev)?,
-                    );
-                    let v = s.clone_htod(&nonempty(v)).map_err(dev)?;
-                    let mut o = s.clone_htod(&nonempty(o_init)).map_err(dev)?;
-                    let run = DeviceRunArgs {
-                        dtype: DType::F32,
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                        strides,
-                        num_pages,
-                        kv_indices: &kvi,
-                        host_kv_indices: host_ids,
-                        o: &mut o,
-                        lse: lse_dev.as_mut().map(|l| l as _),
-                    };
-                    Backend::run(b, plan, DeviceArgs::F32(run), &mut ws)?;
-                    b.synchronize()?;
-                    let out = s.clone_dtoh(&o).map_err(dev)?;
+                    let out = dev_run.run(q, k, v, o_init)?;
                     if let TensorMut::F32(dst) = args.o {
                         let n = dst.len();
                         dst.copy_from_slice(&out[..n]);

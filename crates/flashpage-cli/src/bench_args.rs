@@ -1,0 +1,58 @@
+//! What both bench commands (`bench.rs` for the CPU, `bench_cuda.rs` for the GPU) share: the
+//! arguments of `flashpage bench` and the statistics. Both import this module; neither
+//! imports the other's internals (`bench.rs` only hands a `--backend cuda` run over).
+
+use clap::ValueEnum;
+
+use crate::BackendArg;
+
+/// Which part of the matrix to run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum What {
+    /// Batch decode over the paged cache.
+    Decode,
+    /// Causal prefill (qo_len = kv_len).
+    Prefill,
+    /// Planning alone.
+    Plan,
+    /// Everything.
+    All,
+}
+
+/// Arguments of `flashpage bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// What to benchmark.
+    #[arg(value_enum, default_value_t = What::All)]
+    pub what: What,
+    /// Backend to benchmark.
+    #[arg(long, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
+    /// Threads (CPU backend; default: one per available core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Run only the cases whose name contains this string.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Run only this dtype (f32 or bf16; default both).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Force a SIMD level of the CPU backend (scalar, avx2 or avx512; default: the best
+    /// this machine has). A forced level is printed as forced.
+    #[arg(long)]
+    pub simd: Option<String>,
+}
+
+/// The median of `v` (sorted in place); the figure every bench row reports.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
