@@ -598,8 +598,9 @@ impl PlanResult {
     }
 }
 
-/// Work slots of an H100 as the CUDA backend counts them (132 SMs x 2 blocks).
-const H100_SLOTS: usize = 264;
+/// Work slots of an H100 as the CUDA backend counts them for a llama3-8b bf16 decode plan:
+/// 132 SMs x 3 resident blocks of its kernel variant (`flashpage kernels`, docs/perf/cuda.md).
+const H100_SLOTS: usize = 396;
 
 fn bench_plan(name: &str, b: &PlanBatch, parallelism: usize) -> Result<PlanResult, String> {
     let desc = if b.decode {

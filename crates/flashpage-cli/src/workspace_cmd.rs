@@ -37,7 +37,9 @@ pub struct WorkspaceArgs {
     graph_capacity: Option<usize>,
     /// Parallel work slots the planner fills (GPU: SMs x blocks per SM; CPU: threads).
     /// Default: this machine's available parallelism; when sizing for a GPU, pass the GPU's
-    /// (e.g. 528 for an H100: 132 SMs x 4 blocks), or the workspace comes out too small.
+    /// largest (on an H100 up to 528: 132 SMs x 4 blocks of the one-row kernel variants;
+    /// `flashpage kernels` lists each variant's blocks per SM), or the workspace comes out
+    /// too small.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     parallelism: Option<usize>,
     /// Fixed KV chunk in tokens (deterministic mode).

@@ -83,7 +83,7 @@ fn cli_bench_prints_verified_cases_with_ceilings() {
     let (code, out, err) = flashpage(&["bench", "plan", "--json", "--filter", "decode/b64"]);
     assert_eq!(code, 0, "{err}");
     let lines = json_lines(&out);
-    // One row at this machine's parallelism, one at an H100's (264 work slots).
+    // One row at this machine's parallelism, one at an H100's (396 work slots).
     assert_eq!(lines.len(), 2, "{out}");
     for l in &lines {
         assert_eq!(l["case"], "plan/decode/b64");
@@ -91,7 +91,7 @@ fn cli_bench_prints_verified_cases_with_ceilings() {
         assert!(l["us_replan"].as_f64().unwrap() > 0.0);
         assert!(l["work_items"].as_u64().unwrap() >= 64);
     }
-    assert_eq!(lines[1]["parallelism"], 264);
+    assert_eq!(lines[1]["parallelism"], 396);
 
     let (code, _, err) = flashpage(&["bench", "--filter", "no-such-case"]);
     assert_eq!(code, 2, "{err}");
