@@ -105,6 +105,7 @@ const BUDGET_SECONDS: f64 = 10.0;
 const CACHE_BYTES: usize = 8 << 20;
 
 pub fn main(args: BenchArgs) -> Result<(), CliError> {
+    crate::check_threads(args.threads)?;
     if args.backend == BackendArg::Cuda {
         #[cfg(feature = "cuda")]
         {
@@ -117,9 +118,6 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             ));
         }
     }
-    if args.threads == Some(0) {
-        return Err(CliError::invalid("--threads must be greater than 0, got 0"));
-    }
     let dtypes: Vec<DType> = match &args.dtype {
         None => DTYPES.to_vec(),
         Some(s) => match DType::parse(s) {
@@ -131,8 +129,6 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             }
         },
     };
-    let cpu = CpuBackend::new(args.threads.unwrap_or(0))?;
-    let threads = cpu.threads();
     let cases = matrix(args.what, &dtypes, args.filter.as_deref());
     let plans = matches!(args.what, What::Plan | What::All);
     let plan_cases: Vec<(String, PlanBatch)> = if plans {
@@ -149,6 +145,9 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             args.filter.as_deref().unwrap_or("")
         )));
     }
+    // Threads start only once every argument has been checked.
+    let cpu = CpuBackend::new(args.threads.unwrap_or(0))?;
+    let threads = cpu.threads();
 
     // Ceilings only matter to the kernel cases (planning is not bandwidth- or FMA-bound).
     let mut progress =
@@ -444,7 +443,7 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
     let plan = data
         .plan(&PlanConfig::with_parallelism(cpu.threads()))
         .map_err(|e| e.to_string())?;
-    let mut ws = HostWorkspace::new(plan.requirement().float.total());
+    let mut ws = HostWorkspace::new(plan.requirement().float.total()).map_err(|e| e.to_string())?;
     let (mut o, mut lse) = data.poisoned_outputs();
     let run = |o: &mut flashpage::Tensor, lse: &mut Vec<f32>, ws: &mut HostWorkspace| {
         cpu.run(

@@ -241,9 +241,43 @@ impl Capacities {
 /// partial rows.
 ///
 /// Errors: the planner configuration's own checks (e.g. `parallelism` 0, a zero
-/// deterministic chunk) and [`Error::SizeOverflow`] for limits whose bytes overflow 64 bits.
+/// deterministic chunk, a graph capacity past [`super::MAX_GRAPH_CAPACITY`]); a
+/// [`Error::LimitExceeded`] naming the limit (`max_batch` past
+/// [`super::MAX_GRAPH_CAPACITY`], `max_q_tokens` or `max_kv_len` past
+/// [`super::MAX_GRAPH_ROWS`]) when no plan could reach it, or naming the workspace when its
+/// schedule passes [`super::MAX_INT_IMAGE_BYTES`] or its bytes pass
+/// [`super::MAX_WORKSPACE_BYTES`]; [`Error::SizeOverflow`] for bytes that overflow 64 bits.
 pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
     limits.config.validate()?;
+    for (field, actual, limit, rule) in [
+        (
+            "max_batch",
+            limits.max_batch,
+            super::MAX_GRAPH_CAPACITY,
+            "16-byte requests entries in the largest plan schedule",
+        ),
+        (
+            "max_q_tokens",
+            limits.max_q_tokens,
+            super::MAX_GRAPH_ROWS,
+            "plan arrays are int32",
+        ),
+        (
+            "max_kv_len",
+            limits.max_kv_len,
+            super::MAX_GRAPH_ROWS,
+            "plan arrays are int32",
+        ),
+    ] {
+        if actual > limit {
+            return Err(Error::LimitExceeded {
+                field,
+                limit,
+                actual,
+                rule,
+            });
+        }
+    }
     let mut best: Option<Requirement> = None;
     for kind in [PlanKind::Decode, PlanKind::Prefill] {
         let cap = Capacities::for_limits(kind, limits)?;
@@ -271,5 +305,17 @@ pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
             }
         });
     }
-    Ok(best.expect("two kinds were sized"))
+    let Some(best) = best else {
+        return Err(Error::SizeOverflow { what: "workspace" });
+    };
+    if best.int.total() > super::MAX_INT_IMAGE_BYTES {
+        return Err(Error::LimitExceeded {
+            field: "int workspace bytes",
+            limit: super::MAX_INT_IMAGE_BYTES,
+            actual: best.int.total(),
+            rule: "largest plan schedule: lower max_batch, max_q_tokens or parallelism, or raise q_tile",
+        });
+    }
+    best.total()?;
+    Ok(best)
 }

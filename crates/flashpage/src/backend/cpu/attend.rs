@@ -308,8 +308,13 @@ pub(crate) fn attend<I: Isa, E: Elem, const DP: bool>(
     sc: &mut Scratch,
 ) {
     let plan = ctx.plan;
-    let item = plan.work_item(w);
-    let req = plan.request(item.request);
+    // w < num_work_items and item.request < batch_size by construction of the plan.
+    let Some(item) = plan.work_item(w) else {
+        return;
+    };
+    let Some(req) = plan.request(item.request) else {
+        return;
+    };
     let heads = plan.heads();
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
     let rows = item.row_end - item.row_start;
