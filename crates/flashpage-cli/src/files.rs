@@ -56,9 +56,10 @@ pub fn read_file_capped(path: &Path, name: &str, cap: u64) -> Result<Vec<u8>, Cl
 /// dtypes). A regular file shorter than it declares is refused before its data is read;
 /// a stream is never read past the declared end.
 pub fn read_safetensors_bounded(path: &Path, name: &str) -> Result<Vec<u8>, CliError> {
-    let bad = |why: String| CliError::invalid(format!("{name} is not a valid safetensors file: {why}"));
-    let mut f =
-        File::open(path).map_err(|e| CliError::invalid(format!("cannot read input file {name}: {e}")))?;
+    let bad =
+        |why: String| CliError::invalid(format!("{name} is not a valid safetensors file: {why}"));
+    let mut f = File::open(path)
+        .map_err(|e| CliError::invalid(format!("cannot read input file {name}: {e}")))?;
     let file_len = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
     let mut len8 = [0u8; 8];
     f.read_exact(&mut len8)

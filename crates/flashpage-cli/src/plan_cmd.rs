@@ -125,7 +125,11 @@ pub fn parse_batch_bytes(name: &str, bytes: &[u8]) -> Result<BatchFile, CliError
 /// Reads the batch file (or standard input), at most [`MAX_BATCH_JSON_BYTES`] bytes.
 fn read_input(path: &PathBuf) -> Result<(String, Vec<u8>), CliError> {
     if path.as_os_str() == "-" {
-        let buf = read_capped(std::io::stdin().lock(), "standard input", MAX_BATCH_JSON_BYTES)?;
+        let buf = read_capped(
+            std::io::stdin().lock(),
+            "standard input",
+            MAX_BATCH_JSON_BYTES,
+        )?;
         return Ok(("standard input".into(), buf));
     }
     let name = path.display().to_string();
@@ -749,11 +753,7 @@ fn render(b: &BatchFile, plan: &Plan, total_kv: u64) -> Report {
     print_workspace(&mut h, "int", &req.int);
     // Checked by plan_batch (Requirement::total): at most isize::MAX, no overflow.
     let total = float.saturating_add(int);
-    let _ = writeln!(
-        h,
-        "total: {total} bytes ({})",
-        human_bytes(total as u64)
-    );
+    let _ = writeln!(h, "total: {total} bytes ({})", human_bytes(total as u64));
     if let Some(cap) = b.workspace_bytes {
         let _ = writeln!(
             h,

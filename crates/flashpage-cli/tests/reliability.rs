@@ -81,12 +81,26 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn case_bytes() -> Vec<u8> {
     let (hq, hkv, d, ps, pages) = (2usize, 1usize, 16usize, 4usize, 2usize);
     let q: Vec<f32> = (0..hq * d).map(|i| (i as f32 * 0.3).sin()).collect();
-    let k: Vec<f32> = (0..pages * ps * hkv * d).map(|i| (i as f32 * 0.7).cos()).collect();
-    let v: Vec<f32> = (0..pages * ps * hkv * d).map(|i| (i as f32 * 0.1).sin()).collect();
+    let k: Vec<f32> = (0..pages * ps * hkv * d)
+        .map(|i| (i as f32 * 0.7).cos())
+        .collect();
+    let v: Vec<f32> = (0..pages * ps * hkv * d)
+        .map(|i| (i as f32 * 0.1).sin())
+        .collect();
     let tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
         ("q", Dtype::F32, vec![1, hq, d], f32_bytes(&q)),
-        ("k_cache", Dtype::F32, vec![pages, ps, hkv, d], f32_bytes(&k)),
-        ("v_cache", Dtype::F32, vec![pages, ps, hkv, d], f32_bytes(&v)),
+        (
+            "k_cache",
+            Dtype::F32,
+            vec![pages, ps, hkv, d],
+            f32_bytes(&k),
+        ),
+        (
+            "v_cache",
+            Dtype::F32,
+            vec![pages, ps, hkv, d],
+            f32_bytes(&v),
+        ),
         ("kv_indptr", Dtype::I32, vec![2], i32_bytes(&[0, 2])),
         ("kv_indices", Dtype::I32, vec![2], i32_bytes(&[1, 0])),
         ("kv_last_page_len", Dtype::I32, vec![1], i32_bytes(&[2])),
@@ -207,7 +221,11 @@ fn a_failed_write_leaves_no_partial_output() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "stderr: {err}");
     assert!(err.contains("cannot write output file"), "{err}");
-    assert_eq!(dir.names(), ["case.safetensors"], "no partial or temporary file");
+    assert_eq!(
+        dir.names(),
+        ["case.safetensors"],
+        "no partial or temporary file"
+    );
     // An existing output is replaced only by a complete one.
     std::fs::write(&output, b"previous").unwrap();
     let o = Command::new("sh").arg("-c").arg(&script).output().unwrap();
@@ -315,17 +333,36 @@ fn thread_bombs_are_refused_before_any_thread_starts() {
     for args in [
         &["check", "--threads", "100000000"][..],
         &["bench", "--threads", "100000000"][..],
-        &["bench", "--threads", "100000000", "--filter", "nothing-matches"][..],
+        &[
+            "bench",
+            "--threads",
+            "100000000",
+            "--filter",
+            "nothing-matches",
+        ][..],
         &["check", "--threads", "100000000", "--filter", "decode"][..],
     ] {
         let o = flashpage(args);
         assert_invalid(&o, &["--threads 100000000 exceeds the limit 4096"]);
     }
-    let o = run(&input, &dir.join("o.safetensors"), &["--threads", "100000000"]);
+    let o = run(
+        &input,
+        &dir.join("o.safetensors"),
+        &["--threads", "100000000"],
+    );
     assert_invalid(&o, &["--threads 100000000 exceeds the limit 4096"]);
-    assert!(t0.elapsed().as_secs() < 30, "refused without starting threads");
+    assert!(
+        t0.elapsed().as_secs() < 30,
+        "refused without starting threads"
+    );
     // --filter is checked before the benchmark's threads start.
-    let o = flashpage(&["bench", "--threads", "4096", "--filter", "no-such-case-anywhere"]);
+    let o = flashpage(&[
+        "bench",
+        "--threads",
+        "4096",
+        "--filter",
+        "no-such-case-anywhere",
+    ]);
     assert_invalid(&o, &["--filter"]);
     assert_eq!(dir.names(), ["case.safetensors"]);
 }
@@ -340,7 +377,10 @@ fn sm_scale_that_underflows_f32_says_so() {
     assert_invalid(&o, &["sm_scale", "underflows a 32-bit float"]);
     assert!(!stderr(&o).contains("sm_scale = 0 is invalid"));
     b["sm_scale"] = json!(1e300);
-    assert_invalid(&plan_json(&b), &["sm_scale", "out of range for a 32-bit float"]);
+    assert_invalid(
+        &plan_json(&b),
+        &["sm_scale", "out of range for a 32-bit float"],
+    );
     for field in ["logits_soft_cap", "rope_scale", "rope_theta"] {
         let mut b = decode_batch();
         b["pos_encoding"] = json!("rope");
@@ -355,7 +395,15 @@ fn graph_capacity_errors_name_graph_capacity() {
         let mut b = decode_batch();
         b["graph_capacity"] = json!(cap);
         let o = plan_json(&b);
-        assert_invalid(&o, &["graph_capacity", &cap.to_string(), "exceeds the limit", limit]);
+        assert_invalid(
+            &o,
+            &[
+                "graph_capacity",
+                &cap.to_string(),
+                "exceeds the limit",
+                limit,
+            ],
+        );
         assert!(!stderr(&o).contains("overflows 64 bits"), "{}", stderr(&o));
     }
 }

@@ -276,12 +276,10 @@ impl HostWorkspace {
         }
         let n = bytes.div_ceil(256);
         let mut lines = Vec::new();
-        lines
-            .try_reserve_exact(n)
-            .map_err(|_| Error::OutOfMemory {
-                what: "host workspace",
-                bytes,
-            })?;
+        lines.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+            what: "host workspace",
+            bytes,
+        })?;
         lines.resize(n, Line([0; 256]));
         Ok(HostWorkspace { lines, len: bytes })
     }
@@ -339,7 +337,9 @@ mod tests {
             assert!(matches!(e, Error::LimitExceeded { .. }), "{e}");
         }
         // Within the limit but more than any machine has: an error, not an abort.
-        let e = HostWorkspace::new(isize::MAX as usize - 255).err().expect("no memory");
+        let e = HostWorkspace::new(isize::MAX as usize - 255)
+            .err()
+            .expect("no memory");
         assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
         assert_eq!(HostWorkspace::new(0).unwrap().len(), 0);
     }

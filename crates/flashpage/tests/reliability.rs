@@ -6,7 +6,7 @@ use flashpage::backend::cpu::{
     CpuBackend, MAX_THREADS, merge_state, merge_state_in_place, merge_states,
 };
 use flashpage::backend::{KvCache, RunArgs};
-use flashpage::plan::{MAX_GRAPH_CAPACITY, MAX_INT_IMAGE_BYTES, MAX_WORKSPACE_BYTES};
+use flashpage::plan::{MAX_GRAPH_CAPACITY, MAX_INT_IMAGE_BYTES};
 use flashpage::workspace::HostWorkspace;
 use flashpage::*;
 use flashpage::{WorkspaceLimits, workspace_size};
@@ -32,7 +32,17 @@ fn graph_decode() -> (BatchBuilder, Plan) {
 }
 
 /// Everything a captured graph depends on.
-fn snapshot(p: &Plan) -> (Vec<i32>, Capacities, plan::PlanKind, bool, usize, usize, usize) {
+fn snapshot(
+    p: &Plan,
+) -> (
+    Vec<i32>,
+    Capacities,
+    plan::PlanKind,
+    bool,
+    usize,
+    usize,
+    usize,
+) {
     (
         p.int_image().to_vec(),
         *p.capacities(),
@@ -117,9 +127,9 @@ fn graph_partial_rows_past_int32_are_named() {
 }
 
 #[test]
-fn workspace_past_the_largest_allocation_is_named() {
-    // Deterministic chunk 1 over 2^31 - 1 keys and 2^31 - 1 rows: the float workspace
-    // exceeds isize::MAX bytes; a typed error, not a number near u64::MAX.
+fn workspace_size_with_absurd_partial_rows_is_named() {
+    // Deterministic chunk 1 over 2^31 - 1 keys and 2^31 - 1 rows: 2^62 partial rows, a float
+    // workspace past 64 bits; a typed error naming them, not an overflow or a wrapped size.
     let limits = WorkspaceLimits::new(
         HeadConfig::new(65536, 1, 256).unwrap(),
         DType::F32,
@@ -134,14 +144,19 @@ fn workspace_past_the_largest_allocation_is_named() {
         c.q_tile = 65536;
         c
     });
-    match workspace_size(&limits).unwrap_err() {
-        Error::LimitExceeded { field, limit, .. } => {
-            assert!(field.contains("workspace"), "{field}");
-            assert!(limit == MAX_WORKSPACE_BYTES || limit == MAX_INT_IMAGE_BYTES);
-        }
-        Error::SizeOverflow { .. } => {}
-        other => panic!("{other}"),
-    }
+    let e = workspace_size(&limits).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::LimitExceeded {
+                field: "partial rows",
+                limit: 2147483647,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("max_q_tokens"), "{e}");
 }
 
 // ---- item 5: total public helpers --------------------------------------------------------
@@ -161,8 +176,8 @@ fn merge_helpers_with_no_rows_do_not_allocate_by_head_dim() {
 #[test]
 fn merge_helpers_with_head_dim_max_and_rows_are_shape_errors() {
     let (mut vo, mut so) = (vec![0f32; 4], vec![0f32; 1]);
-    let e = merge_states::<f32>(&[0.0; 4], &[0.0; 1], 1, 1, usize::MAX, &mut vo, &mut so)
-        .unwrap_err();
+    let e =
+        merge_states::<f32>(&[0.0; 4], &[0.0; 1], 1, 1, usize::MAX, &mut vo, &mut so).unwrap_err();
     assert!(matches!(e, Error::TensorShape { .. }), "{e}");
     let e = merge_state::<f32>(&[0.0], &[0.0], &[0.0], &[0.0], usize::MAX, &mut vo, &mut so)
         .unwrap_err();
@@ -180,7 +195,10 @@ fn accessors_past_the_end_are_none() {
     assert!(plan.request(usize::MAX).is_none());
     let n = plan.num_work_items();
     assert!(plan.work_item(n - 1).is_some());
-    assert!(plan.work_item(n).is_none(), "a padded entry is not a work item");
+    assert!(
+        plan.work_item(n).is_none(),
+        "a padded entry is not a work item"
+    );
     assert!(plan.work_item(plan.capacities().work_items).is_none());
     assert!(plan.work_item(usize::MAX).is_none());
     assert_eq!(plan.num_merge_rows(), 0);
@@ -233,8 +251,11 @@ fn graph_replan_refuses_another_kv_layout_and_leaves_the_plan_unchanged() {
     );
     assert_eq!(snapshot(&plan), before);
     // The captured kind and layout are still accepted.
-    plan.replan(&BatchDesc::prefill_ragged(heads(), &[0, 2], &[0, 30]), &opts())
-        .unwrap();
+    plan.replan(
+        &BatchDesc::prefill_ragged(heads(), &[0, 2], &[0, 30]),
+        &opts(),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -342,20 +342,6 @@ impl Plan {
             },
         };
         to_i32(caps.work_items, "work items")?;
-        // Graph capacities come from the configuration, not the batch: name it.
-        for (field, v) in [
-            ("partial rows", caps.partial_rows),
-            ("merge rows", caps.merge_rows),
-        ] {
-            if i32::try_from(v).is_err() {
-                return Err(Error::LimitExceeded {
-                    field,
-                    limit: i32::MAX as usize,
-                    actual: v,
-                    rule: "plan arrays are int32: lower graph_max_q_rows, graph_max_kv_len or parallelism, or raise deterministic_chunk",
-                });
-            }
-        }
 
         // Layout (one code path with workspace_size).
         let mut ia = AlignedAllocator::counting(BUFFER_ALIGN);

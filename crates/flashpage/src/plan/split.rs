@@ -169,6 +169,18 @@ impl Capacities {
                 (w, p, q.min(p / 2))
             }
         };
+        // Partial rows are indexed by int32 in the plan arrays; capacities come from limits
+        // (graph_max_q_rows, max_q_tokens, ...), not a batch: name them.
+        for (field, v) in [("partial rows", partial_rows), ("merge rows", merge_rows)] {
+            if i32::try_from(v).is_err() {
+                return Err(Error::LimitExceeded {
+                    field,
+                    limit: i32::MAX as usize,
+                    actual: v,
+                    rule: "plan arrays are int32: lower graph_max_q_rows / max_q_tokens, graph_max_kv_len / max_kv_len or parallelism, or raise deterministic_chunk",
+                });
+            }
+        }
         Ok(Capacities {
             requests: batch,
             work_items,
