@@ -6,7 +6,7 @@
 //! value, never a panic. No allocation is driven by a number in the file: arrays are as
 //! long as the file, and the plan's int image is bounded before it is built.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use flashpage::validate::{check_batch, check_page_ids};
 use flashpage::{
@@ -123,7 +123,7 @@ pub fn parse_batch_bytes(name: &str, bytes: &[u8]) -> Result<BatchFile, CliError
 }
 
 /// Reads the batch file (or standard input), at most [`MAX_BATCH_JSON_BYTES`] bytes.
-fn read_input(path: &PathBuf) -> Result<(String, Vec<u8>), CliError> {
+fn read_input(path: &Path) -> Result<(String, Vec<u8>), CliError> {
     if path.as_os_str() == "-" {
         let buf = read_capped(
             std::io::stdin().lock(),
@@ -556,12 +556,6 @@ fn int_image_bound(
         WorkspaceLimits::new(desc.heads, DType::F32, batch, q_rows, kv, 1).with_config(*config);
     match workspace_size(&limits) {
         Ok(req) => Ok(req.int.total()),
-        // Past the schedule limit: the caller names the fields behind it.
-        Err(Error::LimitExceeded {
-            field: "int workspace bytes",
-            actual,
-            ..
-        }) => Ok(actual),
         // The library names limits as a deployment's; here they come from the batch.
         Err(Error::LimitExceeded {
             field: "max_batch",

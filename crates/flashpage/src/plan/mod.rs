@@ -366,7 +366,7 @@ impl Plan {
                     field: "int workspace bytes",
                     limit: MAX_INT_IMAGE_BYTES,
                     actual: ia.total(),
-                    rule: "largest plan schedule (graph_max_q_rows, parallelism, q_tile, deterministic_chunk)",
+                    rule: "largest plan schedule",
                 });
             }
         };

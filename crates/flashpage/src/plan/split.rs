@@ -256,9 +256,11 @@ impl Capacities {
 /// deterministic chunk, a graph capacity past [`super::MAX_GRAPH_CAPACITY`]); a
 /// [`Error::LimitExceeded`] naming the limit (`max_batch` past
 /// [`super::MAX_GRAPH_CAPACITY`], `max_q_tokens` or `max_kv_len` past
-/// [`super::MAX_GRAPH_ROWS`]) when no plan could reach it, or naming the workspace when its
-/// schedule passes [`super::MAX_INT_IMAGE_BYTES`] or its bytes pass
-/// [`super::MAX_WORKSPACE_BYTES`]; [`Error::SizeOverflow`] for bytes that overflow 64 bits.
+/// [`super::MAX_GRAPH_ROWS`], partial rows past int32) when no plan could reach it, or
+/// naming the workspace when its bytes pass [`super::MAX_WORKSPACE_BYTES`];
+/// [`Error::SizeOverflow`] for bytes that overflow 64 bits. (A bound past
+/// [`super::MAX_INT_IMAGE_BYTES`] is returned: plans within the limits whose own schedule
+/// passes it are refused when planned.)
 pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
     limits.config.validate()?;
     for (field, actual, limit, rule) in [
@@ -320,14 +322,6 @@ pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
     let Some(best) = best else {
         return Err(Error::SizeOverflow { what: "workspace" });
     };
-    if best.int.total() > super::MAX_INT_IMAGE_BYTES {
-        return Err(Error::LimitExceeded {
-            field: "int workspace bytes",
-            limit: super::MAX_INT_IMAGE_BYTES,
-            actual: best.int.total(),
-            rule: "largest plan schedule: lower max_batch, max_q_tokens or parallelism, or raise q_tile",
-        });
-    }
     best.total()?;
     Ok(best)
 }
