@@ -214,12 +214,18 @@ fn visible_to_all(data: &CaseData, r: usize) -> Option<(usize, usize)> {
         return None;
     }
     let o = data.spec.options;
-    let first_pos = kv - qo; // query row 0's position
-    let last_pos = kv - 1;
-    let hi = if o.causal { first_pos + 1 } else { kv };
+    // Row i sits at position i + kv - qo (negative when a request has more rows than keys).
+    let first_pos = kv as i64 - qo as i64;
+    let last_pos = kv as i64 - 1;
+    let hi = if o.causal {
+        (first_pos + 1).clamp(0, kv as i64)
+    } else {
+        kv as i64
+    };
     let lo = o
         .window_left
-        .map_or(0, |w| last_pos.saturating_sub(w as usize));
+        .map_or(0, |w| (last_pos - i64::from(w)).max(0));
+    let (lo, hi) = (lo as usize, hi as usize);
     (lo < hi).then_some((lo, hi))
 }
 
