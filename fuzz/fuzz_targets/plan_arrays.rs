@@ -54,7 +54,7 @@ fuzz_target!(|inp: Input| {
         1 => BatchDesc::prefill_paged(heads, &inp.qo_indptr, pages),
         _ => BatchDesc::prefill_ragged(heads, &inp.qo_indptr, &inp.kv_indptr),
     };
-    let opts = AttentionOptions::default().with_causal(inp.causal).with_sm_scale(inp.sm_scale).with_logits_soft_cap(inp.soft_cap).with_window_left(inp.window_left).with_pos_encoding(match inp.rope {
+    let opts = AttentionOptions::default().with_causal(inp.causal).with_sm_scale(inp.sm_scale).with_logits_soft_cap(inp.soft_cap).with_window_left(AttentionOptions::window_from_signed(inp.window_left.into()).ok().flatten()).with_pos_encoding(match inp.rope {
             Some((theta, scale)) => PosEncoding::Rope { theta, scale },
             None => PosEncoding::None,
         }).with_return_lse(inp.causal);

@@ -87,6 +87,7 @@ const BUDGET_SECONDS: f64 = 10.0;
 const CACHE_BYTES: usize = 8 << 20;
 
 pub fn main(args: BenchArgs) -> Result<(), CliError> {
+    crate::check_threads(args.threads)?;
     if args.backend == BackendArg::Cuda {
         #[cfg(feature = "cuda")]
         {
@@ -99,9 +100,6 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             ));
         }
     }
-    if args.threads == Some(0) {
-        return Err(CliError::invalid("--threads must be greater than 0, got 0"));
-    }
     let dtypes: Vec<DType> = match &args.dtype {
         None => DTYPES.to_vec(),
         Some(s) => match DType::parse(s) {
@@ -113,19 +111,15 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             }
         },
     };
-    let cpu = match args.simd.as_deref() {
-        None => CpuBackend::new(args.threads.unwrap_or(0))?,
-        Some(s) => {
-            let level = SimdLevel::parse(s).ok_or_else(|| {
-                CliError::invalid(format!(
-                    "--simd {s:?} is not a level: expected scalar, avx2 or avx512"
-                ))
-            })?;
-            CpuBackend::with_simd(args.threads.unwrap_or(0), level)?
-        }
+    // The SIMD level is an argument too: checked before any thread starts.
+    let level = match args.simd.as_deref() {
+        None => None,
+        Some(s) => Some(SimdLevel::parse(s).ok_or_else(|| {
+            CliError::invalid(format!(
+                "--simd {s:?} is not a level: expected scalar, avx2 or avx512"
+            ))
+        })?),
     };
-    let simd_forced = args.simd.is_some();
-    let threads = cpu.threads();
     let cases = matrix(args.what, &dtypes, args.filter.as_deref());
     let plans = matches!(args.what, What::Plan | What::All);
     let plan_cases: Vec<(String, PlanBatch)> = if plans {
@@ -142,6 +136,13 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             args.filter.as_deref().unwrap_or("")
         )));
     }
+    // Threads start only once every argument has been checked.
+    let cpu = match level {
+        None => CpuBackend::new(args.threads.unwrap_or(0))?,
+        Some(level) => CpuBackend::with_simd(args.threads.unwrap_or(0), level)?,
+    };
+    let simd_forced = level.is_some();
+    let threads = cpu.threads();
 
     // Ceilings only matter to the kernel cases (planning is not bandwidth- or FMA-bound).
     let mut progress =
@@ -440,7 +441,7 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
     let plan = data
         .plan(&PlanConfig::with_parallelism(cpu.threads()))
         .map_err(|e| e.to_string())?;
-    let mut ws = HostWorkspace::new(plan.requirement().float.total());
+    let mut ws = HostWorkspace::new(plan.requirement().float.total()).map_err(|e| e.to_string())?;
     let (mut o, mut lse) = data.poisoned_outputs();
     let run = |o: &mut flashpage::Tensor, lse: &mut Vec<f32>, ws: &mut HostWorkspace| {
         cpu.run(

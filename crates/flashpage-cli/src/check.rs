@@ -37,9 +37,7 @@ struct Worst {
 }
 
 pub fn main(args: CheckArgs) -> Result<(), CliError> {
-    if args.threads == Some(0) {
-        return Err(CliError::invalid("--threads must be greater than 0, got 0"));
-    }
+    crate::check_threads(args.threads)?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -11,6 +11,7 @@ pub mod bench_args;
 pub mod bench_cuda;
 pub mod check;
 pub mod cli_error;
+pub mod files;
 #[cfg(feature = "cuda")]
 pub mod kernels_cmd;
 pub mod plan_cmd;
@@ -20,6 +21,19 @@ pub mod workspace_cmd;
 use clap::ValueEnum;
 
 pub use cli_error::CliError;
+
+/// Checks a `--threads` value before any thread starts: positive and at most the library's
+/// one thread limit, [`flashpage::backend::cpu::MAX_THREADS`].
+pub fn check_threads(threads: Option<usize>) -> Result<(), CliError> {
+    use flashpage::backend::cpu::MAX_THREADS;
+    match threads {
+        Some(0) => Err(CliError::invalid("--threads must be greater than 0, got 0")),
+        Some(t) if t > MAX_THREADS => Err(CliError::invalid(format!(
+            "--threads {t} exceeds the limit {MAX_THREADS}"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 /// Which backend a command runs on.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,8 +6,7 @@
 //! value, never a panic. No allocation is driven by a number in the file: arrays are as
 //! long as the file, and the plan's int image is bounded before it is built.
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use flashpage::validate::{ValidBatch, check_batch, check_page_ids};
 use flashpage::{
@@ -17,6 +16,7 @@ use flashpage::{WorkspaceLimits, workspace_size};
 use serde_json::{Map, Value, json};
 
 use crate::CliError;
+use crate::files::{MAX_BATCH_JSON_BYTES, read_capped, read_file_capped};
 use crate::workspace_cmd::{buffers_json, emit, human_bytes, print_workspace};
 use flashpage::plan::{MAX_INT_IMAGE_BYTES, MAX_PARALLELISM};
 
@@ -28,7 +28,7 @@ pub struct PlanArgs {
     /// (prefill), kv_indptr, kv_indices, kv_last_page_len; optional causal, window_left,
     /// logits_soft_cap, sm_scale, pos_encoding, rope_theta, rope_scale, graph_capacity,
     /// graph_max_q_rows, graph_max_kv_len, deterministic_chunk, parallelism, q_tile,
-    /// min_kv_chunk, workspace_bytes, int_workspace_bytes.
+    /// min_kv_chunk, workspace_bytes, int_workspace_bytes. At most 64 MiB are read.
     #[arg(long, value_name = "FILE.json")]
     batch: PathBuf,
     /// Print one JSON object instead of the human summary.
@@ -122,17 +122,18 @@ pub fn parse_batch_bytes(name: &str, bytes: &[u8]) -> Result<BatchFile, CliError
     parse_batch(&value)
 }
 
-fn read_input(path: &PathBuf) -> Result<(String, Vec<u8>), CliError> {
+/// Reads the batch file (or standard input), at most [`MAX_BATCH_JSON_BYTES`] bytes.
+fn read_input(path: &Path) -> Result<(String, Vec<u8>), CliError> {
     if path.as_os_str() == "-" {
-        let mut buf = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut buf)
-            .map_err(|e| CliError::failure(format!("cannot read standard input: {e}")))?;
+        let buf = read_capped(
+            std::io::stdin().lock(),
+            "standard input",
+            MAX_BATCH_JSON_BYTES,
+        )?;
         return Ok(("standard input".into(), buf));
     }
     let name = path.display().to_string();
-    let bytes = std::fs::read(path)
-        .map_err(|e| CliError::invalid(format!("cannot read batch file {name}: {e}")))?;
+    let bytes = read_file_capped(path, &format!("batch file {name}"), MAX_BATCH_JSON_BYTES)?;
     Ok((name, bytes))
 }
 
@@ -256,14 +257,7 @@ impl<'a> Fields<'a> {
                 show(v)
             )));
         };
-        let y = x as f32;
-        if x.is_finite() && !y.is_finite() {
-            return Err(CliError::invalid(format!(
-                "{field} = {} is out of range for a 32-bit float",
-                show(v)
-            )));
-        }
-        Ok(Some(y))
+        to_f32(field, &show(v), x).map(Some)
     }
 
     fn bool_opt(&self, field: &str) -> Result<Option<bool>, CliError> {
@@ -297,6 +291,25 @@ impl<'a> Fields<'a> {
     fn i32_array(&self, field: &str, what: &str) -> Result<Vec<i32>, CliError> {
         to_i32_array(field, self.require(field, what)?)
     }
+}
+
+/// A number read as f64, refused (naming `field`) when it does not survive conversion to
+/// f32: a non-zero value that becomes 0 (underflow) or a finite value that becomes infinite
+/// (overflow). Values the conversion only rounds are kept; the option's own validation then
+/// judges them.
+pub fn to_f32(field: &str, shown: &str, x: f64) -> Result<f32, CliError> {
+    let y = x as f32;
+    if x.is_finite() && !y.is_finite() {
+        return Err(CliError::invalid(format!(
+            "{field} = {shown} is out of range for a 32-bit float (it would become infinite)"
+        )));
+    }
+    if x != 0.0 && y == 0.0 {
+        return Err(CliError::invalid(format!(
+            "{field} = {shown} underflows a 32-bit float (it would become 0)"
+        )));
+    }
+    Ok(y)
 }
 
 /// A non-negative integer that fits in `usize`.
@@ -537,7 +550,19 @@ fn int_image_bound(vb: &ValidBatch<'_>, config: &PlanConfig) -> Result<usize, Cl
     let kv = config.graph_max_kv_len.unwrap_or(0).max(vb.max_kv_len());
     let limits =
         WorkspaceLimits::new(desc.heads, DType::F32, batch, q_rows, kv, 1).with_config(*config);
-    Ok(workspace_size(&limits)?.int.total())
+    match workspace_size(&limits) {
+        Ok(req) => Ok(req.int.total()),
+        // The library names limits as a deployment's; here they come from the batch.
+        Err(Error::LimitExceeded {
+            field: "max_batch",
+            limit,
+            actual,
+            ..
+        }) => Err(CliError::invalid(format!(
+            "graph_capacity or batch size {actual} exceeds the limit {limit} (16-byte requests entries in the largest plan schedule)"
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Validates and plans a parsed batch (bounded before anything is allocated for it), checks
@@ -567,6 +592,13 @@ pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
     let vb = check_batch(&desc, &b.options)?;
     let bound = int_image_bound(&vb, &b.config)?;
     if bound > MAX_INT_IMAGE_BYTES {
+        // In graph mode the planner names the capacity that fits (it counts before it
+        // allocates, so asking it costs nothing).
+        if b.config.graph_capacity.is_some()
+            && let Err(e) = Plan::new(&desc, &b.options, &b.config)
+        {
+            return Err(e.into());
+        }
         return Err(CliError::invalid(format!(
             "the plan could need up to {bound} bytes of int workspace (graph_capacity {}, parallelism {}, q_tile {}), more than the {MAX_INT_IMAGE_BYTES} bytes this command plans",
             b.config
@@ -579,6 +611,7 @@ pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
     let plan = Plan::from_valid(&vb, &b.config)?;
     check_page_ids(&b.kv_indptr, &b.kv_indices, b.num_pages)?;
     let req = plan.requirement();
+    req.total()?;
     if let Some(cap) = b.workspace_bytes {
         req.float.check_fits(cap)?;
     }
@@ -708,12 +741,9 @@ fn render(b: &BatchFile, plan: &Plan, total_kv: u64) -> Report {
     }
     print_workspace(&mut h, "float", &req.float);
     print_workspace(&mut h, "int", &req.int);
-    let _ = writeln!(
-        h,
-        "total: {} bytes ({})",
-        float + int,
-        human_bytes((float + int) as u64)
-    );
+    // Checked by plan_batch (Requirement::total): at most isize::MAX, no overflow.
+    let total = float.saturating_add(int);
+    let _ = writeln!(h, "total: {total} bytes ({})", human_bytes(total as u64));
     if let Some(cap) = b.workspace_bytes {
         let _ = writeln!(
             h,
@@ -764,7 +794,7 @@ fn render(b: &BatchFile, plan: &Plan, total_kv: u64) -> Report {
         "partial_row_capacity": caps.partial_rows,
         "float_bytes": float,
         "int_bytes": int,
-        "total_bytes": float + int,
+        "total_bytes": total,
         "buffers": buffers,
     });
     Report { human: h, json: j }

@@ -25,7 +25,7 @@ use flashpage::{
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::{BackendArg, CliError};
+use crate::{BackendArg, CliError, files};
 
 /// Arguments of `flashpage run`.
 #[derive(clap::Args, Debug)]
@@ -44,9 +44,6 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     threads: Option<usize>,
 }
-
-/// Most CPU threads `run` starts.
-const MAX_THREADS: usize = 4096;
 
 /// Tensor names a case file may contain.
 const KNOWN_TENSORS: &[&str] = &[
@@ -124,12 +121,14 @@ struct Meta {
     layout: KvLayout,
 }
 
+/// Parses as f64 and refuses a value that does not survive conversion to f32 (a non-zero
+/// value that underflows to 0, a finite one that overflows), naming the key.
 fn parse_f32(key: &str, v: &str) -> Result<f32, CliError> {
-    let x: f32 = v
+    let x: f64 = v
         .trim()
         .parse()
         .map_err(|_| CliError::invalid(format!("metadata {key} = {v:?} is not a number")))?;
-    Ok(x)
+    crate::plan_cmd::to_f32(&format!("metadata {key}"), &format!("{v:?}"), x)
 }
 
 /// `none` (any case) or an empty string means "not set" for optional numbers.
@@ -326,28 +325,22 @@ fn make_backend(args: &RunArgs) -> Result<CpuBackend, CliError> {
             "the cuda backend is not available for run in this build (built without the cuda feature); use --backend cpu"
         }));
     }
-    let threads = match args.threads {
-        Some(0) => {
-            return Err(CliError::invalid("--threads must be greater than 0, got 0"));
-        }
-        Some(t) if t > MAX_THREADS => {
-            return Err(CliError::invalid(format!(
-                "--threads {t} exceeds the limit {MAX_THREADS}"
-            )));
-        }
-        Some(t) => t,
-        None => 0, // one per available core
-    };
-    Ok(CpuBackend::new(threads)?)
+    crate::check_threads(args.threads)?;
+    // None: one thread per available core.
+    Ok(CpuBackend::new(args.threads.unwrap_or(0))?)
 }
 
 pub fn main(args: RunArgs) -> Result<(), CliError> {
-    let backend = make_backend(&args)?;
+    // Every argument is checked before anything runs: threads, then the output path (not
+    // the input, in a writable directory; its temporary file is created now), then the
+    // input, read no further than the sizes it declares.
+    crate::check_threads(args.threads)?;
+    let output = files::prepare_output(&args.output, &[&args.input])?;
     let name = args.input.display().to_string();
-    let bytes = std::fs::read(&args.input)
-        .map_err(|e| CliError::invalid(format!("cannot read input file {name}: {e}")))?;
+    let bytes = files::read_safetensors_bounded(&args.input, &name)?;
     let case = load_case(&name, &bytes)?;
     drop(bytes);
+    let backend = make_backend(&args)?;
 
     let pages = PageTable {
         page_size: case.page_size,
@@ -366,8 +359,13 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
     if vb.num_q_rows() != case.rows {
         let rule = if desc.is_decode() {
             format!(
-                "decode: one row per request, kv_indptr has {} entries",
-                case.kv_indptr.len()
+                "decode: one row per request, kv_indptr has {} {}",
+                case.kv_indptr.len(),
+                if case.kv_indptr.len() == 1 {
+                    "entry"
+                } else {
+                    "entries"
+                }
             )
         } else {
             format!("qo_indptr[{}] = {}", vb.batch_size(), vb.num_q_rows())
@@ -386,7 +384,7 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
     let dtype = case.q.dtype();
     let mut o = flashpage_testkit::poisoned(dtype, case.rows * hq * d);
     let mut lse = vec![f32::NAN; case.rows * hq];
-    let mut ws = HostWorkspace::new(plan.requirement().float.total());
+    let mut ws = HostWorkspace::new(plan.requirement().float.total())?;
     let strides = KvStrides::dense(case.layout, case.page_size, case.heads.num_kv_heads(), d);
     backend.run(
         &plan,
@@ -405,11 +403,13 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         ws.as_bytes_mut(),
     )?;
 
-    write_output(&args.output, &o, &lse, case.rows, hq, d)
+    write_output(output, &o, &lse, case.rows, hq, d)
 }
 
+/// Serialises `o` and `lse` and commits them to the prepared output (through its temporary
+/// file: a failure leaves no partial output).
 fn write_output(
-    path: &PathBuf,
+    output: files::PreparedOutput,
     o: &Tensor,
     lse: &[f32],
     rows: usize,
@@ -438,8 +438,7 @@ fn write_output(
     ];
     let data = safetensors::serialize(views, None)
         .map_err(|e| fail(format!("cannot serialize the output: {e}")))?;
-    std::fs::write(path, data)
-        .map_err(|e| fail(format!("cannot write output file {}: {e}", path.display())))
+    output.commit(&data)
 }
 
 #[cfg(test)]

@@ -211,17 +211,45 @@ fn limits_of(a: &WorkspaceArgs) -> Result<WorkspaceLimits, CliError> {
     Ok(limits)
 }
 
+/// The flag behind a limit the library names.
+fn flag_of(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "max_batch" => "--max-batch",
+        "max_q_tokens" | "graph_max_q_rows" => "--max-tokens",
+        "max_kv_len" | "graph_max_kv_len" => "--max-kv-len",
+        "graph_capacity" => "--graph-capacity",
+        "deterministic_chunk" => "--deterministic-chunk",
+        "parallelism" => "--parallelism",
+        "q_tile" => "--q-tile",
+        _ => return None,
+    })
+}
+
 pub fn main(args: WorkspaceArgs) -> Result<(), CliError> {
     let limits = limits_of(&args)?;
-    let req = workspace_size(&limits).map_err(|e| match e {
-        Error::SizeOverflow { .. } => CliError::invalid(format!(
+    let too_large = |e: &Error| {
+        format!(
             "{e} for --max-batch {}, --max-tokens {}, --max-kv-len {}, --parallelism {}: these limits are too large",
             args.max_batch, args.max_tokens, args.max_kv_len, limits.config.parallelism
-        )),
-        other => other.into(),
+        )
+    };
+    let sized = workspace_size(&limits).and_then(|req| req.total().map(|t| (req, t)));
+    let (req, total) = sized.map_err(|e| match &e {
+        Error::LimitExceeded {
+            field,
+            limit,
+            actual,
+            rule,
+        } => match flag_of(field) {
+            Some(flag) => CliError::invalid(format!(
+                "{flag} {actual} exceeds the limit {limit} ({rule})"
+            )),
+            None => CliError::invalid(too_large(&e)),
+        },
+        Error::SizeOverflow { .. } => CliError::invalid(too_large(&e)),
+        _ => e.into(),
     })?;
     let (float, int) = (req.float.total(), req.int.total());
-    let total = float as u64 + int as u64;
     let h = limits.heads;
     let c = &limits.config;
     if args.json {
@@ -282,7 +310,7 @@ pub fn main(args: WorkspaceArgs) -> Result<(), CliError> {
     );
     print_workspace(&mut out, "float", &req.float);
     print_workspace(&mut out, "int", &req.int);
-    let _ = writeln!(out, "total: {total} bytes ({})", human_bytes(total));
+    let _ = writeln!(out, "total: {total} bytes ({})", human_bytes(total as u64));
     emit(&out)
 }
 

@@ -520,7 +520,10 @@ fn plan_malformed_inputs_name_the_field() {
                 b["graph_capacity"] = json!(1u64 << 40);
                 b.to_string()
             },
-            vec!["int workspace", "graph_capacity 1099511627776"],
+            vec![
+                "graph_capacity = 1099511627776",
+                "exceeds the limit 16777216",
+            ],
         ),
         (
             {
@@ -916,7 +919,10 @@ fn workspace_invalid_flags_are_named() {
             "--q-tile",
             "1",
         ]),
-        &["overflows 64 bits", "--max-tokens 18446744073709551615"],
+        &[
+            "--max-tokens 18446744073709551615",
+            "exceeds the limit 2147483647",
+        ],
     );
     assert_invalid(
         &workspace(&["--parallelism", "100000000000"]),
@@ -1335,7 +1341,7 @@ fn run_invalid_inputs_name_the_tensor_or_field() {
     assert!(stderr(&out).starts_with("error: the cuda backend is not available"));
     let (out, _) = run_file(&input, &["--threads", "2"]);
     assert_ok(&out);
-    // An unwritable output is a failure (1), not invalid input.
+    // An output in a missing directory is invalid input (2), found before running.
     let out = flashpage(&[
         "run",
         "--input",
@@ -1343,7 +1349,7 @@ fn run_invalid_inputs_name_the_tensor_or_field() {
         "--output",
         "/nonexistent/dir/out.safetensors",
     ]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("/nonexistent/dir/out.safetensors"));
 }
 

@@ -71,7 +71,7 @@ fn time_case(cpu: &CpuBackend, data: &CaseData, reps: usize) -> (f64, f64) {
     let plan = data
         .plan(&PlanConfig::with_parallelism(cpu.threads()))
         .unwrap();
-    let mut ws = HostWorkspace::new(plan.requirement().float.total());
+    let mut ws = HostWorkspace::new(plan.requirement().float.total()).unwrap();
     let (mut o, mut lse) = data.poisoned_outputs();
     let mut times = Vec::new();
     let mut c0 = 0.0;

@@ -8,6 +8,8 @@
 //!   shuffled pages, poisoned outputs) and compared with the reference;
 //! - [`suite`]: the declarative TOML suite (`data/*.toml`) and its runner, on any
 //!   [`HostRunner`] (every backend through host tensors);
+//! - [`numerics`]: the numeric contract (`docs/numerics.md`) as a property of arbitrary
+//!   bytes, shared by the `numerics` fuzz target and the tests;
 //! - [`ceiling`]: this machine's read bandwidth and FMA peak, measured in the same run as a
 //!   benchmark.
 #![deny(missing_docs)]
@@ -16,6 +18,7 @@ pub mod case;
 pub mod ceiling;
 #[cfg(feature = "cuda")]
 pub mod emulate;
+pub mod numerics;
 pub mod reference;
 pub mod rope_reference;
 pub mod runner;

@@ -3,6 +3,7 @@
 //! Slow on purpose (no tiling, no online softmax, no split): it is what every backend and
 //! SIMD level is checked against in tests and in `flashpage check`.
 
+use flashpage::Error;
 use flashpage::layout::{KvIndex, KvStrides};
 use flashpage::options::{AttentionOptions, PosEncoding, alibi_slope};
 use flashpage::validate::ValidBatch;
@@ -62,12 +63,79 @@ pub fn rope_rotate(x: &mut [f64], pos: f64, theta: f64, scale: f64) {
     }
 }
 
+/// Checks that the inputs cover what `vb` reads: `q` has exactly its rows, every page id it
+/// reads exists in `kv_indices` and is non-negative, and every K/V row it reads lies inside
+/// `k` and `v` (checked arithmetic).
+pub fn check_inputs(vb: &ValidBatch<'_>, inp: &ReferenceInputs<'_>) -> Result<(), Error> {
+    let heads = vb.desc().heads;
+    let (hq, hkv, d) = (heads.num_qo_heads(), heads.num_kv_heads(), heads.head_dim());
+    let rows = vb.num_q_rows();
+    let q_elems = rows
+        .checked_mul(hq)
+        .and_then(|x| x.checked_mul(d))
+        .ok_or(Error::SizeOverflow { what: "q" })?;
+    if inp.q.len() != q_elems {
+        return Err(Error::TensorShape {
+            tensor: "q",
+            expected: format!("[{rows}, {hq}, {d}] ({q_elems} elements)"),
+            actual: format!("{} elements", inp.q.len()),
+        });
+    }
+    let s = &inp.strides;
+    for r in 0..vb.batch_size() {
+        let req = vb.request(r);
+        for t in 0..req.kv_len {
+            let base = match vb.desc().kv {
+                KvIndex::Paged(p) => {
+                    let i = req.kv_start + t / p.page_size;
+                    let Some(&page) = inp.kv_indices.get(i) else {
+                        return Err(Error::IndicesTooShort {
+                            batch_size: vb.batch_size(),
+                            needed: i + 1,
+                            actual: inp.kv_indices.len(),
+                        });
+                    };
+                    let page = usize::try_from(page).map_err(|_| Error::PageIdOutOfRange {
+                        index: i,
+                        page_id: page.into(),
+                        num_pages: inp.k.len() / s.page.max(1),
+                    })?;
+                    page.checked_mul(s.page)
+                        .and_then(|x| x.checked_add((t % p.page_size).checked_mul(s.token)?))
+                }
+                KvIndex::Ragged { .. } => (req.kv_start + t).checked_mul(s.page),
+            };
+            let end = base
+                .and_then(|b| b.checked_add((hkv - 1).checked_mul(s.head)?))
+                .and_then(|b| b.checked_add(d));
+            for (tensor, len) in [("k", inp.k.len()), ("v", inp.v.len())] {
+                if end.is_none_or(|e| e > len) {
+                    return Err(Error::TensorShape {
+                        tensor,
+                        expected: format!(
+                            "elements for token {t} of request {r} (up to offset {})",
+                            end.map_or("overflow".to_string(), |e| e.to_string())
+                        ),
+                        actual: format!("{len} elements"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Computes attention for every request, row and head of `vb`.
+///
+/// # Errors
+/// Inputs that do not cover what the batch reads ([`check_inputs`]): a short `q`, `k` or
+/// `v`, missing or negative page ids. Never panics.
 pub fn attention(
     vb: &ValidBatch<'_>,
     options: &AttentionOptions,
     inp: &ReferenceInputs<'_>,
-) -> ReferenceOutput {
+) -> Result<ReferenceOutput, Error> {
+    check_inputs(vb, inp)?;
     let heads = vb.desc().heads;
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
     let rows = vb.num_q_rows();
@@ -142,7 +210,7 @@ pub fn attention(
             }
         }
     }
-    ReferenceOutput { o, lse }
+    Ok(ReferenceOutput { o, lse })
 }
 
 /// `‖a − b‖ / ‖b‖` over finite pairs; `inf` if any element of `a` is NaN, or non-finite

@@ -30,7 +30,7 @@ impl HostRunner for CpuBackend {
     }
 
     fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
-        let mut ws = HostWorkspace::new(plan.requirement().float.total());
+        let mut ws = HostWorkspace::new(plan.requirement().float.total())?;
         self.prepare(plan, args.q.dtype())?;
         Backend::upload_plan(self, plan, ws.as_bytes_mut())?;
         Backend::run(self, plan, args, ws.as_bytes_mut())

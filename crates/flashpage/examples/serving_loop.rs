@@ -118,7 +118,7 @@ fn main() -> Result<()> {
                 strides,
                 kv_indices,
             };
-            let err = rel_error(&f64s(&o), &attention(&vb, &layer_options(l), &inputs).o);
+            let err = rel_error(&f64s(&o), &attention(&vb, &layer_options(l), &inputs)?.o);
             worst = worst.max(err);
             if err.is_nan() || err > tolerance(DType::BF16) {
                 eprintln!(

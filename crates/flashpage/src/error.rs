@@ -57,7 +57,7 @@ pub enum Error {
 
     /// `qo_indptr` and `kv_indptr` disagree on the batch size (the founding bug).
     #[error(
-        "kv_indptr has {kv_indptr_len} {kv_entries}, qo_indptr has {qo_indptr_len} {qo_entries}: both must have batch_size + 1 = {qo_indptr_len} entries"
+        "kv_indptr has {kv_indptr_len} {kv_entries}, qo_indptr has {qo_indptr_len} {qo_entries}: both must have batch_size + 1 = {qo_indptr_len} {qo_entries}"
     , kv_entries = entries(*kv_indptr_len), qo_entries = entries(*qo_indptr_len))]
     IndptrLengthMismatch {
         /// Length of `qo_indptr` (B + 1).
@@ -336,6 +336,16 @@ pub enum Error {
         what: String,
     },
 
+    /// A host allocation of a size that passed every check could not be made (the memory
+    /// is not there); nothing was allocated.
+    #[error("cannot allocate {bytes} bytes for {what}: out of memory")]
+    OutOfMemory {
+        /// What was being allocated, e.g. `host workspace`.
+        what: &'static str,
+        /// Bytes requested.
+        bytes: usize,
+    },
+
     /// A failure inside a backend that the caller could not anticipate (device error).
     #[error("backend {backend} failed: {message}")]
     Backend {
@@ -382,6 +392,7 @@ impl Error {
             Error::DuplicateRequest { .. } => ErrorKind::DuplicateRequest,
             Error::BackendUnavailable { .. } => ErrorKind::BackendUnavailable,
             Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::OutOfMemory { .. } => ErrorKind::OutOfMemory,
             Error::Backend { .. } => ErrorKind::Backend,
         }
     }
@@ -391,7 +402,10 @@ impl Error {
     pub fn is_invalid_input(&self) -> bool {
         !matches!(
             self,
-            Error::BackendUnavailable { .. } | Error::Backend { .. } | Error::Unsupported { .. }
+            Error::BackendUnavailable { .. }
+                | Error::Backend { .. }
+                | Error::Unsupported { .. }
+                | Error::OutOfMemory { .. }
         )
     }
 }
@@ -465,6 +479,8 @@ pub enum ErrorKind {
     BackendUnavailable,
     /// [`Error::Unsupported`].
     Unsupported,
+    /// [`Error::OutOfMemory`].
+    OutOfMemory,
     /// [`Error::Backend`].
     Backend,
 }
@@ -500,6 +516,7 @@ impl ErrorKind {
         ErrorKind::DuplicateRequest,
         ErrorKind::BackendUnavailable,
         ErrorKind::Unsupported,
+        ErrorKind::OutOfMemory,
         ErrorKind::Backend,
     ];
 
@@ -534,6 +551,7 @@ impl ErrorKind {
             ErrorKind::DuplicateRequest => "DuplicateRequest",
             ErrorKind::BackendUnavailable => "BackendUnavailable",
             ErrorKind::Unsupported => "Unsupported",
+            ErrorKind::OutOfMemory => "OutOfMemory",
             ErrorKind::Backend => "Backend",
         }
     }
@@ -588,6 +606,19 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "kv_indptr has 1 entry, qo_indptr has 9 entries: both must have batch_size + 1 = 9 entries"
+        );
+    }
+
+    #[test]
+    fn founding_message_counts_entries_in_both_numbers() {
+        // One entry in qo_indptr too: no "1 entries" anywhere.
+        let e = Error::IndptrLengthMismatch {
+            qo_indptr_len: 1,
+            kv_indptr_len: 2,
+        };
+        assert_eq!(
+            e.to_string(),
+            "kv_indptr has 2 entries, qo_indptr has 1 entry: both must have batch_size + 1 = 1 entry"
         );
     }
 

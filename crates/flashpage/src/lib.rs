@@ -62,7 +62,7 @@
 //! let mut o = vec![0f32; 2 * 4 * 64];
 //! let mut lse = vec![0f32; 2 * 4];
 //!
-//! let mut ws = workspace::HostWorkspace::new(plan.requirement().float.total());
+//! let mut ws = workspace::HostWorkspace::new(plan.requirement().float.total())?;
 //! let cpu = CpuBackend::new(2)?;
 //! cpu.run(&plan, RunArgs {
 //!     q: TensorRef::F32(&q),

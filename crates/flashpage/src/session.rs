@@ -162,7 +162,7 @@ impl Attention {
             heads,
             cache,
             limits,
-            workspace: HostWorkspace::new(req.float.total()),
+            workspace: HostWorkspace::new(req.float.total())?,
             backend,
             batch,
             plan: None,

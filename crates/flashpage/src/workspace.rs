@@ -198,6 +198,36 @@ pub struct Requirement {
 }
 
 impl Requirement {
+    /// Bytes of both workspaces together, checked: a sum past
+    /// [`crate::plan::MAX_WORKSPACE_BYTES`] is an [`Error::LimitExceeded`], never a wrapped
+    /// number.
+    pub fn total(&self) -> Result<usize> {
+        let limit = crate::plan::MAX_WORKSPACE_BYTES;
+        for (field, n) in [
+            ("float workspace bytes", self.float.total()),
+            ("int workspace bytes", self.int.total()),
+        ] {
+            if n > limit {
+                return Err(Error::LimitExceeded {
+                    field,
+                    limit,
+                    actual: n,
+                    rule: "the largest allocation (isize::MAX bytes)",
+                });
+            }
+        }
+        let sum = self.float.total() + self.int.total(); // both <= isize::MAX: no overflow
+        if sum > limit {
+            return Err(Error::LimitExceeded {
+                field: "float + int workspace bytes",
+                limit,
+                actual: sum,
+                rule: "the largest allocation (isize::MAX bytes)",
+            });
+        }
+        Ok(sum)
+    }
+
     /// True when both parts are at most `other`'s.
     pub fn fits_in(&self, other: &Requirement) -> bool {
         self.float.total() <= other.float.total() && self.int.total() <= other.int.total()
@@ -207,10 +237,17 @@ impl Requirement {
 /// A heap buffer whose base is aligned to [`CUDA_BASE_ALIGN`] bytes (so it satisfies every
 /// backend): the easy way to own a host workspace.
 ///
+/// [`HostWorkspace::new`] is fallible and never panics or aborts: a size past
+/// [`crate::plan::MAX_WORKSPACE_BYTES`] is an [`Error::LimitExceeded`], and an allocation the
+/// system cannot satisfy is an [`Error::OutOfMemory`].
+///
 /// ```
-/// let mut ws = flashpage::workspace::HostWorkspace::new(1000);
+/// use flashpage::workspace::HostWorkspace;
+/// let mut ws = HostWorkspace::new(1000)?;
 /// assert_eq!(ws.as_bytes_mut().len(), 1000);
 /// assert_eq!(ws.as_bytes_mut().as_ptr() as usize % 256, 0);
+/// assert!(HostWorkspace::new(usize::MAX).is_err());
+/// # Ok::<(), flashpage::Error>(())
 /// ```
 pub struct HostWorkspace {
     lines: Vec<Line>,
@@ -223,11 +260,28 @@ struct Line([u8; 256]);
 
 impl HostWorkspace {
     /// A zeroed workspace of `bytes` bytes.
-    pub fn new(bytes: usize) -> Self {
-        HostWorkspace {
-            lines: vec![Line([0; 256]); bytes.div_ceil(256)],
-            len: bytes,
+    ///
+    /// # Errors
+    /// [`Error::LimitExceeded`] for more than [`crate::plan::MAX_WORKSPACE_BYTES`] bytes;
+    /// [`Error::OutOfMemory`] when the system cannot provide them.
+    pub fn new(bytes: usize) -> Result<Self> {
+        let limit = crate::plan::MAX_WORKSPACE_BYTES;
+        if bytes > limit {
+            return Err(Error::LimitExceeded {
+                field: "host workspace bytes",
+                limit,
+                actual: bytes,
+                rule: "the largest allocation (isize::MAX bytes)",
+            });
         }
+        let n = bytes.div_ceil(256);
+        let mut lines = Vec::new();
+        lines.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+            what: "host workspace",
+            bytes,
+        })?;
+        lines.resize(n, Line([0; 256]));
+        Ok(HostWorkspace { lines, len: bytes })
     }
     /// The bytes.
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
@@ -274,6 +328,38 @@ mod tests {
                 required_total: 356,
             }
         );
+    }
+
+    #[test]
+    fn host_workspace_of_any_size_is_a_value_or_an_error() {
+        for bytes in [usize::MAX, isize::MAX as usize + 1] {
+            let e = HostWorkspace::new(bytes).err().expect("too large");
+            assert!(matches!(e, Error::LimitExceeded { .. }), "{e}");
+        }
+        // Within the limit but more than any machine has: an error, not an abort.
+        let e = HostWorkspace::new(isize::MAX as usize - 255)
+            .err()
+            .expect("no memory");
+        assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
+        assert_eq!(HostWorkspace::new(0).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn requirement_total_is_checked() {
+        let mut big = AlignedAllocator::counting(256);
+        big.alloc("partial_o", usize::MAX - 1024).unwrap();
+        let mut small = AlignedAllocator::counting(256);
+        small.alloc("requests", 4096).unwrap();
+        let r = Requirement {
+            float: WorkspaceReq::from_allocator(&big),
+            int: WorkspaceReq::from_allocator(&small),
+        };
+        assert!(matches!(r.total(), Err(Error::LimitExceeded { .. })));
+        let ok = Requirement {
+            float: WorkspaceReq::from_allocator(&small),
+            int: WorkspaceReq::from_allocator(&small),
+        };
+        assert_eq!(ok.total().unwrap(), 8192);
     }
 
     #[test]

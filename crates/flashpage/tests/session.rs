@@ -57,7 +57,8 @@ fn set_options_equals_a_plan_made_for_them() {
     let window = full.with_window_left(5).with_logits_soft_cap(30.0);
     let run = |plan: &Plan| {
         let mut o = vec![f32::NAN; q.len()];
-        let mut ws = flashpage::workspace::HostWorkspace::new(plan.requirement().float.total());
+        let mut ws =
+            flashpage::workspace::HostWorkspace::new(plan.requirement().float.total()).unwrap();
         let kv = flashpage::backend::KvCache::paged(
             TensorRef::F32(&k),
             TensorRef::F32(&v),

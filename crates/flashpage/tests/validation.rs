@@ -626,7 +626,7 @@ fn run_with_small_workspace_is_refused() {
     let q: Vec<f32> = (0..8 * 64).map(|i| (i as f32 * 0.05).cos()).collect();
     let mut o = vec![f32::NAN; 8 * 64];
     let total = plan.requirement().float.total();
-    let mut ws = HostWorkspace::new(total - 256);
+    let mut ws = HostWorkspace::new(total - 256).unwrap();
     let err = CpuBackend::new(1)
         .unwrap()
         .run(
@@ -697,6 +697,7 @@ fn shapes_ok(plan: &Plan, ids: &'static [i32]) -> ArgShapes<'static> {
         num_pages: 4,
         kv_indices: Some(ids),
         num_indices: ids.len(),
+        paged: Some(true),
     }
 }
 
@@ -885,7 +886,9 @@ fn founding_scenario() {
                 o: TensorMut::F32(&mut o),
                 lse: None,
             },
-            HostWorkspace::new(plan.requirement().float.total()).as_bytes_mut(),
+            HostWorkspace::new(plan.requirement().float.total())
+                .unwrap()
+                .as_bytes_mut(),
         )
         .unwrap_err();
     assert!(

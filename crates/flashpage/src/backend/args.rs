@@ -19,6 +19,9 @@ pub struct KvCache<'a> {
     pub num_pages: usize,
     /// Page ids (paged); empty for ragged K/V.
     pub kv_indices: &'a [i32],
+    /// True for a paged cache ([`KvCache::paged`]), false for ragged K/V
+    /// ([`KvCache::ragged`]); a plan of the other kind is refused naming the mismatch.
+    pub paged: bool,
 }
 
 impl<'a> KvCache<'a> {
@@ -36,6 +39,7 @@ impl<'a> KvCache<'a> {
             strides,
             num_pages,
             kv_indices,
+            paged: true,
         }
     }
 
@@ -47,6 +51,7 @@ impl<'a> KvCache<'a> {
             strides,
             num_pages: tokens,
             kv_indices: &[],
+            paged: false,
         }
     }
 }
@@ -85,6 +90,9 @@ pub struct ArgShapes<'a> {
     pub kv_indices: Option<&'a [i32]>,
     /// Length of the page-id array.
     pub num_indices: usize,
+    /// Whether the caller's K/V is a paged cache (`Some(true)`) or ragged K/V
+    /// (`Some(false)`); `None` when the arguments do not say (device arguments).
+    pub paged: Option<bool>,
 }
 
 /// Checks run arguments against a plan: dtypes agree, shapes match the batch, the strides
@@ -92,6 +100,22 @@ pub struct ArgShapes<'a> {
 pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
     let h = plan.heads();
     let (hq, hkv, d) = (h.num_qo_heads(), h.num_kv_heads(), h.head_dim());
+    if let Some(paged) = a.paged
+        && paged != plan.is_paged()
+    {
+        let name = |p: bool| {
+            if p {
+                "a paged kv cache (KvCache::paged)"
+            } else {
+                "ragged k/v (KvCache::ragged)"
+            }
+        };
+        return Err(Error::PlanMismatch {
+            what: "kv cache kind",
+            expected: name(plan.is_paged()).into(),
+            actual: name(paged).into(),
+        });
+    }
     let dt = a.q.0;
     for (tensor, (t, _)) in [("k", a.k), ("v", a.v), ("o", a.o)] {
         if t != dt {
@@ -154,7 +178,7 @@ pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
     }
     // Every page (or ragged token) the plan touches.
     for r in 0..plan.batch_size() {
-        let req = plan.request(r);
+        let Some(req) = plan.request(r) else { continue };
         if req.kv_len == 0 {
             continue;
         }
@@ -206,6 +230,7 @@ impl RunArgs<'_, '_> {
             num_pages: self.kv.num_pages,
             kv_indices: Some(self.kv.kv_indices),
             num_indices: self.kv.kv_indices.len(),
+            paged: Some(self.kv.paged),
         }
     }
 }

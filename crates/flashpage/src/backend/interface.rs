@@ -47,7 +47,7 @@ mod sealed {
 /// let plan = Plan::new(&batch.decode(heads, 2), &AttentionOptions::new(),
 ///                      &PlanConfig::with_parallelism(slots(&cpu, &heads)?))?;
 /// cpu.prepare(&plan, DType::F32)?;
-/// let mut ws = HostWorkspace::new(plan.requirement().float.total());
+/// let mut ws = HostWorkspace::new(plan.requirement().float.total())?;
 /// Backend::upload_plan(&cpu, &plan, ws.as_bytes_mut())?;
 /// let (k, v) = (vec![0.5f32; 2 * 4 * 16], vec![1.0f32; 2 * 4 * 16]);
 /// let q = vec![0.1f32; 2 * 16];

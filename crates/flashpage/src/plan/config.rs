@@ -8,6 +8,21 @@ use crate::error::{Error, Result};
 /// before anything is allocated, so no number in a batch can drive a huge allocation.
 pub const MAX_INT_IMAGE_BYTES: usize = 1 << 28;
 
+/// The largest workspace (float or int, and both together) a plan or [`crate::plan::workspace_size`]
+/// may require, in bytes: `isize::MAX`, the most one allocation can hold. A requirement
+/// beyond it is a [`Error::LimitExceeded`] naming the workspace, never a wrapped or
+/// unallocatable size.
+pub const MAX_WORKSPACE_BYTES: usize = isize::MAX as usize;
+
+/// The largest graph capacity ([`PlanConfig::graph_capacity`]): `2^24` requests, the most
+/// whose `requests` array (16 bytes each) fits in [`MAX_INT_IMAGE_BYTES`]. The other arrays
+/// may lower the usable capacity further; the planner then names the largest that fits.
+pub const MAX_GRAPH_CAPACITY: usize = MAX_INT_IMAGE_BYTES / 16;
+
+/// The largest `graph_max_q_rows`, `graph_max_kv_len` and deterministic chunk: plan arrays
+/// hold rows and keys as int32.
+pub const MAX_GRAPH_ROWS: usize = i32::MAX as usize;
+
 /// The most work slots [`PlanConfig::parallelism`] may name: 2^20, several times the threads
 /// of the largest GPU (an H100 runs 132 SMs × 2048 threads).
 pub const MAX_PARALLELISM: usize = 1 << 20;
@@ -86,7 +101,9 @@ impl PlanConfig {
     }
 
     /// Checks the configuration: every count positive, `parallelism` at most
-    /// [`MAX_PARALLELISM`], `q_tile` at most 65536.
+    /// [`MAX_PARALLELISM`], `q_tile` at most 65536, `graph_capacity` at most
+    /// [`MAX_GRAPH_CAPACITY`], `graph_max_q_rows`, `graph_max_kv_len` and
+    /// `deterministic_chunk` at most [`MAX_GRAPH_ROWS`] (each error names its field).
     pub fn validate(&self) -> Result<()> {
         for (field, v) in [
             ("parallelism", Some(self.parallelism)),
@@ -111,6 +128,43 @@ impl PlanConfig {
                 expected: "at most 65536 packed rows",
                 actual: self.q_tile.to_string(),
             });
+        }
+        for (field, v, limit, rule) in [
+            (
+                "graph_capacity",
+                self.graph_capacity,
+                MAX_GRAPH_CAPACITY,
+                "16-byte requests entries in the largest plan schedule",
+            ),
+            (
+                "graph_max_q_rows",
+                self.graph_max_q_rows,
+                MAX_GRAPH_ROWS,
+                "plan arrays are int32",
+            ),
+            (
+                "graph_max_kv_len",
+                self.graph_max_kv_len,
+                MAX_GRAPH_ROWS,
+                "plan arrays are int32",
+            ),
+            (
+                "deterministic_chunk",
+                self.deterministic_chunk,
+                MAX_GRAPH_ROWS,
+                "plan arrays are int32",
+            ),
+        ] {
+            if let Some(actual) = v
+                && actual > limit
+            {
+                return Err(Error::LimitExceeded {
+                    field,
+                    limit,
+                    actual,
+                    rule,
+                });
+            }
         }
         Ok(())
     }

@@ -24,7 +24,10 @@ mod config;
 mod sizing;
 mod split;
 
-pub use config::{GraphCapacity, MAX_INT_IMAGE_BYTES, MAX_PARALLELISM, PlanConfig, PlanKind};
+pub use config::{
+    GraphCapacity, MAX_GRAPH_CAPACITY, MAX_GRAPH_ROWS, MAX_INT_IMAGE_BYTES, MAX_PARALLELISM,
+    MAX_WORKSPACE_BYTES, PlanConfig, PlanKind,
+};
 pub use sizing::WorkspaceLimits;
 pub use split::{Capacities, workspace_size};
 
@@ -101,7 +104,7 @@ pub struct Plan {
     int_offsets: [usize; 3],
     image: Vec<i32>,
     req: Requirement,
-    /// The limits of [`Plan::new_within`], kept so every replan respects them.
+    /// The limits of [`Plan::new_within`], kept so [`Plan::replan`] enforces them too.
     limits: Option<WorkspaceLimits>,
 }
 
@@ -203,72 +206,63 @@ impl Plan {
         options: &AttentionOptions,
         limits: &WorkspaceLimits,
     ) -> Result<Plan> {
-        let bound = Plan::check_within(batch, options, limits)?;
+        let bound = check_within(batch, options, limits)?;
         let mut plan = Plan::new_empty(batch.heads, options, &limits.config)?;
         plan.build(batch, options, &limits.config, Some(&bound))?;
         plan.limits = Some(*limits);
         Ok(plan)
     }
 
-    /// Checks `batch` against `limits` and returns the workspace bound of the limits.
-    fn check_within(
-        batch: &BatchDesc<'_>,
-        options: &AttentionOptions,
-        limits: &WorkspaceLimits,
-    ) -> Result<Requirement> {
-        if batch.heads != limits.heads {
-            return Err(Error::PlanMismatch {
-                what: "head configuration",
-                expected: format!("{:?}", limits.heads),
-                actual: format!("{:?}", batch.heads),
-            });
-        }
-        let vb = check_batch(batch, options)?;
-        let checks = [
-            ("batch_size", vb.batch_size(), limits.max_batch, "max_batch"),
-            (
-                "query rows",
-                vb.num_q_rows(),
-                if batch.is_decode() {
-                    limits.max_batch
-                } else {
-                    limits.max_q_tokens
-                },
-                "max_q_tokens",
-            ),
-            ("kv_len", vb.max_kv_len(), limits.max_kv_len, "max_kv_len"),
-        ];
-        for (field, actual, limit, rule) in checks {
-            if actual > limit {
-                return Err(Error::LimitExceeded {
-                    field,
-                    limit,
-                    actual,
-                    rule,
+    /// Plans a new batch into this plan, reusing its memory. In graph mode the launch shape
+    /// and the int image layout stay fixed and the image is rewritten in place: the batch
+    /// must have the captured heads, kind (decode or prefill) and KV layout (paged or
+    /// ragged), and fit the capacity. A plan made with [`Plan::new_within`] keeps enforcing
+    /// its limits. Any error leaves the plan unchanged.
+    pub fn replan(&mut self, batch: &BatchDesc<'_>, options: &AttentionOptions) -> Result<()> {
+        let config = self.config;
+        if self.graph {
+            if batch.heads != self.heads {
+                return Err(Error::PlanMismatch {
+                    what: "head configuration",
+                    expected: format!("{:?}", self.heads),
+                    actual: format!("{:?}", batch.heads),
+                });
+            }
+            let kind = if batch.is_decode() {
+                PlanKind::Decode
+            } else {
+                PlanKind::Prefill
+            };
+            if kind != self.kind {
+                return Err(Error::PlanMismatch {
+                    what: "batch kind of a graph-mode replan",
+                    expected: self.kind.name().into(),
+                    actual: kind.name().into(),
+                });
+            }
+            let paged = matches!(batch.kv, KvIndex::Paged(_));
+            if paged != self.paged {
+                let name = |p: bool| if p { "paged" } else { "ragged" };
+                return Err(Error::PlanMismatch {
+                    what: "kv layout of a graph-mode replan",
+                    expected: name(self.paged).into(),
+                    actual: name(paged).into(),
                 });
             }
         }
-        workspace_size(limits)
+        match self.limits {
+            Some(limits) => {
+                let bound = check_within(batch, options, &limits)?;
+                self.build(batch, options, &limits.config, Some(&bound))
+            }
+            None => self.build(batch, options, &config, None),
+        }
     }
 
-    /// Plans a new batch into this plan, reusing its memory. In graph mode the launch shape
-    /// and the int image layout stay fixed and the image is rewritten in place; a batch that
-    /// exceeds the capacity is an error and leaves the plan unchanged. A plan made by
-    /// [`Plan::new_within`] keeps its limits: a batch beyond them is refused as there.
-    pub fn replan(&mut self, batch: &BatchDesc<'_>, options: &AttentionOptions) -> Result<()> {
-        let config = self.config;
-        if let Some(limits) = self.limits {
-            let bound = Plan::check_within(batch, options, &limits)?;
-            return self.build(batch, options, &config, Some(&bound));
-        }
-        if self.graph && batch.heads != self.heads {
-            return Err(Error::PlanMismatch {
-                what: "head configuration",
-                expected: format!("{:?}", self.heads),
-                actual: format!("{:?}", batch.heads),
-            });
-        }
-        self.build(batch, options, &config, None)
+    /// The limits this plan was made within ([`Plan::new_within`]), which every
+    /// [`Plan::replan`] enforces.
+    pub fn limits(&self) -> Option<&WorkspaceLimits> {
+        self.limits.as_ref()
     }
 
     fn build(
@@ -380,14 +374,39 @@ impl Plan {
         to_i32(caps.work_items, "work items")?;
 
         // Layout (one code path with workspace_size).
+        let mut ia = AlignedAllocator::counting(BUFFER_ALIGN);
+        let offsets = match carve_int(&mut ia, caps.requests, caps.work_items, caps.merge_rows) {
+            Ok(o) if ia.total() <= MAX_INT_IMAGE_BYTES => o,
+            other => {
+                // `other` is an overflow or a schedule past the limit.
+                // Too large a schedule: in graph mode name the capacity that fits.
+                if let Some(g) = config.graph() {
+                    let fits = largest_graph_capacity(kind, &heads, config, g);
+                    if fits > 0 {
+                        return Err(Error::LimitExceeded {
+                            field: "graph_capacity",
+                            limit: fits,
+                            actual: g.batch,
+                            rule: "largest graph capacity whose schedule fits the 268435456-byte int workspace limit",
+                        });
+                    }
+                }
+                other?;
+                return Err(Error::LimitExceeded {
+                    field: "int workspace bytes",
+                    limit: MAX_INT_IMAGE_BYTES,
+                    actual: ia.total(),
+                    rule: "largest plan schedule",
+                });
+            }
+        };
         let mut fa = AlignedAllocator::counting(BUFFER_ALIGN);
         carve_float(&mut fa, &heads, caps.partial_rows)?;
-        let mut ia = AlignedAllocator::counting(BUFFER_ALIGN);
-        let offsets = carve_int(&mut ia, caps.requests, caps.work_items, caps.merge_rows)?;
         let req = Requirement {
             float: WorkspaceReq::from_allocator(&fa),
             int: WorkspaceReq::from_allocator(&ia),
         };
+        req.total()?;
         if let Some(b) = bound
             && !req.fits_in(b)
         {
@@ -401,14 +420,6 @@ impl Plan {
                 limit,
                 actual,
                 rule: "workspace_size(limits)",
-            });
-        }
-        if ia.total() > MAX_INT_IMAGE_BYTES {
-            return Err(Error::LimitExceeded {
-                field: "int workspace bytes",
-                limit: MAX_INT_IMAGE_BYTES,
-                actual: ia.total(),
-                rule: "largest plan schedule",
             });
         }
         let words = ia.total() / 4;
@@ -550,10 +561,6 @@ impl Plan {
     pub fn options(&self) -> &AttentionOptions {
         &self.options
     }
-    /// The limits the plan was made within ([`Plan::new_within`]), kept across replans.
-    pub fn limits(&self) -> Option<&WorkspaceLimits> {
-        self.limits.as_ref()
-    }
 
     /// Runs the same schedule with other attention options: a model whose layers differ in
     /// window, soft-cap, scale or LSE (Gemma-2's alternating sliding windows) needs one plan
@@ -565,7 +572,7 @@ impl Plan {
         options.validate()?;
         if options.causal && self.kind == PlanKind::Prefill {
             for r in 0..self.batch_size {
-                let q = self.request(r);
+                let q = self.request_at(r);
                 if q.qo_len > q.kv_len {
                     return Err(Error::CausalQueryLongerThanKv {
                         request: r,
@@ -648,9 +655,17 @@ impl Plan {
         self.int_offsets
     }
 
-    /// Request `r` as planned (padded entries are empty).
+    /// Request `r` as planned, for `r <` [`Plan::padded_batch_size`] (padded entries are
+    /// empty); `None` past the end.
     #[inline]
-    pub fn request(&self, r: usize) -> PlannedRequest {
+    pub fn request(&self, r: usize) -> Option<PlannedRequest> {
+        (r < self.caps.requests).then(|| self.request_at(r))
+    }
+
+    /// Request `r < capacities().requests`: the backends' accessor, for indices that are in
+    /// range by construction of the schedule (a work item's request).
+    #[inline]
+    pub(crate) fn request_at(&self, r: usize) -> PlannedRequest {
         let (ro, rc) = (self.int_offsets[0], self.caps.requests);
         let g = |f: usize| self.image[ro + f * rc + r] as usize;
         PlannedRequest {
@@ -661,9 +676,10 @@ impl Plan {
         }
     }
 
-    /// Work item `w` (`w < num_work_items`).
+    /// Work item `w < capacities().work_items` (not checked against the batch): the
+    /// backends' accessor, for indices that are in range by construction of the schedule.
     #[inline]
-    pub fn work_item(&self, w: usize) -> WorkItem {
+    pub(crate) fn work_item_at(&self, w: usize) -> WorkItem {
         let (wo, wc) = (self.int_offsets[1], self.caps.work_items);
         let g = |f: usize| self.image[wo + f * wc + w];
         let p = g(5);
@@ -677,14 +693,10 @@ impl Plan {
         }
     }
 
-    /// The work items of this batch.
-    pub fn work_items(&self) -> impl ExactSizeIterator<Item = WorkItem> + '_ {
-        (0..self.num_work_items).map(|w| self.work_item(w))
-    }
-
-    /// Merge row `m` (`m < num_merge_rows`).
+    /// Merge row `m < capacities().merge_rows` (not checked against the batch): the
+    /// backends' accessor, for indices that are in range by construction of the schedule.
     #[inline]
-    pub fn merge_row(&self, m: usize) -> MergeRow {
+    pub(crate) fn merge_row_at(&self, m: usize) -> MergeRow {
         let (mo, mc) = (self.int_offsets[2], self.caps.merge_rows);
         let g = |f: usize| self.image[mo + f * mc + m] as usize;
         MergeRow {
@@ -695,10 +707,103 @@ impl Plan {
         }
     }
 
+    /// Work item `w` for `w <` [`Plan::num_work_items`]; `None` past the end (padded
+    /// entries of a graph-mode image are not work items).
+    #[inline]
+    pub fn work_item(&self, w: usize) -> Option<WorkItem> {
+        (w < self.num_work_items).then(|| self.work_item_at(w))
+    }
+
+    /// The work items of this batch.
+    pub fn work_items(&self) -> impl ExactSizeIterator<Item = WorkItem> + '_ {
+        (0..self.num_work_items).map(|w| self.work_item_at(w))
+    }
+
+    /// Merge row `m` for `m <` [`Plan::num_merge_rows`]; `None` past the end.
+    #[inline]
+    pub fn merge_row(&self, m: usize) -> Option<MergeRow> {
+        (m < self.num_merge_rows).then(|| self.merge_row_at(m))
+    }
+
     /// The merge map of this batch.
     pub fn merge_rows(&self) -> impl ExactSizeIterator<Item = MergeRow> + '_ {
-        (0..self.num_merge_rows).map(|m| self.merge_row(m))
+        (0..self.num_merge_rows).map(|m| self.merge_row_at(m))
     }
+}
+
+/// Checks `batch` against `limits` (heads, batch size, query rows, longest request) and
+/// returns the workspace bound every plan within them fits.
+fn check_within(
+    batch: &BatchDesc<'_>,
+    options: &AttentionOptions,
+    limits: &WorkspaceLimits,
+) -> Result<Requirement> {
+    if batch.heads != limits.heads {
+        return Err(Error::PlanMismatch {
+            what: "head configuration",
+            expected: format!("{:?}", limits.heads),
+            actual: format!("{:?}", batch.heads),
+        });
+    }
+    let vb = check_batch(batch, options)?;
+    let checks = [
+        ("batch_size", vb.batch_size(), limits.max_batch, "max_batch"),
+        (
+            "query rows",
+            vb.num_q_rows(),
+            if batch.is_decode() {
+                limits.max_batch
+            } else {
+                limits.max_q_tokens
+            },
+            "max_q_tokens",
+        ),
+        ("kv_len", vb.max_kv_len(), limits.max_kv_len, "max_kv_len"),
+    ];
+    for (field, actual, limit, rule) in checks {
+        if actual > limit {
+            return Err(Error::LimitExceeded {
+                field,
+                limit,
+                actual,
+                rule,
+            });
+        }
+    }
+    workspace_size(limits)
+}
+
+/// The largest graph capacity (at most `g.batch`) whose graph-mode schedule fits
+/// [`MAX_INT_IMAGE_BYTES`] (0 when none does). Counts only; capacities are monotone in the
+/// batch, so a binary search finds it.
+fn largest_graph_capacity(
+    kind: PlanKind,
+    heads: &HeadConfig,
+    config: &PlanConfig,
+    g: GraphCapacity,
+) -> usize {
+    let fits = |c: usize| {
+        let q = match kind {
+            PlanKind::Decode => c,
+            PlanKind::Prefill => g.q_rows.unwrap_or(c),
+        };
+        let kv = g.kv_len.unwrap_or(0);
+        Capacities::bound(kind, heads, config, c, q, kv).is_ok_and(|caps| {
+            let mut a = AlignedAllocator::counting(BUFFER_ALIGN);
+            carve_int(&mut a, caps.requests, caps.work_items, caps.merge_rows).is_ok()
+                && a.total() <= MAX_INT_IMAGE_BYTES
+        })
+    };
+    let (mut lo, mut hi) = (0usize, g.batch);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
 }
 
 /// Splits `s` into `N` consecutive field slices of `len` words each.

@@ -169,6 +169,18 @@ impl Capacities {
                 (w, p, q.min(p / 2))
             }
         };
+        // Partial rows are indexed by int32 in the plan arrays; capacities come from limits
+        // (graph_max_q_rows, max_q_tokens, ...), not a batch: name them.
+        for (field, v) in [("partial rows", partial_rows), ("merge rows", merge_rows)] {
+            if i32::try_from(v).is_err() {
+                return Err(Error::LimitExceeded {
+                    field,
+                    limit: i32::MAX as usize,
+                    actual: v,
+                    rule: "plan arrays are int32: lower graph_max_q_rows / max_q_tokens, graph_max_kv_len / max_kv_len or parallelism, or raise deterministic_chunk",
+                });
+            }
+        }
         Ok(Capacities {
             requests: batch,
             work_items,
@@ -241,9 +253,45 @@ impl Capacities {
 /// partial rows.
 ///
 /// Errors: the planner configuration's own checks (e.g. `parallelism` 0, a zero
-/// deterministic chunk) and [`Error::SizeOverflow`] for limits whose bytes overflow 64 bits.
+/// deterministic chunk, a graph capacity past [`super::MAX_GRAPH_CAPACITY`]); a
+/// [`Error::LimitExceeded`] naming the limit (`max_batch` past
+/// [`super::MAX_GRAPH_CAPACITY`], `max_q_tokens` or `max_kv_len` past
+/// [`super::MAX_GRAPH_ROWS`], partial rows past int32) when no plan could reach it, or
+/// naming the workspace when its bytes pass [`super::MAX_WORKSPACE_BYTES`];
+/// [`Error::SizeOverflow`] for bytes that overflow 64 bits. (A bound past
+/// [`super::MAX_INT_IMAGE_BYTES`] is returned: plans within the limits whose own schedule
+/// passes it are refused when planned.)
 pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
     limits.config.validate()?;
+    for (field, actual, limit, rule) in [
+        (
+            "max_batch",
+            limits.max_batch,
+            super::MAX_GRAPH_CAPACITY,
+            "16-byte requests entries in the largest plan schedule",
+        ),
+        (
+            "max_q_tokens",
+            limits.max_q_tokens,
+            super::MAX_GRAPH_ROWS,
+            "plan arrays are int32",
+        ),
+        (
+            "max_kv_len",
+            limits.max_kv_len,
+            super::MAX_GRAPH_ROWS,
+            "plan arrays are int32",
+        ),
+    ] {
+        if actual > limit {
+            return Err(Error::LimitExceeded {
+                field,
+                limit,
+                actual,
+                rule,
+            });
+        }
+    }
     let mut best: Option<Requirement> = None;
     for kind in [PlanKind::Decode, PlanKind::Prefill] {
         let cap = Capacities::for_limits(kind, limits)?;
@@ -271,5 +319,9 @@ pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
             }
         });
     }
-    Ok(best.expect("two kinds were sized"))
+    let Some(best) = best else {
+        return Err(Error::SizeOverflow { what: "workspace" });
+    };
+    best.total()?;
+    Ok(best)
 }

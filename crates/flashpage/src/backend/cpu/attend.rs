@@ -354,8 +354,9 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
     sc: &mut Scratch,
 ) {
     let plan = ctx.plan;
-    let item = plan.work_item(w);
-    let req = plan.request(item.request);
+    // w < num_work_items and item.request < batch_size by construction of the plan.
+    let item = plan.work_item_at(w);
+    let req = plan.request_at(item.request);
     let heads = plan.heads();
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
     let rows = item.row_end - item.row_start;
@@ -705,8 +706,8 @@ pub(crate) fn finish_rows<I: Isa, E: Elem>(
     position: impl Fn(usize) -> usize,
 ) {
     let plan = ctx.plan;
-    let item = plan.work_item(w);
-    let req = plan.request(item.request);
+    let item = plan.work_item_at(w);
+    let req = plan.request_at(item.request);
     let heads = plan.heads();
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
     let l = I::LANES;

@@ -42,7 +42,7 @@ const GROUP: usize = 8;
 /// True when work item `w` can run on [`decode`]: every row at one query position, no RoPE
 /// (which rotates K rows before use).
 pub(crate) fn eligible<E>(ctx: &Ctx<'_, E>, w: usize) -> bool {
-    let item = ctx.plan.work_item(w);
+    let item = ctx.plan.work_item_at(w);
     let g = ctx.plan.heads().group_size();
     !ctx.rope && item.row_end > item.row_start && item.row_start / g == (item.row_end - 1) / g
 }
@@ -252,8 +252,8 @@ pub(crate) fn decode<I: Isa, E: Elem>(
     sc: &mut Scratch,
 ) {
     let plan = ctx.plan;
-    let item = plan.work_item(w);
-    let req = plan.request(item.request);
+    let item = plan.work_item_at(w);
+    let req = plan.request_at(item.request);
     let heads = plan.heads();
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
     let rows = item.row_end - item.row_start;

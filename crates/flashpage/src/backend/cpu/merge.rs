@@ -18,7 +18,10 @@ use crate::error::{Error, Result, shape_str};
 #[inline(always)]
 pub(crate) fn merge_row<I: Isa, E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
     let plan = ctx.plan;
-    let mr = plan.merge_row(m);
+    // m < num_merge_rows by construction of the merge step.
+    let Some(mr) = plan.merge_row(m) else {
+        return;
+    };
     let heads = plan.heads();
     let (hq, d) = (heads.num_qo_heads(), heads.head_dim());
     let l = I::LANES;
@@ -214,6 +217,11 @@ pub fn merge_state<E: Elem>(
     check_len("v_b", v_b.len(), &[n, head_dim])?;
     check_len("s_out", s_out.len(), &[n])?;
     check_len("v_out", v_out.len(), &[n, head_dim])?;
+    // Validation (reliability): with no state there is nothing to merge, and the scratch
+    // below is then never sized by `head_dim` alone (the slices bound it otherwise).
+    if n == 0 {
+        return Ok(());
+    }
     let mut acc = vec![0.0f32; head_dim];
     for (i, (out, so)) in v_out
         .chunks_exact_mut(head_dim)
@@ -271,6 +279,11 @@ pub fn merge_state_in_place<E: Elem>(
     check_len("v_other", v_other.len(), &[rows, num_heads, head_dim])?;
     if let Some(m) = mask {
         check_len("mask", m.len(), &[rows])?;
+    }
+    // Validation (reliability): no rows, nothing to merge; the scratch is never sized by
+    // `head_dim` alone (the slices bound it otherwise).
+    if rows == 0 {
+        return Ok(());
     }
     let mut acc = vec![0.0f32; head_dim];
     let mut cur = vec![E::from_f32(0.0); head_dim];
@@ -338,6 +351,11 @@ pub fn merge_states<E: Elem>(
     check_len("v_out", v_out.len(), &[rows, num_heads, head_dim])?;
     check_len("s", s.len(), &[rows, num_states, num_heads])?;
     check_len("v", v.len(), &[rows, num_states, num_heads, head_dim])?;
+    // Validation (reliability): no rows, nothing to merge; the scratch is never sized by
+    // `head_dim` alone (the slices bound it otherwise).
+    if rows == 0 {
+        return Ok(());
+    }
     let mut acc = vec![0.0f32; head_dim];
     for r in 0..rows {
         for h in 0..num_heads {

@@ -38,6 +38,11 @@ use crate::plan::{Plan, PlanKind};
 use crate::tensor::{TensorMut, TensorRef};
 use crate::workspace::CPU_BASE_ALIGN;
 
+/// The most threads a [`CpuBackend`] starts (4096): the one thread limit of the library,
+/// checked before any thread starts. Callers that take a thread count from users (the CLI's
+/// `--threads`) check against it too.
+pub const MAX_THREADS: usize = 4096;
+
 /// The CPU backend: a thread pool of an explicit size and a SIMD level.
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
@@ -60,8 +65,17 @@ impl CpuBackend {
         Self::with_simd(threads, SimdLevel::detect())
     }
 
-    /// A backend with a chosen SIMD level (an error if this machine lacks it).
+    /// A backend with a chosen SIMD level (an error if this machine lacks it). More than
+    /// [`MAX_THREADS`] threads is an [`Error::LimitExceeded`], raised before any thread starts.
     pub fn with_simd(threads: usize, simd: SimdLevel) -> Result<Self> {
+        if threads > MAX_THREADS {
+            return Err(Error::LimitExceeded {
+                field: "threads",
+                limit: MAX_THREADS,
+                actual: threads,
+                rule: "most threads of a cpu backend",
+            });
+        }
         if !simd.is_available() {
             return Err(Error::BackendUnavailable {
                 backend: "cpu",
@@ -69,7 +83,7 @@ impl CpuBackend {
             });
         }
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS))
         } else {
             threads
         };

@@ -112,7 +112,7 @@ impl CudaGraph {
                 });
             }
             for r in 0..plan.batch_size() {
-                let req = plan.request(r);
+                let Some(req) = plan.request(r) else { continue };
                 let (end, have, what) = if plan.is_paged() {
                     (
                         req.kv_start + req.kv_len.div_ceil(plan.page_size()),

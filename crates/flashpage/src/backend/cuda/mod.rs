@@ -391,6 +391,7 @@ impl CudaBackend {
             num_pages: args.num_pages,
             kv_indices: args.host_kv_indices,
             num_indices: args.kv_indices.len(),
+            paged: None,
         };
         let row_cap = (q_len / (hq * d))
             .min(o_len / (hq * d))
