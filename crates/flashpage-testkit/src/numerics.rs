@@ -21,6 +21,8 @@
 //! extreme logits agree between SIMD levels). The `numerics` fuzz target turns strict mode
 //! on when the environment has `FLASHPAGE_NUMERICS_STRICT=1`.
 
+use std::sync::OnceLock;
+
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::layout::{DType, HeadConfig, KvLayout};
 use flashpage::options::{AttentionOptions, PosEncoding};
@@ -306,6 +308,28 @@ fn check_outputs(
     Ok(())
 }
 
+/// The CPU backend with `threads` threads (1 to 3) at `level`, started once per process: a
+/// fuzz run checks thousands of inputs, and thread pools started and stopped per input cost
+/// time and leave thread-exit bookkeeping that leak checkers report.
+fn backend(threads: usize, level: SimdLevel) -> Result<&'static CpuBackend, String> {
+    static BACKENDS: OnceLock<Vec<(usize, SimdLevel, CpuBackend)>> = OnceLock::new();
+    let all = BACKENDS.get_or_init(|| {
+        let mut v = Vec::new();
+        for t in 1..=3 {
+            for l in SimdLevel::available() {
+                if let Ok(b) = CpuBackend::with_simd(t, l) {
+                    v.push((t, l, b));
+                }
+            }
+        }
+        v
+    });
+    all.iter()
+        .find(|(t, l, _)| *t == threads && *l == level)
+        .map(|(_, _, b)| b)
+        .ok_or_else(|| format!("no cpu backend with {threads} threads at {}", level.name()))
+}
+
 /// Decodes `bytes` into a case and checks the numeric contract on every SIMD level of this
 /// machine (strict mode also generates the classes described in the module docs). `Ok` for
 /// bytes that decode to no valid case.
@@ -319,10 +343,10 @@ pub fn check_bytes(bytes: &[u8], strict: bool) -> Result<(), String> {
     let parallelism = 1 + b.below(64);
     let cfg = PlanConfig::with_parallelism(parallelism);
     for level in SimdLevel::available() {
-        let cpu = CpuBackend::with_simd(threads, level).map_err(|e| e.to_string())?;
+        let cpu = backend(threads, level)?;
         let (o, lse) = g
             .data
-            .run_on(&cpu as &dyn HostRunner, &cfg)
+            .run_on(cpu as &dyn HostRunner, &cfg)
             .map_err(|e| format!("{}: {e}", level.name()))?;
         let label = format!(
             "{} ({:?}, {:?}, {} threads, parallelism {parallelism})",
