@@ -206,9 +206,9 @@ impl Plan {
         options: &AttentionOptions,
         limits: &WorkspaceLimits,
     ) -> Result<Plan> {
-        let bound = check_within(batch, options, limits)?;
+        let (vb, bound) = check_within(batch, options, limits)?;
         let mut plan = Plan::new_empty(batch.heads, options, &limits.config)?;
-        plan.build(batch, options, &limits.config, Some(&bound))?;
+        plan.build_valid(&vb, &limits.config, Some(&bound))?;
         plan.limits = Some(*limits);
         Ok(plan)
     }
@@ -252,8 +252,8 @@ impl Plan {
         }
         match self.limits {
             Some(limits) => {
-                let bound = check_within(batch, options, &limits)?;
-                self.build(batch, options, &limits.config, Some(&bound))
+                let (vb, bound) = check_within(batch, options, &limits)?;
+                self.build_valid(&vb, &limits.config, Some(&bound))
             }
             None => self.build(batch, options, &config, None),
         }
@@ -732,12 +732,13 @@ impl Plan {
 }
 
 /// Checks `batch` against `limits` (heads, batch size, query rows, longest request) and
-/// returns the workspace bound every plan within them fits.
-fn check_within(
-    batch: &BatchDesc<'_>,
+/// returns the validated batch (so it is not validated again to be planned) and the
+/// workspace bound every plan within the limits fits.
+fn check_within<'a>(
+    batch: &BatchDesc<'a>,
     options: &AttentionOptions,
     limits: &WorkspaceLimits,
-) -> Result<Requirement> {
+) -> Result<(ValidBatch<'a>, Requirement)> {
     if batch.heads != limits.heads {
         return Err(Error::PlanMismatch {
             what: "head configuration",
@@ -770,7 +771,7 @@ fn check_within(
             });
         }
     }
-    workspace_size(limits)
+    Ok((vb, workspace_size(limits)?))
 }
 
 /// The largest graph capacity (at most `g.batch`) whose graph-mode schedule fits
