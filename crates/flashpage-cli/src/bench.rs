@@ -26,7 +26,8 @@ use flashpage_testkit::suite;
 use serde_json::json;
 
 use crate::bench_args::median;
-pub use crate::bench_args::{BenchArgs, What};
+pub use crate::bench_args::{BenchArgs, Peer, What};
+use crate::bench_peer::{PeerResult, Timing, TorchPeer};
 use crate::{BackendArg, CliError};
 
 /// This machine's CPU model, family and model number (from `/proc/cpuinfo`), for the
@@ -83,11 +84,29 @@ const MIN_SECONDS: f64 = 1.0;
 const MAX_CALLS: usize = 2000;
 const FLOOR_CALLS: usize = 3;
 const BUDGET_SECONDS: f64 = 10.0;
+/// The same rule, handed to the peer.
+const TIMING: Timing = Timing {
+    min_calls: MIN_CALLS,
+    min_seconds: MIN_SECONDS,
+    max_calls: MAX_CALLS,
+    floor_calls: FLOOR_CALLS,
+    budget_seconds: BUDGET_SECONDS,
+};
 /// Cache-level read ceiling: a buffer that fits the last-level cache of current CPUs.
 const CACHE_BYTES: usize = 8 << 20;
 
 pub fn main(args: BenchArgs) -> Result<(), CliError> {
     crate::check_threads(args.threads)?;
+    if args.peer.is_some() && args.backend == BackendArg::Cuda {
+        return Err(CliError::invalid(
+            "--peer torch runs beside the cpu backend: expected --backend cpu, got cuda",
+        ));
+    }
+    if args.python.is_some() && args.peer.is_none() {
+        return Err(CliError::invalid(
+            "--python names the interpreter of --peer torch: expected --peer torch with it",
+        ));
+    }
     if args.backend == BackendArg::Cuda {
         #[cfg(feature = "cuda")]
         {
@@ -136,6 +155,18 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             args.filter.as_deref().unwrap_or("")
         )));
     }
+    // The peer's interpreter must import torch: checked before any thread starts.
+    let peer = match args.peer {
+        Some(Peer::Torch) if !cases.is_empty() => Some(TorchPeer::probe(
+            &crate::bench_peer::python_for(args.python.as_deref()),
+        )?),
+        Some(Peer::Torch) => {
+            return Err(CliError::invalid(
+                "--peer torch compares decode and prefill cases: none selected (bench plan has no peer)",
+            ));
+        }
+        None => None,
+    };
     // Threads start only once every argument has been checked.
     let cpu = match level {
         None => CpuBackend::new(args.threads.unwrap_or(0))?,
@@ -158,7 +189,7 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     } else {
         progress.step("measuring the machine's ceilings");
         let c = Ceilings::measure(threads);
-        c.print(&cpu, simd_forced, args.json);
+        c.print(&cpu, simd_forced, peer.as_ref(), args.json);
         Some(c)
     };
 
@@ -167,7 +198,30 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
         progress.step(&format!("{} {}", case.spec.name, case.spec.dtype.name()));
         let ceilings = ceilings.as_ref().expect("measured when there are cases");
         match run_case(&cpu, case, ceilings) {
-            Ok(r) => r.print(args.json),
+            // The peer runs after the case's inputs are freed (its own copy of the shape).
+            Ok(r) => match &peer {
+                None => r.print(None, args.json),
+                Some(p) => {
+                    progress.note(&format!("peer torch {}", case.spec.name));
+                    match p.run(&case.spec, threads, TIMING) {
+                        Ok(pr) => r.print(Some(&pr), args.json),
+                        Err(e) => {
+                            r.print(None, args.json);
+                            let msg = format!("{} {}: {e}", case.spec.name, case.spec.dtype.name());
+                            if args.json {
+                                println!(
+                                    "{}",
+                                    json!({"case": case.spec.name, "dtype": case.spec.dtype.name(),
+                                           "backend": "cpu", "peer": "torch", "peer_error": msg})
+                                );
+                            } else {
+                                println!("{:34} {:5} peer torch FAILED: {e}", "", "");
+                            }
+                            failures.push(msg);
+                        }
+                    }
+                }
+            },
             Err(e) => {
                 let msg = format!("{} {}: {e}", case.spec.name, case.spec.dtype.name());
                 if args.json {
@@ -311,22 +365,25 @@ impl Ceilings {
         }
     }
 
-    fn print(&self, cpu: &CpuBackend, simd_forced: bool, json: bool) {
+    fn print(&self, cpu: &CpuBackend, simd_forced: bool, peer: Option<&TorchPeer>, json: bool) {
         let load = std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|s| s.split_whitespace().next().map(str::to_string))
             .unwrap_or_else(|| "unknown".into());
         let when = utc_now();
         if json {
-            println!(
-                "{}",
-                json!({"type": "ceilings", "backend": "cpu", "threads": self.threads,
+            let mut v = json!({"type": "ceilings", "backend": "cpu", "threads": self.threads,
                        "cpu": cpu_model(), "simd": cpu.simd().name(),
                        "simd_forced": simd_forced, "read_gbps": self.read_gbps,
                        "read_bytes": ceiling::DRAM_BYTES, "cache_gbps": self.cache_gbps,
                        "cache_bytes": CACHE_BYTES, "fma_gflops": self.fma_gflops,
-                       "time": when, "load_avg_1m": load})
-            );
+                       "time": when, "load_avg_1m": load});
+            if let Some(p) = peer {
+                v["peer"] = json!("torch");
+                v["peer_python"] = json!(p.python);
+                v["peer_torch_version"] = json!(p.torch_version);
+            }
+            println!("{v}");
         } else {
             println!(
                 "flashpage bench: cpu backend, {}, {} threads, simd {}{}, {when}, load average {load}",
@@ -343,6 +400,12 @@ impl Ceilings {
                 CACHE_BYTES >> 20,
                 self.fma_gflops
             );
+            if let Some(p) = peer {
+                println!(
+                    "peer: torch {} SDPA via {} ({} threads; K/V gathered from the paged cache into contiguous tensors before timing, gather not timed; no soft-cap, which SDPA lacks); ratio = torch time / flashpage time",
+                    p.torch_version, p.python, self.threads
+                );
+            }
             println!(
                 "{:34} {:5} {:>11} {:>16} {:>9} {:>6}  verified (sample)",
                 "case", "dtype", "median us", "rate", "ceiling", "calls"
@@ -369,7 +432,12 @@ struct CaseResult {
 }
 
 impl CaseResult {
-    fn print(&self, json: bool) {
+    /// The peer's rate on the same work (bytes or FLOPs) in the same unit as `rate`.
+    fn peer_rate(&self, p: &PeerResult) -> f64 {
+        self.rate * self.us / p.us
+    }
+
+    fn print(&self, peer: Option<&PeerResult>, json: bool) {
         if json {
             let mut v = json!({
                 "case": self.name, "dtype": self.dtype.name(), "backend": "cpu",
@@ -384,6 +452,21 @@ impl CaseResult {
                 "ceiling_gflops"
             };
             v[ckey] = json!(self.ceiling);
+            if let Some(p) = peer {
+                v["peer"] = json!("torch");
+                v["peer_us"] = json!(p.us);
+                v[if self.decode {
+                    "peer_gbps"
+                } else {
+                    "peer_tflops"
+                }] = json!(self.peer_rate(p));
+                v["peer_ratio"] = json!(p.us / self.us);
+                v["peer_cpu_us"] = json!(p.cpu_us);
+                v["peer_gather_us"] = json!(p.gather_us);
+                v["peer_calls"] = json!(p.calls);
+                v["peer_sdpa_backend"] = json!(p.sdpa_backend);
+                v["peer_soft_cap_skipped"] = json!(p.soft_cap_skipped);
+            }
             println!("{v}");
         } else {
             let rate = if self.decode {
@@ -403,6 +486,30 @@ impl CaseResult {
                 self.lse_error,
                 self.sample
             );
+            if let Some(p) = peer {
+                let rate = if self.decode {
+                    format!("{:.2} GB/s", self.peer_rate(p))
+                } else {
+                    format!("{:.3} TFLOP/s", self.peer_rate(p))
+                };
+                println!(
+                    "{:>34} {:5} {:>11.1} {:>16} {:>9} {:>6}  ratio {:.2}x (torch/flashpage time); {}, gather {:.0} us not timed{}",
+                    "peer torch",
+                    "",
+                    p.us,
+                    rate,
+                    "",
+                    p.calls,
+                    p.us / self.us,
+                    p.sdpa_backend,
+                    p.gather_us,
+                    if p.soft_cap_skipped {
+                        ", without the soft-cap"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
     }
 }
@@ -684,6 +791,18 @@ impl Progress {
             );
         }
         self.done += 1;
+    }
+
+    /// A line about work within the current step (no bar advance).
+    fn note(&self, what: &str) {
+        let mut err = std::io::stderr().lock();
+        let elapsed = self.start.elapsed().as_secs_f64();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{:.0}s {what}", elapsed);
+            let _ = err.flush();
+        } else {
+            let _ = writeln!(err, "{:.0}s {what}", elapsed);
+        }
     }
 
     fn finish(&self) {

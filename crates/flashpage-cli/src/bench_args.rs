@@ -44,6 +44,22 @@ pub struct BenchArgs {
     /// this machine has). A forced level is printed as forced.
     #[arg(long)]
     pub simd: Option<String>,
+    /// Run a peer on the same shapes and thread count after each case and print both
+    /// figures and their ratio (`torch`: PyTorch's SDPA through `scripts/peer_torch.py`;
+    /// CPU backend, decode and prefill cases).
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
+    /// The Python interpreter of `--peer torch` (default: `$FLASHPAGE_PYTHON`, else
+    /// `python3`); it must be able to `import torch`.
+    #[arg(long)]
+    pub python: Option<String>,
+}
+
+/// A peer implementation benchmarked beside each case.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// PyTorch's `scaled_dot_product_attention` (CPU).
+    Torch,
 }
 
 /// The median of `v` (sorted in place); the figure every bench row reports.

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod bench_args;
 #[cfg(feature = "cuda")]
 pub mod bench_cuda;
+pub mod bench_peer;
 pub mod check;
 pub mod cli_error;
 pub mod files;
