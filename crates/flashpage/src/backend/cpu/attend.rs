@@ -11,6 +11,7 @@
 
 use super::ctx::{Ctx, Scratch};
 use super::elem::Elem;
+use super::prefill;
 use super::simd::Isa;
 use super::tile::{Bf16Tiles, KEY_BLOCK, PREFETCH_STRIDE, prefetch_rows};
 use crate::layout::DType;
@@ -537,12 +538,19 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                         );
                     }
                 }
-                let mut kp = [sc.k.as_ptr(); KEY_BLOCK];
-                for (j, p) in kp.iter_mut().enumerate() {
-                    *p = p.wrapping_add(j * d);
+                if prefill::packed::<I>() {
+                    // The block's K rows as a transposed panel, and S on it (`prefill.rs`).
+                    prefill::pack_kt(&sc.k, nb, d, &mut sc.kt);
+                    // SAFETY: q holds rows·d, kt d·KEY_BLOCK (pack_kt), s rows·KEY_BLOCK.
+                    unsafe { prefill::s_packed::<I>(q, d, rows, &sc.kt, s) };
+                } else {
+                    let mut kp = [sc.k.as_ptr(); KEY_BLOCK];
+                    for (j, p) in kp.iter_mut().enumerate() {
+                        *p = p.wrapping_add(j * d);
+                    }
+                    // SAFETY: scratch k holds KEY_BLOCK rows of d.
+                    unsafe { s_dispatch::<I, f32>(q, d, rows, &kp, nb, s, &kp, 0) };
                 }
-                // SAFETY: scratch k holds KEY_BLOCK rows of d.
-                unsafe { s_dispatch::<I, f32>(q, d, rows, &kp, nb, s, &kp, 0) };
             }
 
             // Scores that overflowed (or came from non-finite inputs) are recomputed exactly;
@@ -675,6 +683,9 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                 }
                 // SAFETY: as for k (block_offsets checks against both).
                 unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, vis, &vp, nb, &pfv, npk) };
+            } else if prefill::packed::<I>() {
+                // SAFETY: scratch v holds KEY_BLOCK rows of d, vis ranges within 0..nb.
+                unsafe { prefill::pv_packed::<I>(acc, d, rows, corr, s, vis, &sc.v, nb) };
             } else {
                 let mut vp = [sc.v.as_ptr(); KEY_BLOCK];
                 for (j, p) in vp.iter_mut().enumerate() {

@@ -81,6 +81,8 @@ pub(crate) struct Scratch {
     pub(crate) qb: Vec<u16>,
     pub(crate) k: Vec<f32>,
     pub(crate) v: Vec<f32>,
+    /// The widened K rows transposed into a panel (`prefill::pack_kt`).
+    pub(crate) kt: Vec<f32>,
     pub(crate) s: Vec<f32>,
     pub(crate) acc: Vec<f32>,
     pub(crate) m: Vec<f32>,
@@ -104,6 +106,7 @@ impl Default for Scratch {
             qb: Vec::new(),
             k: Vec::new(),
             v: Vec::new(),
+            kt: Vec::new(),
             s: Vec::new(),
             acc: Vec::new(),
             m: Vec::new(),

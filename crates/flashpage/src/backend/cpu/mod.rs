@@ -19,6 +19,7 @@ mod dispatch;
 mod dpbf16;
 mod elem;
 mod merge;
+mod prefill;
 pub mod simd;
 mod tile;
 
