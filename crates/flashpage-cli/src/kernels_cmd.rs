@@ -19,6 +19,7 @@ use std::sync::Mutex;
 
 use clap::Args;
 use flashpage::backend::cuda::launch::DecodeVariant;
+use flashpage::backend::cuda::prefill::{MIN_ARCH, PrefillVariant};
 use flashpage::backend::cuda::report::{KernelReport, KernelSpec, OfflineCompiler};
 use flashpage::{AttentionOptions, BatchBuilder, DType, HeadConfig, Plan, PlanConfig, PlanKind};
 use serde_json::json;
@@ -74,6 +75,9 @@ pub fn kernel_set(all: bool, head_dims: &[usize]) -> Vec<KernelSpec> {
                         )));
                     }
                 }
+                if let Some(v) = PrefillVariant::with_head_dim(d, dtype) {
+                    push(KernelSpec::Prefill(v));
+                }
                 push(KernelSpec::Merge { head_dim: d, dtype });
             }
         }
@@ -89,9 +93,16 @@ pub fn kernel_set(all: bool, head_dims: &[usize]) -> Vec<KernelSpec> {
                 };
                 for dtype in [DType::BF16, DType::F16] {
                     for kind in [PlanKind::Decode, PlanKind::Prefill] {
-                        push(KernelSpec::Decode(DecodeVariant::new(
-                            &heads, kind, dtype, false,
-                        )));
+                        // Prefill runs on the tensor-core kernel where it applies (sm_80+;
+                        // both reference architectures).
+                        push(
+                            match PrefillVariant::new(&heads, kind, dtype, false, MIN_ARCH) {
+                                Some(v) => KernelSpec::Prefill(v),
+                                None => KernelSpec::Decode(DecodeVariant::new(
+                                    &heads, kind, dtype, false,
+                                )),
+                            },
+                        );
                     }
                     push(KernelSpec::Merge { head_dim: d, dtype });
                 }
@@ -253,6 +264,7 @@ fn print_report(r: &KernelReport, json: bool) {
     let res = &r.resources;
     let budget = match r.spec {
         KernelSpec::Decode(v) => Some(v.min_blocks),
+        KernelSpec::Prefill(v) => Some(v.min_blocks),
         _ => None,
     };
     if json {
@@ -272,6 +284,13 @@ fn print_report(r: &KernelReport, json: bool) {
                 o["rows"] = json!(v.rows);
                 o["unroll"] = json!(v.unroll);
                 o["rope"] = json!(v.rope);
+                o["min_blocks"] = json!(v.min_blocks);
+            }
+            KernelSpec::Prefill(v) => {
+                o["kernel"] = json!("prefill");
+                o["head_dim"] = json!(v.head_dim);
+                o["dtype"] = json!(v.dtype.name());
+                o["block_n"] = json!(v.block_n);
                 o["min_blocks"] = json!(v.min_blocks);
             }
             KernelSpec::Merge { head_dim, dtype } => {

@@ -81,16 +81,18 @@ fn kernels_default_set_into_a_cache() {
     assert_eq!(lines[0]["type"], "nvrtc");
     let kernels: Vec<&Value> = lines.iter().filter(|l| l["type"] == "kernel").collect();
     let cases: Vec<&Value> = lines.iter().filter(|l| l["type"] == "case").collect();
-    // llama3-8b and gemma2-27b, bf16 and f16: 2 decode + 1 prefill variants per dtype, a
-    // merge kernel per dtype, the bandwidth probe.
+    // llama3-8b and gemma2-27b, bf16 and f16: 2 decode + 1 prefill (tensor-core) variants
+    // per dtype, a merge kernel per dtype, the bandwidth probe.
     assert_eq!(kernels.len(), 9, "{lines:?}");
+    let prefill = kernels.iter().filter(|k| k["kernel"] == "prefill").count();
+    assert_eq!(prefill, 2, "{lines:?}");
     assert_eq!(cases.len(), 12, "{lines:?}");
     for k in &kernels {
         assert_eq!(k["arch"], "sm_90a");
         assert!(k["registers"].as_u64().unwrap() > 0, "{k}");
         assert!(k["compile_ms"].as_f64().unwrap() > 0.0, "{k}");
         assert_eq!(k["warnings"].as_array().unwrap().len(), 0, "{k}");
-        if k["kernel"] == "decode" {
+        if k["kernel"] == "decode" || k["kernel"] == "prefill" {
             assert_eq!(k["spill_store_bytes"], 0, "{k}");
             assert_eq!(k["stack_bytes"], 0, "{k}");
             assert!(

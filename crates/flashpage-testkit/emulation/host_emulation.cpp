@@ -143,7 +143,13 @@ static inline u32 f32_to_bf16_bits(float f) {
     return u >> 16;
 }
 
+#if FP_PREFILL
+// The tensor-core prefill kernel (its variants are built with -DFP_PREFILL=1).
+#include "tensor_core_emulation.hpp"
+#include "prefill.cu"
+#else
 #include "decode.cu"
+#endif
 #include "merge.cu"
 
 static bool read_exact(FILE* f, void* p, size_t n) { return std::fread(p, 1, n, f) == n; }
@@ -179,6 +185,15 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
 }
 
 int main(int argc, char** argv) {
+#if FP_PREFILL
+    if (argc == 2 && std::strcmp(argv[1], "--self-test") == 0) {
+        // The emulated ldmatrix + mma against a plain matrix product (one warp).
+        static int mismatches = 0;
+        launch(1, 1, 32, [] { tc_self_test_warp(&mismatches); });
+        std::printf("tensor-core self-test: %d mismatching elements\n", mismatches);
+        return mismatches == 0 ? 0 : 6;
+    }
+#endif
     if (argc != 3) {
         std::fprintf(stderr, "usage: host_emulation <input> <output>\n");
         return 2;
@@ -222,7 +237,11 @@ int main(int argc, char** argv) {
     p.o = addr(6);
     p.lse = bufs[7].size() > 16 ? addr(7) : 0;
     if (dims[0] > 0) {
+#if FP_PREFILL
+        launch(dims[0], dims[1], PF_THREADS, [p] { fp_prefill(p); });
+#else
         launch(dims[0], dims[1], NT, [p] { fp_decode(p); });
+#endif
     }
     if (dims[3] && dims[2] > 0) {
         launch(dims[2], 1, 128, [p] { fp_merge(p); });

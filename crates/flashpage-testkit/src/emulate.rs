@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use flashpage::Plan;
 use flashpage::backend::cuda::KERNEL_SOURCES;
 use flashpage::backend::cuda::launch::{self, Buffers, DecodeVariant};
+use flashpage::backend::cuda::prefill::PrefillVariant;
 use flashpage::tensor::Tensor;
 
 use crate::case::{CaseData, KvStorage};
@@ -20,6 +21,16 @@ const DRIVER: (&str, &str) = (
     "host_emulation.cpp",
     include_str!("../emulation/host_emulation.cpp"),
 );
+
+/// The host `mma.sync` / `ldmatrix` / `cp.async` the prefill kernel runs on.
+const TENSOR_CORE: (&str, &str) = (
+    "tensor_core_emulation.hpp",
+    include_str!("../emulation/tensor_core_emulation.hpp"),
+);
+
+/// The compute capability the emulation stands for when it picks a plan's kernel (an
+/// H100's: prefill plans the tensor-core kernel takes run on it, as on the device).
+pub const EMULATED_ARCH: u32 = 90;
 
 fn compiler() -> Option<String> {
     let cands = [
@@ -54,16 +65,34 @@ impl Emulator {
         let dir =
             std::env::temp_dir().join(format!("flashpage-emulation-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for (name, text) in KERNEL_SOURCES.iter().chain(std::iter::once(&DRIVER)) {
+        for (name, text) in KERNEL_SOURCES.iter().chain([&DRIVER, &TENSOR_CORE]) {
             std::fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"))?;
         }
         Ok(Emulator { cxx, dir })
     }
 
-    /// Runs `plan` over `data` on the emulated kernels: decode items, then the merge.
-    /// Returns `(o, lse)`.
+    /// Runs `plan` over `data` on the emulated kernels: the work items (on the tensor-core
+    /// prefill kernel where the device would run them there, else the attention kernel),
+    /// then the merge. Returns `(o, lse)`.
     pub fn run(&self, data: &CaseData, plan: &Plan) -> (Tensor, Vec<f32>) {
         emulate(&self.cxx, &self.dir, data, plan)
+    }
+
+    /// Runs the emulated `ldmatrix` + `mma.sync` of `variant`'s dtype on one warp against a
+    /// plain matrix product of distinct values (`host_emulation --self-test`); returns the
+    /// emulator's report, or what went wrong.
+    pub fn tensor_core_self_test(&self, variant: &PrefillVariant) -> Result<String, String> {
+        let exe = build(&self.cxx, &self.dir, &variant.defines());
+        let out = Command::new(&exe)
+            .arg("--self-test")
+            .output()
+            .map_err(|e| format!("{}: {e}", exe.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{}: {text}", out.status))
+        }
     }
 }
 
@@ -175,8 +204,11 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
     ] {
         input.extend_from_slice(&d.to_le_bytes());
     }
-    let variant = DecodeVariant::for_plan(plan, dt);
-    let exe = build(cxx, dir, &variant.defines());
+    let defines = match PrefillVariant::for_plan(plan, dt, EMULATED_ARCH) {
+        Some(v) => v.defines(),
+        None => DecodeVariant::for_plan(plan, dt).defines(),
+    };
+    let exe = build(cxx, dir, &defines);
     let tag = format!("{:?}-{}", std::thread::current().id(), data.spec.name.len());
     let (inp, outp) = (
         dir.join(format!("in-{tag}")),

@@ -3,9 +3,10 @@
 #![cfg(feature = "cuda")]
 
 use flashpage::backend::cpu::CpuBackend;
+use flashpage::backend::cuda::prefill::PrefillVariant;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, PlanConfig, PosEncoding};
 use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
-use flashpage_testkit::emulate::Emulator;
+use flashpage_testkit::emulate::{EMULATED_ARCH, Emulator};
 
 fn check(emu: &Emulator, cpu: &CpuBackend, spec: &CaseSpec, config: &PlanConfig, seed: u64) {
     let data = spec.materialise(seed).unwrap();
@@ -291,4 +292,137 @@ fn emulated_rope_long_positions_f32() {
         scale: 0.25,
     };
     check(&emu, &cpu, &s, &PlanConfig::with_parallelism(8), seed(10));
+}
+
+/// The emulated `ldmatrix` (plain and `.trans`) and `mma.sync.m16n8k16` against a plain
+/// matrix product of distinct values, for both 16-bit dtypes: a fragment held in the wrong
+/// register, transposed or permuted, gives a different product.
+#[test]
+fn emulated_tensor_core_fragments_match_a_plain_product() {
+    let (emu, _cpu) = setup("tc_self_test");
+    for dt in [DType::BF16, DType::F16] {
+        let v = PrefillVariant::with_head_dim(64, dt).unwrap();
+        let report = emu
+            .tensor_core_self_test(&v)
+            .unwrap_or_else(|e| panic!("{}: {e}", dt.name()));
+        assert!(report.contains(" 0 mismatching"), "{report}");
+    }
+}
+
+/// Every variant of the tensor-core prefill kernel against the f64 reference and the CPU
+/// backend (poisoned outputs and float workspace, bytes after each written buffer checked):
+/// f16 and bf16, causal, sliding window, soft-cap, ALiBi, custom scale, GQA groups 1 to 8,
+/// head dims 16 to 128, paged (NHD, HND, combined, page sizes 1 to 16) and ragged K/V,
+/// unsplit and split (partial states merged by the merge kernel), rows past one 64-row pass
+/// and KV past one tile, empty requests.
+#[test]
+fn emulated_tensor_core_prefill_matches_reference_and_cpu() {
+    let (emu, cpu) = setup("tc_prefill");
+    let causal = AttentionOptions::default().with_causal(true);
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(
+        &str,
+        (usize, usize, usize),
+        usize,
+        KvLayout,
+        KvStorage,
+        AttentionOptions,
+        Vec<(usize, usize)>,
+    )> = vec![
+        (
+            "gqa4 causal paged",
+            (8, 2, 64),
+            16,
+            KvLayout::Nhd,
+            KvStorage::Separate,
+            causal,
+            vec![(5, 40), (0, 0), (3, 3), (21, 150)],
+        ),
+        (
+            "gqa2 ragged",
+            (4, 2, 64),
+            16,
+            KvLayout::Nhd,
+            KvStorage::Ragged,
+            AttentionOptions::default(),
+            vec![(9, 70), (1, 1), (0, 5), (40, 40)],
+        ),
+        (
+            "window soft-cap causal hnd",
+            (4, 1, 64),
+            3,
+            KvLayout::Hnd,
+            KvStorage::Separate,
+            causal.with_window_left(20).with_logits_soft_cap(4.0),
+            vec![(30, 100), (7, 7)],
+        ),
+        (
+            "alibi scale combined d128",
+            (4, 4, 128),
+            1,
+            KvLayout::Nhd,
+            KvStorage::Combined,
+            AttentionOptions::default()
+                .with_pos_encoding(PosEncoding::Alibi)
+                .with_sm_scale(0.05),
+            vec![(17, 80), (2, 9)],
+        ),
+        (
+            "gqa8 d80 window only",
+            (8, 1, 80),
+            7,
+            KvLayout::Nhd,
+            KvStorage::Separate,
+            AttentionOptions::default().with_window_left(33),
+            vec![(12, 90)],
+        ),
+        (
+            "mha d16 causal alibi soft-cap",
+            (2, 2, 16),
+            16,
+            KvLayout::Hnd,
+            KvStorage::Separate,
+            causal
+                .with_pos_encoding(PosEncoding::Alibi)
+                .with_logits_soft_cap(10.0),
+            vec![(33, 70), (4, 64)],
+        ),
+    ];
+    let mut i = 0;
+    for (name, (hq, hkv, d), ps, layout, storage, options, requests) in cases {
+        for dt in [DType::BF16, DType::F16] {
+            let h = HeadConfig::new(hq, hkv, d).unwrap();
+            let mut s = CaseSpec::decode("tc", h, ps, 1, 0, dt);
+            s.name = format!("tc prefill {name} {}", dt.name());
+            s.decode = false;
+            s.layout = layout;
+            s.storage = storage;
+            s.options = options;
+            s.requests = requests.clone();
+            s.input_scale = 2.0;
+            // Unsplit; split into small KV chunks (not multiples of the kernel's tile);
+            // two 64-row passes per work item.
+            let mut split = PlanConfig::with_parallelism(64);
+            split.min_kv_chunk = 16;
+            let mut wide = PlanConfig::with_parallelism(1);
+            wide.q_tile = 128;
+            for (k, config) in [PlanConfig::with_parallelism(1), split, wide]
+                .into_iter()
+                .enumerate()
+            {
+                let data = s.materialise(seed(500 + i)).unwrap();
+                let plan = data.plan(&config).unwrap();
+                assert!(
+                    PrefillVariant::for_plan(&plan, dt, EMULATED_ARCH).is_some(),
+                    "{}: not routed to the tensor-core kernel",
+                    s.name
+                );
+                if k == 1 {
+                    assert!(plan.num_merge_rows() > 0, "{}: no split rows", s.name);
+                }
+                check(&emu, &cpu, &s, &config, seed(500 + i));
+                i += 1;
+            }
+        }
+    }
 }

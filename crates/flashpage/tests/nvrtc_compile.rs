@@ -14,6 +14,7 @@
 use std::sync::Mutex;
 
 use flashpage::backend::cuda::launch::DecodeVariant;
+use flashpage::backend::cuda::prefill::PrefillVariant;
 use flashpage::backend::cuda::report::{KernelReport, KernelSpec, OfflineCompiler};
 use flashpage::{DType, Error};
 
@@ -81,6 +82,68 @@ fn compile_all(
     out.into_iter()
         .map(|m| m.into_inner().unwrap().expect("every job ran"))
         .collect()
+}
+
+/// The tensor-core prefill kernel, every variant it is routed for at the head dims of the
+/// standard matrices and around them (16, 64, 80, 128), f16 and bf16, on sm_90a and sm_80:
+/// no warning, no spill, no stack frame, at least its budget of resident blocks per SM.
+#[test]
+fn prefill_kernels_compile_without_spills() {
+    let Some(c) = compiler(None) else { return };
+    let mut jobs = Vec::new();
+    for arch in ["sm_90a", "sm_80"] {
+        for d in [16, 64, 80, 128] {
+            for dtype in [DType::BF16, DType::F16] {
+                let v = PrefillVariant::with_head_dim(d, dtype).expect("a routed head dim");
+                jobs.push((arch, KernelSpec::Prefill(v)));
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for ((arch, spec), r) in jobs.iter().zip(compile_all(&c, &jobs)) {
+        let name = format!("{arch} {}", spec.name());
+        let rep = match r {
+            Ok(rep) => rep,
+            Err(e) => {
+                problems.push(format!("{name}: compile error: {e}"));
+                continue;
+            }
+        };
+        let res = rep.resources;
+        println!(
+            "{name:40} regs {:3} spills {}/{} smem {:6} stack {:3} blocks/SM {:?} {:6.0} ms",
+            res.registers,
+            res.spill_store_bytes,
+            res.spill_load_bytes,
+            res.shared_bytes,
+            res.stack_bytes,
+            rep.blocks_per_sm,
+            rep.compile_ms
+        );
+        let KernelSpec::Prefill(v) = spec else {
+            unreachable!("only prefill jobs")
+        };
+        if !rep.warnings.is_empty() {
+            problems.push(format!("{name}: warnings {:?}", rep.warnings));
+        }
+        if res.registers == 0 {
+            problems.push(format!("{name}: no register count in the report"));
+        }
+        if res.spill_store_bytes > 0 || res.spill_load_bytes > 0 || res.stack_bytes > 0 {
+            problems.push(format!(
+                "{name}: spills {}/{} bytes, stack {}",
+                res.spill_store_bytes, res.spill_load_bytes, res.stack_bytes
+            ));
+        }
+        match rep.blocks_per_sm {
+            Some(b) if b as usize >= v.min_blocks => {}
+            other => problems.push(format!(
+                "{name}: {other:?} resident blocks per SM, budget {}",
+                v.min_blocks
+            )),
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 #[test]

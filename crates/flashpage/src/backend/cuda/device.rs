@@ -14,9 +14,10 @@ use crate::workspace::CUDA_BASE_ALIGN;
 
 /// The sources of the kernels, by file name (`common.cuh` is prepended to the others at
 /// compile time), for offline tools such as the host emulation.
-pub const KERNEL_SOURCES: [(&str, &str); 4] = [
+pub const KERNEL_SOURCES: [(&str, &str); 5] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("decode.cu", include_str!("kernels/decode.cu")),
+    ("prefill.cu", include_str!("kernels/prefill.cu")),
     ("merge.cu", include_str!("kernels/merge.cu")),
     ("bandwidth.cu", include_str!("kernels/bandwidth.cu")),
 ];
@@ -25,6 +26,11 @@ pub(super) const DECODE_SRC: &str = concat!(
     include_str!("kernels/common.cuh"),
     "\n",
     include_str!("kernels/decode.cu")
+);
+pub(super) const PREFILL_SRC: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    "\n",
+    include_str!("kernels/prefill.cu")
 );
 pub(super) const MERGE_SRC: &str = concat!(
     include_str!("kernels/common.cuh"),
@@ -164,6 +170,9 @@ impl DeviceWorkspace {
 pub(crate) struct RunSignature {
     pub(super) params: Params,
     pub(super) variant: DecodeVariant,
+    /// Decode or prefill: with the dtype, head dim and options above, what selects the
+    /// tensor-core prefill kernel (`super::prefill`).
+    pub(super) kind: crate::plan::PlanKind,
     pub(super) int_ws: u64,
     pub(super) float_req: crate::workspace::WorkspaceReq,
     pub(super) launch_merge: bool,

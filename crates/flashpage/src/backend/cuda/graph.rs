@@ -96,6 +96,7 @@ impl CudaGraph {
             check(
                 "kernel variant",
                 super::launch::DecodeVariant::for_plan(plan, sig.variant.dtype) == sig.variant
+                    && plan.kind() == sig.kind
                     && (caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0))
                         == sig.launch_merge,
             )?;

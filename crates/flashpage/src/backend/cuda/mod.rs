@@ -37,6 +37,7 @@ mod device;
 mod graph;
 pub mod launch;
 mod nvrtc;
+pub mod prefill;
 pub mod report;
 
 use std::collections::HashMap;
@@ -46,12 +47,15 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 
-use device::{BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, RunSignature, Uploaded, driver_err};
+use device::{
+    BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, PREFILL_SRC, RunSignature, Uploaded, driver_err,
+};
 pub use device::{DeviceElem, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES};
 pub use graph::CudaGraph;
 pub use nvrtc::CACHE_ENV;
 
 use self::launch::{Buffers, DecodeVariant};
+use self::prefill::PrefillVariant;
 use super::{ArgShapes, check_run_args};
 use crate::error::{Error, Result};
 use crate::layout::{DType, HeadConfig};
@@ -86,6 +90,7 @@ pub struct CudaBackend {
     info: context::DeviceInfo,
     compiler: nvrtc::Compiler,
     decode: Mutex<HashMap<DecodeVariant, CudaFunction>>,
+    prefill: Mutex<HashMap<PrefillVariant, CudaFunction>>,
     merge: Mutex<HashMap<(usize, DType), CudaFunction>>,
     bandwidth: Mutex<Option<(CudaFunction, CudaFunction)>>,
     capture: Mutex<Option<Vec<RunSignature>>>,
@@ -176,6 +181,7 @@ impl CudaBackend {
             stream,
             info,
             decode: Mutex::new(HashMap::new()),
+            prefill: Mutex::new(HashMap::new()),
             merge: Mutex::new(HashMap::new()),
             bandwidth: Mutex::new(None),
             capture: Mutex::new(None),
@@ -221,7 +227,10 @@ impl CudaBackend {
         options: &AttentionOptions,
     ) -> Result<usize> {
         let rope = matches!(options.pos_encoding, PosEncoding::Rope { .. });
-        let blocks = self.blocks_per_sm(DecodeVariant::new(heads, kind, dtype, rope))?;
+        let blocks = match PrefillVariant::new(heads, kind, dtype, rope, self.arch_number()) {
+            Some(v) => self.prefill_blocks_per_sm(v)?,
+            None => self.blocks_per_sm(DecodeVariant::new(heads, kind, dtype, rope))?,
+        };
         Ok(self.info.sms * blocks.max(1) as usize)
     }
 
@@ -232,6 +241,25 @@ impl CudaBackend {
         let f = self.decode_fn(v)?;
         f.occupancy_max_active_blocks_per_multiprocessor(v.threads(), 0, None)
             .map_err(|e| driver_err("querying the decode kernel's occupancy", e))
+    }
+
+    /// Resident blocks per SM of tensor-core prefill variant `v`, from the driver's
+    /// occupancy calculator.
+    pub fn prefill_blocks_per_sm(&self, v: PrefillVariant) -> Result<u32> {
+        let f = self.prefill_fn(v)?;
+        f.occupancy_max_active_blocks_per_multiprocessor(v.threads(), 0, None)
+            .map_err(|e| driver_err("querying the prefill kernel's occupancy", e))
+    }
+
+    /// The compute capability the kernels are compiled for (90 for `sm_90a`).
+    fn arch_number(&self) -> u32 {
+        prefill::arch_number(&self.compiler.arch).unwrap_or(0)
+    }
+
+    /// The tensor-core prefill variant `plan` runs with `dtype` on this device, or `None`
+    /// when it runs on the attention kernel (see [`prefill`]).
+    pub fn prefill_variant(&self, plan: &Plan, dtype: DType) -> Option<PrefillVariant> {
+        PrefillVariant::for_plan(plan, dtype, self.arch_number())
     }
 
     /// The kernels this backend has loaded so far, in load order, with their compile records.
@@ -283,7 +311,12 @@ impl CudaBackend {
     /// Compiles and loads the kernels `plan` needs for `dtype` (otherwise done by the first
     /// `run`; call it before capturing a graph so no compile happens during capture).
     pub fn prepare(&self, plan: &Plan, dtype: DType) -> Result<()> {
-        self.decode_fn(DecodeVariant::for_plan(plan, dtype))?;
+        match self.prefill_variant(plan, dtype) {
+            Some(v) => self.prefill_fn(v).map(drop)?,
+            None => self
+                .decode_fn(DecodeVariant::for_plan(plan, dtype))
+                .map(drop)?,
+        }
         self.merge_fn(plan.heads().head_dim(), dtype)?;
         Ok(())
     }
@@ -327,6 +360,16 @@ impl CudaBackend {
             return Ok(f.clone());
         }
         let f = self.load("decode.cu", DECODE_SRC, &v.defines(), "fp_decode")?;
+        map.insert(v, f.clone());
+        Ok(f)
+    }
+
+    fn prefill_fn(&self, v: PrefillVariant) -> Result<CudaFunction> {
+        let mut map = self.prefill.lock().expect("kernel cache lock");
+        if let Some(f) = map.get(&v) {
+            return Ok(f.clone());
+        }
+        let f = self.load("prefill.cu", PREFILL_SRC, &v.defines(), "fp_prefill")?;
         map.insert(v, f.clone());
         Ok(f)
     }
@@ -434,7 +477,11 @@ impl CudaBackend {
         }
 
         let variant = DecodeVariant::for_plan(plan, dt);
-        let decode = self.decode_fn(variant)?;
+        // Prefill plans the tensor-core kernel takes run on it, the rest on fp_decode.
+        let (attend, attend_threads) = match self.prefill_variant(plan, dt) {
+            Some(v) => (self.prefill_fn(v)?, v.threads()),
+            None => (self.decode_fn(variant)?, variant.threads()),
+        };
         let caps = *plan.capacities();
         let launch_merge = caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0);
         let merge = if launch_merge {
@@ -496,6 +543,7 @@ impl CudaBackend {
                 sigs.push(RunSignature {
                     params,
                     variant,
+                    kind: plan.kind(),
                     int_ws: iw,
                     float_req: req.float,
                     launch_merge,
@@ -505,16 +553,17 @@ impl CudaBackend {
         if caps.work_items > 0 {
             let cfg = LaunchConfig {
                 grid_dim: (caps.work_items as u32, heads.num_kv_heads() as u32, 1),
-                block_dim: (launch::DECODE_THREADS, 1, 1),
+                block_dim: (attend_threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&decode);
+            let mut b = stream.launch_builder(&attend);
             b.arg(&params);
             // SAFETY: Params matches the kernel's parameter struct; every address in it is a
             // live device allocation of at least the size checked above (check_run_args and
             // the workspace checks), and the kernel bounds-checks every index it reads from
             // the int image against those sizes.
-            unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching the decode kernel", e))?;
+            unsafe { b.launch(cfg) }
+                .map_err(|e| driver_err("launching the attention kernel", e))?;
         }
         if let Some(m) = merge {
             let cfg = LaunchConfig {

@@ -13,9 +13,10 @@
 
 use std::path::PathBuf;
 
-use super::device::{BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC};
+use super::device::{BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, PREFILL_SRC};
 use super::launch::{self, DecodeVariant, MERGE_THREADS};
 use super::nvrtc::{self, Compiler};
+use super::prefill::PrefillVariant;
 use crate::error::{Error, Result};
 use crate::layout::DType;
 
@@ -24,8 +25,11 @@ pub use super::nvrtc::{Resources, log_warnings, parse_resources};
 /// One kernel to compile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelSpec {
-    /// The attention kernel (`fp_decode`), decode and prefill.
+    /// The attention kernel (`fp_decode`): decode, and the prefill plans the tensor-core
+    /// kernel does not take.
     Decode(DecodeVariant),
+    /// The tensor-core prefill kernel (`fp_prefill`).
+    Prefill(PrefillVariant),
     /// The split-KV merge kernel (`fp_merge`).
     Merge {
         /// Head dimension.
@@ -46,6 +50,13 @@ impl KernelSpec {
                 DECODE_SRC,
                 v.defines(),
                 "fp_decode",
+                v.threads(),
+            ),
+            KernelSpec::Prefill(v) => (
+                "prefill.cu",
+                PREFILL_SRC,
+                v.defines(),
+                "fp_prefill",
                 v.threads(),
             ),
             KernelSpec::Merge { head_dim, dtype } => (
@@ -81,6 +92,13 @@ impl KernelSpec {
                 v.unroll,
                 v.min_blocks,
                 if v.rope { " rope" } else { "" }
+            ),
+            KernelSpec::Prefill(v) => format!(
+                "prefill-tc {} d{} n{} mb{}",
+                v.dtype.name(),
+                v.head_dim,
+                v.block_n,
+                v.min_blocks
             ),
             KernelSpec::Merge { head_dim, dtype } => {
                 format!("merge {} d{head_dim}", dtype.name())
