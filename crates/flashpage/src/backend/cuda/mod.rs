@@ -28,8 +28,13 @@
 //!
 //! # Streams
 //!
-//! Everything runs on the backend's stream. The backend turns off cudarc's cross-stream
-//! event tracking on its context (CUDA-graph capture requires it), so buffers written on
+//! Everything runs on the backend's stream: its own ([`CudaBackend::new`]), the caller's
+//! ([`CudaBackend::with_stream`]) or a raw `CUstream` of another library's
+//! ([`CudaBackend::from_raw_stream`], e.g. torch's current stream). The backend never
+//! synchronises the stream except in [`CudaBackend::synchronize`] and the bandwidth probe;
+//! uploads (`upload_plan`) are asynchronous copies from pageable host memory, which the
+//! driver stages before returning. The backend turns off cudarc's cross-stream event
+//! tracking on the context it opens (CUDA-graph capture requires it), so buffers written on
 //! another stream must be synchronised by the caller before `run`.
 
 mod context;
@@ -160,6 +165,65 @@ impl CudaBackend {
     pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
         let info = context::describe(stream.context())?;
         context::guarded("cuda backend on a caller's stream", || {
+            Self::assemble(stream, info)
+        })
+    }
+
+    /// A backend on a raw `CUstream` owned by another library (torch's
+    /// `torch.cuda.current_stream().cuda_stream`, candle's device stream), on device
+    /// `ordinal`'s **primary** context (the context torch, candle and the CUDA runtime use).
+    /// The stream is borrowed, never destroyed by the backend. A null stream is the legacy
+    /// default stream of that context.
+    ///
+    /// Checked (no synchronisation): libraries and device as [`CudaBackend::new`]; that the
+    /// stream belongs to the primary context (`cuStreamGetCtx`), else
+    /// [`Error::BackendUnavailable`] naming both contexts. A stream of a context that is not
+    /// primary goes through [`CudaBackend::with_stream`] with the caller's own
+    /// `Arc<CudaContext>` (`CudaContext::wrap_borrowed_stream`).
+    ///
+    /// cudarc's cross-stream event tracking is turned off on the backend's own context
+    /// handle (it is the backend's, not the caller's): nothing is recorded or waited on
+    /// behind the caller's back, and graph capture works.
+    ///
+    /// # Safety
+    ///
+    /// - `stream` must be a valid stream (or null) of device `ordinal`'s primary context, and
+    ///   must stay alive while the backend, or anything made with it (workspaces, graphs),
+    ///   is used.
+    /// - The caller orders work on the stream from other streams: buffers written elsewhere
+    ///   must be complete (or waited for on `stream`) before a call that reads them.
+    pub unsafe fn from_raw_stream(
+        ordinal: usize,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<Self> {
+        let (ctx, info) = context::open(ordinal)?;
+        context::guarded("cuda backend on a raw stream", || {
+            ctx.bind_to_thread()
+                .map_err(|e| driver_err("binding the context", e))?;
+            if !stream.is_null() {
+                let mut owner: cudarc::driver::sys::CUcontext = std::ptr::null_mut();
+                // SAFETY: the caller guarantees `stream` is a live stream handle; the call
+                // only writes the owning context into `owner`.
+                let r = unsafe { cudarc::driver::sys::cuStreamGetCtx(stream, &mut owner) };
+                if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                    return Err(driver_err("querying the stream's context", r));
+                }
+                if owner != ctx.cu_ctx() {
+                    return Err(Error::BackendUnavailable {
+                        backend: "cuda",
+                        reason: format!(
+                            "the stream belongs to context {owner:?}, not to device {ordinal}'s primary context {:?} (use CudaBackend::with_stream with that context)",
+                            ctx.cu_ctx()
+                        ),
+                    });
+                }
+            }
+            // SAFETY: `ctx` is this backend's own handle of the primary context; turning off
+            // its event tracking affects only work submitted through this handle.
+            unsafe { ctx.disable_event_tracking() };
+            // SAFETY: the caller guarantees the stream is valid for this context and outlives
+            // the backend (the function's contract).
+            let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
             Self::assemble(stream, info)
         })
     }
@@ -353,13 +417,7 @@ impl CudaBackend {
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
         let dt = args.dtype;
-        if dt.size() != T::BYTES {
-            return Err(Error::DTypeMismatch {
-                tensor: "q",
-                expected: if T::BYTES == 4 { "f32" } else { "f16 or bf16" },
-                actual: dt.name(),
-            });
-        }
+        device::check_elem::<T>("q", dt)?;
         // The host copy is read where the device ids are: same length (checked first).
         if let Some(h) = args.host_kv_indices
             && h.len() != args.kv_indices.len()
