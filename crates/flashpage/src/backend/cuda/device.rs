@@ -14,11 +14,12 @@ use crate::workspace::CUDA_BASE_ALIGN;
 
 /// The sources of the kernels, by file name (`common.cuh` is prepended to the others at
 /// compile time), for offline tools such as the host emulation.
-pub const KERNEL_SOURCES: [(&str, &str); 4] = [
+pub const KERNEL_SOURCES: [(&str, &str); 5] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("decode.cu", include_str!("kernels/decode.cu")),
     ("merge.cu", include_str!("kernels/merge.cu")),
     ("bandwidth.cu", include_str!("kernels/bandwidth.cu")),
+    ("ops.cu", include_str!("kernels/ops.cu")),
 ];
 
 pub(super) const DECODE_SRC: &str = concat!(
@@ -32,6 +33,8 @@ pub(super) const MERGE_SRC: &str = concat!(
     include_str!("kernels/merge.cu")
 );
 pub(super) const BANDWIDTH_SRC: &str = include_str!("kernels/bandwidth.cu");
+/// The append and RoPE kernels: self-contained (no common.cuh, no `-D` options).
+pub(super) const OPS_SRC: &str = include_str!("kernels/ops.cu");
 
 mod sealed {
     pub trait Sealed {}
