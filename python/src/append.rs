@@ -1,17 +1,15 @@
-//! `append_paged_kv_cache`: writes new keys and values into their pages, after checking the
-//! whole page table and every target slot.
-//!
-//! The library has no append operation yet; this is the extension's own, validated with the
-//! library's batch checks ([`flashpage::validate::check_batch`]) and to be switched to the
-//! library's append when it has one (docs/python.md).
+//! `append_paged_kv_cache`: FlashInfer's signature and semantics over the library's append
+//! ([`flashpage::ops::append::append_kv_at`]: one implementation, its validation — the page
+//! table, every request index and position, the shapes and strides — before any write).
 
-use flashpage::validate::check_batch;
-use flashpage::{AttentionOptions, BatchDesc, Error, HeadConfig, KvLayout, PageTable};
+use flashpage::ops::Rows;
+use flashpage::ops::append::{AppendAt, KvCacheMut, append_kv_at};
+use flashpage::{Error, KvLayout, KvStrides};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use crate::errors::{guard, type_error};
-use crate::ffi::{Borrowed, check_disjoint, union_bytes_mut};
+use crate::ffi::{Borrowed, check_disjoint, union_float_mut};
 
 /// Appends `append_key`/`append_value` (`[nnz, num_kv_heads, head_dim]`) to the paged cache:
 /// row `i` goes to request `batch_indices[i]` at token `positions[i]`.
@@ -154,61 +152,16 @@ pub fn append_paged_kv_cache(
         if kc.kind.dtype().is_none() {
             return Err(kc.dtype_error("torch.float32, torch.float16 or torch.bfloat16"));
         }
-        // The page table: the library's checks (indptr, last page lengths, indices length).
-        let heads = HeadConfig::new(hkv.max(1), hkv.max(1), 16)?;
-        let table = PageTable {
-            page_size: ps,
-            num_pages,
-            indptr: &indptr,
-            last_page_len: &last,
-            num_indices: indices.len(),
-        };
-        let desc = BatchDesc::decode(heads, table);
-        let valid = check_batch(&desc, &AttentionOptions::new())?;
-        // Every target slot, before anything is written.
         let (sp, st, sh) = if nhd {
             (strides[0], strides[1], strides[2])
         } else {
             (strides[0], strides[2], strides[1])
         };
-        let mut slots = Vec::with_capacity(nnz);
-        for i in 0..nnz {
-            let (b, p) = (batch[i], pos[i]);
-            if b < 0 || b as usize >= valid.batch_size() {
-                return Err(Error::InvalidOption {
-                    field: "batch_indices",
-                    expected: "request indices in 0..batch_size (len(kv_indptr) - 1)",
-                    actual: format!(
-                        "batch_indices[{i}] = {b}, batch_size {}",
-                        valid.batch_size()
-                    ),
-                }
-                .into());
-            }
-            let req = valid.request(b as usize);
-            if p < 0 || p as usize >= req.kv_len {
-                return Err(Error::InvalidOption {
-                    field: "positions",
-                    expected: "positions inside the request's pages: 0 <= position < its kv length after the append",
-                    actual: format!(
-                        "positions[{i}] = {p}, request {b} has kv length {}",
-                        req.kv_len
-                    ),
-                }
-                .into());
-            }
-            let at = req.kv_start + p as usize / ps;
-            let page = indices[at];
-            if page < 0 || page as usize >= num_pages {
-                return Err(Error::PageIdOutOfRange {
-                    index: at,
-                    page_id: page as i64,
-                    num_pages,
-                }
-                .into());
-            }
-            slots.push(page as usize * sp + (p as usize % ps) * st);
-        }
+        let cs = KvStrides {
+            page: sp,
+            token: st,
+            head: sh,
+        };
         {
             // K and V may be views of one storage (a combined tensor, or its two halves as a
             // pair): their union is then one written region.
@@ -225,34 +178,50 @@ pub fn append_paged_kv_cache(
                 check_disjoint(&written, &[&key, &value])?;
             }
         }
-        let es = kc.kind.size();
-        let row = d * es;
-        let (kb, vb) = (key.bytes(), value.bytes());
-        // `base` is a byte offset into `dst`.
-        let copy = |dst: &mut [u8], base: usize, src: &[u8], s: &[usize]| {
-            for (i, &slot) in slots.iter().enumerate() {
-                for h in 0..hkv {
-                    let to = base + (slot + h * sh) * es;
-                    let from = (i * s[0] + h * s[1]) * es;
-                    dst[to..to + row].copy_from_slice(&src[from..from + row]);
-                }
-            }
+        let at = AppendAt {
+            batch_indices: &batch,
+            positions: &pos,
+            kv_indptr: &indptr,
+            kv_indices: &indices,
+            kv_last_page_len: &last,
         };
+        let k_rows = Rows::strided(
+            key.float_ref(0)?,
+            nnz,
+            hkv,
+            d,
+            key.strides[0],
+            key.strides[1],
+        )?;
+        let v_rows = Rows::strided(
+            value.float_ref(0)?,
+            nnz,
+            hkv,
+            d,
+            value.strides[0],
+            value.strides[1],
+        )?;
         match &mut vc {
-            Some(v) => match union_bytes_mut(&mut kc, v) {
+            Some(v) => match union_float_mut(&mut kc, v)? {
                 Some((all, k0, v0)) => {
-                    copy(all, k0, kb, &key.strides);
-                    copy(all, v0, vb, &value.strides);
+                    let cache = KvCacheMut::shared(all, k0, cs, v0, cs, ps, num_pages);
+                    append_kv_at(&at, k_rows, v_rows, cache, None)?;
                 }
                 None => {
-                    copy(kc.bytes_mut(), 0, kb, &key.strides);
-                    copy(v.bytes_mut(), 0, vb, &value.strides);
+                    let cache = KvCacheMut::split(
+                        kc.float_extent_mut()?,
+                        v.float_extent_mut()?,
+                        cs,
+                        ps,
+                        num_pages,
+                    );
+                    append_kv_at(&at, k_rows, v_rows, cache, None)?;
                 }
             },
             None => {
-                let all = kc.bytes_mut();
-                copy(all, 0, kb, &key.strides);
-                copy(all, v_off * es, vb, &value.strides);
+                let cache =
+                    KvCacheMut::shared(kc.float_extent_mut()?, 0, cs, v_off, cs, ps, num_pages);
+                append_kv_at(&at, k_rows, v_rows, cache, None)?;
             }
         }
         Ok(())

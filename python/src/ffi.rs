@@ -268,6 +268,22 @@ impl<'py> Borrowed<'py> {
         })
     }
 
+    /// The elements as a mutable float slice of `extent()` elements (the tensor need not be
+    /// dense: a strided cache). Callers check first that the tensor is disjoint from every
+    /// other tensor of the call ([`check_disjoint`]), and write only elements the tensor's
+    /// shape and strides address.
+    pub fn float_extent_mut(&mut self) -> Result<TensorMut<'_>, Failure> {
+        let (addr, len) = (self.ptr, self.extent());
+        Ok(match self.kind {
+            // SAFETY (all three): as in `float_ref`; callers checked with `check_disjoint`
+            // that no other slice of this call overlaps the tensor's range.
+            Kind::F32 => TensorMut::F32(unsafe { exclusive::<f32>(addr, len) }),
+            Kind::F16 => TensorMut::F16(unsafe { exclusive::<f16>(addr, len) }),
+            Kind::BF16 => TensorMut::BF16(unsafe { exclusive::<bf16>(addr, len) }),
+            _ => return Err(self.dtype_error("torch.float32, torch.float16 or torch.bfloat16")),
+        })
+    }
+
     /// The elements of a contiguous float32 tensor, mutable (an LSE); same contract as
     /// [`Borrowed::float_mut`].
     pub fn f32_mut(&mut self) -> Result<&mut [f32], Failure> {
@@ -435,24 +451,40 @@ unsafe fn exclusive<'a, T>(addr: usize, len: usize) -> &'a mut [T] {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut T, len) }
 }
 
-/// When the byte ranges of `a` and `b` overlap (two views of one storage, e.g. the K and V
-/// halves of one cache tensor), one mutable byte slice over their union and the byte offsets
-/// of `a` and `b` in it; `None` when they are disjoint. Writes through the slice to elements
-/// of both tensors are then ordinary writes to one buffer (no two live mutable references).
-/// Callers check the union is disjoint from every other tensor of the call.
-pub fn union_bytes_mut<'a>(
+/// When the byte ranges of `a` and `b` (two float tensors of one dtype) overlap (two views
+/// of one storage, e.g. the K and V halves of one cache tensor), one mutable float slice over
+/// their union and the element offsets of `a` and `b` in it; `None` when they are disjoint.
+/// Writes through the slice to elements of both tensors are then ordinary writes to one
+/// buffer (no two live mutable references). Callers check the union is disjoint from every
+/// other tensor of the call.
+pub fn union_float_mut<'a>(
     a: &'a mut Borrowed<'_>,
     b: &'a mut Borrowed<'_>,
-) -> Option<(&'a mut [u8], usize, usize)> {
+) -> Result<Option<(TensorMut<'a>, usize, usize)>, Failure> {
     let ((a0, a1), (b0, b1)) = (a.byte_range(), b.byte_range());
     if a0 == a1 || b0 == b1 || a1 <= b0 || b1 <= a0 {
-        return None;
+        return Ok(None);
     }
+    if b.kind != a.kind {
+        return Err(b.dtype_error(a.kind.name()));
+    }
+    let es = a.kind.size();
     let (lo, hi) = (a0.min(b0), a1.max(b1));
-    // SAFETY: the two ranges overlap, so every byte of [lo, hi) lies in the range of `a` or
-    // of `b`, each inside its tensor's live storage (as in `Borrowed::float_ref`); both
-    // descriptions are borrowed mutably for the slice's lifetime, so no other slice of
-    // either exists.
-    let all = unsafe { exclusive::<u8>(lo, hi - lo) };
-    Some((all, a0 - lo, b0 - lo))
+    // Both starts are aligned to the element size (checked in `Borrowed::new`), so is the
+    // union's start, its length and both offsets.
+    let (n, ka, kb) = ((hi - lo) / es, (a0 - lo) / es, (b0 - lo) / es);
+    Ok(Some((
+        match a.kind {
+            // SAFETY (all three): the two ranges overlap, so every element of [lo, hi) lies
+            // in the range of `a` or of `b`, each inside its tensor's live storage (as in
+            // `Borrowed::float_ref`), aligned for the dtype; both descriptions are borrowed
+            // mutably for the slice's lifetime, so no other slice of either exists.
+            Kind::F32 => TensorMut::F32(unsafe { exclusive::<f32>(lo, n) }),
+            Kind::F16 => TensorMut::F16(unsafe { exclusive::<f16>(lo, n) }),
+            Kind::BF16 => TensorMut::BF16(unsafe { exclusive::<bf16>(lo, n) }),
+            _ => return Err(a.dtype_error("torch.float32, torch.float16 or torch.bfloat16")),
+        },
+        ka,
+        kb,
+    )))
 }

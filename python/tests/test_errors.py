@@ -139,3 +139,24 @@ def test_kv_dtype_different_from_q_is_unsupported_at_plan():
     with pytest.raises(flashpage.Error) as e:
         w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float16)
     assert e.value.kind == "Unsupported" and "kv_data_type" in str(e.value)
+
+
+def test_append_with_a_tensor_off_the_cpu_raises_and_writes_nothing():
+    """A tensor not on the CPU (a CUDA tensor in a CPU-only build; `meta` here, as this
+    machine has no CUDA device) is a flashpage.Error naming the argument and its device."""
+    indptr, indices, last, cache = paged_batch([3, 6], 4, 2, 16, torch.float32)
+    batch = torch.tensor([0, 1], dtype=torch.int32)
+    pos = torch.tensor([2, 5], dtype=torch.int32)
+    k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    snapshot = cache.clone()
+    with pytest.raises(flashpage.Error) as e:
+        flashpage.append_paged_kv_cache(k.to("meta"), v, batch, pos, cache, indices, indptr, last)
+    assert e.value.kind == "BackendUnavailable"
+    assert "append_key" in str(e.value) and "meta" in str(e.value) and "CPU backend only" in str(e.value)
+    with pytest.raises(flashpage.Error) as e:
+        flashpage.append_paged_kv_cache(k, v, batch, pos, cache.to("meta"), indices, indptr, last)
+    assert e.value.kind == "BackendUnavailable" and "paged_kv_cache" in str(e.value)
+    assert torch.equal(cache, snapshot)
+    # The same call on the CPU succeeds (the library's append).
+    flashpage.append_paged_kv_cache(k, v, batch, pos, cache, indices, indptr, last)
+    assert not torch.equal(cache, snapshot)

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
 use flashpage::backend::cpu::CpuBackend;
-use flashpage::backend::cuda::{CudaBackend, DeviceRunArgs, DeviceWorkspace};
+use flashpage::backend::cuda::{CudaBackend, DeviceElem, DeviceRunArgs, DeviceWorkspace};
 use flashpage::half;
 use flashpage::plan::PlanKind;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, Plan, PlanConfig, Tensor};
@@ -188,22 +188,46 @@ impl CaseResult {
     }
 }
 
-fn bits(t: &Tensor) -> Vec<u16> {
-    match t {
-        Tensor::F16(v) => v.iter().map(|x| x.to_bits()).collect(),
-        Tensor::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
-        Tensor::F32(_) => Vec::new(),
-    }
+/// The typed device storage of a dtype (`f32`, `half::f16`, `half::bf16`): host tensors
+/// go to the device as they are, no bit casts.
+trait Elem: DeviceElem + cudarc::driver::ValidAsZeroBits + Copy + Default + Unpin {
+    fn host(t: &Tensor) -> Vec<Self>;
+    fn tensor(v: Vec<Self>) -> Tensor;
 }
 
-fn from_bits(dtype: DType, v: &[u16]) -> Tensor {
-    match dtype {
-        DType::F16 => Tensor::F16(v.iter().map(|&b| half::f16::from_bits(b)).collect()),
-        _ => Tensor::BF16(v.iter().map(|&b| half::bf16::from_bits(b)).collect()),
-    }
+macro_rules! elem {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            fn host(t: &Tensor) -> Vec<Self> {
+                match t {
+                    Tensor::$variant(v) => v.clone(),
+                    _ => Vec::new(),
+                }
+            }
+            fn tensor(v: Vec<Self>) -> Tensor {
+                Tensor::$variant(v)
+            }
+        }
+    };
 }
+elem!(f32, F32);
+elem!(half::f16, F16);
+elem!(half::bf16, BF16);
 
 fn run_case(
+    gpu: &CudaBackend,
+    cpu: &CpuBackend,
+    spec: &CaseSpec,
+    read_gbps: f64,
+) -> Result<CaseResult, String> {
+    match spec.dtype {
+        DType::F32 => run_case_typed::<f32>(gpu, cpu, spec, read_gbps),
+        DType::F16 => run_case_typed::<half::f16>(gpu, cpu, spec, read_gbps),
+        DType::BF16 => run_case_typed::<half::bf16>(gpu, cpu, spec, read_gbps),
+    }
+}
+
+fn run_case_typed<T: Elem>(
     gpu: &CudaBackend,
     cpu: &CpuBackend,
     spec: &CaseSpec,
@@ -237,9 +261,9 @@ fn run_case(
     let kv_bytes = data.kv_bytes();
     let copies = (ROTATE_BYTES.div_ceil(kv_bytes.max(1)) as usize).clamp(1, MAX_COPIES);
     let q = st
-        .clone_htod(&bits(&data.q))
+        .clone_htod(&T::host(&data.q))
         .map_err(|x| e(cuda_err("q", x)))?;
-    let (kh, vh) = (bits(&data.k), bits(&data.v));
+    let (kh, vh) = (T::host(&data.k), T::host(&data.v));
     let mut ks = Vec::with_capacity(copies);
     let mut vs = Vec::with_capacity(copies);
     for _ in 0..copies {
@@ -253,13 +277,13 @@ fn run_case(
         .map_err(|x| e(cuda_err("kv_indices", x)))?;
     let (o_poison, lse_poison) = data.poisoned_outputs();
     let mut o = st
-        .clone_htod(&bits(&o_poison))
+        .clone_htod(&T::host(&o_poison))
         .map_err(|x| e(cuda_err("o", x)))?;
     let mut lse = st
         .clone_htod(&lse_poison)
         .map_err(|x| e(cuda_err("lse", x)))?;
     let mut run =
-        |c: usize, host_ids: Option<&[i32]>, o: &mut CudaSlice<u16>, lse: &mut CudaSlice<f32>| {
+        |c: usize, host_ids: Option<&[i32]>, o: &mut CudaSlice<T>, lse: &mut CudaSlice<f32>| {
             gpu.run(
                 &plan,
                 DeviceRunArgs {
@@ -282,10 +306,7 @@ fn run_case(
     // Verify: GPU vs the CPU backend (whole batch) and vs the reference (sampled rows).
     run(0, Some(idx), &mut o, &mut lse)?;
     gpu.synchronize().map_err(fe)?;
-    let o_gpu = from_bits(
-        spec.dtype,
-        &st.clone_dtoh(&o).map_err(|x| e(cuda_err("o", x)))?,
-    );
+    let o_gpu = T::tensor(st.clone_dtoh(&o).map_err(|x| e(cuda_err("o", x)))?);
     let lse_gpu = st.clone_dtoh(&lse).map_err(|x| e(cuda_err("lse", x)))?;
     let (o_cpu, _) = data.run_cpu(cpu, &config).map_err(fe)?;
     let cpu_error = rel_error(&o_gpu.view().to_f64_vec(), &o_cpu.view().to_f64_vec());

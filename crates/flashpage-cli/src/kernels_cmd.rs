@@ -110,6 +110,8 @@ pub fn kernel_set(all: bool, head_dims: &[usize]) -> Vec<KernelSpec> {
         }
     }
     push(KernelSpec::Bandwidth);
+    push(KernelSpec::Append);
+    push(KernelSpec::Rope);
     out
 }
 
@@ -299,6 +301,8 @@ fn print_report(r: &KernelReport, json: bool) {
                 o["dtype"] = json!(dtype.name());
             }
             KernelSpec::Bandwidth => o["kernel"] = json!("bandwidth"),
+            KernelSpec::Append => o["kernel"] = json!("append"),
+            KernelSpec::Rope => o["kernel"] = json!("rope"),
         }
         println!("{o}");
     } else {

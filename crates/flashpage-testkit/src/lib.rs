@@ -18,6 +18,8 @@ pub mod case;
 pub mod ceiling;
 #[cfg(feature = "cuda")]
 pub mod emulate;
+#[cfg(feature = "cuda")]
+pub mod emulate_ops;
 pub mod numerics;
 pub mod reference;
 pub mod rope_reference;

@@ -80,15 +80,6 @@ mod cuda {
         }
     }
 
-    /// 16-bit elements as raw bits, or f32 elements.
-    fn bits(t: TensorRef<'_>) -> std::result::Result<Vec<u16>, Vec<f32>> {
-        match t {
-            TensorRef::F16(v) => Ok(v.iter().map(|x| x.to_bits()).collect()),
-            TensorRef::BF16(v) => Ok(v.iter().map(|x| x.to_bits()).collect()),
-            TensorRef::F32(v) => Err(v.to_vec()),
-        }
-    }
-
     /// A device buffer never has zero elements (an empty V of a ragged batch, no page ids).
     fn nonempty<T: Clone + Default>(mut v: Vec<T>) -> Vec<T> {
         if v.is_empty() {
@@ -102,9 +93,15 @@ mod cuda {
         fn wrap(args: DeviceRunArgs<'_, Self>) -> DeviceArgs<'_>;
     }
 
-    impl Storage for u16 {
-        fn wrap(args: DeviceRunArgs<'_, u16>) -> DeviceArgs<'_> {
-            DeviceArgs::Half(args)
+    impl Storage for f16 {
+        fn wrap(args: DeviceRunArgs<'_, f16>) -> DeviceArgs<'_> {
+            DeviceArgs::F16(args)
+        }
+    }
+
+    impl Storage for bf16 {
+        fn wrap(args: DeviceRunArgs<'_, bf16>) -> DeviceArgs<'_> {
+            DeviceArgs::BF16(args)
         }
     }
 
@@ -175,13 +172,6 @@ mod cuda {
             let b = &self.backend;
             let s = b.stream();
             let dtype = args.q.dtype();
-            // o starts as the caller's buffer (poisoned in tests), so an element the kernel
-            // does not write comes back as it was.
-            let o_init = match &args.o {
-                TensorMut::F16(v) => Ok(v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>()),
-                TensorMut::BF16(v) => Ok(v.iter().map(|x| x.to_bits()).collect()),
-                TensorMut::F32(v) => Err(v.to_vec()),
-            };
             b.prepare(plan, dtype)?;
             let mut ws = DeviceWorkspace::new(b, plan.requirement())?;
             Backend::upload_plan(b, plan, &mut ws)?;
@@ -205,37 +195,34 @@ mod cuda {
                 host_kv_indices: host_ids,
                 lse: lse_dev.as_mut(),
             };
-            match (bits(args.q), bits(args.kv.k), bits(args.kv.v), o_init) {
-                (Ok(q), Ok(k), Ok(v), Ok(o_init)) => {
-                    let out = dev_run.run(q, k, v, o_init)?;
-                    match args.o {
-                        TensorMut::F16(dst) => {
-                            for (d, &x) in dst.iter_mut().zip(&out) {
-                                *d = f16::from_bits(x);
-                            }
-                        }
-                        TensorMut::BF16(dst) => {
-                            for (d, &x) in dst.iter_mut().zip(&out) {
-                                *d = bf16::from_bits(x);
-                            }
-                        }
-                        TensorMut::F32(_) => {
-                            unreachable!("check_run_args: o has q's dtype")
-                        }
-                    }
+            // o starts as the caller's buffer (poisoned in tests), so an element the kernel
+            // does not write comes back as it was. Typed device buffers: no bit casts.
+            match (args.q, args.kv.k, args.kv.v, args.o) {
+                (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
+                    let out = dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec())?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
                 }
-                (Err(q), Err(k), Err(v), Err(o_init)) => {
-                    let out = dev_run.run(q, k, v, o_init)?;
-                    if let TensorMut::F32(dst) = args.o {
-                        let n = dst.len();
-                        dst.copy_from_slice(&out[..n]);
-                    }
+                (
+                    TensorRef::BF16(q),
+                    TensorRef::BF16(k),
+                    TensorRef::BF16(v),
+                    TensorMut::BF16(o),
+                ) => {
+                    let out = dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec())?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
                 }
-                _ => {
+                (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
+                    let out = dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec())?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
+                }
+                (_, k, _, _) => {
                     return Err(Error::DTypeMismatch {
                         tensor: "k",
                         expected: dtype.name(),
-                        actual: args.kv.k.dtype().name(),
+                        actual: k.dtype().name(),
                     });
                 }
             }

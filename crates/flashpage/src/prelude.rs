@@ -4,7 +4,9 @@ pub use crate::builder::BatchBuilder;
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::half::{bf16, f16};
 pub use crate::layout::{DType, HeadConfig, KvLayout, KvStrides};
-pub use crate::ops::append::{AppendBatch, AppendRope, KvCacheMut, append_kv};
+pub use crate::ops::append::{
+    AppendAt, AppendBatch, AppendRope, KvCacheMut, append_kv, append_kv_at,
+};
 pub use crate::ops::rope::{Rope, RopeScaling, RopeStyle, apply_rope};
 pub use crate::ops::{Rows, RowsMut};
 pub use crate::options::{AttentionOptions, PosEncoding};

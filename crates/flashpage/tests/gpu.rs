@@ -27,7 +27,7 @@ fn gpu() -> Option<CudaBackend> {
     }
 }
 
-/// Host data as the storage type of the device (`f32`, or the bits of f16/bf16).
+/// Host data as the typed storage of the device (`f32`, `f16`, `bf16`: no bit casts).
 trait Storage: DeviceElem + Copy + Default + Clone + 'static {
     fn from_tensor(t: &Tensor) -> Vec<Self>;
     fn to_tensor(dtype: DType, v: &[Self]) -> Tensor;
@@ -45,6 +45,31 @@ impl Storage for f32 {
     }
 }
 
+impl Storage for f16 {
+    fn from_tensor(t: &Tensor) -> Vec<f16> {
+        match t {
+            Tensor::F16(v) => v.clone(),
+            _ => panic!("expected f16"),
+        }
+    }
+    fn to_tensor(_: DType, v: &[f16]) -> Tensor {
+        Tensor::F16(v.to_vec())
+    }
+}
+
+impl Storage for bf16 {
+    fn from_tensor(t: &Tensor) -> Vec<bf16> {
+        match t {
+            Tensor::BF16(v) => v.clone(),
+            _ => panic!("expected bf16"),
+        }
+    }
+    fn to_tensor(_: DType, v: &[bf16]) -> Tensor {
+        Tensor::BF16(v.to_vec())
+    }
+}
+
+/// Raw bits (the `u16` storage, for buffers shared by f16 and bf16 runs: the graph test).
 impl Storage for u16 {
     fn from_tensor(t: &Tensor) -> Vec<u16> {
         match t {
@@ -119,7 +144,8 @@ fn run_gpu_typed<T: Storage>(
 fn run_gpu(gpu: &CudaBackend, data: &CaseData, config: &PlanConfig) -> Result<(Tensor, Vec<f32>)> {
     match data.spec.dtype {
         DType::F32 => run_gpu_typed::<f32>(gpu, data, config),
-        _ => run_gpu_typed::<u16>(gpu, data, config),
+        DType::F16 => run_gpu_typed::<f16>(gpu, data, config),
+        DType::BF16 => run_gpu_typed::<bf16>(gpu, data, config),
     }
 }
 
@@ -179,11 +205,11 @@ fn errors_before_launch() {
     let data = s.materialise(seed(0)).unwrap();
     let plan = data.plan(&PlanConfig::with_parallelism(64)).unwrap();
     let st = g.stream();
-    let q = st.clone_htod(&u16::from_tensor(&data.q)).unwrap();
-    let k = st.clone_htod(&u16::from_tensor(&data.k)).unwrap();
-    let v = st.clone_htod(&u16::from_tensor(&data.v)).unwrap();
+    let q = st.clone_htod(&bf16::from_tensor(&data.q)).unwrap();
+    let k = st.clone_htod(&bf16::from_tensor(&data.k)).unwrap();
+    let v = st.clone_htod(&bf16::from_tensor(&data.v)).unwrap();
     let kvi = st.clone_htod(data.batch.kv_indices()).unwrap();
-    let mut o = st.alloc_zeros::<u16>(data.q.len()).unwrap();
+    let mut o = st.alloc_zeros::<bf16>(data.q.len()).unwrap();
     let mut lse = st.alloc_zeros::<f32>(2 * 8).unwrap();
     let mut ws = DeviceWorkspace::new(&g, plan.requirement()).unwrap();
     // Not uploaded yet: the int workspace does not hold the plan.
@@ -216,7 +242,15 @@ fn errors_before_launch() {
     );
     g.upload_plan(&plan, &mut ws).unwrap();
     g.run(&plan, args!(), &mut ws).unwrap();
-    // Wrong dtype for the storage.
+    // Wrong dtype for the storage (bf16 buffers declared f16 or f32).
+    for wrong in [DType::F32, DType::F16] {
+        let mut a = args!();
+        a.dtype = wrong;
+        assert!(matches!(
+            g.run(&plan, a, &mut ws),
+            Err(Error::DTypeMismatch { .. })
+        ));
+    }
     let mut a = args!();
     a.dtype = DType::F32;
     assert!(matches!(

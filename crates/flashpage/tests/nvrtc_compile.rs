@@ -1,6 +1,6 @@
 //! Every kernel family compiled with the real NVRTC, no GPU needed: a representative set for
 //! sm_90a and sm_80 (every dtype, every rows-per-pass, head dims 64/128/256, RoPE on head dim
-//! 128; the merge kernel; the bandwidth probe) through the backend's own compile path.
+//! 128; the merge kernel; the bandwidth probe; the append and RoPE kernels) through the backend's own compile path.
 //! Asserts: no compile error and no warning; no spill and no stack frame in the decode
 //! variants without RoPE, no stack frame in any decode variant; resident blocks per SM at
 //! least the budget each variant is compiled for (`DecodeVariant::min_blocks`, what the plan's
@@ -49,6 +49,8 @@ fn representative_set() -> Vec<KernelSpec> {
         }
     }
     set.push(KernelSpec::Bandwidth);
+    set.push(KernelSpec::Append);
+    set.push(KernelSpec::Rope);
     set
 }
 

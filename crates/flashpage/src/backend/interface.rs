@@ -142,12 +142,16 @@ mod device {
     use crate::options::AttentionOptions;
     use crate::plan::{Plan, PlanKind};
 
-    /// The device tensors of a CUDA run, by storage type: `f32` tensors, or 16-bit tensors
-    /// (`f16`/`bf16` as raw bits).
+    /// The device tensors of a CUDA run, by storage type: typed `f32`, `f16`, `bf16`
+    /// tensors, or 16-bit tensors held as raw bits.
     pub enum DeviceArgs<'a> {
         /// f32 tensors.
         F32(DeviceRunArgs<'a, f32>),
-        /// f16 or bf16 tensors (their `dtype` says which).
+        /// f16 tensors.
+        F16(DeviceRunArgs<'a, half::f16>),
+        /// bf16 tensors.
+        BF16(DeviceRunArgs<'a, half::bf16>),
+        /// f16 or bf16 tensors as raw bits (their `dtype` says which).
         Half(DeviceRunArgs<'a, u16>),
     }
 
@@ -185,6 +189,8 @@ mod device {
         ) -> Result<()> {
             match args {
                 DeviceArgs::F32(a) => CudaBackend::run(self, plan, a, workspace),
+                DeviceArgs::F16(a) => CudaBackend::run(self, plan, a, workspace),
+                DeviceArgs::BF16(a) => CudaBackend::run(self, plan, a, workspace),
                 DeviceArgs::Half(a) => CudaBackend::run(self, plan, a, workspace),
             }
         }

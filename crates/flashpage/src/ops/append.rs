@@ -56,6 +56,7 @@ pub struct KvCacheMut<'a> {
     k: TensorMut<'a>,
     /// `None`: V lives in `k`'s buffer from `v_base`.
     v: Option<TensorMut<'a>>,
+    k_base: usize,
     v_base: usize,
     k_strides: KvStrides,
     v_strides: KvStrides,
@@ -87,6 +88,7 @@ impl<'a> KvCacheMut<'a> {
         KvCacheMut {
             k,
             v: Some(v),
+            k_base: 0,
             v_base: 0,
             k_strides,
             v_strides,
@@ -111,9 +113,36 @@ impl<'a> KvCacheMut<'a> {
         KvCacheMut {
             k: kv,
             v: None,
+            k_base: 0,
             v_base: s.page / 2,
             k_strides: s,
             v_strides: s,
+            page_size,
+            num_pages,
+        }
+    }
+
+    /// K and V in one buffer at any offsets and strides: K's slot `(page, token, head)` at
+    /// element `k_base + page * k.page + token * k.token + head * k.head`, V's from `v_base`
+    /// with `v_strides` (e.g. the K and V halves of one `[pages, 2, ...]` tensor given as two
+    /// views, or a cache with padded strides). K and V slots must not overlap.
+    #[allow(clippy::too_many_arguments)]
+    pub fn shared(
+        kv: TensorMut<'a>,
+        k_base: usize,
+        k_strides: KvStrides,
+        v_base: usize,
+        v_strides: KvStrides,
+        page_size: usize,
+        num_pages: usize,
+    ) -> Self {
+        KvCacheMut {
+            k: kv,
+            v: None,
+            k_base,
+            v_base,
+            k_strides,
+            v_strides,
             page_size,
             num_pages,
         }
@@ -150,15 +179,86 @@ pub struct AppendRope<'a> {
     pub positions: Option<&'a [i32]>,
 }
 
+/// Where one appended row goes, in the FlashInfer form: row `i` becomes token
+/// `positions[i]` of request `batch_indices[i]` (what FlashInfer's
+/// `get_batch_indices_positions` produces from an append indptr), in the cache described by
+/// its CSR arrays after the append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendAt<'a> {
+    /// One request index per appended row, in `0..B`.
+    pub batch_indices: &'a [i32],
+    /// One position per appended row, in `0..kv_len` of its request (after the append).
+    pub positions: &'a [i32],
+    /// B + 1 offsets into `kv_indices` (after the append).
+    pub kv_indptr: &'a [i32],
+    /// Page ids of every request, in token order.
+    pub kv_indices: &'a [i32],
+    /// Tokens in each request's last page (after the append).
+    pub kv_last_page_len: &'a [i32],
+}
+
+/// The two ways of saying where the appended rows go (the CUDA backend's append takes
+/// either).
+#[derive(Debug, Clone, Copy)]
+pub enum AppendTargets<'a> {
+    /// Each request's rows are its last tokens ([`AppendBatch`]).
+    Csr(&'a AppendBatch<'a>),
+    /// Each row's request and position ([`AppendAt`]).
+    At(&'a AppendAt<'a>),
+}
+
+impl AppendTargets<'_> {
+    /// The cache's CSR arrays: `(kv_indptr, kv_indices, kv_last_page_len)`.
+    pub fn kv(&self) -> (&[i32], &[i32], &[i32]) {
+        match self {
+            AppendTargets::Csr(b) => (b.kv_indptr, b.kv_indices, b.kv_last_page_len),
+            AppendTargets::At(a) => (a.kv_indptr, a.kv_indices, a.kv_last_page_len),
+        }
+    }
+}
+
+/// The shapes an append is checked on (the host op's tensors or the device's buffers).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AppendShapes {
+    /// `(tokens, heads, head_dim)` of the new K rows and of the new V rows.
+    pub(crate) k_rows: (usize, usize, usize),
+    pub(crate) v_rows: (usize, usize, usize),
+    /// Elements of the K cache buffer, and of the V buffer (`None`: V in K's buffer).
+    pub(crate) k_len: usize,
+    pub(crate) v_len: Option<usize>,
+    pub(crate) k_base: usize,
+    pub(crate) v_base: usize,
+    pub(crate) k_strides: KvStrides,
+    pub(crate) v_strides: KvStrides,
+    pub(crate) page_size: usize,
+    pub(crate) num_pages: usize,
+}
+
+impl AppendShapes {
+    fn of(k: &Rows<'_>, v: &Rows<'_>, cache: &KvCacheMut<'_>) -> Self {
+        AppendShapes {
+            k_rows: (k.tokens(), k.heads(), k.head_dim()),
+            v_rows: (v.tokens(), v.heads(), v.head_dim()),
+            k_len: cache.k.len(),
+            v_len: cache.v.as_ref().map(|v| v.len()),
+            k_base: cache.k_base,
+            v_base: cache.v_base,
+            k_strides: cache.k_strides,
+            v_strides: cache.v_strides,
+            page_size: cache.page_size,
+            num_pages: cache.num_pages,
+        }
+    }
+}
+
 fn check_cache_side(
     tensor: &'static str,
     len: usize,
     base: usize,
     s: KvStrides,
-    cache: &KvCacheMut<'_>,
+    (ps, np): (usize, usize),
     (hkv, d): (usize, usize),
 ) -> Result<()> {
-    let (ps, np) = (cache.page_size, cache.num_pages);
     if s.head < d && hkv > 1 || (ps > 1 && s.token < d) || (np > 1 && s.page < d) {
         return Err(Error::TensorShape {
             tensor,
@@ -183,14 +283,174 @@ fn check_cache_side(
     Ok(())
 }
 
-/// Tokens of request `r` after the append (the CSR arrays are valid).
-fn kv_len(b: &AppendBatch<'_>, r: usize, page_size: usize) -> usize {
-    let pages = (b.kv_indptr[r + 1] - b.kv_indptr[r]) as usize;
+/// Tokens of request `r` (the CSR arrays are valid).
+fn kv_len_of(kv_indptr: &[i32], last: &[i32], r: usize, page_size: usize) -> usize {
+    let pages = (kv_indptr[r + 1] - kv_indptr[r]) as usize;
     if pages == 0 {
         0
     } else {
-        (pages - 1) * page_size + b.kv_last_page_len[r] as usize
+        (pages - 1) * page_size + last[r] as usize
     }
+}
+
+/// Checks the cache's CSR arrays (after the append): `kv_indptr`, `kv_last_page_len`, every
+/// page id. Returns the batch size.
+fn check_kv_arrays(
+    (kv_indptr, kv_indices, last): (&[i32], &[i32], &[i32]),
+    page_size: usize,
+    num_pages: usize,
+) -> Result<usize> {
+    check_indptr("kv_indptr", kv_indptr)?;
+    let b = kv_indptr.len() - 1;
+    if last.len() != b {
+        return Err(Error::ArrayLength {
+            field: "kv_last_page_len",
+            expected: b,
+            actual: last.len(),
+            rule: "batch_size = kv_indptr.len() - 1",
+        });
+    }
+    check_page_ids(kv_indptr, kv_indices, num_pages)?;
+    for r in 0..b {
+        let pages = (kv_indptr[r + 1] - kv_indptr[r]) as usize;
+        let l = last[r];
+        let ok = if pages == 0 {
+            l == 0
+        } else {
+            l >= 1 && l as usize <= page_size
+        };
+        if !ok {
+            return Err(Error::LastPageLen {
+                request: r,
+                actual: l as i64,
+                num_pages: pages,
+                page_size,
+            });
+        }
+    }
+    Ok(b)
+}
+
+/// Checks where the rows go; returns the number of appended rows.
+fn check_targets(t: AppendTargets<'_>, page_size: usize, num_pages: usize) -> Result<usize> {
+    let b = check_kv_arrays(t.kv(), page_size, num_pages)?;
+    let (kv_indptr, _, last) = t.kv();
+    match t {
+        AppendTargets::Csr(batch) => {
+            check_indptr("append_indptr", batch.append_indptr)?;
+            if batch.append_indptr.len() != b + 1 {
+                return Err(Error::ArrayLength {
+                    field: "append_indptr",
+                    expected: b + 1,
+                    actual: batch.append_indptr.len(),
+                    rule: "batch_size + 1 = kv_indptr.len()",
+                });
+            }
+            for r in 0..b {
+                let append_len = (batch.append_indptr[r + 1] - batch.append_indptr[r]) as usize;
+                let kv = kv_len_of(kv_indptr, last, r, page_size);
+                if append_len > kv {
+                    return Err(Error::AppendLongerThanKv {
+                        request: r,
+                        append_len,
+                        kv_len: kv,
+                    });
+                }
+            }
+            Ok(batch.append_indptr[b] as usize)
+        }
+        AppendTargets::At(at) => {
+            let nnz = at.batch_indices.len();
+            if at.positions.len() != nnz {
+                return Err(Error::ArrayLength {
+                    field: "positions",
+                    expected: nnz,
+                    actual: at.positions.len(),
+                    rule: "one position per appended row (len(batch_indices))",
+                });
+            }
+            for (i, (&r, &p)) in at.batch_indices.iter().zip(at.positions).enumerate() {
+                if r < 0 || r as usize >= b {
+                    return Err(Error::InvalidOption {
+                        field: "batch_indices",
+                        expected: "request indices in 0..batch_size (len(kv_indptr) - 1)",
+                        actual: format!("batch_indices[{i}] = {r}, batch_size {b}"),
+                    });
+                }
+                let kv = kv_len_of(kv_indptr, last, r as usize, page_size);
+                if p < 0 || p as usize >= kv {
+                    return Err(Error::InvalidOption {
+                        field: "positions",
+                        expected: "positions inside the request's pages: 0 <= position < its kv length after the append",
+                        actual: format!("positions[{i}] = {p}, request {r} has kv length {kv}"),
+                    });
+                }
+            }
+            Ok(nnz)
+        }
+    }
+}
+
+/// Checks an append described by its shapes (shared by the host op and the CUDA backend);
+/// returns the number of appended rows.
+pub(crate) fn check_append_shapes(
+    targets: AppendTargets<'_>,
+    sh: &AppendShapes,
+    rope: Option<&AppendRope<'_>>,
+) -> Result<usize> {
+    let ps = sh.page_size;
+    if ps == 0 || ps > MAX_PAGE_SIZE {
+        return Err(Error::UnsupportedPageSize {
+            expected: PAGE_SIZE_RULE,
+            actual: ps,
+        });
+    }
+    let nnz = check_targets(targets, ps, sh.num_pages)?;
+    let (_, hkv, d) = sh.k_rows;
+    let rule = match targets {
+        AppendTargets::Csr(_) => "append_indptr[B]",
+        AppendTargets::At(_) => "len(batch_indices)",
+    };
+    for (tensor, rows) in [("k", sh.k_rows), ("v", sh.v_rows)] {
+        if rows.0 != nnz {
+            return Err(Error::TensorShape {
+                tensor,
+                expected: format!("{nnz} token rows ({rule})"),
+                actual: format!("{} token rows", rows.0),
+            });
+        }
+    }
+    if (sh.v_rows.1, sh.v_rows.2) != (hkv, d) {
+        return Err(Error::TensorShape {
+            tensor: "v",
+            expected: format!("{hkv} heads x {d} (as k)"),
+            actual: format!("{} heads x {}", sh.v_rows.1, sh.v_rows.2),
+        });
+    }
+    let geo = (ps, sh.num_pages);
+    check_cache_side("k_cache", sh.k_len, sh.k_base, sh.k_strides, geo, (hkv, d))?;
+    check_cache_side(
+        "v_cache",
+        sh.v_len.unwrap_or(sh.k_len),
+        sh.v_base,
+        sh.v_strides,
+        geo,
+        (hkv, d),
+    )?;
+    if let Some(r) = rope {
+        r.rope.validate(d)?;
+        if let Some(p) = r.positions {
+            if matches!(targets, AppendTargets::At(_)) {
+                return Err(Error::InvalidOption {
+                    field: "rope.positions",
+                    expected: "None with AppendAt (its positions are the rotation positions)",
+                    actual: format!("{} positions", p.len()),
+                });
+            }
+            check_positions(p, nnz)?;
+        }
+    }
+    Ok(nnz)
 }
 
 /// Checks an append without writing anything (see [`append_kv`] for what is checked).
@@ -201,91 +461,97 @@ pub fn check_append(
     cache: &KvCacheMut<'_>,
     rope: Option<&AppendRope<'_>>,
 ) -> Result<()> {
-    let ps = cache.page_size;
-    if ps == 0 || ps > MAX_PAGE_SIZE {
-        return Err(Error::UnsupportedPageSize {
-            expected: PAGE_SIZE_RULE,
-            actual: ps,
-        });
-    }
-    check_indptr("append_indptr", batch.append_indptr)?;
-    check_indptr("kv_indptr", batch.kv_indptr)?;
-    let b = batch.kv_indptr.len() - 1;
-    if batch.append_indptr.len() != b + 1 {
-        return Err(Error::ArrayLength {
-            field: "append_indptr",
-            expected: b + 1,
-            actual: batch.append_indptr.len(),
-            rule: "batch_size + 1 = kv_indptr.len()",
-        });
-    }
-    if batch.kv_last_page_len.len() != b {
-        return Err(Error::ArrayLength {
-            field: "kv_last_page_len",
-            expected: b,
-            actual: batch.kv_last_page_len.len(),
-            rule: "batch_size = kv_indptr.len() - 1",
-        });
-    }
-    check_page_ids(batch.kv_indptr, batch.kv_indices, cache.num_pages)?;
-    for r in 0..b {
-        let pages = (batch.kv_indptr[r + 1] - batch.kv_indptr[r]) as usize;
-        let last = batch.kv_last_page_len[r];
-        let ok = if pages == 0 {
-            last == 0
-        } else {
-            last >= 1 && last as usize <= ps
-        };
-        if !ok {
-            return Err(Error::LastPageLen {
-                request: r,
-                actual: last as i64,
-                num_pages: pages,
-                page_size: ps,
-            });
+    check_append_shapes(
+        AppendTargets::Csr(batch),
+        &AppendShapes::of(k, v, cache),
+        rope,
+    )
+    .map(|_| ())
+}
+
+/// Checks an [`AppendAt`] append without writing anything (see [`append_kv_at`]).
+pub fn check_append_at(
+    at: &AppendAt<'_>,
+    k: &Rows<'_>,
+    v: &Rows<'_>,
+    cache: &KvCacheMut<'_>,
+    rope: Option<&AppendRope<'_>>,
+) -> Result<()> {
+    check_append_shapes(AppendTargets::At(at), &AppendShapes::of(k, v, cache), rope).map(|_| ())
+}
+
+/// Each appended row's page id, slot and rotation position (the targets are valid).
+pub(crate) fn row_targets(
+    t: AppendTargets<'_>,
+    page_size: usize,
+    rope_positions: Option<&[i32]>,
+) -> Vec<(usize, usize, i64)> {
+    let (kv_indptr, kv_indices, last) = t.kv();
+    let at = |r: usize, pos: usize| {
+        let page = kv_indices[kv_indptr[r] as usize + pos / page_size] as usize;
+        (page, pos % page_size)
+    };
+    match t {
+        AppendTargets::Csr(b) => {
+            let mut out = Vec::with_capacity(b.append_indptr.last().map_or(0, |&n| n as usize));
+            for r in 0..kv_indptr.len() - 1 {
+                let a0 = b.append_indptr[r] as usize;
+                let n = b.append_indptr[r + 1] as usize - a0;
+                let start = kv_len_of(kv_indptr, last, r, page_size) - n;
+                for j in 0..n {
+                    let pos = start + j;
+                    let (page, slot) = at(r, pos);
+                    let rp = rope_positions.map_or(pos as i64, |p| p[a0 + j] as i64);
+                    out.push((page, slot, rp));
+                }
+            }
+            out
         }
-        let append_len = (batch.append_indptr[r + 1] - batch.append_indptr[r]) as usize;
-        let kv = kv_len(batch, r, ps);
-        if append_len > kv {
-            return Err(Error::AppendLongerThanKv {
-                request: r,
-                append_len,
-                kv_len: kv,
-            });
-        }
+        AppendTargets::At(a) => a
+            .batch_indices
+            .iter()
+            .zip(a.positions)
+            .map(|(&r, &p)| {
+                let (page, slot) = at(r as usize, p as usize);
+                (page, slot, p as i64)
+            })
+            .collect(),
     }
-    let nnz = batch.append_indptr[b] as usize;
+}
+
+fn write_rows(
+    targets: AppendTargets<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mut cache: KvCacheMut<'_>,
+    rope: Option<AppendRope<'_>>,
+) -> Result<()> {
+    check_append_shapes(targets, &AppendShapes::of(&k, &v, &cache), rope.as_ref())?;
     let (hkv, d) = (k.heads(), k.head_dim());
-    for (tensor, rows) in [("k", k), ("v", v)] {
-        if rows.tokens() != nnz {
-            return Err(Error::TensorShape {
-                tensor,
-                expected: format!("{nnz} token rows (append_indptr[{b}])"),
-                actual: format!("{} token rows", rows.tokens()),
-            });
+    let ps = cache.page_size;
+    let mut rot = rope.as_ref().map(|r| Rotation::new(r.rope, d));
+    let mut buf = vec![0f32; d];
+    let (ks, vs) = (cache.k_strides, cache.v_strides);
+    let (k_base, v_base) = (cache.k_base, cache.v_base);
+    let (kd, vd) = (k.data(), v.data());
+    let rows = row_targets(targets, ps, rope.as_ref().and_then(|r| r.positions));
+    for (t, &(page, slot, rpos)) in rows.iter().enumerate() {
+        if let Some(rot) = rot.as_mut() {
+            rot.at(rpos);
         }
-    }
-    if (v.heads(), v.head_dim()) != (hkv, d) {
-        return Err(Error::TensorShape {
-            tensor: "v",
-            expected: format!("{hkv} heads x {d} (as k)"),
-            actual: format!("{} heads x {}", v.heads(), v.head_dim()),
-        });
-    }
-    let (k_len, v_len) = (cache.k.len(), cache.v.as_ref().map(|v| v.len()));
-    check_cache_side("k_cache", k_len, 0, cache.k_strides, cache, (hkv, d))?;
-    check_cache_side(
-        "v_cache",
-        v_len.unwrap_or(k_len),
-        cache.v_base,
-        cache.v_strides,
-        cache,
-        (hkv, d),
-    )?;
-    if let Some(r) = rope {
-        r.rope.validate(d)?;
-        if let Some(p) = r.positions {
-            check_positions(p, nnz)?;
+        for h in 0..hkv {
+            load_f32(&kd, k.offset(t, h), &mut buf);
+            if let Some(rot) = rot.as_ref() {
+                rot.rotate(&mut buf);
+            }
+            let off = k_base + page * ks.page + slot * ks.token + h * ks.head;
+            store_f32(&mut cache.k, off, &buf);
+            load_f32(&vd, v.offset(t, h), &mut buf);
+            let off = v_base + page * vs.page + slot * vs.token + h * vs.head;
+            match cache.v.as_mut() {
+                Some(vt) => store_f32(vt, off, &buf),
+                None => store_f32(&mut cache.k, off, &buf),
+            }
         }
     }
     Ok(())
@@ -326,44 +592,46 @@ pub fn append_kv(
     batch: &AppendBatch<'_>,
     k: Rows<'_>,
     v: Rows<'_>,
-    mut cache: KvCacheMut<'_>,
+    cache: KvCacheMut<'_>,
     rope: Option<AppendRope<'_>>,
 ) -> Result<()> {
-    check_append(batch, &k, &v, &cache, rope.as_ref())?;
-    let (hkv, d) = (k.heads(), k.head_dim());
-    let ps = cache.page_size;
-    let mut rot = rope.as_ref().map(|r| Rotation::new(r.rope, d));
-    let mut buf = vec![0f32; d];
-    let (ks, vs, v_base) = (cache.k_strides, cache.v_strides, cache.v_base);
-    let (kd, vd) = (k.data(), v.data());
-    for r in 0..batch.kv_indptr.len() - 1 {
-        let a0 = batch.append_indptr[r] as usize;
-        let n = batch.append_indptr[r + 1] as usize - a0;
-        let start = kv_len(batch, r, ps) - n;
-        let pages = &batch.kv_indices[batch.kv_indptr[r] as usize..];
-        for j in 0..n {
-            let (t, pos) = (a0 + j, start + j);
-            let page = pages[pos / ps] as usize;
-            let slot = pos % ps;
-            if let (Some(rot), Some(r)) = (rot.as_mut(), rope.as_ref()) {
-                let p = r.positions.map_or(pos as i64, |p| p[t] as i64);
-                rot.at(p);
-            }
-            for h in 0..hkv {
-                load_f32(&kd, k.offset(t, h), &mut buf);
-                if let Some(rot) = rot.as_ref() {
-                    rot.rotate(&mut buf);
-                }
-                let off = page * ks.page + slot * ks.token + h * ks.head;
-                store_f32(&mut cache.k, off, &buf);
-                load_f32(&vd, v.offset(t, h), &mut buf);
-                let off = v_base + page * vs.page + slot * vs.token + h * vs.head;
-                match cache.v.as_mut() {
-                    Some(vt) => store_f32(vt, off, &buf),
-                    None => store_f32(&mut cache.k, off, &buf),
-                }
-            }
-        }
-    }
-    Ok(())
+    write_rows(AppendTargets::Csr(batch), k, v, cache, rope)
+}
+
+/// Writes appended row `i` of `k`, `v` to token `at.positions[i]` of request
+/// `at.batch_indices[i]` (FlashInfer's `append_paged_kv_cache` contract), converting to the
+/// cache's dtype and rotating K by `rope` at that position when given (`rope.positions` must
+/// be `None`: the rows' positions are the rotation positions).
+///
+/// Checked first, nothing written on error: the cache's CSR arrays as for [`append_kv`],
+/// one position per row, every request index in `0..B`, every position inside its
+/// request's pages, the shapes and strides.
+///
+/// ```
+/// use flashpage::ops::{Rows, append::{AppendAt, KvCacheMut, append_kv_at}};
+/// use flashpage::{KvLayout, KvStrides, TensorMut, TensorRef};
+/// let (ps, pages, d) = (4, 2, 8);
+/// let (k_new, v_new) = (vec![1.0f32; 2 * d], vec![2.0f32; 2 * d]);
+/// let mut k = vec![0f32; pages * ps * d];
+/// let mut v = k.clone();
+/// // one request of 5 tokens on pages [1, 0]; rows go to positions 4 and 0
+/// let at = AppendAt { batch_indices: &[0, 0], positions: &[4, 0],
+///                     kv_indptr: &[0, 2], kv_indices: &[1, 0], kv_last_page_len: &[1] };
+/// append_kv_at(&at, Rows::dense(TensorRef::F32(&k_new), 2, 1, d)?,
+///              Rows::dense(TensorRef::F32(&v_new), 2, 1, d)?,
+///              KvCacheMut::split(TensorMut::F32(&mut k), TensorMut::F32(&mut v),
+///                                KvStrides::dense(KvLayout::Nhd, ps, 1, d), ps, pages), None)?;
+/// assert_eq!(k[0], 1.0); // page 0 slot 0 (position 4)
+/// assert_eq!(k[ps * d], 1.0); // page 1 slot 0 (position 0)
+/// assert_eq!(v[d], 0.0); // page 0 slot 1: untouched
+/// # Ok::<(), flashpage::Error>(())
+/// ```
+pub fn append_kv_at(
+    at: &AppendAt<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    cache: KvCacheMut<'_>,
+    rope: Option<AppendRope<'_>>,
+) -> Result<()> {
+    write_rows(AppendTargets::At(at), k, v, cache, rope)
 }

@@ -14,6 +14,8 @@
 pub mod append;
 pub mod rope;
 mod rows;
+#[cfg(feature = "cuda")]
+pub(crate) use rows::check_rows;
 
 pub use rows::{Rows, RowsMut};
 

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{TensorMut, TensorRef};
 
 /// Checks the strides and extent of a `[tokens, heads, head_dim]` view over `len` elements.
-fn check(
+pub(crate) fn check_rows(
     tensor: &'static str,
     len: usize,
     (tokens, heads, head_dim): (usize, usize, usize),
@@ -95,7 +95,7 @@ impl<'a> Rows<'a> {
         row: usize,
         head: usize,
     ) -> Result<Self> {
-        check("rows", data.len(), (tokens, heads, head_dim), (row, head))?;
+        check_rows("rows", data.len(), (tokens, heads, head_dim), (row, head))?;
         Ok(Rows {
             data,
             dims: (tokens, heads, head_dim),
@@ -164,7 +164,7 @@ impl<'a> RowsMut<'a> {
         row: usize,
         head: usize,
     ) -> Result<Self> {
-        check("rows", data.len(), (tokens, heads, head_dim), (row, head))?;
+        check_rows("rows", data.len(), (tokens, heads, head_dim), (row, head))?;
         Ok(RowsMut {
             data,
             dims: (tokens, heads, head_dim),

@@ -14,12 +14,13 @@ use crate::workspace::CUDA_BASE_ALIGN;
 
 /// The sources of the kernels, by file name (`common.cuh` is prepended to the others at
 /// compile time), for offline tools such as the host emulation.
-pub const KERNEL_SOURCES: [(&str, &str); 5] = [
+pub const KERNEL_SOURCES: [(&str, &str); 6] = [
     ("common.cuh", include_str!("kernels/common.cuh")),
     ("decode.cu", include_str!("kernels/decode.cu")),
     ("prefill.cu", include_str!("kernels/prefill.cu")),
     ("merge.cu", include_str!("kernels/merge.cu")),
     ("bandwidth.cu", include_str!("kernels/bandwidth.cu")),
+    ("ops.cu", include_str!("kernels/ops.cu")),
 ];
 
 pub(super) const DECODE_SRC: &str = concat!(
@@ -38,24 +39,60 @@ pub(super) const MERGE_SRC: &str = concat!(
     include_str!("kernels/merge.cu")
 );
 pub(super) const BANDWIDTH_SRC: &str = include_str!("kernels/bandwidth.cu");
+/// The append and RoPE kernels: self-contained (no common.cuh, no `-D` options).
+pub(super) const OPS_SRC: &str = include_str!("kernels/ops.cu");
 
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
     impl Sealed for u16 {}
 }
 
-/// Element storage of device tensors: `f32` for [`DType::F32`], `u16` (the raw bits) for
-/// [`DType::F16`] and [`DType::BF16`].
+/// Element storage of device tensors: `f32`, `half::f16` and `half::bf16` for their dtypes
+/// (a candle or cudarc `CudaSlice<half::bf16>` is passed as it is), and `u16` for f16 or
+/// bf16 held as raw bits (the run's `dtype` says which).
 pub trait DeviceElem: DeviceRepr + sealed::Sealed {
     /// Bytes per element.
     const BYTES: usize;
+    /// The dtypes this storage type can hold.
+    const DTYPES: &'static [DType];
+    /// How the dtypes are named in an error.
+    const NAME: &'static str;
 }
 impl DeviceElem for f32 {
     const BYTES: usize = 4;
+    const DTYPES: &'static [DType] = &[DType::F32];
+    const NAME: &'static str = "f32";
+}
+impl DeviceElem for half::f16 {
+    const BYTES: usize = 2;
+    const DTYPES: &'static [DType] = &[DType::F16];
+    const NAME: &'static str = "f16";
+}
+impl DeviceElem for half::bf16 {
+    const BYTES: usize = 2;
+    const DTYPES: &'static [DType] = &[DType::BF16];
+    const NAME: &'static str = "bf16";
 }
 impl DeviceElem for u16 {
     const BYTES: usize = 2;
+    const DTYPES: &'static [DType] = &[DType::F16, DType::BF16];
+    const NAME: &'static str = "f16 or bf16 (u16 bits)";
+}
+
+/// Checks that storage type `T` holds `dtype` (the error names `tensor`).
+pub(super) fn check_elem<T: DeviceElem>(tensor: &'static str, dtype: DType) -> Result<()> {
+    if T::DTYPES.contains(&dtype) {
+        Ok(())
+    } else {
+        Err(Error::DTypeMismatch {
+            tensor,
+            expected: T::NAME,
+            actual: dtype.name(),
+        })
+    }
 }
 
 /// The device tensors of one run (any mix of `CudaSlice`, `CudaView` and `CudaViewMut`).
@@ -65,7 +102,8 @@ impl DeviceElem for u16 {
 /// of one buffer), except that q, o and lse may hold **more** rows than the batch (graph
 /// mode: buffers sized for the capacity); rows past the batch are not touched. Base addresses must be 16-byte aligned and strides multiples of 16 bytes.
 pub struct DeviceRunArgs<'a, T: DeviceElem> {
-    /// Element type of q, k, v and o (`f16`/`bf16` with `T = u16`, `f32` with `T = f32`).
+    /// Element type of q, k, v and o: `T`'s (`f32`, `half::f16`, `half::bf16`), or with
+    /// `T = u16` (raw bits) `f16` or `bf16`.
     pub dtype: DType,
     /// Queries.
     pub q: &'a dyn DevicePtr<T>,

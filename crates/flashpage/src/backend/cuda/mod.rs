@@ -28,8 +28,13 @@
 //!
 //! # Streams
 //!
-//! Everything runs on the backend's stream. The backend turns off cudarc's cross-stream
-//! event tracking on its context (CUDA-graph capture requires it), so buffers written on
+//! Everything runs on the backend's stream: its own ([`CudaBackend::new`]), the caller's
+//! ([`CudaBackend::with_stream`]) or a raw `CUstream` of another library's
+//! ([`CudaBackend::from_raw_stream`], e.g. torch's current stream). The backend never
+//! synchronises the stream except in [`CudaBackend::synchronize`] and the bandwidth probe;
+//! uploads (`upload_plan`) are asynchronous copies from pageable host memory, which the
+//! driver stages before returning. The backend turns off cudarc's cross-stream event
+//! tracking on the context it opens (CUDA-graph capture requires it), so buffers written on
 //! another stream must be synchronised by the caller before `run`.
 
 mod context;
@@ -37,6 +42,7 @@ mod device;
 mod graph;
 pub mod launch;
 mod nvrtc;
+pub mod ops;
 pub mod prefill;
 pub mod report;
 
@@ -45,20 +51,25 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
 };
 
 use device::{
-    BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, PREFILL_SRC, RunSignature, Uploaded, driver_err,
+    BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, OPS_SRC, PREFILL_SRC, RunSignature, Uploaded,
+    check_elem, driver_err,
 };
 pub use device::{DeviceElem, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES};
 pub use graph::CudaGraph;
 pub use nvrtc::CACHE_ENV;
+pub use ops::{DeviceAppendArrays, DeviceKvCacheMut, DeviceRows, DeviceRowsMut};
 
 use self::launch::{Buffers, DecodeVariant};
 use self::prefill::PrefillVariant;
 use super::{ArgShapes, check_run_args};
 use crate::error::{Error, Result};
 use crate::layout::{DType, HeadConfig};
+use crate::ops::append::{AppendRope, AppendTargets};
+use crate::ops::rope::Rope;
 use crate::options::{AttentionOptions, PosEncoding};
 use crate::plan::{Plan, PlanKind};
 use crate::workspace::{CUDA_BASE_ALIGN, Requirement};
@@ -93,6 +104,7 @@ pub struct CudaBackend {
     prefill: Mutex<HashMap<PrefillVariant, CudaFunction>>,
     merge: Mutex<HashMap<(usize, DType), CudaFunction>>,
     bandwidth: Mutex<Option<(CudaFunction, CudaFunction)>>,
+    ops: Mutex<HashMap<&'static str, CudaFunction>>,
     capture: Mutex<Option<Vec<RunSignature>>>,
     loaded: Mutex<Vec<LoadedKernel>>,
 }
@@ -169,6 +181,65 @@ impl CudaBackend {
         })
     }
 
+    /// A backend on a raw `CUstream` owned by another library (torch's
+    /// `torch.cuda.current_stream().cuda_stream`, candle's device stream), on device
+    /// `ordinal`'s **primary** context (the context torch, candle and the CUDA runtime use).
+    /// The stream is borrowed, never destroyed by the backend. A null stream is the legacy
+    /// default stream of that context.
+    ///
+    /// Checked (no synchronisation): libraries and device as [`CudaBackend::new`]; that the
+    /// stream belongs to the primary context (`cuStreamGetCtx`), else
+    /// [`Error::BackendUnavailable`] naming both contexts. A stream of a context that is not
+    /// primary goes through [`CudaBackend::with_stream`] with the caller's own
+    /// `Arc<CudaContext>` (`CudaContext::wrap_borrowed_stream`).
+    ///
+    /// cudarc's cross-stream event tracking is turned off on the backend's own context
+    /// handle (it is the backend's, not the caller's): nothing is recorded or waited on
+    /// behind the caller's back, and graph capture works.
+    ///
+    /// # Safety
+    ///
+    /// - `stream` must be a valid stream (or null) of device `ordinal`'s primary context, and
+    ///   must stay alive while the backend, or anything made with it (workspaces, graphs),
+    ///   is used.
+    /// - The caller orders work on the stream from other streams: buffers written elsewhere
+    ///   must be complete (or waited for on `stream`) before a call that reads them.
+    pub unsafe fn from_raw_stream(
+        ordinal: usize,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<Self> {
+        let (ctx, info) = context::open(ordinal)?;
+        context::guarded("cuda backend on a raw stream", || {
+            ctx.bind_to_thread()
+                .map_err(|e| driver_err("binding the context", e))?;
+            if !stream.is_null() {
+                let mut owner: cudarc::driver::sys::CUcontext = std::ptr::null_mut();
+                // SAFETY: the caller guarantees `stream` is a live stream handle; the call
+                // only writes the owning context into `owner`.
+                let r = unsafe { cudarc::driver::sys::cuStreamGetCtx(stream, &mut owner) };
+                if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                    return Err(driver_err("querying the stream's context", r));
+                }
+                if owner != ctx.cu_ctx() {
+                    return Err(Error::BackendUnavailable {
+                        backend: "cuda",
+                        reason: format!(
+                            "the stream belongs to context {owner:?}, not to device {ordinal}'s primary context {:?} (use CudaBackend::with_stream with that context)",
+                            ctx.cu_ctx()
+                        ),
+                    });
+                }
+            }
+            // SAFETY: `ctx` is this backend's own handle of the primary context; turning off
+            // its event tracking affects only work submitted through this handle.
+            unsafe { ctx.disable_event_tracking() };
+            // SAFETY: the caller guarantees the stream is valid for this context and outlives
+            // the backend (the function's contract).
+            let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+            Self::assemble(stream, info)
+        })
+    }
+
     fn assemble(stream: Arc<CudaStream>, info: context::DeviceInfo) -> Result<Self> {
         let version = nvrtc::nvrtc_version()?;
         Ok(CudaBackend {
@@ -184,6 +255,7 @@ impl CudaBackend {
             prefill: Mutex::new(HashMap::new()),
             merge: Mutex::new(HashMap::new()),
             bandwidth: Mutex::new(None),
+            ops: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
             loaded: Mutex::new(Vec::new()),
         })
@@ -396,13 +468,7 @@ impl CudaBackend {
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
         let dt = args.dtype;
-        if dt.size() != T::BYTES {
-            return Err(Error::DTypeMismatch {
-                tensor: "q",
-                expected: if T::BYTES == 4 { "f32" } else { "f16 or bf16" },
-                actual: dt.name(),
-            });
-        }
+        check_elem::<T>("q", dt)?;
         // The host copy is read where the device ids are: same length (checked first).
         if let Some(h) = args.host_kv_indices
             && h.len() != args.kv_indices.len()
@@ -578,6 +644,163 @@ impl CudaBackend {
             unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching the merge kernel", e))?;
         }
         Ok(())
+    }
+
+    fn ops_fn(&self, entry: &'static str) -> Result<CudaFunction> {
+        let mut map = self.ops.lock().expect("kernel cache lock");
+        if let Some(f) = map.get(entry) {
+            return Ok(f.clone());
+        }
+        let f = self.load("ops.cu", OPS_SRC, &[], entry)?;
+        map.insert(entry, f.clone());
+        Ok(f)
+    }
+
+    fn launch_ops(&self, entry: &'static str, p: &ops::OpsParams) -> Result<()> {
+        if p.rows() == 0 {
+            return Ok(());
+        }
+        let f = self.ops_fn(entry)?;
+        let cfg = LaunchConfig {
+            grid_dim: (p.rows(), 1, 1),
+            block_dim: (ops::OPS_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(p);
+        // SAFETY: OpsParams matches the kernel's struct; every address in it is a live device
+        // buffer at least as long as the validated shapes need (ops::append_params /
+        // ops::rope_params checked the host shapes and the device lengths), and the kernel
+        // bounds-checks every index it reads from the device index arrays.
+        unsafe { b.launch(cfg) }.map_err(|e| driver_err(&format!("launching {entry}"), e))?;
+        Ok(())
+    }
+
+    /// Appends new tokens' K/V into a device paged cache, on the backend's stream
+    /// (asynchronous; no synchronisation): the device version of
+    /// [`crate::ops::append::append_kv`] (`targets` = [`AppendTargets::Csr`]) and
+    /// [`crate::ops::append::append_kv_at`] ([`AppendTargets::At`], FlashInfer's
+    /// `append_paged_kv_cache`). Input rows of any dtype (`S`), the cache's dtype (`C`)
+    /// may differ; K rotated by `rope` when given.
+    ///
+    /// The host arrays in `targets` are validated as the host op validates them (page ids,
+    /// CSR arrays, positions, shapes, strides, RoPE parameters) and `arrays` must hold the
+    /// same contents on the device (at least as many entries); on error nothing is launched.
+    /// The result equals the host op's bit for bit on the same inputs (same f64 angles, f32
+    /// rotation without contraction, one rounding).
+    pub fn append_kv<S: DeviceElem, C: DeviceElem>(
+        &self,
+        targets: AppendTargets<'_>,
+        arrays: &DeviceAppendArrays<'_>,
+        k: DeviceRows<'_, S>,
+        v: DeviceRows<'_, S>,
+        cache: DeviceKvCacheMut<'_, C>,
+        rope: Option<AppendRope<'_>>,
+    ) -> Result<()> {
+        check_elem::<S>("k", k.dtype)?;
+        check_elem::<S>("v", v.dtype)?;
+        check_elem::<C>("k_cache", cache.dtype)?;
+        let st = &*self.stream;
+        let (ka, _gk) = k.data.device_ptr(st);
+        let (va, _gv) = v.data.device_ptr(st);
+        let k_len = cache.k.len();
+        let (kc, _gkc) = cache.k.device_ptr_mut(st);
+        let mut _gvc = None;
+        let vc = match cache.v {
+            Some(vb) => {
+                let n = vb.len();
+                let (a, g) = vb.device_ptr_mut(st);
+                _gvc = Some(g);
+                Some((a, n))
+            }
+            None => None,
+        };
+        let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
+        fn dev<'a>(
+            a: Option<&'a dyn DevicePtr<i32>>,
+            st: &'a CudaStream,
+            guards: &mut Vec<SyncOnDrop<'a>>,
+        ) -> (u64, usize) {
+            match a {
+                Some(a) => {
+                    let n = a.len();
+                    let (p, g) = a.device_ptr(st);
+                    guards.push(g);
+                    (p, n)
+                }
+                None => (0, 0),
+            }
+        }
+        let arr = ops::OpsArrays {
+            append_indptr: dev(arrays.append_indptr, st, &mut guards),
+            kv_indptr: dev(Some(arrays.kv_indptr), st, &mut guards),
+            kv_indices: dev(Some(arrays.kv_indices), st, &mut guards),
+            kv_last_page_len: dev(Some(arrays.kv_last_page_len), st, &mut guards),
+            batch_indices: dev(arrays.batch_indices, st, &mut guards),
+            positions: dev(arrays.positions, st, &mut guards),
+        };
+        let rows = |r: &DeviceRows<'_, S>, addr: u64| ops::OpsRows {
+            addr,
+            len: r.data.len(),
+            dtype: r.dtype,
+            tokens: r.tokens,
+            heads: r.heads,
+            head_dim: r.head_dim,
+            row_stride: r.row_stride,
+            head_stride: r.head_stride,
+        };
+        let c = ops::OpsCache {
+            k_addr: kc,
+            k_len,
+            v: vc,
+            dtype: cache.dtype,
+            k_base: cache.k_base,
+            v_base: cache.v_base,
+            k_strides: cache.k_strides,
+            v_strides: cache.v_strides,
+            page_size: cache.page_size,
+            num_pages: cache.num_pages,
+        };
+        let p = ops::append_params(
+            targets,
+            &rows(&k, ka),
+            &rows(&v, va),
+            &c,
+            rope.as_ref(),
+            &arr,
+        )?;
+        self.launch_ops("fp_append", &p)
+    }
+
+    /// Rotates every head of every row of `x` in place, row `t` to position
+    /// `positions[t]`, on the backend's stream (asynchronous): the device version of
+    /// [`crate::ops::rope::apply_rope`], bit for bit. `host_positions` is the host copy of
+    /// the device `positions` (validated: one per row, none negative); on error nothing is
+    /// launched.
+    pub fn apply_rope<T: DeviceElem>(
+        &self,
+        rope: &Rope,
+        x: DeviceRowsMut<'_, T>,
+        host_positions: &[i32],
+        positions: &dyn DevicePtr<i32>,
+    ) -> Result<()> {
+        check_elem::<T>("x", x.dtype)?;
+        let st = &*self.stream;
+        let len = x.data.len();
+        let (xa, _gx) = x.data.device_ptr_mut(st);
+        let (pa, _gp) = positions.device_ptr(st);
+        let rows = ops::OpsRows {
+            addr: xa,
+            len,
+            dtype: x.dtype,
+            tokens: x.tokens,
+            heads: x.heads,
+            head_dim: x.head_dim,
+            row_stride: x.row_stride,
+            head_stride: x.head_stride,
+        };
+        let p = ops::rope_params(rope, &rows, host_positions, (pa, positions.len()))?;
+        self.launch_ops("fp_rope", &p)
     }
 
     /// Records the runs `f` issues on the backend's stream into a [`CudaGraph`] (nothing

@@ -13,9 +13,10 @@
 
 use std::path::PathBuf;
 
-use super::device::{BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, PREFILL_SRC};
+use super::device::{BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, OPS_SRC, PREFILL_SRC};
 use super::launch::{self, DecodeVariant, MERGE_THREADS};
 use super::nvrtc::{self, Compiler};
+use super::ops::OPS_THREADS;
 use super::prefill::PrefillVariant;
 use crate::error::{Error, Result};
 use crate::layout::DType;
@@ -39,6 +40,10 @@ pub enum KernelSpec {
     },
     /// The read-bandwidth probe (`fp_read_bw` and `fp_fill`, one module).
     Bandwidth,
+    /// The K/V append kernel (`fp_append`, in `ops.cu`; dtypes and head dim at run time).
+    Append,
+    /// The standalone RoPE kernel (`fp_rope`, in `ops.cu`, the same module as `Append`).
+    Rope,
 }
 
 impl KernelSpec {
@@ -67,6 +72,8 @@ impl KernelSpec {
                 MERGE_THREADS,
             ),
             KernelSpec::Bandwidth => ("bandwidth.cu", BANDWIDTH_SRC, Vec::new(), "fp_read_bw", 256),
+            KernelSpec::Append => ("ops.cu", OPS_SRC, Vec::new(), "fp_append", OPS_THREADS),
+            KernelSpec::Rope => ("ops.cu", OPS_SRC, Vec::new(), "fp_rope", OPS_THREADS),
         }
     }
 
@@ -81,7 +88,7 @@ impl KernelSpec {
     }
 
     /// A short name: `decode bf16 d128 rows4 u2 mb3`, `decode ... rope`, `merge bf16 d128`,
-    /// `bandwidth`.
+    /// `bandwidth`, `append`, `rope`.
     pub fn name(&self) -> String {
         match self {
             KernelSpec::Decode(v) => format!(
@@ -104,6 +111,8 @@ impl KernelSpec {
                 format!("merge {} d{head_dim}", dtype.name())
             }
             KernelSpec::Bandwidth => "bandwidth".into(),
+            KernelSpec::Append => "append".into(),
+            KernelSpec::Rope => "rope".into(),
         }
     }
 }
