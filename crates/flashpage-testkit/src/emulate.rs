@@ -139,6 +139,9 @@ fn build(cxx: &str, dir: &Path, defines: &[String]) -> PathBuf {
     exe
 }
 
+/// Serialises the emulator processes of one test process.
+static RUNNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
     out.extend_from_slice(bytes);
@@ -215,6 +218,10 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
         dir.join(format!("out-{tag}")),
     );
     std::fs::write(&inp, &input).unwrap();
+    // One emulated launch at a time per process: each runs a std::thread per CUDA thread,
+    // and concurrent launches on a small machine would only slow each other down past the
+    // hang timeout below.
+    let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = Command::new(&exe).arg(&inp).arg(&outp).spawn().unwrap();
     let t = Instant::now();
     let status = loop {
