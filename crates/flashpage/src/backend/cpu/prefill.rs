@@ -49,7 +49,7 @@ pub(crate) fn pack_kt(k: &[f32], nb: usize, d: usize, kt: &mut Vec<f32>) {
     assert!(k.len() >= nb * d, "pack_kt: k holds fewer than nb rows");
     #[cfg(target_arch = "x86_64")]
     {
-        if d % 8 == 0 && std::arch::is_x86_feature_detected!("avx") {
+        if d.is_multiple_of(8) && std::arch::is_x86_feature_detected!("avx") {
             // SAFETY: AVX detected just above; k holds nb rows of d, kt d·KEY_BLOCK values
             // (both checked above), d % 8 == 0.
             unsafe { pack_kt_avx(k, nb, d, kt) };
