@@ -52,7 +52,11 @@ fn python_without_torch() -> (PathBuf, String) {
     (dir, py)
 }
 
+// Needs a Python with torch, which a fresh machine does not have: the README's `cargo test`
+// leaves it out, and CI's Python block runs it with its venv's Python
+// (`FLASHPAGE_PEER_TEST_PYTHON=... cargo test -p flashpage-cli --test bench_peer -- --include-ignored`).
 #[test]
+#[ignore = "needs a Python with torch: set FLASHPAGE_PEER_TEST_PYTHON and pass --include-ignored"]
 fn bench_peer_torch_runs_sdpa_beside_the_case() {
     let python = torch_python();
     let (code, out, err) = flashpage(

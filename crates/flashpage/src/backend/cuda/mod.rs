@@ -55,8 +55,8 @@ use cudarc::driver::{
 };
 
 use device::{
-    BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, OPS_SRC, PREFILL_SRC, RunSignature, Uploaded,
-    check_elem, driver_err,
+    BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, OPS_SRC, PREFILL_SRC, RunSignature, Uploaded, check_elem,
+    driver_err,
 };
 pub use device::{DeviceElem, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES};
 pub use graph::CudaGraph;
