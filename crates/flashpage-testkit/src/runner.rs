@@ -125,6 +125,7 @@ mod cuda {
         kv_indices: &'a CudaSlice<i32>,
         host_kv_indices: Option<&'a [i32]>,
         lse: Option<&'a mut CudaSlice<f32>>,
+        sinks: Option<&'a CudaSlice<f32>>,
     }
 
     impl DevRun<'_> {
@@ -152,6 +153,7 @@ mod cuda {
                 host_kv_indices: self.host_kv_indices,
                 o: &mut o,
                 lse: self.lse.as_mut().map(|l| &mut **l as _),
+                sinks: self.sinks.map(|s| s as _),
             };
             Backend::run(self.backend, self.plan, T::wrap(run), self.ws)?;
             self.backend.synchronize()?;
@@ -193,6 +195,10 @@ mod cuda {
                 Some(l) => Some(s.clone_htod(&nonempty(l.clone())).map_err(dev)?),
                 None => None,
             };
+            let sinks_dev = match args.sinks {
+                Some(sk) => Some(s.clone_htod(&nonempty(sk.to_vec())).map_err(dev)?),
+                None => None,
+            };
             let (strides, num_pages) = (args.kv.strides, args.kv.num_pages);
             let mut dev_run = DevRun {
                 backend: b,
@@ -204,6 +210,7 @@ mod cuda {
                 kv_indices: &kvi,
                 host_kv_indices: host_ids,
                 lse: lse_dev.as_mut(),
+                sinks: sinks_dev.as_ref(),
             };
             match (bits(args.q), bits(args.kv.k), bits(args.kv.v), o_init) {
                 (Ok(q), Ok(k), Ok(v), Ok(o_init)) => {

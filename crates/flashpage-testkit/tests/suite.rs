@@ -68,6 +68,11 @@ fn numerics_cases() {
 }
 
 #[test]
+fn feature_cases() {
+    run_file("features.toml");
+}
+
+#[test]
 fn expected_errors_at_every_simd_level() {
     let suite = Suite::embedded().unwrap();
     assert!(suite.errors.len() >= 25);
@@ -260,6 +265,7 @@ fn sampled_reference_matches_the_full_reference() {
         storage: KvStorage::Separate,
         options: AttentionOptions::default().with_causal(true),
         input_scale: 1.0,
+        sinks: false,
     };
     let variants = [
         base.clone(),

@@ -81,6 +81,7 @@ fn random_case(seed: u64) -> (CaseSpec, PlanConfig) {
         storage,
         options,
         input_scale,
+        sinks: false,
     };
     // Parallelism from 1 (no split) to 512 (split everything that is long enough).
     let mut config = PlanConfig::with_parallelism([1, 2, 8, 64, 512][rng.below(5)]);

@@ -108,6 +108,7 @@ fn run_gpu_typed<T: Storage>(
         host_kv_indices: Some(&idx),
         o: &mut o,
         lse: Some(&mut lse),
+        sinks: None,
     };
     gpu.run(&plan, args, &mut ws)?;
     gpu.synchronize()?;
@@ -200,6 +201,7 @@ fn errors_before_launch() {
                 host_kv_indices: Some(data.batch.kv_indices()),
                 o: &mut o,
                 lse: Some(&mut lse),
+                sinks: None,
             }
         };
     }
@@ -351,6 +353,7 @@ fn graph_capture_and_replay() {
                                 host_kv_indices: Some(&host_idx),
                                 o: &mut o,
                                 lse: Some(&mut lse),
+                                sinks: None,
                             },
                             w,
                         )
