@@ -81,6 +81,7 @@
 pub mod backend;
 pub mod builder;
 pub mod error;
+pub mod fp8;
 pub mod layout;
 pub mod ops;
 pub mod options;

@@ -130,35 +130,6 @@ pub(crate) struct Scratch {
     pub(crate) off: [usize; KEY_BLOCK],
 }
 
-#[cfg(test)]
-mod tests {
-    use super::sink_epilogue;
-
-    #[test]
-    fn sink_epilogue_matches_the_extra_logit() {
-        for &(lse, sink) in &[(0.5f32, -1.0f32), (-3.0, 2.0), (10.0, 10.0), (-80.0, 70.0)] {
-            let (f, l) = sink_epilogue(lse, sink);
-            let (a, b) = (lse as f64, sink as f64);
-            let want = a.max(b) + ((a - a.max(b)).exp() + (b - a.max(b)).exp()).ln();
-            assert!(
-                (l as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
-                "{lse} {sink}"
-            );
-            assert!((f as f64 - (a - want).exp()).abs() < 1e-6, "{lse} {sink}");
-        }
-        assert_eq!(sink_epilogue(f32::NEG_INFINITY, 1.5), (0.0, 1.5));
-        assert_eq!(sink_epilogue(2.0, f32::NEG_INFINITY), (1.0, 2.0));
-        let (f, l) = sink_epilogue(f32::NEG_INFINITY, f32::NEG_INFINITY);
-        assert_eq!((f, l), (1.0, f32::NEG_INFINITY));
-        assert_eq!(sink_epilogue(f32::INFINITY, 3.0), (1.0, f32::INFINITY));
-        assert_eq!(sink_epilogue(3.0, f32::INFINITY), (0.0, f32::INFINITY));
-        let (f, l) = sink_epilogue(f32::NAN, 1.0);
-        assert!(f.is_nan() && l.is_nan());
-        let (f, l) = sink_epilogue(1.0, f32::NAN);
-        assert!(f.is_nan() && l.is_nan());
-    }
-}
-
 impl Default for Scratch {
     fn default() -> Self {
         Scratch {
@@ -256,5 +227,34 @@ impl<'a> SharedMut<'a, u8> {
             len: bytes / 4,
             _life: PhantomData,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sink_epilogue;
+
+    #[test]
+    fn sink_epilogue_matches_the_extra_logit() {
+        for &(lse, sink) in &[(0.5f32, -1.0f32), (-3.0, 2.0), (10.0, 10.0), (-80.0, 70.0)] {
+            let (f, l) = sink_epilogue(lse, sink);
+            let (a, b) = (lse as f64, sink as f64);
+            let want = a.max(b) + ((a - a.max(b)).exp() + (b - a.max(b)).exp()).ln();
+            assert!(
+                (l as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
+                "{lse} {sink}"
+            );
+            assert!((f as f64 - (a - want).exp()).abs() < 1e-6, "{lse} {sink}");
+        }
+        assert_eq!(sink_epilogue(f32::NEG_INFINITY, 1.5), (0.0, 1.5));
+        assert_eq!(sink_epilogue(2.0, f32::NEG_INFINITY), (1.0, 2.0));
+        let (f, l) = sink_epilogue(f32::NEG_INFINITY, f32::NEG_INFINITY);
+        assert_eq!((f, l), (1.0, f32::NEG_INFINITY));
+        assert_eq!(sink_epilogue(f32::INFINITY, 3.0), (1.0, f32::INFINITY));
+        assert_eq!(sink_epilogue(3.0, f32::INFINITY), (0.0, f32::INFINITY));
+        let (f, l) = sink_epilogue(f32::NAN, 1.0);
+        assert!(f.is_nan() && l.is_nan());
+        let (f, l) = sink_epilogue(1.0, f32::NAN);
+        assert!(f.is_nan() && l.is_nan());
     }
 }
