@@ -4,7 +4,7 @@ Names, argument names, defaults and meanings follow FlashInfer (``flashinfer.dec
 ``flashinfer.prefill``, ``flashinfer.cascade``, ``flashinfer.page``). Where FlashInfer has
 GPU-only knobs (``use_tensor_cores``, ``enable_pdl``, ``non_blocking``, ``backend``) they are
 accepted and have no effect; features flashpage does not implement (custom masks, FP8 scales,
-attention sinks, different q/k and v head dims) raise :class:`flashpage.Error` of kind
+different q/k and v head dims) raise :class:`flashpage.Error` of kind
 ``Unsupported`` instead of being ignored.
 """
 
@@ -264,13 +264,15 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         """Attention of ``q`` [batch_size, num_qo_heads, head_dim] over the paged cache
         (one tensor ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` (NHD) /
         ``[num_pages, 2, num_kv_heads, page_size, head_dim]`` (HND), or a ``(k_cache, v_cache)``
-        pair). Returns ``out``, or ``(out, lse)`` with ``lse`` base 2 when ``return_lse``."""
-        if args or q_scale is not None or k_scale is not None or v_scale is not None or sinks is not None:
-            _check_run_extras(args, q_scale, k_scale, v_scale, sinks)
+        pair). Returns ``out``, or ``(out, lse)`` with ``lse`` base 2 when ``return_lse``.
+        ``sinks`` (float32 [num_qo_heads], natural log) are attention sinks (gpt-oss): one
+        extra logit per head in the softmax denominator, with no value."""
+        if args or q_scale is not None or k_scale is not None or v_scale is not None:
+            _check_run_extras(args, q_scale, k_scale, v_scale)
         if window_left is not None:
             self._check_window(window_left)
         q, out, lse = self._outputs(q, out, lse, return_lse)
-        self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse)
+        self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse, sinks)
         return (out, lse) if return_lse else out
 
     forward = run
@@ -371,13 +373,14 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         sinks: Optional[torch.Tensor] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Attention of ``q`` [qo_indptr[-1], num_qo_heads, head_dim] over the paged cache.
-        Returns ``out``, or ``(out, lse)`` with ``lse`` base 2 when ``return_lse``."""
-        if args or q_scale is not None or k_scale is not None or v_scale is not None or sinks is not None:
-            _check_run_extras(args, q_scale, k_scale, v_scale, sinks)
+        Returns ``out``, or ``(out, lse)`` with ``lse`` base 2 when ``return_lse``. ``sinks``
+        (float32 [num_qo_heads], natural log) are attention sinks."""
+        if args or q_scale is not None or k_scale is not None or v_scale is not None:
+            _check_run_extras(args, q_scale, k_scale, v_scale)
         if window_left is not None:
             self._check_window(window_left)
         q, out, lse = self._outputs(q, out, lse, return_lse)
-        self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse)
+        self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse, sinks)
         return (out, lse) if return_lse else out
 
     forward = run

@@ -421,6 +421,7 @@ impl AttentionPlan {
         kv: KvTensors<'_>,
         out: &Bound<'_, PyAny>,
         lse: Option<&Bound<'_, PyAny>>,
+        sinks: Option<&Bound<'_, PyAny>>,
         reps: usize,
     ) -> Result<f64, Failure> {
         let (hq, _, d, _) = self.dims();
@@ -439,6 +440,16 @@ impl AttentionPlan {
                 &format!("[{rows}, {hq}] (num_q_rows, num_qo_heads)"),
             )?;
         }
+        // Attention sinks: float32 [num_qo_heads], natural-log logits (FlashInfer's
+        // convention); a copy of num_qo_heads floats.
+        let sinks = match sinks {
+            Some(t) => {
+                let t = Borrowed::new(t, "sinks")?;
+                t.expect_shape(&[Some(hq)], &format!("[{hq}] (num_qo_heads)"))?;
+                Some(t.f32_vec()?)
+            }
+            None => None,
+        };
         if q.kind.dtype() != Some(self.q_dtype) {
             return Err(q.dtype_error(torch_name(self.q_dtype)));
         }
@@ -498,6 +509,7 @@ impl AttentionPlan {
                 kv: cache,
                 o: reborrow(&mut o),
                 lse: lse_slice.as_deref_mut(),
+                sinks: sinks.as_deref(),
             };
             cpu.run(&self.plan, args, ws_bytes)?;
         }
@@ -527,8 +539,10 @@ fn reborrow<'a>(t: &'a mut TensorMut<'_>) -> TensorMut<'a> {
 #[pymethods]
 impl AttentionPlan {
     /// Runs the plan on a paged cache (one tensor or a `(k_cache, v_cache)` pair), writing
-    /// `out` and, if given, `lse` (base 2).
-    #[pyo3(signature = (workspace, q, paged_kv_cache, out, lse=None))]
+    /// `out` and, if given, `lse` (base 2); `sinks` (float32 `[num_qo_heads]`) are attention
+    /// sinks.
+    #[pyo3(signature = (workspace, q, paged_kv_cache, out, lse=None, sinks=None))]
+    #[allow(clippy::too_many_arguments)]
     fn run_paged(
         &self,
         py: Python<'_>,
@@ -537,6 +551,7 @@ impl AttentionPlan {
         paged_kv_cache: Bound<'_, PyAny>,
         out: Bound<'_, PyAny>,
         lse: Option<Bound<'_, PyAny>>,
+        sinks: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         guard(py, || {
             if self.flavor == Flavor::RaggedPrefill {
@@ -545,7 +560,7 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.paged_cache(&paged_kv_cache)?;
-            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), 1)
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), sinks.as_ref(), 1)
                 .map(|_| ())
         })
     }
@@ -572,7 +587,7 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.paged_cache(&paged_kv_cache)?;
-            self.run_inner(&workspace, &q, kv, &out, None, iterations)
+            self.run_inner(&workspace, &q, kv, &out, None, None, iterations)
         })
     }
 
@@ -596,7 +611,7 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.ragged_kv(&k, &v)?;
-            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), 1)
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), None, 1)
                 .map(|_| ())
         })
     }

@@ -5,8 +5,9 @@ import math
 import torch
 
 
-def attention(q, k, v, causal=False, window_left=-1, soft_cap=None, sm_scale=None, rope_theta=None):
-    """q [qo_len, hq, d], k/v [kv_len, hkv, d] of one request -> (o [qo_len, hq, d], lse base 2)."""
+def attention(q, k, v, causal=False, window_left=-1, soft_cap=None, sm_scale=None, rope_theta=None, sinks=None):
+    """q [qo_len, hq, d], k/v [kv_len, hkv, d] of one request -> (o [qo_len, hq, d], lse base 2).
+    sinks [hq]: one more logit per head (natural log) with no value (gpt-oss)."""
     q, k, v = q.double(), k.double(), v.double()
     qo_len, hq, d = q.shape
     kv_len, hkv, _ = k.shape
@@ -28,7 +29,11 @@ def attention(q, k, v, causal=False, window_left=-1, soft_cap=None, sm_scale=Non
     if window_left >= 0:
         visible &= kpos[None, :] >= qpos[:, None] - window_left
     s = s.masked_fill(~visible[None], float("-inf"))
-    lse = torch.logsumexp(s, -1)  # [h, q]
+    if sinks is not None:
+        col = sinks.double()[:, None, None].expand(hq, qo_len, 1)
+        lse = torch.logsumexp(torch.cat([s, col], -1), -1)  # [h, q]
+    else:
+        lse = torch.logsumexp(s, -1)  # [h, q]
     p = torch.where(torch.isinf(lse)[..., None], torch.zeros_like(s), torch.exp(s - lse[..., None]))
     o = torch.einsum("hqk,khd->qhd", p, v)
     return o, (lse / math.log(2)).T.contiguous()

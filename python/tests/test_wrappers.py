@@ -115,6 +115,44 @@ def test_ragged_prefill(dtype, causal, window_left):
         close(lse[qs], rl, torch.float32 if dtype == torch.float32 else torch.float16, f"lse[{r}]")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_sinks_decode_and_prefill(dtype):
+    # gpt-oss: a learned logit per head in the softmax denominator (natural log, no sm_scale).
+    hq, hkv, d, ps = 8, 2, 64, 16
+    kv_lens = [0, 3, 40, 600]
+    indptr, indices, last, cache = paged_batch(kv_lens, ps, hkv, d, dtype, seed=7)
+    sinks = torch.rand(hq) * 8 - 3
+    q = torch.randn(len(kv_lens), hq, d).to(dtype)
+    w = flashpage.BatchDecodeWithPagedKVCacheWrapper(WS)
+    w.plan(indptr, indices, last, hq, hkv, d, ps, q_data_type=dtype)
+    o, lse = w.run(q, cache, return_lse=True, sinks=sinks)
+    for r, n in enumerate(kv_lens):
+        k, v = request_kv(cache, indptr, indices, n, r, "NHD")
+        ro, rl = attention(q[r : r + 1], k, v, sinks=sinks)
+        close(o[r : r + 1], ro, dtype, f"o[{r}]")
+        close(lse[r : r + 1], rl, torch.float32 if dtype == torch.float32 else torch.float16, f"lse[{r}]")
+    # The empty request: o = 0 and lse = the sink (base 2).
+    assert (o[0] == 0).all()
+    close(lse[0], sinks / math.log(2), torch.float32, "empty lse")
+    # Without sinks the result differs (the sinks take weight).
+    assert not torch.allclose(w.run(q, cache), o)
+    qo_lens = [0, 3, 12, 9]
+    qo_indptr = torch.tensor([0] + torch.tensor(qo_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(qo_lens), hq, d).to(dtype)
+    w = flashpage.BatchPrefillWithPagedKVCacheWrapper(WS)
+    w.plan(qo_indptr, indptr, indices, last, hq, hkv, d, ps, causal=True, q_data_type=dtype)
+    o, lse = w.run(q, cache, return_lse=True, sinks=sinks)
+    for r, (m, n) in enumerate(zip(qo_lens, kv_lens)):
+        k, v = request_kv(cache, indptr, indices, n, r, "NHD")
+        rows = slice(int(qo_indptr[r]), int(qo_indptr[r + 1]))
+        ro, rl = attention(q[rows], k, v, causal=True, sinks=sinks)
+        close(o[rows], ro, dtype, f"o[{r}]")
+        close(lse[rows], rl, torch.float32 if dtype == torch.float32 else torch.float16, f"lse[{r}]")
+    with pytest.raises(flashpage.Error) as e:
+        w.run(q, cache, sinks=sinks[:3])
+    assert e.value.kind == "TensorShape" and "sinks" in str(e.value)
+
+
 def test_workspace_reused_across_plans():
     """One workspace, several plans and wrappers in turn: every run matches the reference."""
     hq, hkv, d, ps = 8, 2, 64, 16

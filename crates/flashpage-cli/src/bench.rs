@@ -300,6 +300,7 @@ fn matrix(what: What, dtypes: &[DType], filter: Option<&str>) -> Vec<BenchCase> 
                         storage: KvStorage::Separate,
                         options: options.with_causal(!decode),
                         input_scale: 1.0,
+                        sinks: false,
                     },
                     decode,
                 });
@@ -558,6 +559,7 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
                 kv: data.kv_cache(),
                 o: o.view_mut(),
                 lse: Some(lse),
+                sinks: None,
             },
             ws.as_bytes_mut(),
         )

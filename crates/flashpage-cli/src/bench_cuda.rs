@@ -127,6 +127,7 @@ pub fn main(args: &BenchArgs) -> Result<(), CliError> {
                     .with_logits_soft_cap(cap)
                     .with_sm_scale(scale),
                 input_scale: 1.0,
+                sinks: false,
             };
             match run_case(&gpu, &cpu, &spec, read_gbps) {
                 Ok(r) => r.print(args.json),
@@ -297,6 +298,7 @@ fn run_case_typed<T: Elem>(
                     host_kv_indices: host_ids,
                     o,
                     lse: Some(lse),
+                    sinks: None,
                 },
                 &mut ws,
             )

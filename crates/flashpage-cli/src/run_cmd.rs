@@ -3,7 +3,8 @@
 //! Input tensors: `q` `[rows, Hq, D]`; `k_cache`, `v_cache` `[num_pages, page_size, Hkv, D]`
 //! (NHD) or `[num_pages, Hkv, page_size, D]` (HND); `kv_indptr` `[B+1]`, `kv_indices`,
 //! `kv_last_page_len` `[B]` (int32); `qo_indptr` `[B+1]` (int32) for prefill, absent for
-//! decode. Options are string metadata: `causal`, `sm_scale`, `logits_soft_cap`,
+//! decode; optionally `sinks` `[Hq]` f32 (attention sinks, natural-log logits, see
+//! docs/semantics.md). Options are string metadata: `causal`, `sm_scale`, `logits_soft_cap`,
 //! `window_left`, `kv_layout`, `pos_encoding`, `rope_theta`, `rope_scale`. Output: `o`
 //! `[rows, Hq, D]` in q's dtype and `lse` `[rows, Hq]` f32 (natural log).
 //!
@@ -54,6 +55,7 @@ const KNOWN_TENSORS: &[&str] = &[
     "kv_indices",
     "kv_last_page_len",
     "qo_indptr",
+    "sinks",
 ];
 
 /// Metadata keys a case file may contain (`format` is written by common safetensors
@@ -207,6 +209,7 @@ struct Case {
     kv_indices: Vec<i32>,
     kv_last_page_len: Vec<i32>,
     qo_indptr: Option<Vec<i32>>,
+    sinks: Option<Vec<f32>>,
     options: AttentionOptions,
 }
 
@@ -219,7 +222,7 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
     names.sort();
     if let Some(n) = names.iter().find(|n| !KNOWN_TENSORS.contains(n)) {
         return Err(CliError::invalid(format!(
-            "unknown tensor {n:?} in {name}: expected q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len and, for prefill, qo_indptr"
+            "unknown tensor {n:?} in {name}: expected q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len and, for prefill, qo_indptr (optional: sinks)"
         )));
     }
     let get = |t: &str| {
@@ -300,6 +303,10 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
         Ok(t) => Some(i32_tensor("qo_indptr", &t)?),
         Err(_) => None,
     };
+    let sinks = match st.tensor("sinks") {
+        Ok(t) => Some(sinks_tensor(&t, hq)?),
+        Err(_) => None,
+    };
     Ok(Case {
         q: float_tensor("q", &q_view, dtype)?,
         k: float_tensor("k_cache", &k_view, dtype)?,
@@ -313,8 +320,30 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
         kv_indices,
         kv_last_page_len,
         qo_indptr,
+        sinks,
         options: meta.options,
     })
+}
+
+/// The attention sinks: f32 `[num_qo_heads]` (any value; NaN propagates to the rows of its
+/// head as docs/numerics.md says).
+fn sinks_tensor(t: &TensorView<'_>, hq: usize) -> Result<Vec<f32>, CliError> {
+    if t.dtype() != Dtype::F32 {
+        return Err(CliError::invalid(format!(
+            "sinks has dtype {:?}, expected F32",
+            t.dtype()
+        )));
+    }
+    if t.shape() != [hq] {
+        return Err(CliError::invalid(format!(
+            "sinks has shape {}, expected [{hq}] (num_qo_heads, from q)",
+            shape(t.shape())
+        )));
+    }
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 fn make_backend(args: &RunArgs) -> Result<CpuBackend, CliError> {
@@ -399,6 +428,7 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
             ),
             o: o.view_mut(),
             lse: Some(&mut lse),
+            sinks: case.sinks.as_deref(),
         },
         ws.as_bytes_mut(),
     )?;

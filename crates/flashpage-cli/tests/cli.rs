@@ -1014,6 +1014,14 @@ impl CaseFile {
                 i32_bytes(b.qo_indptr()),
             ));
         }
+        if let Some(sk) = &d.sinks {
+            tensors.push((
+                "sinks".to_string(),
+                Dtype::F32,
+                vec![sk.len()],
+                sk.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ));
+        }
         let o = &s.options;
         let mut meta = HashMap::new();
         meta.insert("causal".to_string(), o.causal.to_string());
@@ -1149,7 +1157,30 @@ fn run_round_trip_decode_and_prefill() {
         alibi.name = "decode alibi".into();
         alibi.options.pos_encoding = PosEncoding::Alibi;
         round_trip(&alibi, 51 + i as u64, "2");
+
+        let mut sinks = pre.clone();
+        sinks.name = "prefill causal sinks".into();
+        sinks.sinks = true;
+        round_trip(&sinks, 61 + i as u64, "2");
     }
+}
+
+#[test]
+fn run_sinks_are_checked() {
+    let h = HeadConfig::new(4, 2, 32).unwrap();
+    let mut s = CaseSpec::decode("sinks", h, 8, 2, 20, DType::F32);
+    s.sinks = true;
+    let d = s.materialise(5).unwrap();
+    let mut f = CaseFile::from_case(&d);
+    f.tensor("sinks").2 = vec![2, 2];
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["sinks has shape [2, 2]", "expected [4]"]);
+    let mut f = CaseFile::from_case(&d);
+    let t = f.tensor("sinks");
+    t.1 = Dtype::F16;
+    t.3.truncate(8);
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["sinks has dtype F16, expected F32"]);
 }
 
 /// A small valid prefill case file, to break one piece at a time.

@@ -9,7 +9,8 @@
 // f16/bf16 conversions).
 //
 // Usage: host_emulation <input> <output>. Input (little endian): the Params bytes with the
-// pointer fields ignored; then 8 buffers (q, k, v, kv_indices, int_ws, float_ws, o, lse),
+// pointer fields ignored; then 9 buffers (q, k, v, kv_indices, int_ws, float_ws, o, lse,
+// sinks: empty for none),
 // each a u64 byte length followed by the bytes; then u32 work_cap, num_kv_heads, merge_cap,
 // launch_merge. Output: the bytes of o, then of lse.
 //
@@ -203,11 +204,11 @@ int main(int argc, char** argv) {
         return 2;
     }
     Params p;
-    static_assert(sizeof(Params) == 208, "Params layout");
+    static_assert(sizeof(Params) == 216, "Params layout");
     if (!read_exact(in, &p, sizeof p)) {
         return 3;
     }
-    std::vector<std::vector<unsigned char>> bufs(8);
+    std::vector<std::vector<unsigned char>> bufs(9);
     for (auto& b : bufs) {
         unsigned long long n = 0;
         if (!read_exact(in, &n, 8)) {
@@ -236,6 +237,7 @@ int main(int argc, char** argv) {
     p.partial_lse = addr(5) + float_off_lse;
     p.o = addr(6);
     p.lse = bufs[7].size() > 16 ? addr(7) : 0;
+    p.sinks = bufs[8].size() > 16 ? addr(8) : 0;
     if (dims[0] > 0) {
 #if FP_PREFILL
         launch(dims[0], dims[1], PF_THREADS, [p] { fp_prefill(p); });

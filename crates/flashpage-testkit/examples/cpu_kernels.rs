@@ -87,6 +87,7 @@ fn time_case(cpu: &CpuBackend, data: &CaseData, reps: usize) -> (f64, f64) {
                 kv: data.kv_cache(),
                 o: o.view_mut(),
                 lse: Some(&mut lse),
+                sinks: None,
             },
             ws.as_bytes_mut(),
         )

@@ -82,6 +82,8 @@ pub struct CaseSpec {
     pub options: AttentionOptions,
     /// Scale of the random inputs (large values stress the soft-cap).
     pub input_scale: f64,
+    /// Attention sinks: random per-head sink logits in `[-3, 5)`, drawn after the inputs.
+    pub sinks: bool,
 }
 
 /// A materialised case: inputs on the host, the batch arrays and the cache.
@@ -105,6 +107,8 @@ pub struct CaseData {
     pub v_offset: usize,
     /// Strides of K and V.
     pub strides: KvStrides,
+    /// Attention sinks `[num_qo_heads]` (when the spec asks for them).
+    pub sinks: Option<Vec<f32>>,
 }
 
 /// An input tensor of a case, for [`CaseData::set_row`].
@@ -180,6 +184,7 @@ impl CaseSpec {
             storage: KvStorage::Separate,
             options: AttentionOptions::default(),
             input_scale: 1.0,
+            sinks: false,
         }
     }
 
@@ -253,8 +258,15 @@ impl CaseSpec {
                 )
             }
         };
+        // Drawn last, so the other inputs do not depend on whether a case has sinks.
+        let sinks = self.sinks.then(|| {
+            (0..hq)
+                .map(|_| (rng.uniform() * 4.0 + 1.0) as f32)
+                .collect()
+        });
         Ok(CaseData {
             spec: self.clone(),
+            sinks,
             batch,
             ragged_indptr,
             num_pages,
@@ -330,6 +342,10 @@ impl CaseData {
             }
             _ => (self.k.view().to_f64_vec(), self.v.view().to_f64_vec()),
         };
+        let sinks: Option<Vec<f64>> = self
+            .sinks
+            .as_ref()
+            .map(|s| s.iter().map(|&x| x as f64).collect());
         reference::attention(
             &vb,
             &opts,
@@ -339,6 +355,7 @@ impl CaseData {
                 v: &v,
                 strides: self.strides,
                 kv_indices: self.batch.kv_indices(),
+                sinks: sinks.as_deref(),
             },
         )
     }
@@ -427,6 +444,7 @@ impl CaseData {
                 kv: self.kv_cache(),
                 o: o.view_mut(),
                 lse: Some(&mut lse),
+                sinks: self.sinks.as_deref(),
             },
         )?;
         Ok((o, lse))

@@ -170,6 +170,7 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
         v: 0,
         o: 0,
         lse: 0,
+        sinks: data.sinks.is_some() as u64,
         kv_indices: 0,
         int_ws: 0,
         float_ws: 0,
@@ -197,6 +198,10 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
     put(&mut input, &float_ws);
     put(&mut input, &o.to_le_bytes());
     put(&mut input, bytemuck::cast_slice(&lse));
+    put(
+        &mut input,
+        bytemuck::cast_slice(data.sinks.as_deref().unwrap_or(&[])),
+    );
     let caps = plan.capacities();
     let merge = caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0);
     for d in [

@@ -21,6 +21,9 @@ pub struct ReferenceInputs<'a> {
     pub strides: KvStrides,
     /// Page ids (paged batches; ignored for ragged K/V).
     pub kv_indices: &'a [i32],
+    /// Attention sinks `[num_qo_heads]`: one extra logit per query head in every row's
+    /// softmax, with no value (docs/semantics.md, "Attention sinks").
+    pub sinks: Option<&'a [f64]>,
 }
 
 /// Output of the reference.
@@ -79,6 +82,15 @@ pub fn check_inputs(vb: &ValidBatch<'_>, inp: &ReferenceInputs<'_>) -> Result<()
             tensor: "q",
             expected: format!("[{rows}, {hq}, {d}] ({q_elems} elements)"),
             actual: format!("{} elements", inp.q.len()),
+        });
+    }
+    if let Some(s) = inp.sinks
+        && s.len() != hq
+    {
+        return Err(Error::TensorShape {
+            tensor: "sinks",
+            expected: format!("[{hq}]"),
+            actual: format!("{} elements", s.len()),
         });
     }
     let s = &inp.strides;
@@ -180,17 +192,28 @@ pub fn attention(
                     }
                     s.push(x);
                 }
+                // The sink is one more logit of the softmax, with no value vector.
+                let sink = inp.sinks.map_or(f64::NEG_INFINITY, |x| x[h]);
                 // A NaN score (NaN or infinite inputs) makes the row NaN: IEEE propagation
                 // (`f64::max` alone would drop it).
-                let m = if s.iter().any(|x| x.is_nan()) {
+                let m = if s.iter().any(|x| x.is_nan()) || sink.is_nan() {
                     f64::NAN
                 } else {
-                    s.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                    s.iter().copied().fold(sink, f64::max)
                 };
                 if m == f64::NEG_INFINITY {
-                    continue; // no visible key: o = 0, lse = -inf
+                    continue; // no visible key and no sink: o = 0, lse = -inf
                 }
-                let mut sum = 0.0;
+                if sink == f64::INFINITY {
+                    // The limit: the sink takes all the weight.
+                    lse[row * hq + h] = f64::INFINITY;
+                    continue;
+                }
+                let mut sum = if sink == f64::NEG_INFINITY {
+                    0.0
+                } else {
+                    (sink - m).exp()
+                };
                 let out = &mut o[(row * hq + h) * d..][..d];
                 for (j, &x) in s.iter().enumerate() {
                     if x == f64::NEG_INFINITY {

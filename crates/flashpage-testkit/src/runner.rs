@@ -122,6 +122,7 @@ mod cuda {
         kv_indices: &'a CudaSlice<i32>,
         host_kv_indices: Option<&'a [i32]>,
         lse: Option<&'a mut CudaSlice<f32>>,
+        sinks: Option<&'a CudaSlice<f32>>,
     }
 
     impl DevRun<'_> {
@@ -149,6 +150,7 @@ mod cuda {
                 host_kv_indices: self.host_kv_indices,
                 o: &mut o,
                 lse: self.lse.as_mut().map(|l| &mut **l as _),
+                sinks: self.sinks.map(|s| s as _),
             };
             Backend::run(self.backend, self.plan, T::wrap(run), self.ws)?;
             self.backend.synchronize()?;
@@ -183,6 +185,10 @@ mod cuda {
                 Some(l) => Some(s.clone_htod(&nonempty(l.clone())).map_err(dev)?),
                 None => None,
             };
+            let sinks_dev = match args.sinks {
+                Some(sk) => Some(s.clone_htod(&nonempty(sk.to_vec())).map_err(dev)?),
+                None => None,
+            };
             let (strides, num_pages) = (args.kv.strides, args.kv.num_pages);
             let mut dev_run = DevRun {
                 backend: b,
@@ -194,6 +200,7 @@ mod cuda {
                 kv_indices: &kvi,
                 host_kv_indices: host_ids,
                 lse: lse_dev.as_mut(),
+                sinks: sinks_dev.as_ref(),
             };
             // o starts as the caller's buffer (poisoned in tests), so an element the kernel
             // does not write comes back as it was. Typed device buffers: no bit casts.

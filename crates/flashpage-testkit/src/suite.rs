@@ -22,6 +22,7 @@
 //! min_kv_chunk = 16             # smallest split chunk (default: the planner's)
 //! deterministic_chunk = 32      # fixed chunk: outputs must be identical for every parallelism
 //! graph_capacity = 8            # graph mode (also graph_max_q_rows, graph_max_kv_len)
+//! sinks = true                 # attention sinks: random per-head sink logits (run argument)
 //! set = [{ input = "v", request = 0, pos = 2, value = inf }]
 //!                               # after the random fill, every element of a q row ("q":
 //!                               # query row `pos`) or a key's K or V rows ("k", "v": key
@@ -71,6 +72,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("prefill.toml", include_str!("../data/prefill.toml")),
     ("variants.toml", include_str!("../data/variants.toml")),
     ("numerics.toml", include_str!("../data/numerics.toml")),
+    ("features.toml", include_str!("../data/features.toml")),
     ("errors.toml", include_str!("../data/errors.toml")),
 ];
 
@@ -217,6 +219,8 @@ struct CaseToml {
     graph_max_kv_len: Option<usize>,
     #[serde(default)]
     set: Vec<SetToml>,
+    #[serde(default)]
+    sinks: bool,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +369,7 @@ impl CaseToml {
                 storage,
                 options: options_from(&self.options).map_err(|e| e.to_string())?,
                 input_scale: self.input_scale.unwrap_or(1.0),
+                sinks: self.sinks,
             },
             dtypes,
             parallelism,
@@ -735,6 +740,7 @@ impl ErrorCase {
                 kv,
                 o: flashpage::tensor::TensorMut::F32(&mut o),
                 lse: Some(&mut lse),
+                sinks: None,
             },
         )
     }
@@ -878,6 +884,10 @@ pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOut
         BatchDesc::prefill_ragged(h, &qo_indptr, &kv_indptr)
     };
     let sub = check_batch(&desc, &opts)?;
+    let sinks: Option<Vec<f64>> = data
+        .sinks
+        .as_ref()
+        .map(|s| s.iter().map(|&x| x as f64).collect());
     reference::attention(
         &sub,
         &opts,
@@ -887,6 +897,7 @@ pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOut
             v: &v,
             strides: sub_strides,
             kv_indices: &indices,
+            sinks: sinks.as_deref(),
         },
     )
 }

@@ -136,6 +136,27 @@ fn emulated_options() {
 }
 
 #[test]
+fn emulated_attention_sinks() {
+    // The sink epilogue in the decode kernel (unsplit rows) and in the merge kernel (split
+    // rows), empty requests included (o = 0, lse = the sink).
+    let (emu, cpu) = setup("sinks");
+    let mut i = 100;
+    for (hq, hkv, d, dt) in [(8, 2, 64, DType::BF16), (4, 4, 128, DType::F32)] {
+        let h = HeadConfig::new(hq, hkv, d).unwrap();
+        let mut s = CaseSpec::decode("s", h, 16, 4, 0, dt);
+        s.name = format!("sinks {hq}/{hkv}/{d} {}", dt.name());
+        s.requests = vec![(1, 300), (1, 0), (1, 2), (1, 90)];
+        s.sinks = true;
+        for p in [1, 48] {
+            let mut c = PlanConfig::with_parallelism(p);
+            c.min_kv_chunk = 16;
+            check(&emu, &cpu, &s, &c, seed(i));
+            i += 1;
+        }
+    }
+}
+
+#[test]
 fn emulated_prefill_and_graph_mode() {
     let (emu, cpu) = setup("prefill");
     let h = HeadConfig::new(4, 2, 64).unwrap();

@@ -68,6 +68,11 @@ fn numerics_cases() {
 }
 
 #[test]
+fn feature_cases() {
+    run_file("features.toml");
+}
+
+#[test]
 fn expected_errors_at_every_simd_level() {
     let suite = Suite::embedded().unwrap();
     assert!(suite.errors.len() >= 25);
@@ -131,6 +136,13 @@ fn suite_covers_the_required_cases() {
     assert!(has(&|c| reqs(c)
         .iter()
         .any(|r| r.1 > 0 && r.1.is_multiple_of(c.spec.page_size))));
+    // Attention sinks: on empty rows (o = 0, lse = the sink), split rows (the merge's
+    // epilogue), prefill, ragged K/V and graph mode.
+    assert!(has(&|c| c.spec.sinks && reqs(c).iter().all(|r| r.1 == 0)));
+    assert!(has(&|c| c.spec.sinks && c.min_kv_chunk.is_some()));
+    assert!(has(&|c| c.spec.sinks && !c.spec.decode));
+    assert!(has(&|c| c.spec.sinks && c.spec.storage == KvStorage::Ragged));
+    assert!(has(&|c| c.spec.sinks && c.graph_capacity.is_some()));
     let variants: Vec<&str> = suite
         .errors
         .iter()
@@ -260,6 +272,7 @@ fn sampled_reference_matches_the_full_reference() {
         storage: KvStorage::Separate,
         options: AttentionOptions::default().with_causal(true),
         input_scale: 1.0,
+        sinks: false,
     };
     let variants = [
         base.clone(),

@@ -117,6 +117,7 @@ fn main() -> Result<()> {
                 v: &v64,
                 strides,
                 kv_indices,
+                sinks: None,
             };
             let err = rel_error(&f64s(&o), &attention(&vb, &layer_options(l), &inputs)?.o);
             worst = worst.max(err);

@@ -70,6 +70,7 @@
 //!                        KvStrides::dense(KvLayout::Nhd, page_size, 2, 64), num_pages, batch.kv_indices()),
 //!     o: TensorMut::F32(&mut o),
 //!     lse: Some(&mut lse),
+//!     sinks: None,
 //! }, ws.as_bytes_mut())?;
 //! assert!(o.iter().all(|x| x.is_finite()));
 //! # Ok::<(), flashpage::Error>(())
@@ -80,6 +81,7 @@
 pub mod backend;
 pub mod builder;
 pub mod error;
+pub mod fp8;
 pub mod layout;
 pub mod ops;
 pub mod options;

@@ -337,6 +337,7 @@ impl Attention {
             ),
             o: layer.o,
             lse: layer.lse,
+            sinks: None,
         };
         self.backend.run(plan, args, self.workspace.as_bytes_mut())
     }

@@ -81,6 +81,7 @@ fn random_case(seed: u64) -> (CaseSpec, PlanConfig) {
         storage,
         options,
         input_scale,
+        sinks: rng.below(3) == 0,
     };
     // Parallelism from 1 (no split) to 512 (split everything that is long enough).
     let mut config = PlanConfig::with_parallelism([1, 2, 8, 64, 512][rng.below(5)]);
@@ -150,4 +151,40 @@ fn split_cases_match_reference() {
         seed += 1;
     }
     assert_eq!(split, 6, "found six split cases");
+}
+
+/// Sinks of `-inf` are no sinks (bit for bit); sinks of `+inf` take all the weight
+/// (`o = 0`, `lse = +inf`), split or not, at every SIMD level.
+#[test]
+fn infinite_sinks_are_the_limits() {
+    let heads = HeadConfig::new(8, 2, 64).unwrap();
+    let mut spec = CaseSpec::decode("inf sinks", heads, 16, 3, 0, DType::BF16);
+    spec.requests = vec![(1, 600), (1, 0), (1, 9)];
+    spec.sinks = true;
+    let mut data = spec.materialise(77).unwrap();
+    for p in [1, 64] {
+        let mut config = PlanConfig::with_parallelism(p);
+        config.min_kv_chunk = 16;
+        for level in SimdLevel::available() {
+            let cpu = CpuBackend::with_simd(2, level).unwrap();
+            data.sinks = None;
+            let (o0, l0) = data.run_cpu(&cpu, &config).unwrap();
+            data.sinks = Some(vec![f32::NEG_INFINITY; 8]);
+            let (o1, l1) = data.run_cpu(&cpu, &config).unwrap();
+            assert_eq!(o0.to_le_bytes(), o1.to_le_bytes(), "{level:?} p {p}");
+            assert_eq!(
+                l0.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                l1.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            data.sinks = Some(vec![f32::INFINITY; 8]);
+            let (o2, l2) = data.run_cpu(&cpu, &config).unwrap();
+            assert!(
+                o2.view().to_f64_vec().iter().all(|&x| x == 0.0),
+                "{level:?}"
+            );
+            assert!(l2.iter().all(|&x| x == f32::INFINITY), "{level:?}");
+            let r = data.reference().unwrap();
+            assert!(data.compare(&o2, &l2, &r).passed());
+        }
+    }
 }

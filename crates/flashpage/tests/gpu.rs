@@ -133,6 +133,7 @@ fn run_gpu_typed<T: Storage>(
         host_kv_indices: Some(&idx),
         o: &mut o,
         lse: Some(&mut lse),
+        sinks: None,
     };
     gpu.run(&plan, args, &mut ws)?;
     gpu.synchronize()?;
@@ -226,6 +227,7 @@ fn errors_before_launch() {
                 host_kv_indices: Some(data.batch.kv_indices()),
                 o: &mut o,
                 lse: Some(&mut lse),
+                sinks: None,
             }
         };
     }
@@ -385,6 +387,7 @@ fn graph_capture_and_replay() {
                                 host_kv_indices: Some(&host_idx),
                                 o: &mut o,
                                 lse: Some(&mut lse),
+                                sinks: None,
                             },
                             w,
                         )

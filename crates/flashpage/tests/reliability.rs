@@ -365,6 +365,7 @@ fn run_with(plan: &Plan, kv: KvCache<'_>) -> Error {
                 kv,
                 o: TensorMut::F32(&mut o),
                 lse: None,
+                sinks: None,
             },
             ws.as_bytes_mut(),
         )

@@ -71,6 +71,7 @@ fn set_options_equals_a_plan_made_for_them() {
             kv,
             o: TensorMut::F32(&mut o),
             lse: None,
+            sinks: None,
         };
         cpu.run(plan, args, ws.as_bytes_mut()).unwrap();
         o

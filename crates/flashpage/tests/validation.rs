@@ -642,6 +642,7 @@ fn run_with_small_workspace_is_refused() {
                 ),
                 o: TensorMut::F32(&mut o),
                 lse: None,
+                sinks: None,
             },
             ws.as_bytes_mut(),
         )
@@ -698,6 +699,7 @@ fn shapes_ok(plan: &Plan, ids: &'static [i32]) -> ArgShapes<'static> {
         kv_indices: Some(ids),
         num_indices: ids.len(),
         paged: Some(true),
+        sinks: None,
     }
 }
 
@@ -744,6 +746,20 @@ fn run_args_checked_against_plan() {
             actual: "f16",
         },
         &["v has dtype f16, expected bf16"],
+    );
+    // Attention sinks: one per query head (8), or none.
+    let mut a = ok;
+    a.sinks = Some(8);
+    assert_eq!(check_run_args(&plan, &a), Ok(()));
+    a.sinks = Some(2);
+    expect(
+        check_run_args(&plan, &a),
+        Error::TensorShape {
+            tensor: "sinks",
+            expected: "[8]".into(),
+            actual: "2 elements".into(),
+        },
+        &["sinks has shape 2 elements", "expected [8]"],
     );
     let mut a = ok;
     a.lse = Some(15);
@@ -885,6 +901,7 @@ fn founding_scenario() {
                 ),
                 o: TensorMut::F32(&mut o),
                 lse: None,
+                sinks: None,
             },
             HostWorkspace::new(plan.requirement().float.total())
                 .unwrap()

@@ -67,6 +67,10 @@ pub struct RunArgs<'a, 'o> {
     pub o: TensorMut<'o>,
     /// Log-sum-exp `[rows, num_qo_heads]` (natural log), if wanted.
     pub lse: Option<&'o mut [f32]>,
+    /// Attention sinks `[num_qo_heads]`, if the model has them (gpt-oss): one extra logit per
+    /// query head in the softmax denominator, with no value (docs/semantics.md, "Attention
+    /// sinks"). A per-layer tensor, so an argument of the run rather than of the plan.
+    pub sinks: Option<&'a [f32]>,
 }
 
 /// Shapes a backend needs to check, independent of where the data lives.
@@ -82,6 +86,8 @@ pub struct ArgShapes<'a> {
     pub o: (DType, usize),
     /// elements of lse, if given.
     pub lse: Option<usize>,
+    /// elements of the attention sinks, if given.
+    pub sinks: Option<usize>,
     /// K/V strides.
     pub strides: KvStrides,
     /// Pages (or ragged tokens) in the cache.
@@ -142,6 +148,15 @@ pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
         return Err(Error::TensorShape {
             tensor: "lse",
             expected: shape_str(&[rows, hq]),
+            actual: format!("{n} elements"),
+        });
+    }
+    if let Some(n) = a.sinks
+        && n != hq
+    {
+        return Err(Error::TensorShape {
+            tensor: "sinks",
+            expected: shape_str(&[hq]),
             actual: format!("{n} elements"),
         });
     }
@@ -226,6 +241,7 @@ impl RunArgs<'_, '_> {
             v: (self.kv.v.dtype(), self.kv.v.len()),
             o: (self.o.dtype(), self.o.len()),
             lse: self.lse.as_ref().map(|l| l.len()),
+            sinks: self.sinks.map(|s| s.len()),
             strides: self.kv.strides,
             num_pages: self.kv.num_pages,
             kv_indices: Some(self.kv.kv_indices),

@@ -58,6 +58,7 @@ mod sealed {
 ///                        KvStrides::dense(KvLayout::Nhd, 4, 1, 16), 2, batch.kv_indices()),
 ///     o: TensorMut::F32(&mut o),
 ///     lse: None,
+///     sinks: None,
 /// };
 /// Backend::run(&cpu, &plan, args, ws.as_bytes_mut())?;
 /// assert!(o.iter().all(|&x| (x - 1.0).abs() < 1e-6));

@@ -742,6 +742,13 @@ pub(crate) fn finish_rows<I: Isa, E: Elem>(
         } else {
             (0.0, f32::NEG_INFINITY)
         };
+        // A split row gets its sink after the merge; a finished one here.
+        let (inv, lse) = if item.partial.is_none() {
+            let (f, lse) = ctx.sink(hh, lse);
+            (inv * f, lse)
+        } else {
+            (inv, lse)
+        };
         let inv = I::splat(inv);
         let mut dst_partial = None;
         let mut dst_o = None;

@@ -19,6 +19,8 @@ pub(crate) struct Ctx<'a, E> {
     pub(crate) paged: bool,
     pub(crate) o: SharedMut<'a, E>,
     pub(crate) lse: Option<SharedMut<'a, f32>>,
+    /// Attention sinks per query head (checked to be `num_qo_heads` long).
+    pub(crate) sinks: Option<&'a [f32]>,
     pub(crate) partial_o: SharedMut<'a, f32>,
     pub(crate) partial_lse: SharedMut<'a, f32>,
     pub(crate) sm_scale: f32,
@@ -31,7 +33,38 @@ pub(crate) struct Ctx<'a, E> {
     pub(crate) inv_freq: Vec<f64>,
 }
 
+/// The attention-sink epilogue on a finished state (docs/semantics.md, "Attention sinks"):
+/// for a state with log-sum-exp `lse` and a sink logit `sink`, returns `(f, lse')` with
+/// `lse' = ln(e^lse + e^sink)` and `f = e^(lse − lse')`, the factor the normalised output
+/// row is multiplied by. Computed relative to the larger of the two, so nothing overflows:
+/// an empty state (`lse = -inf`) gives `f = 0`, `lse' = sink`; a sink of `-inf` changes
+/// nothing; `NaN` in either propagates to both.
+#[inline]
+pub(crate) fn sink_epilogue(lse: f32, sink: f32) -> (f32, f32) {
+    if sink == f32::NEG_INFINITY {
+        return (1.0, lse);
+    }
+    if lse >= sink {
+        // lse finite or +inf, sink < +inf: e^(sink - lse) in [0, 1].
+        let t = (sink - lse).exp();
+        (1.0 / (1.0 + t), lse + t.ln_1p())
+    } else {
+        // lse < sink (or a NaN, which every step below propagates).
+        let t = (lse - sink).exp();
+        (t / (1.0 + t), sink + t.ln_1p())
+    }
+}
+
 impl<E> Ctx<'_, E> {
+    /// The sink epilogue for query head `h` (identity without sinks).
+    #[inline]
+    pub(crate) fn sink(&self, h: usize, lse: f32) -> (f32, f32) {
+        match self.sinks {
+            Some(s) => sink_epilogue(lse, s[h]),
+            None => (1.0, lse),
+        }
+    }
+
     /// Offsets of tokens `j0..j0 + out.len()` (head `h`) of the request whose KV starts at
     /// `kv_start`, walking pages incrementally; each offset plus `span` (the distance to the
     /// last head a kernel reads) is checked to leave `head_dim` elements in both K and V, so
@@ -197,5 +230,34 @@ impl<'a> SharedMut<'a, u8> {
             len: bytes / 4,
             _life: PhantomData,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sink_epilogue;
+
+    #[test]
+    fn sink_epilogue_matches_the_extra_logit() {
+        for &(lse, sink) in &[(0.5f32, -1.0f32), (-3.0, 2.0), (10.0, 10.0), (-80.0, 70.0)] {
+            let (f, l) = sink_epilogue(lse, sink);
+            let (a, b) = (lse as f64, sink as f64);
+            let want = a.max(b) + ((a - a.max(b)).exp() + (b - a.max(b)).exp()).ln();
+            assert!(
+                (l as f64 - want).abs() < 1e-5 * want.abs().max(1.0),
+                "{lse} {sink}"
+            );
+            assert!((f as f64 - (a - want).exp()).abs() < 1e-6, "{lse} {sink}");
+        }
+        assert_eq!(sink_epilogue(f32::NEG_INFINITY, 1.5), (0.0, 1.5));
+        assert_eq!(sink_epilogue(2.0, f32::NEG_INFINITY), (1.0, 2.0));
+        let (f, l) = sink_epilogue(f32::NEG_INFINITY, f32::NEG_INFINITY);
+        assert_eq!((f, l), (1.0, f32::NEG_INFINITY));
+        assert_eq!(sink_epilogue(f32::INFINITY, 3.0), (1.0, f32::INFINITY));
+        assert_eq!(sink_epilogue(3.0, f32::INFINITY), (0.0, f32::INFINITY));
+        let (f, l) = sink_epilogue(f32::NAN, 1.0);
+        assert!(f.is_nan() && l.is_nan());
+        let (f, l) = sink_epilogue(1.0, f32::NAN);
+        assert!(f.is_nan() && l.is_nan());
     }
 }

@@ -85,6 +85,17 @@ pub(crate) fn merge_row<I: Isa, E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut V
             }
             mx + sum.ln()
         };
+        let (f, lse) = ctx.sink(h, lse);
+        if f != 1.0 {
+            let fv = I::splat(f);
+            for c in (0..d).step_by(l) {
+                // SAFETY: c + LANES <= d, the length of acc.
+                unsafe {
+                    let a = I::load::<f32>(acc.as_ptr().add(c));
+                    I::store::<f32>(acc.as_mut_ptr().add(c), I::mul(a, fv));
+                }
+            }
+        }
         // SAFETY: merge rows are distinct query rows; each writes only its own row × heads.
         unsafe {
             let dst = ctx.o.slice((mr.row * hq + h) * d, d);

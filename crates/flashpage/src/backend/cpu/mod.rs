@@ -135,17 +135,23 @@ impl CpuBackend {
                 align: CPU_BASE_ALIGN,
             });
         }
-        let RunArgs { q, kv, o, lse } = args;
+        let RunArgs {
+            q,
+            kv,
+            o,
+            lse,
+            sinks,
+        } = args;
         let ws = SharedMut::new(float_workspace);
         match (q, kv.k, kv.v, o) {
             (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
-                self.run_typed::<f32>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, ws)
+                self.run_typed::<f32>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, sinks, ws)
             }
             (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
-                self.run_typed::<f16>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, ws)
+                self.run_typed::<f16>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, sinks, ws)
             }
             (TensorRef::BF16(q), TensorRef::BF16(k), TensorRef::BF16(v), TensorMut::BF16(o)) => {
-                self.run_typed::<bf16>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, ws)
+                self.run_typed::<bf16>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, sinks, ws)
             }
             _ => unreachable!("dtypes were checked by check_run_args"),
         }
@@ -163,6 +169,7 @@ impl CpuBackend {
         kv_indices: &[i32],
         o: &mut [E],
         lse: Option<&mut [f32]>,
+        sinks: Option<&[f32]>,
         ws: SharedMut<'_, u8>,
     ) {
         let heads = plan.heads();
@@ -193,6 +200,7 @@ impl CpuBackend {
             paged: plan.is_paged(),
             o: SharedMut::new(o),
             lse: lse.map(SharedMut::new),
+            sinks,
             partial_o: ws.cast_f32(po.offset, po.bytes),
             partial_lse: ws.cast_f32(pl.offset, pl.bytes),
             sm_scale: opts.resolved_sm_scale(d),

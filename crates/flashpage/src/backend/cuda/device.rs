@@ -125,6 +125,9 @@ pub struct DeviceRunArgs<'a, T: DeviceElem> {
     pub o: &'a mut dyn DevicePtrMut<T>,
     /// Log-sum-exp output (natural log), if wanted.
     pub lse: Option<&'a mut dyn DevicePtrMut<f32>>,
+    /// Attention sinks `[num_qo_heads]` f32 on the device, if the model has them
+    /// (docs/semantics.md, "Attention sinks").
+    pub sinks: Option<&'a dyn DevicePtr<f32>>,
 }
 
 /// The caller's device workspaces: float (partial states) and int (the plan's schedule).

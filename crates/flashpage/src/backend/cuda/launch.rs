@@ -60,6 +60,7 @@ pub struct Params {
     pub(crate) rope_theta: f32,
     pub(crate) rope_scale: f32,
     pub(crate) pad_: i32,
+    pub(crate) sinks: u64,
 }
 
 impl Params {
@@ -295,6 +296,8 @@ pub struct Buffers {
     pub o: u64,
     /// Address of the LSE (0 when not written).
     pub lse: u64,
+    /// Address of the attention sinks, `num_qo_heads` f32 (0 without sinks).
+    pub sinks: u64,
     /// Address of the page ids.
     pub kv_indices: u64,
     /// Address of the int workspace (the plan's image).
@@ -367,6 +370,7 @@ pub fn params(plan: &Plan, b: &Buffers) -> Params {
         rope_theta,
         rope_scale,
         pad_: 0,
+        sinks: b.sinks,
     }
 }
 
@@ -384,6 +388,7 @@ pub(crate) fn params_like(plan: &Plan, c: &Params) -> Params {
         v: c.v,
         o: c.o,
         lse: c.lse,
+        sinks: c.sinks,
         kv_indices: c.kv_indices,
         int_ws: c.int_ws,
         float_ws: c.partial_o.wrapping_sub(po),
@@ -405,9 +410,10 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernels() {
-        // 9 pointers + 6 i64 = 120 bytes, then 22 four-byte fields = 88: 208 bytes, no
-        // padding anywhere (the C struct has the same fields in the same order).
-        assert_eq!(std::mem::size_of::<Params>(), 208);
+        // 9 pointers + 6 i64 = 120 bytes, then 22 four-byte fields = 88, then the sinks
+        // pointer: 216 bytes, no padding anywhere (the C struct has the same fields in the
+        // same order).
+        assert_eq!(std::mem::size_of::<Params>(), 216);
         assert_eq!(std::mem::align_of::<Params>(), 8);
         let src = include_str!("kernels/common.cuh");
         let start = src.find("struct Params {").unwrap();
@@ -457,6 +463,7 @@ mod tests {
             "rope_theta",
             "rope_scale",
             "pad_",
+            "sinks",
         ];
         assert_eq!(fields, rust);
     }

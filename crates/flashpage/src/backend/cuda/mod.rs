@@ -501,6 +501,7 @@ impl CudaBackend {
             kv_indices: args.host_kv_indices,
             num_indices: args.kv_indices.len(),
             paged: None,
+            sinks: None,
         };
         let row_cap = (q_len / (hq * d))
             .min(o_len / (hq * d))
@@ -571,6 +572,13 @@ impl CudaBackend {
             lse_ptr = p;
             _gl = Some(g);
         }
+        let mut sinks_ptr = 0u64;
+        let mut _gs = None;
+        if let Some(sk) = args.sinks {
+            let (p, g) = sk.device_ptr(stream);
+            sinks_ptr = p;
+            _gs = Some(g);
+        }
         for (tensor, p) in [("q", q), ("k", k), ("v", v), ("o", o)] {
             if !p.is_multiple_of(16) {
                 return Err(Error::Unsupported {
@@ -594,6 +602,7 @@ impl CudaBackend {
             v,
             o,
             lse: lse_ptr,
+            sinks: sinks_ptr,
             kv_indices: kvi,
             int_ws: iw,
             float_ws: fw,

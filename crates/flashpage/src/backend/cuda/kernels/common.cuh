@@ -58,6 +58,7 @@ struct Params {
     float rope_theta;
     float rope_scale;
     int pad_;
+    u64 sinks;        // [hq] f32 sink logits (natural log), or 0
 };
 
 struct alignas(16) V4 {
@@ -232,3 +233,25 @@ __device__ __forceinline__ void store8(char* p, const float* f) {
 }
 #endif
 
+// Attention-sink epilogue on a finished state (docs/semantics.md, "Attention sinks"): with
+// the sink logit s of query head h, lse' = ln(e^lse + e^s) and the returned factor
+// e^(lse - lse') scales the normalised output row. Relative to the larger of the two, so an
+// empty state (lse = -inf) gives 0 and lse' = s, and a sink of -inf (or no sinks) gives 1.
+__device__ __forceinline__ float sink_epilogue(const Params& p, int h, float* lse) {
+    if (p.sinks == 0) {
+        return 1.f;
+    }
+    const float s = ((const float*)p.sinks)[h];
+    if (s == FP_NEG_INF) {
+        return 1.f;
+    }
+    const float l = *lse;
+    if (l >= s) {
+        const float t = expf(s - l);
+        *lse = l + log1pf(t);
+        return 1.f / (1.f + t);
+    }
+    const float t = expf(l - s);
+    *lse = s + log1pf(t);
+    return t / (1.f + t);
+}

@@ -484,6 +484,11 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
                 }
             } else {
                 const i64 row = (i64)qo_start + i;
+                const float f = sink_epilogue(p, hh, &lse);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    out[e] *= f;
+                }
                 char* ob = (char*)p.o;
                 store8(ob + ((row * hq + hh) * D + ln * 8) * FP_ELEM_BYTES, out);
                 if (ln == 0 && p.lse != 0) {

@@ -2,7 +2,8 @@
 // the row's `count` partial states (partial rows first, first + stride, ...) for every query
 // head into o (and lse), stably: lse = max + ln(sum exp(lse_i - max)),
 // o = sum exp(lse_i - max) o_i / sum exp(lse_i - max). Padded merge rows (row < 0) return at
-// once; rows whose fields fall outside the buffers do too.
+// once; rows whose fields fall outside the buffers do too. The attention-sink epilogue, if
+// the run has sinks, applies to the merged state.
 
 #define D FP_HEAD_DIM
 #define VPH (D / 8)
@@ -61,6 +62,11 @@ extern "C" __global__ void fp_merge(const __grid_constant__ Params p) {
                 out[e] *= inv;
             }
             lse = mx + logf(sum);
+        }
+        const float f = sink_epilogue(p, h, &lse);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            out[e] *= f;
         }
         char* ob = (char*)p.o;
         store8(ob + (((i64)row * hq + h) * D + e0) * FP_ELEM_BYTES, out);
