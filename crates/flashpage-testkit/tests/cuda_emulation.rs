@@ -154,6 +154,20 @@ fn emulated_attention_sinks() {
             i += 1;
         }
     }
+    // bf16 prefill runs on the tensor-core kernel: its unsplit rows take the epilogue too.
+    let h = HeadConfig::new(8, 2, 64).unwrap();
+    let mut s = CaseSpec::decode("sp", h, 16, 4, 0, DType::BF16);
+    s.name = "sinks prefill bf16 (tensor-core kernel)".into();
+    s.decode = false;
+    s.requests = vec![(5, 40), (0, 0), (3, 3), (9, 70)];
+    s.options.causal = true;
+    s.sinks = true;
+    for p in [1, 48] {
+        let mut c = PlanConfig::with_parallelism(p);
+        c.min_kv_chunk = 16;
+        check(&emu, &cpu, &s, &c, seed(i));
+        i += 1;
+    }
 }
 
 #[test]

@@ -565,6 +565,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
                 }
             } else {
                 const i64 row = (i64)qo_start + i;
+                inv *= sink_epilogue(p, hh, &lse);  // attention sinks (factor 1 without)
                 char* ob = (char*)p.o + ((row * hq + hh) * D) * FP_ELEM_BYTES;
 #pragma unroll
                 for (int dn = 0; dn < DTILES; ++dn) {
