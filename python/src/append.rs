@@ -8,8 +8,27 @@ use flashpage::{Error, KvLayout, KvStrides};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
-use crate::errors::{guard, type_error};
+use crate::errors::{Failure, guard, type_error};
 use crate::ffi::{Borrowed, check_disjoint, union_float_mut};
+
+/// The library's row views are token-major (a token's heads inside its row: row stride >=
+/// (heads - 1) * head stride + head_dim). A head-major view (e.g. `k.transpose(0, 1)` of a
+/// `[heads, tokens, dim]` projection, as Hugging Face models hand over) is copied to a
+/// contiguous tensor first (torch's `contiguous()`); other shapes pass through unchanged and
+/// are checked by the library.
+fn token_major(b: Borrowed<'_>) -> Result<Borrowed<'_>, Failure> {
+    if b.shape.len() != 3 || b.strides.len() != 3 {
+        return Ok(b);
+    }
+    let (n, h, d) = (b.shape[0], b.shape[1], b.shape[2]);
+    let (row, head) = (b.strides[0], b.strides[1]);
+    let ok = (h <= 1 || head >= d) && (n <= 1 || row >= (h.max(1) - 1) * head + d);
+    if ok {
+        return Ok(b);
+    }
+    let dense = b.obj.call_method0("contiguous")?;
+    Borrowed::new(&dense, b.name)
+}
 
 /// Appends `append_key`/`append_value` (`[nnz, num_kv_heads, head_dim]`) to the paged cache:
 /// row `i` goes to request `batch_indices[i]` at token `positions[i]`.
@@ -35,8 +54,8 @@ pub fn append_paged_kv_cache(
             expected: "\"NHD\" or \"HND\"",
             actual: format!("{kv_layout:?}"),
         })?;
-        let key = Borrowed::new(&append_key, "append_key")?;
-        let value = Borrowed::new(&append_value, "append_value")?;
+        let key = token_major(Borrowed::new(&append_key, "append_key")?)?;
+        let value = token_major(Borrowed::new(&append_value, "append_value")?)?;
         key.expect_shape(&[None, None, None], "[nnz, num_kv_heads, head_dim]")?;
         let (nnz, hkv, d) = (key.shape[0], key.shape[1], key.shape[2]);
         let dims = [Some(nnz), Some(hkv), Some(d)];

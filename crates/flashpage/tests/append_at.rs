@@ -55,7 +55,7 @@ fn per_row_targets_match_the_csr_form() {
         } else {
             RopeStyle::Interleaved
         });
-        let ap = (i % 3 != 0).then_some(AppendRope {
+        let ap = (!i.is_multiple_of(3)).then_some(AppendRope {
             rope: &rope,
             positions: None,
         });
