@@ -3,10 +3,11 @@
 // Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier and the
 // warp shuffles exchange values through a per-warp buffer between two warp barriers, so a
 // kernel whose lanes do not reach a shuffle together deadlocks (the test driving this times
-// out) instead of silently computing garbage. Blocks run one after another, so `__shared__`
-// arrays (static locals here) are per block as on the device. The PTX helpers of common.cuh
-// are replaced by host equivalents (16-byte memcpy loads and stores, exp2f, round-to-nearest
-// f16/bf16 conversions).
+// out) instead of silently computing garbage. Blocks run one after another on the same
+// threads, so `__shared__` arrays (static locals here) are per block as on the device. The
+// PTX helpers of common.cuh are replaced by host equivalents (16-byte memcpy loads and
+// stores, exp2f, round-to-nearest f16/bf16 conversions), and the warp vote `__any_sync`
+// goes through the same buffer as the shuffles.
 //
 // Usage: host_emulation <input> <output>. Input (little endian): the Params bytes with the
 // pointer fields ignored; then 8 buffers (q, k, v, kv_indices, int_ws, float_ws, o, lse),
@@ -71,22 +72,25 @@ static inline void sincospif(float x, float* s, float* c) {
 struct BlockSync {
     std::unique_ptr<std::barrier<>> block;
     std::vector<std::unique_ptr<std::barrier<>>> warp;
-    std::vector<float> buf;
+    std::vector<double> buf;
 };
 static BlockSync* g_sync = nullptr;
 
 static inline void __syncthreads() { g_sync->block->arrive_and_wait(); }
 
-static inline float shfl_from(float x, int src_lane) {
+// Values travel as double (exact for float): one buffer serves float and double shuffles.
+template <class T>
+static inline T shfl_from(T x, int src_lane) {
     const int w = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    g_sync->buf[w * 32 + lane] = x;
+    g_sync->buf[w * 32 + lane] = (double)x;
     g_sync->warp[w]->arrive_and_wait();
-    const float r = g_sync->buf[w * 32 + src_lane];
+    const T r = (T)g_sync->buf[w * 32 + src_lane];
     g_sync->warp[w]->arrive_and_wait();
     return r;
 }
-static inline float __shfl_xor_sync(unsigned, float x, int mask, int width = 32) {
+template <class T>
+static inline T __shfl_xor_sync(unsigned, T x, int mask, int width = 32) {
     const int lane = threadIdx.x % 32;
     int src = lane ^ mask;
     if ((src & ~(width - 1)) != (lane & ~(width - 1))) {
@@ -97,6 +101,19 @@ static inline float __shfl_xor_sync(unsigned, float x, int mask, int width = 32)
 static inline float __shfl_sync(unsigned, float x, int src, int width = 32) {
     const int lane = threadIdx.x % 32;
     return shfl_from(x, (lane & ~(width - 1)) + (src % width));
+}
+// Warp vote: every lane must arrive (as on the device with the full mask).
+static inline bool __any_sync(unsigned, bool pred) {
+    const int w = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    g_sync->buf[w * 32 + lane] = pred ? 1.0 : 0.0;
+    g_sync->warp[w]->arrive_and_wait();
+    bool any = false;
+    for (int i = 0; i < 32; ++i) {
+        any |= g_sync->buf[w * 32 + i] != 0.0;
+    }
+    g_sync->warp[w]->arrive_and_wait();
+    return any;
 }
 
 typedef unsigned int u32;
@@ -148,34 +165,41 @@ static inline u32 f32_to_bf16_bits(float f) {
 
 static bool read_exact(FILE* f, void* p, size_t n) { return std::fread(p, 1, n, f) == n; }
 
+// One host thread per CUDA thread of a block, started once per launch: the threads run the
+// blocks one after another, with a barrier between blocks (so `__shared__` arrays, static
+// here, are per block as on the device). Starting the threads once instead of per block
+// keeps a launch of thousands of blocks (a decode batch of 512, a graph-mode capacity)
+// from spending its time creating threads.
 template <class F>
 static void launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
     gridDim = Dim3{gx, gy, 1};
     blockDim = Dim3{threads, 1, 1};
-    for (unsigned by = 0; by < gy; ++by) {
-        for (unsigned bx = 0; bx < gx; ++bx) {
-            BlockSync sync;
-            sync.block = std::make_unique<std::barrier<>>(threads);
-            for (unsigned w = 0; w < threads / 32; ++w) {
-                sync.warp.push_back(std::make_unique<std::barrier<>>(32));
-            }
-            sync.buf.assign(threads, 0.f);
-            g_sync = &sync;
-            std::vector<std::thread> ts;
-            ts.reserve(threads);
-            for (unsigned t = 0; t < threads; ++t) {
-                ts.emplace_back([=] {
-                    threadIdx = Dim3{t, 0, 0};
+    BlockSync sync;
+    sync.block = std::make_unique<std::barrier<>>(threads);
+    for (unsigned w = 0; w < threads / 32; ++w) {
+        sync.warp.push_back(std::make_unique<std::barrier<>>(32));
+    }
+    sync.buf.assign(threads, 0.0);
+    g_sync = &sync;
+    std::barrier<> between(threads);
+    std::vector<std::thread> ts;
+    ts.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+        ts.emplace_back([&, t] {
+            threadIdx = Dim3{t, 0, 0};
+            for (unsigned by = 0; by < gy; ++by) {
+                for (unsigned bx = 0; bx < gx; ++bx) {
                     blockIdx = Dim3{bx, by, 0};
                     kernel();
-                });
+                    between.arrive_and_wait();
+                }
             }
-            for (auto& t : ts) {
-                t.join();
-            }
-            g_sync = nullptr;
-        }
+        });
     }
+    for (auto& t : ts) {
+        t.join();
+    }
+    g_sync = nullptr;
 }
 
 int main(int argc, char** argv) {

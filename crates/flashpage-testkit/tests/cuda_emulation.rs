@@ -5,7 +5,9 @@
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, PlanConfig, PosEncoding};
 use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
+use flashpage_testkit::HostRunner;
 use flashpage_testkit::emulate::Emulator;
+use flashpage_testkit::suite::{self, Suite};
 
 fn check(emu: &Emulator, cpu: &CpuBackend, spec: &CaseSpec, config: &PlanConfig, seed: u64) {
     let data = spec.materialise(seed).unwrap();
@@ -291,4 +293,142 @@ fn emulated_rope_long_positions_f32() {
         scale: 0.25,
     };
     check(&emu, &cpu, &s, &PlanConfig::with_parallelism(8), seed(10));
+}
+
+/// The declarative suite (`data/*.toml`, numerics.toml included) on the emulated kernels
+/// through the same runner interface as the CPU and GPU suites: every case at every dtype
+/// against the f64 reference, and every expected-error case. The emulation runs one host
+/// thread per CUDA thread, so each case runs at the first and last parallelism it lists
+/// (the smallest and largest split), not at every one (docs/testing.md).
+#[test]
+fn the_suite_on_the_emulated_kernels() {
+    let emu = Emulator::new("suite").unwrap_or_else(|e| panic!("{e}"));
+    let suite = Suite::embedded().unwrap();
+    let seed = suite::seed_from_env();
+    let runners: [&dyn HostRunner; 1] = [&emu];
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for case in &suite.cases {
+        let mut case = case.clone();
+        let (first, last) = (case.parallelism[0], case.parallelism[case.parallelism.len() - 1]);
+        case.parallelism = if first == last {
+            vec![first]
+        } else {
+            vec![first, last]
+        };
+        for &dtype in &case.dtypes {
+            for run in case.run(dtype, &runners, seed) {
+                runs += 1;
+                if !run.passed() {
+                    failures.push(run.to_string());
+                }
+            }
+        }
+    }
+    for e in &suite.errors {
+        if let Err(why) = e.check(&emu) {
+            failures.push(why);
+        }
+    }
+    assert!(runs > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} runs failed (seed {seed}):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Element by element against the reference: NaN where it has NaN, the same infinity, and
+/// within tolerance of the row's finite scale elsewhere (docs/numerics.md, guarantee 3).
+fn check_ieee(emu: &Emulator, data: &CaseData, what: &str) {
+    let r = data.reference().unwrap();
+    let d = data.spec.heads.head_dim();
+    let tol = flashpage_testkit::reference::tolerance(data.spec.dtype);
+    for par in [1, 64] {
+        let plan = data.plan(&PlanConfig::with_parallelism(par)).unwrap();
+        let (o, lse) = emu.run(data, &plan);
+        let o = o.view().to_f64_vec();
+        for (state, (&l, &rl)) in lse.iter().zip(&r.lse).enumerate() {
+            let ctx = format!("{what} {:?} par={par} state {state}", data.spec.dtype);
+            let rl = rl as f32;
+            assert!(
+                (l.is_nan() && rl.is_nan()) || l == rl || (l - rl).abs() <= 1e-3 * rl.abs(),
+                "{ctx}: lse {l}, reference {rl}"
+            );
+            let want = &r.o[state * d..(state + 1) * d];
+            let scale = want
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(0.0f64, |m, x| m.max(x.abs()));
+            for (c, (&x, &y)) in o[state * d..(state + 1) * d].iter().zip(want).enumerate() {
+                let ok = if y.is_nan() {
+                    x.is_nan()
+                } else if y.is_infinite() {
+                    x == y
+                } else {
+                    x.is_finite() && (x - y).abs() <= 10.0 * tol * scale.max(1e-30)
+                };
+                assert!(ok, "{ctx} column {c}: {x}, reference {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_non_finite_and_extreme_inputs() {
+    use flashpage_testkit::case::Input;
+    let emu = Emulator::new("nonfinite").unwrap_or_else(|e| panic!("{e}"));
+    let h = HeadConfig::new(8, 2, 64).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let decode = |seed: u64| {
+            let mut s = CaseSpec::decode("nf", h, 16, 2, 0, dtype);
+            s.requests = vec![(1, 5), (1, 90)];
+            s.materialise(seed).unwrap()
+        };
+        // NaN in a visible q or K element: the row is NaN, not empty.
+        let mut data = decode(1);
+        data.set_row(Input::Q, 0, 0, f64::NAN).unwrap();
+        data.set_row(Input::K, 1, 70, f64::NAN).unwrap();
+        check_ieee(&emu, &data, "q/K NaN");
+        // K = -inf (logit -inf: weight 0) with V = inf: contributes nothing.
+        let mut data = decode(2);
+        data.set_row(Input::K, 0, 1, f64::NEG_INFINITY).unwrap();
+        data.set_row(Input::V, 0, 1, f64::INFINITY).unwrap();
+        data.set_row(Input::K, 1, 40, f64::NEG_INFINITY).unwrap();
+        data.set_row(Input::V, 1, 40, f64::NAN).unwrap();
+        check_ieee(&emu, &data, "K -inf, V inf");
+        // Every key of logit -inf: an empty row (o = 0, lse = -inf).
+        let mut data = decode(3);
+        for pos in 0..5 {
+            data.set_row(Input::K, 0, pos, f64::NEG_INFINITY).unwrap();
+        }
+        check_ieee(&emu, &data, "all K -inf");
+        // Visible V = inf: that element non-finite where the reference's is.
+        let mut data = decode(4);
+        data.set_row(Input::V, 1, 3, f64::INFINITY).unwrap();
+        check_ieee(&emu, &data, "V inf");
+        // Logits past the f32 range from finite inputs: finite o, never NaN or empty.
+        let mut data = decode(5);
+        data.set_row(Input::Q, 0, 0, 1e20).unwrap();
+        data.set_row(Input::K, 0, 0, 1e20).unwrap();
+        data.set_row(Input::K, 0, 1, -1e20).unwrap();
+        data.set_row(Input::Q, 1, 0, 1e20).unwrap();
+        for pos in 0..90 {
+            data.set_row(Input::K, 1, pos, -1e20).unwrap();
+        }
+        check_ieee(&emu, &data, "extreme logits");
+        // A soft-cap maps an infinite logit to +-c: finite.
+        let mut s = CaseSpec::decode("cap", h, 16, 1, 0, dtype);
+        s.requests = vec![(1, 9)];
+        s.options.logits_soft_cap = Some(30.0);
+        let mut data = s.materialise(6).unwrap();
+        data.set_row(Input::K, 0, 3, f64::INFINITY).unwrap();
+        check_ieee(&emu, &data, "soft-cap, K inf");
+        // The smallest valid scale: a proper softmax (the mean of V), not an empty row.
+        let mut s = CaseSpec::decode("tiny-scale", h, 16, 1, 0, dtype);
+        s.requests = vec![(1, 33)];
+        s.options.sm_scale = Some(f32::MIN_POSITIVE);
+        check_ieee(&emu, &s.materialise(7).unwrap(), "sm_scale = MIN_POSITIVE");
+    }
 }
