@@ -271,8 +271,8 @@ fn emulate(cxx: &str, dir: &Path, plan: &Plan, args: RunArgs<'_, '_>) -> Result<
             ob + lse_init.len() * 4
         )));
     }
-    let o = Tensor::from_le_bytes(dt, &out[..ob])
-        .ok_or_else(|| fail("emulator output: o".into()))?;
+    let o =
+        Tensor::from_le_bytes(dt, &out[..ob]).ok_or_else(|| fail("emulator output: o".into()))?;
     match (args.o, o) {
         (TensorMut::F32(d), Tensor::F32(s)) => d.copy_from_slice(&s),
         (TensorMut::F16(d), Tensor::F16(s)) => d.copy_from_slice(&s),

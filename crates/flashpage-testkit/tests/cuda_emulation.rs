@@ -4,8 +4,8 @@
 
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, PlanConfig, PosEncoding};
-use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
 use flashpage_testkit::HostRunner;
+use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
 use flashpage_testkit::emulate::Emulator;
 use flashpage_testkit::suite::{self, Suite};
 
@@ -310,7 +310,10 @@ fn the_suite_on_the_emulated_kernels() {
     let mut runs = 0;
     for case in &suite.cases {
         let mut case = case.clone();
-        let (first, last) = (case.parallelism[0], case.parallelism[case.parallelism.len() - 1]);
+        let (first, last) = (
+            case.parallelism[0],
+            case.parallelism[case.parallelism.len() - 1],
+        );
         case.parallelism = if first == last {
             vec![first]
         } else {
@@ -391,8 +394,10 @@ fn emulated_non_finite_and_extreme_inputs() {
         data.set_row(Input::Q, 0, 0, f64::NAN).unwrap();
         data.set_row(Input::K, 1, 70, f64::NAN).unwrap();
         check_ieee(&emu, &data, "q/K NaN");
-        // K = -inf (logit -inf: weight 0) with V = inf: contributes nothing.
+        // K = -inf against q = 1 (logit -inf: weight 0) with V = inf: contributes nothing.
         let mut data = decode(2);
+        data.set_row(Input::Q, 0, 0, 1.0).unwrap();
+        data.set_row(Input::Q, 1, 0, 1.0).unwrap();
         data.set_row(Input::K, 0, 1, f64::NEG_INFINITY).unwrap();
         data.set_row(Input::V, 0, 1, f64::INFINITY).unwrap();
         data.set_row(Input::K, 1, 40, f64::NEG_INFINITY).unwrap();
@@ -400,6 +405,7 @@ fn emulated_non_finite_and_extreme_inputs() {
         check_ieee(&emu, &data, "K -inf, V inf");
         // Every key of logit -inf: an empty row (o = 0, lse = -inf).
         let mut data = decode(3);
+        data.set_row(Input::Q, 0, 0, 1.0).unwrap();
         for pos in 0..5 {
             data.set_row(Input::K, 0, pos, f64::NEG_INFINITY).unwrap();
         }
@@ -423,6 +429,7 @@ fn emulated_non_finite_and_extreme_inputs() {
         s.requests = vec![(1, 9)];
         s.options.logits_soft_cap = Some(30.0);
         let mut data = s.materialise(6).unwrap();
+        data.set_row(Input::Q, 0, 0, 1.0).unwrap();
         data.set_row(Input::K, 0, 3, f64::INFINITY).unwrap();
         check_ieee(&emu, &data, "soft-cap, K inf");
         // The smallest valid scale: a proper softmax (the mean of V), not an empty row.
