@@ -1,5 +1,5 @@
 //! The CUDA kernels' logic without a GPU: `emulation/host_emulation.cpp` runs the library's
-//! CUDA sources on the host (one std::thread per CUDA thread, barrier-based shuffles), built
+//! CUDA sources on the host (one fiber per CUDA thread, barrier-based shuffles), built
 //! with the host C++ compiler and the same `-D` options NVRTC gets, over the same parameter
 //! block ([`launch::params`]) the backend launches. Outputs and the float workspace are
 //! poisoned first. A missing C++20 compiler is an error (set `CXX`), never a skip.
@@ -251,14 +251,13 @@ fn emulate(cxx: &str, dir: &Path, plan: &Plan, args: RunArgs<'_, '_>) -> Result<
         if t.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(fail(
-                "the emulated kernel hung (lanes diverged at a shuffle or barrier?)".into(),
-            ));
+            return Err(fail("the emulated kernel ran past 120 s".into()));
         }
         std::thread::sleep(Duration::from_millis(2));
     };
     let _ = std::fs::remove_file(&inp);
     if !status.success() {
+        // Status 6: lanes diverged at a shuffle or barrier (the emulator's stderr says where).
         return Err(fail(format!("emulator failed: {status}")));
     }
     let out = std::fs::read(&outp).map_err(io)?;
