@@ -46,14 +46,6 @@ static __device__ __forceinline__ float group_sum(float x) {
     return x;
 }
 
-static __device__ __forceinline__ double group_sum_d(double x) {
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off >>= 1) {
-        x += __shfl_xor_sync(FP_FULL_MASK, x, off, TPR);
-    }
-    return x;
-}
-
 #if FP_ROPE
 // RoPE angles without floating-point range reduction. The table holds, per frequency f, the
 // rotation per position in turns as an unsigned 0.64 fixed-point fraction (w_f =
@@ -197,13 +189,11 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
 #endif
 ) {
     float s[ROWS][U];  // scores in natural units (scaled, capped, biased)
-    float vf[U][8];
     bool vis[ROWS][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         float kf[8];
         raw_to_f32(kr[u], kf);
-        raw_to_f32(vr[u], vf[u]);
 #if FP_ROPE
         {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
@@ -220,41 +210,13 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
             s[r][u] = group_sum(d) * p.sm_scale;
         }
     }
-    // Scores that came out non-finite (overflow of finite inputs, or non-finite inputs) are
-    // recomputed in double from the inputs. Rare: one vote per batch on the fast path; the
-    // whole warp takes the slow path together (it shuffles).
-    bool bad = false;
+    // Not yet here (docs/numerics.md): recomputing scores that overflowed f32 from finite
+    // inputs, as the CPU kernels do; a rescaled or f64 recomputation inlined here made the
+    // register budget of several variants spill (checked by tests/nvrtc_compile.rs).
+    float vf[U][8];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            bad |= !fp_finite(s[r][u]);
-        }
-    }
-    if (__any_sync(FP_FULL_MASK, bad)) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            float kf[8];
-            raw_to_f32(kr[u], kf);
-#if FP_ROPE
-            {
-                const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
-                rope8(kf, t, rope_table, lane);
-            }
-#endif
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                double d = 0.0;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    d += (double)st.q[r][e] * (double)kf[e];
-                }
-                d = group_sum_d(d) * (double)p.sm_scale;
-                if (!fp_finite(s[r][u])) {
-                    s[r][u] = fp_exact_score(d, p.has_soft_cap);
-                }
-            }
-        }
+    for (int u = 0; u < U; ++u) {
+        raw_to_f32(vr[u], vf[u]);
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
