@@ -1,12 +1,17 @@
 // Host emulation of the CUDA kernels, for testing their logic without a GPU.
 //
-// Every CUDA thread of a block is a std::thread; __syncthreads is a block barrier and the
-// warp shuffles exchange values through a per-warp buffer between two warp barriers, so a
-// kernel whose lanes do not reach a shuffle together deadlocks (the test driving this times
-// out) instead of silently computing garbage. Blocks run one after another, so `__shared__`
-// arrays (static locals here) are per block as on the device. The PTX helpers of common.cuh
-// are replaced by host equivalents (16-byte memcpy loads and stores, exp2f, round-to-nearest
-// f16/bf16 conversions).
+// Every CUDA thread of a block is a fiber (ucontext) on one host thread, switched only at
+// barriers; __syncthreads is a block barrier and the warp shuffles exchange values through
+// a per-warp buffer between two warp barriers, so a kernel whose lanes do not reach a
+// shuffle together is found (a scheduler round in which no fiber gets further: the
+// emulator exits with status 6) instead of silently computing garbage. Blocks run one after
+// another, so `__shared__` arrays (static locals here) are per block as on the device.
+// Fibers instead of one OS thread per CUDA thread: a block of 128 threads then costs no
+// kernel context switches at its barriers (with OS threads, 128 threads spinning on
+// barriers on a small machine made the emulated suite take an hour). The
+// PTX helpers of common.cuh are replaced by host equivalents (16-byte memcpy loads and
+// stores, exp2f, round-to-nearest f16/bf16 conversions), and the warp vote `__any_sync`
+// goes through the same buffer as the shuffles.
 //
 // Usage: host_emulation <input> <output>. Input (little endian): the Params bytes with the
 // pointer fields ignored; then 9 buffers (q, k, v, kv_indices, int_ws, float_ws, o, lse,
@@ -16,13 +21,15 @@
 //
 // Built by the test in src/backend/cuda/emulate.rs with the same -D options as NVRTC gets.
 
-#include <barrier>
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #define __global__
@@ -35,7 +42,8 @@
 struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
-static thread_local Dim3 threadIdx, blockIdx;
+// Set by the scheduler before it resumes a fiber (fibers switch only at barriers).
+static Dim3 threadIdx, blockIdx;
 static Dim3 blockDim, gridDim;
 
 static inline float __int_as_float(int i) {
@@ -68,26 +76,64 @@ static inline void sincospif(float x, float* s, float* c) {
     *c = (float)std::cos(a);
 }
 
+// Fibers and their scheduler.
+struct Fiber {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    bool done = false;
+};
+static constexpr size_t kFiberStack = 128 * 1024;
+static ucontext_t g_main;
+static Fiber* g_cur = nullptr;
+static unsigned long long g_progress = 0;  // barrier arrivals and finished fibers
+static std::function<void()> g_kernel;
+
+static void fiber_main() {
+    g_kernel();
+    g_cur->done = true;
+    ++g_progress;
+}
+
+// A barrier for `count` fibers: the last to arrive releases the others.
+struct FBarrier {
+    unsigned count = 0, arrived = 0, gen = 0;
+    void arrive_and_wait() {
+        const unsigned g = gen;
+        ++g_progress;
+        if (++arrived == count) {
+            arrived = 0;
+            ++gen;
+            return;
+        }
+        while (gen == g) {
+            swapcontext(&g_cur->ctx, &g_main);
+        }
+    }
+};
+
 // Warp and block synchronisation.
 struct BlockSync {
-    std::unique_ptr<std::barrier<>> block;
-    std::vector<std::unique_ptr<std::barrier<>>> warp;
-    std::vector<float> buf;
+    FBarrier block;
+    std::vector<FBarrier> warp;
+    std::vector<double> buf;
 };
 static BlockSync* g_sync = nullptr;
 
-static inline void __syncthreads() { g_sync->block->arrive_and_wait(); }
+static inline void __syncthreads() { g_sync->block.arrive_and_wait(); }
 
-static inline float shfl_from(float x, int src_lane) {
+// Values travel as double (exact for float): one buffer serves float and double shuffles.
+template <class T>
+static inline T shfl_from(T x, int src_lane) {
     const int w = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    g_sync->buf[w * 32 + lane] = x;
-    g_sync->warp[w]->arrive_and_wait();
-    const float r = g_sync->buf[w * 32 + src_lane];
-    g_sync->warp[w]->arrive_and_wait();
+    g_sync->buf[w * 32 + lane] = (double)x;
+    g_sync->warp[w].arrive_and_wait();
+    const T r = (T)g_sync->buf[w * 32 + src_lane];
+    g_sync->warp[w].arrive_and_wait();
     return r;
 }
-static inline float __shfl_xor_sync(unsigned, float x, int mask, int width = 32) {
+template <class T>
+static inline T __shfl_xor_sync(unsigned, T x, int mask, int width = 32) {
     const int lane = threadIdx.x % 32;
     int src = lane ^ mask;
     if ((src & ~(width - 1)) != (lane & ~(width - 1))) {
@@ -98,6 +144,19 @@ static inline float __shfl_xor_sync(unsigned, float x, int mask, int width = 32)
 static inline float __shfl_sync(unsigned, float x, int src, int width = 32) {
     const int lane = threadIdx.x % 32;
     return shfl_from(x, (lane & ~(width - 1)) + (src % width));
+}
+// Warp vote: every lane must arrive (as on the device with the full mask).
+static inline bool __any_sync(unsigned, bool pred) {
+    const int w = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    g_sync->buf[w * 32 + lane] = pred ? 1.0 : 0.0;
+    g_sync->warp[w].arrive_and_wait();
+    bool any = false;
+    for (int i = 0; i < 32; ++i) {
+        any |= g_sync->buf[w * 32 + i] != 0.0;
+    }
+    g_sync->warp[w].arrive_and_wait();
+    return any;
 }
 
 typedef unsigned int u32;
@@ -155,34 +214,58 @@ static inline u32 f32_to_bf16_bits(float f) {
 
 static bool read_exact(FILE* f, void* p, size_t n) { return std::fread(p, 1, n, f) == n; }
 
+// Runs the grid block by block; within a block, the fibers round-robin until all finish.
 template <class F>
 static void launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
     gridDim = Dim3{gx, gy, 1};
     blockDim = Dim3{threads, 1, 1};
+    BlockSync sync;
+    sync.block.count = threads;
+    sync.warp.assign(threads / 32, FBarrier{32, 0, 0});
+    sync.buf.assign(threads, 0.0);
+    g_sync = &sync;
+    g_kernel = kernel;
+    std::vector<Fiber> fibers(threads);
+    for (auto& f : fibers) {
+        f.stack.reset(new char[kFiberStack]);
+    }
     for (unsigned by = 0; by < gy; ++by) {
         for (unsigned bx = 0; bx < gx; ++bx) {
-            BlockSync sync;
-            sync.block = std::make_unique<std::barrier<>>(threads);
-            for (unsigned w = 0; w < threads / 32; ++w) {
-                sync.warp.push_back(std::make_unique<std::barrier<>>(32));
+            blockIdx = Dim3{bx, by, 0};
+            for (auto& f : fibers) {
+                f.done = false;
+                getcontext(&f.ctx);
+                f.ctx.uc_stack.ss_sp = f.stack.get();
+                f.ctx.uc_stack.ss_size = kFiberStack;
+                f.ctx.uc_link = &g_main;
+                makecontext(&f.ctx, fiber_main, 0);
             }
-            sync.buf.assign(threads, 0.f);
-            g_sync = &sync;
-            std::vector<std::thread> ts;
-            ts.reserve(threads);
-            for (unsigned t = 0; t < threads; ++t) {
-                ts.emplace_back([=] {
+            unsigned live = threads;
+            while (live > 0) {
+                const unsigned long long before = g_progress;
+                for (unsigned t = 0; t < threads; ++t) {
+                    if (fibers[t].done) {
+                        continue;
+                    }
+                    g_cur = &fibers[t];
                     threadIdx = Dim3{t, 0, 0};
-                    blockIdx = Dim3{bx, by, 0};
-                    kernel();
-                });
+                    swapcontext(&g_main, &fibers[t].ctx);
+                    if (fibers[t].done) {
+                        --live;
+                    }
+                }
+                if (live > 0 && g_progress == before) {
+                    std::fprintf(stderr,
+                                 "block (%u, %u): lanes wait at a barrier or shuffle that "
+                                 "others never reach\n",
+                                 bx, by);
+                    std::exit(6);
+                }
             }
-            for (auto& t : ts) {
-                t.join();
-            }
-            g_sync = nullptr;
         }
     }
+    g_cur = nullptr;
+    g_sync = nullptr;
 }
 
 int main(int argc, char** argv) {

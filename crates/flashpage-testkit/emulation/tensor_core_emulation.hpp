@@ -38,7 +38,7 @@ static u32 g_words[kMaxThreads][6];
 static const unsigned char* g_addr[kMaxThreads];
 static int g_vote[kMaxThreads];
 
-static inline void warp_wait() { g_sync->warp[threadIdx.x / 32]->arrive_and_wait(); }
+static inline void warp_wait() { g_sync->warp[threadIdx.x / 32].arrive_and_wait(); }
 
 static inline float half_to_f32(u32 h) {
 #if FP_DTYPE == 2
@@ -59,7 +59,9 @@ struct CpAsyncQueue {
     std::vector<Copy> open;                 // issued, not yet committed
     std::deque<std::vector<Copy>> groups;   // committed, oldest first
 };
-static thread_local CpAsyncQueue t_cp;
+// One queue per CUDA thread (the threads are fibers of one host thread).
+static CpAsyncQueue t_cp_of[kMaxThreads];
+static inline CpAsyncQueue& cp_queue() { return t_cp_of[threadIdx.x]; }
 
 }  // namespace tc_emu
 
@@ -137,23 +139,23 @@ static inline void pf_ldsm_x4(u32* r, const void* row) { tc_ldsm_x4(r, row, fals
 static inline void pf_ldsm_x4_trans(u32* r, const void* row) { tc_ldsm_x4(r, row, true); }
 
 static inline void pf_cp_async16(void* dst, const void* src) {
-    tc_emu::t_cp.open.push_back(tc_emu::Copy{static_cast<unsigned char*>(dst),
+    tc_emu::cp_queue().open.push_back(tc_emu::Copy{static_cast<unsigned char*>(dst),
                                              static_cast<const unsigned char*>(src)});
 }
 
 static inline void pf_cp_async_commit() {
-    tc_emu::t_cp.groups.push_back(std::move(tc_emu::t_cp.open));
-    tc_emu::t_cp.open.clear();
+    tc_emu::cp_queue().groups.push_back(std::move(tc_emu::cp_queue().open));
+    tc_emu::cp_queue().open.clear();
 }
 
 // cp.async.wait_group 0: every committed group completes.
 static inline void pf_cp_async_wait_all() {
-    for (auto& grp : tc_emu::t_cp.groups) {
+    for (auto& grp : tc_emu::cp_queue().groups) {
         for (const auto& c : grp) {
             std::memcpy(c.dst, c.src, 16);
         }
     }
-    tc_emu::t_cp.groups.clear();
+    tc_emu::cp_queue().groups.clear();
 }
 
 static inline u32 pf_pack2(float lo, float hi) { return f32_to_pair(lo, hi); }

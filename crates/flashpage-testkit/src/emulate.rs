@@ -1,5 +1,5 @@
 //! The CUDA kernels' logic without a GPU: `emulation/host_emulation.cpp` runs the library's
-//! CUDA sources on the host (one std::thread per CUDA thread, barrier-based shuffles), built
+//! CUDA sources on the host (one fiber per CUDA thread, barrier-based shuffles), built
 //! with the host C++ compiler and the same `-D` options NVRTC gets, over the same parameter
 //! block ([`launch::params`]) the backend launches. Outputs and the float workspace are
 //! poisoned first. A missing C++20 compiler is an error (set `CXX`), never a skip.
@@ -8,13 +8,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use flashpage::Plan;
+use flashpage::backend::cpu::SimdLevel;
 use flashpage::backend::cuda::KERNEL_SOURCES;
 use flashpage::backend::cuda::launch::{self, Buffers, DecodeVariant};
 use flashpage::backend::cuda::prefill::PrefillVariant;
-use flashpage::tensor::Tensor;
+use flashpage::backend::{RunArgs, check_run_args};
+use flashpage::error::{Error, Result};
+use flashpage::tensor::{Tensor, TensorMut, TensorRef};
 
-use crate::case::{CaseData, KvStorage};
+use crate::case::CaseData;
+use crate::runner::HostRunner;
 
 /// The emulator's driver, embedded so the emulation runs wherever its binary is copied.
 const DRIVER: (&str, &str) = (
@@ -73,16 +79,48 @@ impl Emulator {
 
     /// Runs `plan` over `data` on the emulated kernels: the work items (on the tensor-core
     /// prefill kernel where the device would run them there, else the attention kernel),
-    /// then the merge. Returns `(o, lse)`.
+    /// then the merge. Returns `(o, lse)`, the outputs poisoned first. Panics where the
+    /// emulator fails (a test helper: the message says why).
     pub fn run(&self, data: &CaseData, plan: &Plan) -> (Tensor, Vec<f32>) {
-        emulate(&self.cxx, &self.dir, data, plan)
+        let (mut o, mut lse) = data.poisoned_outputs();
+        let args = RunArgs {
+            q: data.q.view(),
+            kv: data.kv_cache(),
+            o: o.view_mut(),
+            lse: Some(&mut lse),
+            sinks: data.sinks.as_deref(),
+        };
+        if let Err(e) = emulate(&self.cxx, &self.dir, plan, args) {
+            panic!("{}: {e}", data.spec.name);
+        }
+        (o, lse)
+    }
+}
+
+/// The emulated CUDA kernels as a [`HostRunner`]: the declarative suite runs on them like
+/// on any backend (`cuda-emulation` in its reports). Emulator failures (build, hang, crash)
+/// are `Error::Backend` naming `cuda-emulation`.
+impl HostRunner for Emulator {
+    fn label(&self) -> String {
+        "cuda-emulation".into()
+    }
+
+    fn simd(&self) -> Option<SimdLevel> {
+        None
+    }
+
+    fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
+        emulate(&self.cxx, &self.dir, plan, args)
     }
 
     /// Runs the emulated `ldmatrix` + `mma.sync` of `variant`'s dtype on one warp against a
     /// plain matrix product of distinct values (`host_emulation --self-test`); returns the
     /// emulator's report, or what went wrong.
-    pub fn tensor_core_self_test(&self, variant: &PrefillVariant) -> Result<String, String> {
-        let exe = build(&self.cxx, &self.dir, &variant.defines());
+    pub fn tensor_core_self_test(
+        &self,
+        variant: &PrefillVariant,
+    ) -> std::result::Result<String, String> {
+        let exe = build(&self.cxx, &self.dir, &variant.defines())?;
         let out = Command::new(&exe)
             .arg("--self-test")
             .output()
@@ -112,11 +150,11 @@ fn key_of(defines: &[String]) -> u64 {
 }
 
 /// Builds the emulator for `defines` (once per variant per process).
-fn build(cxx: &str, dir: &Path, defines: &[String]) -> PathBuf {
+fn build(cxx: &str, dir: &Path, defines: &[String]) -> std::result::Result<PathBuf, String> {
     let key = key_of(defines);
     let exe = dir.join(format!("emu-{key:016x}"));
     if exe.exists() {
-        return exe;
+        return Ok(exe);
     }
     let tmp = dir.join(format!(
         "emu-{key:016x}.tmp{:?}",
@@ -129,55 +167,67 @@ fn build(cxx: &str, dir: &Path, defines: &[String]) -> PathBuf {
         .arg("-o")
         .arg(&tmp)
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "emulator build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::rename(&tmp, &exe).unwrap();
-    exe
+        .map_err(|e| format!("{cxx}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "emulator build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    std::fs::rename(&tmp, &exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+    Ok(exe)
 }
-
-/// Serialises the emulator processes of one test process.
-static RUNNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
     out.extend_from_slice(bytes);
 }
 
-/// Runs `plan` over `data` in the emulator; returns (o, lse).
-fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<f32>) {
-    let dt = data.spec.dtype;
-    let h = data.spec.heads;
-    let rows = data.rows();
-    let mut ids = data.batch.kv_indices().to_vec();
+/// Little-endian bytes of a host tensor.
+fn ref_bytes(t: TensorRef<'_>) -> Vec<u8> {
+    match t {
+        TensorRef::F32(v) => bytemuck::cast_slice(v).to_vec(),
+        TensorRef::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorRef::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+fn mut_bytes(t: &TensorMut<'_>) -> Vec<u8> {
+    match t {
+        TensorMut::F32(v) => bytemuck::cast_slice(v).to_vec(),
+        TensorMut::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorMut::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Runs `plan` over host `args` in the emulator (the checks of `check_run_args` first, as
+/// every backend does); writes o and lse back into `args`.
+fn emulate(cxx: &str, dir: &Path, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
+    check_run_args(plan, &args.shapes())?;
+    let fail = |message: String| Error::Backend {
+        backend: "cuda-emulation",
+        message,
+    };
+    let dt = args.q.dtype();
+    let h = plan.heads();
+    let mut ids = args.kv.kv_indices.to_vec();
     if ids.is_empty() {
         ids.push(0);
     }
-    let (o, lse) = data.poisoned_outputs();
-    let combined = data.spec.storage == KvStorage::Combined;
-    let kb = data.k.to_le_bytes();
-    let vb = if combined {
-        kb[data.v_offset * dt.size()..].to_vec()
-    } else {
-        data.v.to_le_bytes()
-    };
     let bufs = Buffers {
         q: 0,
         k: 0,
         v: 0,
         o: 0,
         lse: 0,
-        sinks: data.sinks.is_some() as u64,
+        sinks: args.sinks.is_some() as u64,
         kv_indices: 0,
         int_ws: 0,
         float_ws: 0,
-        qo_elems: rows * h.num_qo_heads() * h.head_dim(),
+        qo_elems: args.q.len(),
         num_indices: ids.len(),
-        num_pages: data.num_pages,
-        strides: data.strides,
+        num_pages: args.kv.num_pages,
+        strides: args.kv.strides,
     };
     let params = launch::params(plan, &bufs);
     let req = plan.requirement();
@@ -188,20 +238,18 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
     let float_ws: Vec<u8> = std::iter::repeat_n(f32::NAN.to_le_bytes(), req.float.total() / 4)
         .flatten()
         .collect();
+    let lse_init: Vec<f32> = args.lse.as_deref().map_or_else(Vec::new, <[f32]>::to_vec);
     let mut input = Vec::new();
     input.extend_from_slice(params.as_bytes());
-    put(&mut input, &data.q.to_le_bytes());
-    put(&mut input, &kb);
-    put(&mut input, &vb);
+    put(&mut input, &ref_bytes(args.q));
+    put(&mut input, &ref_bytes(args.kv.k));
+    put(&mut input, &ref_bytes(args.kv.v));
     put(&mut input, bytemuck::cast_slice(&ids));
     put(&mut input, &int_ws);
     put(&mut input, &float_ws);
-    put(&mut input, &o.to_le_bytes());
-    put(&mut input, bytemuck::cast_slice(&lse));
-    put(
-        &mut input,
-        bytemuck::cast_slice(data.sinks.as_deref().unwrap_or(&[])),
-    );
+    put(&mut input, &mut_bytes(&args.o));
+    put(&mut input, bytemuck::cast_slice(&lse_init));
+    put(&mut input, bytemuck::cast_slice(args.sinks.unwrap_or(&[])));
     let caps = plan.capacities();
     let merge = caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0);
     for d in [
@@ -216,43 +264,65 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
         Some(v) => v.defines(),
         None => DecodeVariant::for_plan(plan, dt).defines(),
     };
-    let exe = build(cxx, dir, &defines);
-    let tag = format!("{:?}-{}", std::thread::current().id(), data.spec.name.len());
+    let exe = build(cxx, dir, &defines).map_err(fail)?;
+    let tag = format!(
+        "{:?}-{}",
+        std::thread::current().id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    );
     let (inp, outp) = (
         dir.join(format!("in-{tag}")),
         dir.join(format!("out-{tag}")),
     );
-    std::fs::write(&inp, &input).unwrap();
-    // One emulated launch at a time per process: each runs a std::thread per CUDA thread,
-    // and concurrent launches on a small machine would only slow each other down past the
-    // hang timeout below.
-    let _one_at_a_time = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-    let mut child = Command::new(&exe).arg(&inp).arg(&outp).spawn().unwrap();
+    let io = |e: std::io::Error| fail(format!("emulator i/o: {e}"));
+    std::fs::write(&inp, &input).map_err(io)?;
+    let mut child = Command::new(&exe)
+        .arg(&inp)
+        .arg(&outp)
+        .spawn()
+        .map_err(io)?;
     let t = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.try_wait().map_err(io)? {
             break s;
         }
         if t.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
-            panic!(
-                "{}: the emulated kernel hung (lanes diverged at a shuffle or barrier?)",
-                data.spec.name
-            );
+            let _ = child.wait();
+            return Err(fail("the emulated kernel ran past 120 s".into()));
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     };
-    assert!(
-        status.success(),
-        "{}: emulator failed: {status}",
-        data.spec.name
-    );
-    let out = std::fs::read(&outp).unwrap();
-    let ob = o.len() * dt.size();
-    let o = Tensor::from_le_bytes(dt, &out[..ob]).unwrap();
-    let lse = out[ob..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    (o, lse)
+    let _ = std::fs::remove_file(&inp);
+    if !status.success() {
+        // Status 6: lanes diverged at a shuffle or barrier (the emulator's stderr says where).
+        return Err(fail(format!("emulator failed: {status}")));
+    }
+    let out = std::fs::read(&outp).map_err(io)?;
+    let _ = std::fs::remove_file(&outp);
+    let ob = args.o.len() * dt.size();
+    if out.len() != ob + lse_init.len() * 4 {
+        return Err(fail(format!(
+            "emulator output has {} bytes, expected {}",
+            out.len(),
+            ob + lse_init.len() * 4
+        )));
+    }
+    let o =
+        Tensor::from_le_bytes(dt, &out[..ob]).ok_or_else(|| fail("emulator output: o".into()))?;
+    match (args.o, o) {
+        (TensorMut::F32(d), Tensor::F32(s)) => d.copy_from_slice(&s),
+        (TensorMut::F16(d), Tensor::F16(s)) => d.copy_from_slice(&s),
+        (TensorMut::BF16(d), Tensor::BF16(s)) => d.copy_from_slice(&s),
+        _ => return Err(fail("emulator output: o has another dtype".into())),
+    }
+    if let Some(l) = args.lse {
+        for (d, c) in l.iter_mut().zip(out[ob..].chunks_exact(4)) {
+            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    Ok(())
 }
+
+/// Per-process counter naming the emulator's input and output files.
+static RUN: AtomicU64 = AtomicU64::new(0);

@@ -194,3 +194,90 @@ fn extreme_logits_agree_across_levels() {
         }
     }
 }
+
+#[test]
+fn minus_inf_logits_are_keys_of_weight_zero() {
+    // K = -inf against q = 1 gives a logit of -inf (the random inputs have both signs, so q
+    // is set to 1 first: mixed signs would give inf - inf = NaN): a key of weight exactly 0, which
+    // contributes nothing even where its V is infinite or NaN (0 × inf would be NaN), as in
+    // the reference. Decode (the memory-order kernel and, for bf16 on AVX-512 BF16, the
+    // dot-product tiles) and causal prefill (the tile kernel), split or not (check_ieee runs
+    // parallelism 1 and 64).
+    let mut seed = 500;
+    for dtype in DType::ALL {
+        for v in [f64::INFINITY, f64::NAN] {
+            seed += 1;
+            let h = HeadConfig::new(8, 2, 64).unwrap();
+            let mut s = CaseSpec::decode("ninf-decode", h, 16, 2, 0, dtype);
+            s.requests = vec![(1, 5), (1, 300)];
+            let mut data = s.materialise(seed).unwrap();
+            data.set_row(Input::Q, 0, 0, 1.0).unwrap();
+            data.set_row(Input::Q, 1, 0, 1.0).unwrap();
+            for (r, pos) in [(0, 1), (1, 200), (1, 7)] {
+                data.set_row(Input::K, r, pos, f64::NEG_INFINITY).unwrap();
+                data.set_row(Input::V, r, pos, v).unwrap();
+            }
+            let r = data.reference().unwrap();
+            assert!(r.o.iter().all(|x| x.is_finite()));
+            check_ieee(&data, &format!("decode K=-inf, V={v}"));
+
+            let s = prefill("ninf-prefill", (8, 2, 64), (6, 40), dtype);
+            let mut data = s.materialise(seed).unwrap();
+            for row in 0..6 {
+                data.set_row(Input::Q, 0, row, 1.0).unwrap();
+            }
+            for pos in [1, 33, 39] {
+                data.set_row(Input::K, 0, pos, f64::NEG_INFINITY).unwrap();
+                data.set_row(Input::V, 0, pos, v).unwrap();
+            }
+            check_ieee(&data, &format!("prefill K=-inf, V={v}"));
+        }
+        // Every key of logit -inf: the row sees no key (o = 0, lse = -inf), not NaN.
+        let h = HeadConfig::new(4, 1, 32).unwrap();
+        let mut s = CaseSpec::decode("all-ninf", h, 4, 1, 0, dtype);
+        s.requests = vec![(1, 6)];
+        let mut data = s.materialise(seed).unwrap();
+        data.set_row(Input::Q, 0, 0, 1.0).unwrap();
+        for pos in 0..6 {
+            data.set_row(Input::K, 0, pos, f64::NEG_INFINITY).unwrap();
+            data.set_row(Input::V, 0, pos, f64::INFINITY).unwrap();
+        }
+        assert!(
+            data.reference()
+                .unwrap()
+                .lse
+                .iter()
+                .all(|&l| l == f64::NEG_INFINITY)
+        );
+        check_ieee(&data, "every K = -inf, V = inf");
+    }
+}
+
+#[test]
+fn a_soft_cap_maps_infinite_logits_into_its_range() {
+    // With a soft-cap, an infinite logit (K = ±inf against q = 1) is capped to ±c
+    // (c·tanh(±inf/c)), a finite score: the row is finite, as in the reference, not NaN or
+    // empty.
+    for dtype in DType::ALL {
+        for k in [f64::INFINITY, f64::NEG_INFINITY] {
+            let h = HeadConfig::new(4, 1, 64).unwrap();
+            let mut s = CaseSpec::decode("cap-inf", h, 16, 1, 0, dtype);
+            s.requests = vec![(1, 9)];
+            s.options.logits_soft_cap = Some(30.0);
+            let mut data = s.materialise(41).unwrap();
+            data.set_row(Input::Q, 0, 0, 1.0).unwrap();
+            data.set_row(Input::K, 0, 3, k).unwrap();
+            let r = data.reference().unwrap();
+            assert!(r.o.iter().chain(&r.lse).all(|x| x.is_finite()));
+            check_ieee(&data, &format!("soft-cap 30, K={k}"));
+            let mut s = prefill("cap-inf-prefill", (4, 1, 64), (4, 9), dtype);
+            s.options.logits_soft_cap = Some(30.0);
+            let mut data = s.materialise(42).unwrap();
+            for row in 0..4 {
+                data.set_row(Input::Q, 0, row, 1.0).unwrap();
+            }
+            data.set_row(Input::K, 0, 2, k).unwrap();
+            check_ieee(&data, &format!("prefill soft-cap 30, K={k}"));
+        }
+    }
+}

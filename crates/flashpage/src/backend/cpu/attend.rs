@@ -13,7 +13,7 @@ use super::ctx::{Ctx, Scratch};
 use super::elem::Elem;
 use super::prefill;
 use super::simd::Isa;
-use super::tile::{Bf16Tiles, KEY_BLOCK, PREFETCH_STRIDE, prefetch_rows};
+use super::tile::{Bf16Tiles, KEY_BLOCK, PREFETCH_STRIDE, prefetch_rows, pv_row_skipping};
 use crate::layout::DType;
 use crate::options::alibi_slope;
 
@@ -162,6 +162,8 @@ unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
 /// whose every score is hugely negative is not mistaken for an empty one). Non-finite
 /// inputs give what IEEE arithmetic gives the reference: NaN for `NaN` or `+inf` (whose
 /// `inf − inf` poisons the reference's softmax), `-inf` for `-inf` (a key with weight 0).
+/// With a soft-cap every non-NaN score is clamped to the f32 range instead: the cap then
+/// maps it near `±c`, as the reference's cap maps `±inf` to `±c`.
 #[cold]
 #[inline(never)]
 pub(crate) fn exact_score<E: Elem>(
@@ -186,7 +188,13 @@ pub(crate) fn exact_score<E: Elem>(
         rope_f64(&mut k, j as f64 / scale, &ctx.inv_freq);
     }
     let x = q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() * ctx.sm_scale as f64;
-    if x.is_nan() || x == f64::INFINITY {
+    if x.is_nan() {
+        f32::NAN
+    } else if ctx.soft_cap.is_some() {
+        // The cap maps any score, infinite ones included, into `(-c, c)` (the reference's
+        // `c·tanh(±inf/c) = ±c`): the kernel's cap of the clamped score gives the same.
+        x.clamp(-f32::MAX as f64, f32::MAX as f64) as f32
+    } else if x == f64::INFINITY {
         f32::NAN
     } else if x == f64::NEG_INFINITY {
         f32::NEG_INFINITY
@@ -568,6 +576,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                     [a, b]
                 };
                 sc.vis[p] = vis;
+                sc.ninf[p] = 0;
                 let srow = &mut s[p * KEY_BLOCK..(p + 1) * KEY_BLOCK];
                 // Lanes past nb hold stale values: make them finite for the check.
                 srow[nb..].fill(0.0);
@@ -583,6 +592,9 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                     for jj in vis[0]..vis[1] {
                         if !srow[jj].is_finite() {
                             srow[jj] = exact_score(ctx, qr, qp, offs[jj] + hoff, j0 + jj);
+                            if srow[jj] == f32::NEG_INFINITY {
+                                sc.ninf[p] |= 1 << jj;
+                            }
                         }
                     }
                     // A visible NaN score (non-finite inputs) makes the row NaN, as IEEE
@@ -667,7 +679,21 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
             let acc = &mut sc.acc[t0 * d..(t0 + rows) * d];
             let corr = &sc.corr[t0..t0 + rows];
             let vis = &sc.vis[..rows];
-            if dp {
+            if sc.ninf[..rows].iter().any(|&m| m != 0) {
+                // A visible key of logit -inf (infinite inputs): the scalar path skips it.
+                for (p, (v, &skip)) in vis.iter().zip(&sc.ninf[..rows]).enumerate() {
+                    pv_row_skipping(
+                        &mut acc[p * d..(p + 1) * d],
+                        corr[p],
+                        v[0]..v[1],
+                        skip,
+                        |j| s[p * KEY_BLOCK + j],
+                        ctx.v,
+                        |j| offs[j] + hoff,
+                        |c| if dp { B::permuted_column(c, d) } else { c },
+                    );
+                }
+            } else if dp {
                 let mut vp = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
                 let mut pv = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
                 for j in 0..KEY_BLOCK {

@@ -129,6 +129,9 @@ pub(crate) struct Scratch {
     pub(crate) qrow: Vec<usize>,
     /// Per row of the current head: its visible keys of the current block.
     pub(crate) vis: Vec<[usize; 2]>,
+    /// Per row of the current block: bit `j` set when key `j`'s logit is `-inf` (infinite
+    /// inputs): a key of weight exactly 0, skipped by P·V ([`super::tile::pv_row_skipping`]).
+    pub(crate) ninf: Vec<u32>,
     pub(crate) off: [usize; KEY_BLOCK],
 }
 
@@ -151,6 +154,7 @@ impl Default for Scratch {
             corr: Vec::new(),
             qrow: Vec::new(),
             vis: Vec::new(),
+            ninf: Vec::new(),
             off: [0; KEY_BLOCK],
         }
     }
@@ -176,6 +180,8 @@ impl Scratch {
         self.slope.resize(rows, 0.0);
         self.qrow.resize(rows, 0);
         self.vis.resize(rows, [0, 0]);
+        self.ninf.clear();
+        self.ninf.resize(rows, 0);
     }
 }
 

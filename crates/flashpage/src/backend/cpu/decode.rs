@@ -30,7 +30,7 @@ use super::attend::{exact_score, finish_rows};
 use super::ctx::{Ctx, Scratch};
 use super::elem::Elem;
 use super::simd::Isa;
-use super::tile::{KEY_BLOCK, PREFETCH_STRIDE};
+use super::tile::{KEY_BLOCK, PREFETCH_STRIDE, pv_row_skipping};
 use crate::options::alibi_slope;
 
 /// Keys between the two keys of an S pair.
@@ -400,14 +400,20 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                 }
             }
         }
+        let mut any_ninf = false;
         if I::reduce_add(bad).is_nan() {
             for t in 0..trows {
                 let ho = (t / rows) * hstride;
                 let mut nan = false;
+                sc.ninf[t] = 0;
                 for j in 0..nb {
                     let x = &mut s[j * tr + t];
                     if !x.is_finite() {
                         *x = exact_score(ctx, sc.qrow[t], qpos, offs[j] + ho, j0 + j);
+                        if *x == f32::NEG_INFINITY {
+                            sc.ninf[t] |= 1 << j;
+                            any_ninf = true;
+                        }
                     }
                     nan |= x.is_nan();
                 }
@@ -478,6 +484,24 @@ pub(crate) fn decode<I: Isa, E: Elem>(
         // O = diag(corr)·O + P·V over groups of GROUP strided keys, heads inner.
         let stride = KEY_BLOCK / GROUP;
         let s = &sc.s[..KEY_BLOCK * tr];
+        if any_ninf {
+            // A visible key of logit -inf (infinite inputs): the scalar path skips it.
+            for t in 0..trows {
+                let ho = (t / rows) * hstride;
+                pv_row_skipping(
+                    &mut sc.acc[t * d..(t + 1) * d],
+                    sc.corr[t],
+                    0..nb,
+                    sc.ninf[t],
+                    |j| s[j * tr + t],
+                    ctx.v,
+                    |j| offs[j] + ho,
+                    I::load2_position::<E>,
+                );
+            }
+            j0 = jn;
+            continue;
+        }
         for gi in 0..stride.min(nb) {
             for hx in 0..nh {
                 let ho = hx * hstride;

@@ -1,6 +1,7 @@
 //! What every attention kernel shares: the key block, software prefetch along K/V rows, and
 //! the interface of optional bf16 dot-product microkernels.
 
+use super::elem::Elem;
 use super::simd::Isa;
 
 /// Keys per block: S is `rows × KEY_BLOCK`.
@@ -118,5 +119,41 @@ impl Bf16Tiles for NoBf16 {
     }
     fn permuted_column(c: usize, _d: usize) -> usize {
         c
+    }
+}
+
+/// `acc = corr·acc + Σ_j p(j)·V_j` for one row over the keys `keys`, except the keys of
+/// `skip` (bit `j`): keys whose logit is `-inf` (a visible K of `±inf` against q of the
+/// opposite sign) have weight exactly 0 and contribute nothing, like masked ones, whatever
+/// their V holds (`0 × inf` would be NaN). Column `c` of V accumulates at `position(c)` of
+/// `acc` (the kernel's accumulator order); `voff(j)` is key `j`'s V row in `v`. The scalar
+/// path of blocks that have such a key (only infinite inputs produce one).
+#[cold]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pv_row_skipping<E: Elem>(
+    acc: &mut [f32],
+    corr: f32,
+    keys: std::ops::Range<usize>,
+    skip: u32,
+    p: impl Fn(usize) -> f32,
+    v: &[E],
+    voff: impl Fn(usize) -> usize,
+    position: impl Fn(usize) -> usize,
+) {
+    let d = acc.len();
+    for x in acc.iter_mut() {
+        *x *= corr;
+    }
+    for j in keys {
+        if j < 32 && skip >> j & 1 == 1 {
+            continue;
+        }
+        let pj = p(j);
+        let row = &v[voff(j)..][..d];
+        for (c, x) in row.iter().enumerate() {
+            let a = &mut acc[position(c)];
+            *a += pj * x.to_f32();
+        }
     }
 }

@@ -18,6 +18,13 @@ typedef unsigned long long u64;
 #define FP_LOG2E 1.4426950408889634f
 #define FP_LN2 0.6931471805599453f
 #define FP_FULL_MASK 0xffffffffu
+#define FP_QNAN __int_as_float(0x7fc00000)
+#define FP_FLT_MAX 3.4028234663852886e38f
+
+// Finite (not ±inf, not NaN), by the exponent bits: the same on the device and the host.
+__device__ __forceinline__ bool fp_finite(float x) {
+    return (__float_as_uint(x) & 0x7f800000u) != 0x7f800000u;
+}
 
 // Kernel parameters: must match `Params` in src/backend/cuda/launch.rs field for field.
 struct Params {
@@ -126,6 +133,15 @@ __device__ __forceinline__ u32 f32_to_bf16_bits(float f) {
 #endif
 }
 #endif  // FP_HOST_EMULATION (host_emulation.cpp provides these on the host)
+
+// Online-softmax weight of score x (natural units) under running max mx: the limit when
+// mx is +inf (logits past the f32 range: the +inf scores share the weight equally).
+__device__ __forceinline__ float fp_weight(float x, float mx) {
+    if (mx == FP_INF) {
+        return x == FP_INF ? 1.f : 0.f;
+    }
+    return ex2((x - mx) * FP_LOG2E);
+}
 
 // Eight f32 values stored as two 16-byte stores / loaded as two 16-byte loads.
 __device__ __forceinline__ void store8_f32(float* p, const float* f) {

@@ -188,14 +188,12 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
                                                , const RopeW* rope_table
 #endif
 ) {
-    float s[ROWS][U];
-    float vf[U][8];
+    float s[ROWS][U];  // scores in natural units (scaled, capped, biased)
     bool vis[ROWS][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         float kf[8];
         raw_to_f32(kr[u], kf);
-        raw_to_f32(vr[u], vf[u]);
 #if FP_ROPE
         {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
@@ -209,12 +207,21 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
             for (int e = 0; e < 8; ++e) {
                 d = fmaf(st.q[r][e], kf[e], d);
             }
-            s[r][u] = group_sum(d);
+            s[r][u] = group_sum(d) * p.sm_scale;
         }
+    }
+    // Not yet here (docs/numerics.md): recomputing scores that overflowed f32 from finite
+    // inputs, as the CPU kernels do; a rescaled or f64 recomputation inlined here made the
+    // register budget of several variants spill (checked by tests/nvrtc_compile.rs).
+    float vf[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        raw_to_f32(vr[u], vf[u]);
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         float bmax = FP_NEG_INF;
+        bool nan = false;
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
@@ -226,13 +233,24 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
             if (p.alibi) {
                 x += st.slope[r] * (float)((i64)t - (i64)st.qpos[r]);
             }
-            x = vis[r][u] ? x * FP_LOG2E : FP_NEG_INF;
+            if (!vis[r][u]) {
+                x = FP_NEG_INF;
+            } else if (x != x) {
+                // A visible NaN score (non-finite inputs) makes the row NaN, as IEEE
+                // arithmetic does in the reference.
+                nan = true;
+                x = FP_NEG_INF;
+            }
             s[r][u] = x;
             bmax = fmaxf(bmax, x);
         }
+        if (nan) {
+            st.l[r] = FP_QNAN;  // sticky: every later update keeps it NaN
+        }
         if (bmax != FP_NEG_INF) {
             const float mn = fmaxf(st.m[r], bmax);
-            const float corr = ex2(st.m[r] - mn);  // 0 when m was -inf, 1 when unchanged
+            // 0 when m was -inf, 1 when unchanged.
+            const float corr = st.m[r] == mn ? 1.f : fp_weight(st.m[r], mn);
             float l = st.l[r] * corr;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
@@ -240,10 +258,11 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
             }
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                // A key the row cannot see contributes exactly nothing: its weight is 0, but
-                // 0 * V would still be NaN for V = inf or NaN, so the product is skipped.
-                if (vis[r][u]) {
-                    const float pr = ex2(s[r][u] - mn);
+                // A key the row cannot see, or whose logit is -inf, contributes exactly
+                // nothing: its weight is 0, but 0 * V would still be NaN for V = inf or NaN,
+                // so the product is skipped.
+                if (s[r][u] != FP_NEG_INF) {
+                    const float pr = fp_weight(s[r][u], mn);
                     l += pr;
 #pragma unroll
                     for (int e = 0; e < 8; ++e) {
@@ -340,9 +359,10 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
 #if FP_ROPE
             rope8(st.q[r], (int)qp, rope_table, lane);
 #endif
+            // q stays unscaled: the scale multiplies the reduced score (a scale near the
+            // smallest normal would make scaled q subnormal, and the exact fallback needs q).
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
-                st.q[r][e] *= p.sm_scale;
                 st.acc[r][e] = 0.f;
             }
             i64 hi = p.causal ? qp : (i64)kv_len - 1;
@@ -434,8 +454,10 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
                 continue;
             }
             float mx = FP_NEG_INF;
+            bool nan = false;
             for (int g = 0; g < NTG; ++g) {
                 mx = fmaxf(mx, sh_m[g][r]);
+                nan |= sh_l[g][r] != sh_l[g][r];
             }
             float out[8];
 #pragma unroll
@@ -443,13 +465,13 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
                 out[e] = 0.f;
             }
             float sum = 0.f;
-            if (mx != FP_NEG_INF) {
+            if (!nan && mx != FP_NEG_INF) {
                 for (int g = 0; g < NTG; ++g) {
                     const float mg = sh_m[g][r];
                     if (mg == FP_NEG_INF) {
                         continue;
                     }
-                    const float wgt = ex2(mg - mx);
+                    const float wgt = mg == mx ? 1.f : fp_weight(mg, mx);
                     sum += wgt * sh_l[g][r];
 #pragma unroll
                     for (int e = 0; e < 8; ++e) {
@@ -458,13 +480,20 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
                 }
             }
             float lse;
-            if (sum > 0.f) {
+            if (nan) {
+                // A visible NaN score in some token group: the row is NaN.
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    out[e] = FP_QNAN;
+                }
+                lse = FP_QNAN;
+            } else if (sum > 0.f) {
                 const float inv = 1.f / sum;
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     out[e] *= inv;
                 }
-                lse = (mx + log2f(sum)) * FP_LN2;
+                lse = mx + logf(sum);
             } else {
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {

@@ -1,9 +1,10 @@
 // Split-KV merge: one block per merge row of the plan (grid = merge-row capacity) combines
 // the row's `count` partial states (partial rows first, first + stride, ...) for every query
 // head into o (and lse), stably: lse = max + ln(sum exp(lse_i - max)),
-// o = sum exp(lse_i - max) o_i / sum exp(lse_i - max). Padded merge rows (row < 0) return at
-// once; rows whose fields fall outside the buffers do too. The attention-sink epilogue, if
-// the run has sinks, applies to the merged state.
+// o = sum exp(lse_i - max) o_i / sum exp(lse_i - max), with the CPU merge's rules for
+// non-finite states (a NaN lse makes the row NaN; +inf lses share the weight). Padded merge
+// rows (row < 0) return at once; rows whose fields fall outside the buffers do too. The
+// attention-sink epilogue, if the run has sinks, applies to the merged state.
 
 #define D FP_HEAD_DIM
 #define VPH (D / 8)
@@ -30,24 +31,30 @@ extern "C" __global__ void fp_merge(const __grid_constant__ Params p) {
         const int h = idx / VPH;
         const int e0 = (idx % VPH) * 8;
         float mx = FP_NEG_INF;
+        bool nan = false;
         for (int c = 0; c < count; ++c) {
-            mx = fmaxf(mx, plse[((i64)first + (i64)c * stride) * hq + h]);
+            const float li = plse[((i64)first + (i64)c * stride) * hq + h];
+            mx = fmaxf(mx, li);
+            nan |= li != li;
         }
         float out[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            out[e] = 0.f;
+            out[e] = nan ? FP_QNAN : 0.f;
         }
-        float lse = FP_NEG_INF;
-        if (mx != FP_NEG_INF) {
+        // A partial state poisoned by non-finite inputs (lse NaN) makes the row NaN.
+        float lse = nan ? FP_QNAN : FP_NEG_INF;
+        if (!nan && mx != FP_NEG_INF) {
             float sum = 0.f;
             for (int c = 0; c < count; ++c) {
                 const i64 prow = (i64)first + (i64)c * stride;
                 const float li = plse[prow * hq + h];
-                if (li == FP_NEG_INF) {
+                // Past the f32 range (mx = +inf) the merge is the limit: the +inf states
+                // share the weight equally.
+                const float wgt = fp_weight(li, mx);
+                if (li == FP_NEG_INF || wgt == 0.f) {
                     continue;
                 }
-                const float wgt = ex2((li - mx) * FP_LOG2E);
                 sum += wgt;
                 float x[8];
                 load8_f32(po + (prow * hq + h) * D + e0, x);
