@@ -95,23 +95,6 @@ impl Emulator {
         }
         (o, lse)
     }
-}
-
-/// The emulated CUDA kernels as a [`HostRunner`]: the declarative suite runs on them like
-/// on any backend (`cuda-emulation` in its reports). Emulator failures (build, hang, crash)
-/// are `Error::Backend` naming `cuda-emulation`.
-impl HostRunner for Emulator {
-    fn label(&self) -> String {
-        "cuda-emulation".into()
-    }
-
-    fn simd(&self) -> Option<SimdLevel> {
-        None
-    }
-
-    fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
-        emulate(&self.cxx, &self.dir, plan, args)
-    }
 
     /// Runs the emulated `ldmatrix` + `mma.sync` of `variant`'s dtype on one warp against a
     /// plain matrix product of distinct values (`host_emulation --self-test`); returns the
@@ -131,6 +114,23 @@ impl HostRunner for Emulator {
         } else {
             Err(format!("{}: {text}", out.status))
         }
+    }
+}
+
+/// The emulated CUDA kernels as a [`HostRunner`]: the declarative suite runs on them like
+/// on any backend (`cuda-emulation` in its reports). Emulator failures (build, hang, crash)
+/// are `Error::Backend` naming `cuda-emulation`.
+impl HostRunner for Emulator {
+    fn label(&self) -> String {
+        "cuda-emulation".into()
+    }
+
+    fn simd(&self) -> Option<SimdLevel> {
+        None
+    }
+
+    fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
+        emulate(&self.cxx, &self.dir, plan, args)
     }
 }
 
