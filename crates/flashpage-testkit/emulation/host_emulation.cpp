@@ -188,7 +188,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     Params p;
-    static_assert(sizeof(Params) == 208, "Params layout");
+    static_assert(sizeof(Params) == 264, "Params layout");
     if (!read_exact(in, &p, sizeof p)) {
         return 3;
     }

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use flashpage::Plan;
 use flashpage::backend::cuda::KERNEL_SOURCES;
 use flashpage::backend::cuda::launch::{self, Buffers, DecodeVariant};
+use flashpage::layout::RunStrides;
 use flashpage::tensor::Tensor;
 
 use crate::case::{CaseData, KvStorage};
+use crate::strided::StridedLayout;
 
 /// The emulator's driver, embedded so the emulation runs wherever its binary is copied.
 const DRIVER: (&str, &str) = (
@@ -63,7 +65,19 @@ impl Emulator {
     /// Runs `plan` over `data` on the emulated kernels: decode items, then the merge.
     /// Returns `(o, lse)`.
     pub fn run(&self, data: &CaseData, plan: &Plan) -> (Tensor, Vec<f32>) {
-        emulate(&self.cxx, &self.dir, data, plan)
+        emulate(&self.cxx, &self.dir, data, plan, None)
+    }
+
+    /// Runs `plan` over `data` with q, V and o laid out as `strided` says (the kernels'
+    /// strided addressing). Returns the whole o buffer (`strided.o_len` elements, poisoned
+    /// before the run: see [`StridedLayout::gather`]) and the LSE.
+    pub fn run_strided(
+        &self,
+        data: &CaseData,
+        plan: &Plan,
+        strided: &StridedLayout,
+    ) -> (Tensor, Vec<f32>) {
+        emulate(&self.cxx, &self.dir, data, plan, Some(strided))
     }
 }
 
@@ -116,7 +130,13 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Runs `plan` over `data` in the emulator; returns (o, lse).
-fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<f32>) {
+fn emulate(
+    cxx: &str,
+    dir: &Path,
+    data: &CaseData,
+    plan: &Plan,
+    strided: Option<&StridedLayout>,
+) -> (Tensor, Vec<f32>) {
     let dt = data.spec.dtype;
     let h = data.spec.heads;
     let rows = data.rows();
@@ -124,13 +144,16 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
     if ids.is_empty() {
         ids.push(0);
     }
-    let (o, lse) = data.poisoned_outputs();
+    let (mut o, lse) = data.poisoned_outputs();
+    if let Some(st) = strided {
+        o = crate::case::poisoned(dt, st.o_len);
+    }
     let combined = data.spec.storage == KvStorage::Combined;
     let kb = data.k.to_le_bytes();
-    let vb = if combined {
-        kb[data.v_offset * dt.size()..].to_vec()
-    } else {
-        data.v.to_le_bytes()
+    let vb = match strided {
+        Some(st) => st.v.to_le_bytes(),
+        None if combined => kb[data.v_offset * dt.size()..].to_vec(),
+        None => data.v.to_le_bytes(),
     };
     let bufs = Buffers {
         q: 0,
@@ -141,10 +164,12 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
         kv_indices: 0,
         int_ws: 0,
         float_ws: 0,
-        qo_elems: rows * h.num_qo_heads() * h.head_dim(),
+        qo_rows: rows,
         num_indices: ids.len(),
         num_pages: data.num_pages,
         strides: data.strides,
+        v_strides: strided.map_or(data.strides, |st| st.v_strides),
+        qo: strided.map_or(RunStrides::contiguous(&h), |st| st.strides),
     };
     let params = launch::params(plan, &bufs);
     let req = plan.requirement();
@@ -157,7 +182,10 @@ fn emulate(cxx: &str, dir: &Path, data: &CaseData, plan: &Plan) -> (Tensor, Vec<
         .collect();
     let mut input = Vec::new();
     input.extend_from_slice(params.as_bytes());
-    put(&mut input, &data.q.to_le_bytes());
+    put(
+        &mut input,
+        &strided.map_or(&data.q, |st| &st.qkv).to_le_bytes(),
+    );
     put(&mut input, &kb);
     put(&mut input, &vb);
     put(&mut input, bytemuck::cast_slice(&ids));

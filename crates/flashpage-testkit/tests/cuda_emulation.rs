@@ -6,6 +6,7 @@ use flashpage::backend::cpu::CpuBackend;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, PlanConfig, PosEncoding};
 use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
 use flashpage_testkit::emulate::Emulator;
+use flashpage_testkit::strided::StridedLayout;
 
 fn check(emu: &Emulator, cpu: &CpuBackend, spec: &CaseSpec, config: &PlanConfig, seed: u64) {
     let data = spec.materialise(seed).unwrap();
@@ -291,4 +292,62 @@ fn emulated_rope_long_positions_f32() {
         scale: 0.25,
     };
     check(&emu, &cpu, &s, &PlanConfig::with_parallelism(8), seed(10));
+}
+
+#[test]
+fn emulated_strided_q_o_and_v() {
+    // q from a fused QKV buffer, o into a buffer with gaps (left untouched), V in the other
+    // layout than K: decode (split and merged) and causal prefill, paged and ragged.
+    let (emu, cpu) = setup("strided");
+    let config = PlanConfig::with_parallelism(8);
+    let mut cases = Vec::new();
+    let mut dec = CaseSpec::decode(
+        "strided decode",
+        HeadConfig::new(8, 2, 64).unwrap(),
+        16,
+        3,
+        700,
+        DType::BF16,
+    );
+    dec.requests = vec![(1, 700), (1, 1), (1, 90)];
+    cases.push(dec);
+    let mut pre = CaseSpec::decode(
+        "strided prefill hnd",
+        HeadConfig::new(4, 2, 32).unwrap(),
+        8,
+        2,
+        40,
+        DType::F32,
+    );
+    pre.decode = false;
+    pre.layout = KvLayout::Hnd;
+    pre.requests = vec![(17, 40), (5, 9)];
+    pre.options = AttentionOptions::new().with_causal(true);
+    let mut rag = pre.clone();
+    cases.push(pre);
+    rag.name = "strided ragged f16".into();
+    rag.storage = KvStorage::Ragged;
+    rag.dtype = DType::F16;
+    cases.push(rag);
+    for (i, spec) in cases.iter().enumerate() {
+        let s = seed(300 + i as u64);
+        let data = spec.materialise(s).unwrap();
+        let plan = data.plan(&config).unwrap();
+        let st = StridedLayout::new(&data, s ^ 1);
+        let (o, lse) = emu.run_strided(&data, &plan, &st);
+        let poison = flashpage_testkit::poisoned(spec.dtype, st.o_len);
+        let g = st
+            .gather(&data, &o, &poison)
+            .unwrap_or_else(|e| panic!("{} (seed {s}): {e}", spec.name));
+        let reference = data.reference().unwrap();
+        let c = data.compare(&g, &lse, &reference);
+        assert!(c.passed(), "{} (seed {s}) vs reference: {c:?}", spec.name);
+        let (co, clse) = data.run_cpu(&cpu, &config).unwrap();
+        let (e, el) = CaseData::output_difference(&g, &lse, &co, &clse);
+        assert!(
+            e <= c.tolerance && el <= c.tolerance,
+            "{} (seed {s}) vs cpu: o {e:e}, lse {el:e}",
+            spec.name
+        );
+    }
 }

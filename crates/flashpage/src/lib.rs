@@ -29,6 +29,14 @@
 //! build profile a program using flashpage should set (`opt-level = 3` for flashpage in
 //! debug builds: the kernels are ~10x slower unoptimised).
 //!
+//! ## Strided tensors
+//!
+//! q and o may be strided ([`RunStrides`]: a row and a head stride each, so q can be a view
+//! into a fused QKV projection and o a view into a wider buffer, whose gaps are never
+//! written: `CpuBackend::run_strided`, and `CudaBackend::run_strided` with the `cuda`
+//! feature); V may have strides of its own ([`backend::KvCache::with_v_strides`]), so split
+//! caches of different layouts need no copy.
+//!
 //! ## The workspace contract
 //!
 //! A plan needs a float workspace (f32 partial states of split-KV items) and an int
@@ -97,7 +105,8 @@ pub use half;
 pub use builder::BatchBuilder;
 pub use error::{Error, ErrorKind, Result};
 pub use layout::{
-    BatchDesc, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QueryIndex,
+    BatchDesc, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QoStrides, QueryIndex,
+    RunStrides,
 };
 pub use options::{AttentionOptions, PosEncoding};
 pub use plan::{Plan, PlanConfig, PlanKind, WorkItem, WorkspaceLimits, workspace_size};
