@@ -29,13 +29,15 @@
 //! build profile a program using flashpage should set (`opt-level = 3` for flashpage in
 //! debug builds: the kernels are ~10x slower unoptimised).
 //!
-//! ## Strided tensors
+//! ## Strided tensors, and candle
 //!
 //! q and o may be strided ([`RunStrides`]: a row and a head stride each, so q can be a view
 //! into a fused QKV projection and o a view into a wider buffer, whose gaps are never
 //! written: `CpuBackend::run_strided`, and `CudaBackend::run_strided` with the `cuda`
 //! feature); V may have strides of its own ([`backend::KvCache::with_v_strides`]), so split
-//! caches of different layouts need no copy.
+//! caches of different layouts need no copy. With the `candle` feature, `flashpage::candle`
+//! offers attention and `append_kv` as candle custom ops on candle's CPU storage
+//! (docs/candle.md).
 //!
 //! ## The workspace contract
 //!
@@ -87,6 +89,8 @@
 
 pub mod backend;
 pub mod builder;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod error;
 pub mod layout;
 pub mod ops;
