@@ -287,7 +287,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     Params p;
-    static_assert(sizeof(Params) == 216, "Params layout");
+    static_assert(sizeof(Params) == 272, "Params layout");
     if (!read_exact(in, &p, sizeof p)) {
         return 3;
     }

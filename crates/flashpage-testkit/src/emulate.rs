@@ -15,12 +15,14 @@ use flashpage::backend::cpu::SimdLevel;
 use flashpage::backend::cuda::KERNEL_SOURCES;
 use flashpage::backend::cuda::launch::{self, Buffers, DecodeVariant};
 use flashpage::backend::cuda::prefill::PrefillVariant;
-use flashpage::backend::{RunArgs, check_run_args};
+use flashpage::backend::{KvCache, RunArgs, check_run_args};
 use flashpage::error::{Error, Result};
+use flashpage::layout::RunStrides;
 use flashpage::tensor::{Tensor, TensorMut, TensorRef};
 
 use crate::case::CaseData;
 use crate::runner::HostRunner;
+use crate::strided::StridedLayout;
 
 /// The emulator's driver, embedded so the emulation runs wherever its binary is copied.
 const DRIVER: (&str, &str) = (
@@ -90,7 +92,37 @@ impl Emulator {
             lse: Some(&mut lse),
             sinks: data.sinks.as_deref(),
         };
-        if let Err(e) = emulate(&self.cxx, &self.dir, plan, args) {
+        if let Err(e) = emulate(&self.cxx, &self.dir, plan, args, None) {
+            panic!("{}: {e}", data.spec.name);
+        }
+        (o, lse)
+    }
+
+    /// Runs `plan` over `data` with q, V and o laid out as `strided` says (the kernels'
+    /// strided addressing). Returns the whole o buffer (`strided.o_len` elements, poisoned
+    /// before the run: see [`StridedLayout::gather`]) and the LSE.
+    pub fn run_strided(
+        &self,
+        data: &CaseData,
+        plan: &Plan,
+        strided: &StridedLayout,
+    ) -> (Tensor, Vec<f32>) {
+        let (_, mut lse) = data.poisoned_outputs();
+        let mut o = crate::case::poisoned(data.spec.dtype, strided.o_len);
+        let kv = data.kv_cache();
+        let kv = KvCache {
+            v: strided.v.view(),
+            v_strides: strided.v_strides,
+            ..kv
+        };
+        let args = RunArgs {
+            q: strided.qkv.view(),
+            kv,
+            o: o.view_mut(),
+            lse: Some(&mut lse),
+            sinks: data.sinks.as_deref(),
+        };
+        if let Err(e) = emulate(&self.cxx, &self.dir, plan, args, Some(strided.strides)) {
             panic!("{}: {e}", data.spec.name);
         }
         (o, lse)
@@ -130,7 +162,7 @@ impl HostRunner for Emulator {
     }
 
     fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
-        emulate(&self.cxx, &self.dir, plan, args)
+        emulate(&self.cxx, &self.dir, plan, args, None)
     }
 }
 
@@ -201,9 +233,18 @@ fn mut_bytes(t: &TensorMut<'_>) -> Vec<u8> {
 }
 
 /// Runs `plan` over host `args` in the emulator (the checks of `check_run_args` first, as
-/// every backend does); writes o and lse back into `args`.
-fn emulate(cxx: &str, dir: &Path, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
-    check_run_args(plan, &args.shapes())?;
+/// every backend does); writes o and lse back into `args`. `qo`: q and o strides (contiguous
+/// when `None`).
+fn emulate(
+    cxx: &str,
+    dir: &Path,
+    plan: &Plan,
+    args: RunArgs<'_, '_>,
+    qo: Option<RunStrides>,
+) -> Result<()> {
+    let mut shapes = args.shapes();
+    shapes.qo = qo;
+    check_run_args(plan, &shapes)?;
     let fail = |message: String| Error::Backend {
         backend: "cuda-emulation",
         message,
@@ -224,10 +265,12 @@ fn emulate(cxx: &str, dir: &Path, plan: &Plan, args: RunArgs<'_, '_>) -> Result<
         kv_indices: 0,
         int_ws: 0,
         float_ws: 0,
-        qo_elems: args.q.len(),
+        qo_rows: plan.num_q_rows(),
         num_indices: ids.len(),
         num_pages: args.kv.num_pages,
         strides: args.kv.strides,
+        v_strides: args.kv.v_strides,
+        qo: qo.unwrap_or_else(|| RunStrides::contiguous(&h)),
     };
     let params = launch::params(plan, &bufs);
     let req = plan.requirement();

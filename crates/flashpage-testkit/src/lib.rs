@@ -24,6 +24,7 @@ pub mod numerics;
 pub mod reference;
 pub mod rope_reference;
 pub mod runner;
+pub mod strided;
 pub mod suite;
 
 pub use case::{CaseData, CaseSpec, Comparison, KvStorage, Rng, poisoned};

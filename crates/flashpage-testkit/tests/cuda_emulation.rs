@@ -8,6 +8,7 @@ use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, PlanConfig, PosEn
 use flashpage_testkit::HostRunner;
 use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
 use flashpage_testkit::emulate::{EMULATED_ARCH, Emulator};
+use flashpage_testkit::strided::StridedLayout;
 use flashpage_testkit::suite::{self, Suite};
 
 fn check(emu: &Emulator, cpu: &CpuBackend, spec: &CaseSpec, config: &PlanConfig, seed: u64) {
@@ -459,6 +460,10 @@ fn emulated_tensor_core_prefill_matches_reference_and_cpu() {
                 }
                 check(&emu, &cpu, &s, &config, seed(500 + i));
                 i += 1;
+            }
+        }
+    }
+}
 
 /// The declarative suite (`data/*.toml`) on the emulated kernels through the same runner
 /// interface as the CPU and GPU suites, against the f64 reference, plus every
@@ -555,7 +560,6 @@ fn check_ieee(emu: &Emulator, data: &CaseData, what: &str) {
     }
 }
 
-
 #[test]
 fn emulated_non_finite_and_extreme_inputs() {
     use flashpage_testkit::case::Input;
@@ -613,5 +617,69 @@ fn emulated_non_finite_and_extreme_inputs() {
         s.requests = vec![(1, 33)];
         s.options.sm_scale = Some(f32::MIN_POSITIVE);
         check_ieee(&emu, &s.materialise(7).unwrap(), "sm_scale = MIN_POSITIVE");
+    }
+}
+
+#[test]
+fn emulated_strided_q_o_and_v() {
+    // q from a fused QKV buffer, o into a buffer with gaps (left untouched), V in the other
+    // layout than K: decode (split and merged) and causal prefill, paged and ragged.
+    let (emu, cpu) = setup("strided");
+    let config = PlanConfig::with_parallelism(8);
+    let mut cases = Vec::new();
+    let mut dec = CaseSpec::decode(
+        "strided decode",
+        HeadConfig::new(8, 2, 64).unwrap(),
+        16,
+        3,
+        700,
+        DType::BF16,
+    );
+    dec.requests = vec![(1, 700), (1, 1), (1, 90)];
+    cases.push(dec);
+    let mut pre = CaseSpec::decode(
+        "strided prefill hnd",
+        HeadConfig::new(4, 2, 32).unwrap(),
+        8,
+        2,
+        40,
+        DType::F32,
+    );
+    pre.decode = false;
+    pre.layout = KvLayout::Hnd;
+    pre.requests = vec![(17, 40), (5, 9)];
+    pre.options = AttentionOptions::new().with_causal(true);
+    let mut rag = pre.clone();
+    cases.push(pre);
+    rag.name = "strided ragged f16".into();
+    rag.storage = KvStorage::Ragged;
+    rag.dtype = DType::F16;
+    let mut tc = rag.clone();
+    cases.push(rag);
+    // Paged bf16 prefill: the tensor-core kernel (V offsets of its own, strided q and o).
+    tc.name = "strided paged prefill bf16 (tensor-core)".into();
+    tc.storage = KvStorage::Separate;
+    tc.dtype = DType::BF16;
+    cases.push(tc);
+    for (i, spec) in cases.iter().enumerate() {
+        let s = seed(300 + i as u64);
+        let data = spec.materialise(s).unwrap();
+        let plan = data.plan(&config).unwrap();
+        let st = StridedLayout::new(&data, s ^ 1);
+        let (o, lse) = emu.run_strided(&data, &plan, &st);
+        let poison = flashpage_testkit::poisoned(spec.dtype, st.o_len);
+        let g = st
+            .gather(&data, &o, &poison)
+            .unwrap_or_else(|e| panic!("{} (seed {s}): {e}", spec.name));
+        let reference = data.reference().unwrap();
+        let c = data.compare(&g, &lse, &reference);
+        assert!(c.passed(), "{} (seed {s}) vs reference: {c:?}", spec.name);
+        let (co, clse) = data.run_cpu(&cpu, &config).unwrap();
+        let (e, el) = CaseData::output_difference(&g, &lse, &co, &clse);
+        assert!(
+            e <= c.tolerance && el <= c.tolerance,
+            "{} (seed {s}) vs cpu: o {e:e}, lse {el:e}",
+            spec.name
+        );
     }
 }

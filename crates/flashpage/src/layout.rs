@@ -354,3 +354,93 @@ impl KvStrides {
         Some(last)
     }
 }
+
+/// Element strides of q or o `[rows, heads, head_dim]`: between rows (tokens) and between
+/// heads; the head dimension is always contiguous.
+///
+/// Element `(row r, head h, d)` lives at `r*row + h*head + d`. A query slice of a fused QKV
+/// projection `[tokens, (Hq + 2·Hkv)·D]` is `QoStrides { row: (Hq + 2·Hkv)·D, head: D }`
+/// over the buffer starting at the first q element; an output written into a wider buffer
+/// has that buffer's row stride.
+///
+/// ```
+/// use flashpage::QoStrides;
+/// let s = QoStrides::contiguous(32, 128);
+/// assert_eq!((s.row, s.head), (32 * 128, 128));
+/// // q of a fused QKV buffer (32 q heads, 8 kv heads): rows are (32 + 2*8)*128 apart.
+/// let fused = QoStrides::new((32 + 2 * 8) * 128, 128);
+/// assert_eq!(fused.extent(3, 32, 128), Some(2 * 48 * 128 + 32 * 128));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct QoStrides {
+    /// Elements between rows (tokens).
+    pub row: usize,
+    /// Elements between heads of one row.
+    pub head: usize,
+}
+
+impl QoStrides {
+    /// Strides `row` and `head` (checked against a plan when a run uses them).
+    pub fn new(row: usize, head: usize) -> Self {
+        QoStrides { row, head }
+    }
+
+    /// Strides of a contiguous `[rows, num_heads, head_dim]` tensor.
+    pub fn contiguous(num_heads: usize, head_dim: usize) -> Self {
+        QoStrides {
+            row: num_heads.saturating_mul(head_dim),
+            head: head_dim,
+        }
+    }
+
+    /// One past the largest element offset of `rows` rows of `num_heads` heads (0 when
+    /// `rows`, `num_heads` or `head_dim` is 0), or `None` on overflow.
+    pub fn extent(&self, rows: usize, num_heads: usize, head_dim: usize) -> Option<usize> {
+        if rows == 0 || num_heads == 0 || head_dim == 0 {
+            return Some(0);
+        }
+        (rows - 1)
+            .checked_mul(self.row)?
+            .checked_add((num_heads - 1).checked_mul(self.head)?)?
+            .checked_add(head_dim)
+    }
+
+    /// True when no two `(row, head)` blocks of `head_dim` elements overlap: the heads
+    /// nest inside rows (`head ≥ head_dim`, `row ≥ (heads − 1)·head + head_dim`) or rows
+    /// inside heads (the same with the roles swapped). A stride that only matters for one
+    /// row or one head is free.
+    pub fn is_disjoint(&self, rows: usize, num_heads: usize, head_dim: usize) -> bool {
+        let nests = |inner: usize, n_inner: usize, outer: usize, n_outer: usize| {
+            (n_inner <= 1 || inner >= head_dim)
+                && (n_outer <= 1
+                    || (n_inner.saturating_sub(1))
+                        .checked_mul(inner)
+                        .and_then(|x| x.checked_add(head_dim))
+                        .is_some_and(|need| outer >= need))
+        };
+        nests(self.head, num_heads, self.row, rows) || nests(self.row, rows, self.head, num_heads)
+    }
+}
+
+/// The strides of a run's q and o (a strided run: `CpuBackend::run_strided`; the plain
+/// `run` uses [`RunStrides::contiguous`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RunStrides {
+    /// Strides of q (rows may overlap: q is only read).
+    pub q: QoStrides,
+    /// Strides of o (no two row/head blocks may overlap; gaps are left untouched).
+    pub o: QoStrides,
+}
+
+impl RunStrides {
+    /// Contiguous q and o `[rows, num_qo_heads, head_dim]`.
+    pub fn contiguous(heads: &HeadConfig) -> Self {
+        let s = QoStrides::contiguous(heads.num_qo_heads(), heads.head_dim());
+        RunStrides { q: s, o: s }
+    }
+
+    /// Strided q and o.
+    pub fn new(q: QoStrides, o: QoStrides) -> Self {
+        RunStrides { q, o }
+    }
+}

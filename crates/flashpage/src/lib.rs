@@ -29,6 +29,16 @@
 //! build profile a program using flashpage should set (`opt-level = 3` for flashpage in
 //! debug builds: the kernels are ~10x slower unoptimised).
 //!
+//! ## Strided tensors, and candle
+//!
+//! q and o may be strided ([`RunStrides`]: a row and a head stride each, so q can be a view
+//! into a fused QKV projection and o a view into a wider buffer, whose gaps are never
+//! written: `CpuBackend::run_strided`, and `CudaBackend::run_strided` with the `cuda`
+//! feature); V may have strides of its own ([`backend::KvCache::with_v_strides`]), so split
+//! caches of different layouts need no copy. With the `candle` feature, `flashpage::candle`
+//! offers attention and `append_kv` as candle custom ops on candle's CPU storage
+//! (docs/candle.md).
+//!
 //! ## The workspace contract
 //!
 //! A plan needs a float workspace (f32 partial states of split-KV items) and an int
@@ -80,6 +90,8 @@
 
 pub mod backend;
 pub mod builder;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod error;
 pub mod fp8;
 pub mod layout;
@@ -99,7 +111,8 @@ pub use half;
 pub use builder::BatchBuilder;
 pub use error::{Error, ErrorKind, Result};
 pub use layout::{
-    BatchDesc, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QueryIndex,
+    BatchDesc, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QoStrides, QueryIndex,
+    RunStrides,
 };
 pub use options::{AttentionOptions, PosEncoding};
 pub use plan::{Plan, PlanConfig, PlanKind, WorkItem, WorkspaceLimits, workspace_size};

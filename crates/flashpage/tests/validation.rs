@@ -695,6 +695,8 @@ fn shapes_ok(plan: &Plan, ids: &'static [i32]) -> ArgShapes<'static> {
         o: (DType::BF16, rows * hq * d),
         lse: Some(rows * hq),
         strides: KvStrides::dense(KvLayout::Nhd, 16, hkv, d),
+        v_strides: KvStrides::dense(KvLayout::Nhd, 16, hkv, d),
+        qo: None,
         num_pages: 4,
         kv_indices: Some(ids),
         num_indices: ids.len(),

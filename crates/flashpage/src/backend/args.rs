@@ -2,7 +2,7 @@
 //! arguments against its plan.
 
 use crate::error::{Error, Result, shape_str};
-use crate::layout::{DType, KvStrides};
+use crate::layout::{DType, KvStrides, RunStrides};
 use crate::plan::Plan;
 use crate::tensor::{TensorMut, TensorRef};
 
@@ -13,8 +13,11 @@ pub struct KvCache<'a> {
     pub k: TensorRef<'a>,
     /// V elements (may be a sub-slice of the same buffer as K for a combined cache).
     pub v: TensorRef<'a>,
-    /// Element strides (page, token, head) shared by K and V.
+    /// Element strides (page, token, head) of K (and of V unless
+    /// [`KvCache::with_v_strides`] sets V's own).
     pub strides: KvStrides,
+    /// Element strides of V (the constructors set K's).
+    pub v_strides: KvStrides,
     /// Pages in the cache (ragged: tokens).
     pub num_pages: usize,
     /// Page ids (paged); empty for ragged K/V.
@@ -37,6 +40,7 @@ impl<'a> KvCache<'a> {
             k,
             v,
             strides,
+            v_strides: strides,
             num_pages,
             kv_indices,
             paged: true,
@@ -49,10 +53,28 @@ impl<'a> KvCache<'a> {
             k,
             v,
             strides,
+            v_strides: strides,
             num_pages: tokens,
             kv_indices: &[],
             paged: false,
         }
+    }
+
+    /// The same cache with V addressed by its own strides (a split cache whose K and V
+    /// tensors have different layouts or padding, or K and V slices of a fused buffer).
+    ///
+    /// ```
+    /// use flashpage::backend::KvCache;
+    /// use flashpage::{KvLayout, KvStrides, TensorRef};
+    /// let (k, v) = (vec![0f32; 4 * 16 * 2 * 64], vec![0f32; 4 * 2 * 16 * 64]);
+    /// let cache = KvCache::paged(TensorRef::F32(&k), TensorRef::F32(&v),
+    ///                            KvStrides::dense(KvLayout::Nhd, 16, 2, 64), 4, &[0, 1])
+    ///     .with_v_strides(KvStrides::dense(KvLayout::Hnd, 16, 2, 64));
+    /// assert_ne!(cache.strides, cache.v_strides);
+    /// ```
+    pub fn with_v_strides(mut self, v_strides: KvStrides) -> Self {
+        self.v_strides = v_strides;
+        self
     }
 }
 
@@ -88,8 +110,13 @@ pub struct ArgShapes<'a> {
     pub lse: Option<usize>,
     /// elements of the attention sinks, if given.
     pub sinks: Option<usize>,
-    /// K/V strides.
+    /// K strides.
     pub strides: KvStrides,
+    /// V strides (equal to `strides` unless V has its own layout).
+    pub v_strides: KvStrides,
+    /// q and o strides of a strided run; `None`: contiguous q and o of exactly
+    /// `[rows, num_qo_heads, head_dim]` elements.
+    pub qo: Option<RunStrides>,
     /// Pages (or ragged tokens) in the cache.
     pub num_pages: usize,
     /// Host page ids, when the caller has them on the host (checked against `num_pages`).
@@ -99,6 +126,45 @@ pub struct ArgShapes<'a> {
     /// Whether the caller's K/V is a paged cache (`Some(true)`) or ragged K/V
     /// (`Some(false)`); `None` when the arguments do not say (device arguments).
     pub paged: Option<bool>,
+}
+
+/// Checks strided q and o of `rows` rows of `hq` heads × `d` over `q_len` and `o_len`
+/// elements: the largest offset of each is inside its buffer (checked arithmetic), and o's
+/// row/head blocks do not overlap (q may overlap: it is only read).
+fn check_qo_strides(
+    rows: usize,
+    hq: usize,
+    d: usize,
+    q_len: usize,
+    o_len: usize,
+    qo: &RunStrides,
+) -> Result<()> {
+    let o = qo.o;
+    if !o.is_disjoint(rows, hq, d) {
+        return Err(Error::TensorShape {
+            tensor: "o",
+            expected: format!(
+                "row and head strides whose {rows} rows x {hq} heads of {d} elements do not overlap (head >= {d} and row >= (heads - 1) * head + {d}, or rows nested in heads)"
+            ),
+            actual: format!("row stride {}, head stride {}", o.row, o.head),
+        });
+    }
+    for (tensor, st, n) in [("q", qo.q, q_len), ("o", o, o_len)] {
+        let extent = st
+            .extent(rows, hq, d)
+            .ok_or(Error::SizeOverflow { what: tensor })?;
+        if extent > n {
+            return Err(Error::TensorShape {
+                tensor,
+                expected: format!(
+                    "at least {extent} elements for {rows} rows x {hq} heads x {d} with row stride {}, head stride {}",
+                    st.row, st.head
+                ),
+                actual: format!("{n} elements"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks run arguments against a plan: dtypes agree, shapes match the batch, the strides
@@ -133,14 +199,19 @@ pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
         }
     }
     let rows = plan.num_q_rows();
-    for (tensor, (_, n)) in [("q", a.q), ("o", a.o)] {
-        if n != rows * hq * d {
-            return Err(Error::TensorShape {
-                tensor,
-                expected: shape_str(&[rows, hq, d]),
-                actual: format!("{n} elements"),
-            });
+    match a.qo {
+        None => {
+            for (tensor, (_, n)) in [("q", a.q), ("o", a.o)] {
+                if n != rows * hq * d {
+                    return Err(Error::TensorShape {
+                        tensor,
+                        expected: shape_str(&[rows, hq, d]),
+                        actual: format!("{n} elements"),
+                    });
+                }
+            }
         }
+        Some(qo) => check_qo_strides(rows, hq, d, a.q.1, a.o.1, &qo)?,
     }
     if let Some(n) = a.lse
         && n != rows * hq
@@ -168,18 +239,20 @@ pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
         });
     }
     let page_size = plan.page_size();
-    let s = a.strides;
-    if s.head < d && hkv > 1 || (page_size > 1 && s.token < d) || (a.num_pages > 1 && s.page < d) {
-        return Err(Error::TensorShape {
-            tensor: "k_cache",
-            expected: format!("strides of at least head_dim = {d}"),
-            actual: format!("page {}, token {}, head {}", s.page, s.token, s.head),
-        });
-    }
-    let extent = s
-        .extent(a.num_pages, page_size, hkv, d)
-        .ok_or(Error::SizeOverflow { what: "kv cache" })?;
-    for (tensor, (_, n)) in [("k_cache", a.k), ("v_cache", a.v)] {
+    for (tensor, s, (_, n)) in [("k_cache", a.strides, a.k), ("v_cache", a.v_strides, a.v)] {
+        if s.head < d && hkv > 1
+            || (page_size > 1 && s.token < d)
+            || (a.num_pages > 1 && s.page < d)
+        {
+            return Err(Error::TensorShape {
+                tensor,
+                expected: format!("strides of at least head_dim = {d}"),
+                actual: format!("page {}, token {}, head {}", s.page, s.token, s.head),
+            });
+        }
+        let extent = s
+            .extent(a.num_pages, page_size, hkv, d)
+            .ok_or(Error::SizeOverflow { what: tensor })?;
         if extent > n {
             return Err(Error::TensorShape {
                 tensor,
@@ -243,6 +316,8 @@ impl RunArgs<'_, '_> {
             lse: self.lse.as_ref().map(|l| l.len()),
             sinks: self.sinks.map(|s| s.len()),
             strides: self.kv.strides,
+            v_strides: self.kv.v_strides,
+            qo: None,
             num_pages: self.kv.num_pages,
             kv_indices: Some(self.kv.kv_indices),
             num_indices: self.kv.kv_indices.len(),

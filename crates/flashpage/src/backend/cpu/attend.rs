@@ -393,7 +393,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
         let packed = item.row_start + p;
         let (i, hh) = (packed / g, kvh * g + packed % g);
         let qrow = &mut sc.q[t * d..(t + 1) * d];
-        let src = &ctx.q[(req.qo_start + i) * hq * d + hh * d..][..d];
+        let src = &ctx.q[ctx.q_off(req.qo_start + i, hh)..][..d];
         if dp {
             // SAFETY: E is bf16 (checked with `dp`), a transparent u16: `src` is d u16s.
             let bits = unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u16, d) };
@@ -428,7 +428,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
             0.0
         };
         sc.qpos[t] = qpos;
-        sc.qrow[t] = (req.qo_start + i) * hq * d + hh * d;
+        sc.qrow[t] = ctx.q_off(req.qo_start + i, hh);
         lo_all = lo_all.min(lo);
         hi_all = hi_all.max(hi);
     }
@@ -436,10 +436,11 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
     let hi_min = sc.hi[..trows].iter().copied().min().unwrap_or(-1);
     let start = (item.kv_start as i64).max(lo_all).max(0) as usize;
     let end = ((item.kv_end as i64).min(hi_all.saturating_add(1))).max(start as i64) as usize;
-    let hstride = ctx.strides.head;
-    // Offsets are computed for head h0; head h0 + hi is `hi · hstride` further. The whole
-    // range of heads of a token must be in bounds: checked through the last head.
-    let span = (nh - 1) * hstride;
+    let (hstride, vhstride) = (ctx.strides.head, ctx.v_strides.head);
+    // Offsets are computed for head h0; head h0 + hi is `hi · hstride` further (V:
+    // `hi · vhstride`). The whole range of heads of a token must be in bounds: checked
+    // through the last head.
+    let span = ((nh - 1) * hstride, (nh - 1) * vhstride);
 
     let mut j0 = start;
     if j0 < end {
@@ -450,11 +451,12 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
             h0,
             span,
             &mut sc.off,
+            &mut sc.voff,
         );
     }
     while j0 < end {
         let nb = KEY_BLOCK.min(end - j0);
-        let offs = sc.off;
+        let (offs, voffs) = (sc.off, sc.voff);
         // The next block's rows are fetched while this block is computed. Direct tiles
         // (decode) interleave the fetches with their own loads: while a head computes key
         // j, it prefetches the same head's K and V rows of key j of the next block (the
@@ -464,20 +466,20 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
         let jn = j0 + nb;
         let nn = if jn < end { KEY_BLOCK.min(end - jn) } else { 0 };
         if nn > 0 {
-            ctx.block_offsets(req.kv_start, jn, nn, h0, span, &mut sc.off);
+            ctx.block_offsets(req.kv_start, jn, nn, h0, span, &mut sc.off, &mut sc.voff);
         }
-        let next = sc.off;
+        let (next, vnext) = (sc.off, sc.voff);
         if !direct {
             // Widened tiles (prefill, RoPE) reuse the block's rows from L1 many times: fetch
             // the whole next block up front.
             let row_bytes = d * size_of::<E>();
-            for &o in &next[..nn] {
+            for (&o, &vo) in next[..nn].iter().zip(&vnext[..nn]) {
                 for hi in 0..nh {
-                    let base = o + hi * hstride;
+                    let (base, vbase) = (o + hi * hstride, vo + hi * vhstride);
                     for b in (0..row_bytes).step_by(PREFETCH_STRIDE) {
-                        let e = base + b / size_of::<E>();
-                        I::prefetch(ctx.k.as_ptr().wrapping_add(e));
-                        I::prefetch(ctx.v.as_ptr().wrapping_add(e));
+                        let e = b / size_of::<E>();
+                        I::prefetch(ctx.k.as_ptr().wrapping_add(base + e));
+                        I::prefetch(ctx.v.as_ptr().wrapping_add(vbase + e));
                     }
                 }
             }
@@ -487,15 +489,19 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
 
         for hi in 0..nh {
             let t0 = hi * rows;
-            let hoff = hi * hstride;
+            let (hoff, vhoff) = (hi * hstride, hi * vhstride);
             let q = &sc.q[t0 * d..(t0 + rows) * d];
             // This head's rows of the next block, prefetched by the direct microkernels.
             let npk = if direct { nn } else { 0 };
             let mut pfk = [ctx.k.as_ptr(); KEY_BLOCK];
             let mut pfv = [ctx.v.as_ptr(); KEY_BLOCK];
-            for ((pk, pv), &o) in pfk.iter_mut().zip(pfv.iter_mut()).zip(&next) {
+            for ((pk, pv), (&o, &vo)) in pfk
+                .iter_mut()
+                .zip(pfv.iter_mut())
+                .zip(next.iter().zip(&vnext))
+            {
                 *pk = pk.wrapping_add(o + hoff);
-                *pv = pv.wrapping_add(o + hoff);
+                *pv = pv.wrapping_add(vo + vhoff);
             }
             // S = Q·Kᵀ.
             let s = &mut sc.s[..rows * KEY_BLOCK];
@@ -520,11 +526,11 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                 // in k (checked by block_offsets).
                 unsafe { s_dispatch::<I, E>(q, d, rows, &kp, nb, s, &pfk, npk) };
             } else {
-                for (jj, &off) in offs[..nb].iter().enumerate() {
-                    let off = off + hoff;
+                for (jj, (&off, &voff)) in offs[..nb].iter().zip(&voffs[..nb]).enumerate() {
+                    let (off, voff) = (off + hoff, voff + vhoff);
                     let krow = &mut sc.k[jj * d..(jj + 1) * d];
                     let vrow = &mut sc.v[jj * d..(jj + 1) * d];
-                    let (ks, vs) = (&ctx.k[off..off + d], &ctx.v[off..off + d]);
+                    let (ks, vs) = (&ctx.k[off..off + d], &ctx.v[voff..voff + d]);
                     for c in (0..d).step_by(l) {
                         // SAFETY: c + LANES <= d for all four rows.
                         unsafe {
@@ -697,15 +703,15 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                 let mut vp = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
                 let mut pv = [ctx.v.as_ptr() as *const u16; KEY_BLOCK];
                 for j in 0..KEY_BLOCK {
-                    vp[j] = vp[j].wrapping_add(offs[j] + hoff);
+                    vp[j] = vp[j].wrapping_add(voffs[j] + vhoff);
                     pv[j] = pfv[j] as *const u16;
                 }
                 // SAFETY: as for k (block_offsets checks against both); rows <= DIRECT_ROWS.
                 unsafe { B::pv_block(acc, d, rows, corr, s, vis, &vp, nb, &pv, npk) };
             } else if direct {
                 let mut vp = [ctx.v.as_ptr(); KEY_BLOCK];
-                for (p, &o) in vp.iter_mut().zip(&offs) {
-                    *p = p.wrapping_add(o + hoff);
+                for (p, &o) in vp.iter_mut().zip(&voffs) {
+                    *p = p.wrapping_add(o + vhoff);
                 }
                 // SAFETY: as for k (block_offsets checks against both).
                 unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, vis, &vp, nb, &pfv, npk) };
@@ -789,9 +795,10 @@ pub(crate) fn finish_rows<I: Isa, E: Elem>(
             }
             None => {
                 let row = req.qo_start + i;
-                // SAFETY: (item, kv head) pairs of unsplit requests own disjoint rows × heads.
+                // SAFETY: (item, kv head) pairs of unsplit requests own disjoint rows × heads,
+                // whose blocks in o do not overlap (o's strides are checked disjoint).
                 unsafe {
-                    dst_o = Some(ctx.o.slice((row * hq + hh) * d, d));
+                    dst_o = Some(ctx.o.slice(ctx.o_off(row, hh), d));
                     if let Some(l) = &ctx.lse {
                         l.slice(row * hq + hh, 1)[0] = lse;
                     }

@@ -4,7 +4,7 @@
 use std::marker::PhantomData;
 
 use super::tile::KEY_BLOCK;
-use crate::layout::KvStrides;
+use crate::layout::{KvStrides, QoStrides};
 use crate::plan::Plan;
 
 /// Everything a kernel reads, resolved once per run.
@@ -13,7 +13,14 @@ pub(crate) struct Ctx<'a, E> {
     pub(crate) q: &'a [E],
     pub(crate) k: &'a [E],
     pub(crate) v: &'a [E],
+    /// K strides.
     pub(crate) strides: KvStrides,
+    /// V strides (K's unless the cache says otherwise).
+    pub(crate) v_strides: KvStrides,
+    /// q strides (row, head).
+    pub(crate) q_strides: QoStrides,
+    /// o strides (row, head).
+    pub(crate) o_strides: QoStrides,
     pub(crate) kv_indices: &'a [i32],
     pub(crate) page_size: usize,
     pub(crate) paged: bool,
@@ -55,6 +62,15 @@ pub(crate) fn sink_epilogue(lse: f32, sink: f32) -> (f32, f32) {
     }
 }
 
+/// The element strides of one run: K, V, q and o.
+#[derive(Clone, Copy)]
+pub(crate) struct Strides {
+    pub(crate) k: KvStrides,
+    pub(crate) v: KvStrides,
+    pub(crate) q: QoStrides,
+    pub(crate) o: QoStrides,
+}
+
 impl<E> Ctx<'_, E> {
     /// The sink epilogue for query head `h` (identity without sinks).
     #[inline]
@@ -65,10 +81,24 @@ impl<E> Ctx<'_, E> {
         }
     }
 
-    /// Offsets of tokens `j0..j0 + out.len()` (head `h`) of the request whose KV starts at
-    /// `kv_start`, walking pages incrementally; each offset plus `span` (the distance to the
-    /// last head a kernel reads) is checked to leave `head_dim` elements in both K and V, so
-    /// kernels may read rows through raw pointers.
+    /// Element offset of q row `row`, head `head` (checked against q's length by
+    /// `check_run_args`).
+    #[inline(always)]
+    pub(crate) fn q_off(&self, row: usize, head: usize) -> usize {
+        row * self.q_strides.row + head * self.q_strides.head
+    }
+
+    /// Element offset of o row `row`, head `head`.
+    #[inline(always)]
+    pub(crate) fn o_off(&self, row: usize, head: usize) -> usize {
+        row * self.o_strides.row + head * self.o_strides.head
+    }
+
+    /// K offsets (into `out`) and V offsets (into `vout`) of tokens `j0..j0 + n` (head `h`)
+    /// of the request whose KV starts at `kv_start`, walking pages incrementally; each K
+    /// offset plus `span` (the distance to the last head a kernel reads) is checked to leave
+    /// `head_dim` elements in K, each V offset plus `vspan` likewise in V, so kernels may
+    /// read rows through raw pointers.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_offsets(
@@ -77,22 +107,24 @@ impl<E> Ctx<'_, E> {
         j0: usize,
         n: usize,
         h: usize,
-        span: usize,
+        (span, vspan): (usize, usize),
         out: &mut [usize],
+        vout: &mut [usize],
     ) {
-        let d = self.plan.heads().head_dim() + span;
-        let limit = self.k.len().min(self.v.len());
-        let check = |o: usize| {
+        let hd = self.plan.heads().head_dim();
+        let (kd, vd) = (hd + span, hd + vspan);
+        let (kl, vl) = (self.k.len(), self.v.len());
+        let check = |o: usize, d: usize, limit: usize| {
             assert!(o <= limit && d <= limit - o, "kv row out of bounds");
             o
         };
+        let (ks, vs) = (self.strides, self.v_strides);
         if self.paged {
             let (mut page, mut slot) = (j0 / self.page_size, j0 % self.page_size);
-            for o in &mut out[..n] {
+            for (o, vo) in out[..n].iter_mut().zip(&mut vout[..n]) {
                 let id = self.kv_indices[kv_start + page] as usize;
-                *o = check(
-                    id * self.strides.page + slot * self.strides.token + h * self.strides.head,
-                );
+                *o = check(id * ks.page + slot * ks.token + h * ks.head, kd, kl);
+                *vo = check(id * vs.page + slot * vs.token + h * vs.head, vd, vl);
                 slot += 1;
                 if slot == self.page_size {
                     slot = 0;
@@ -100,8 +132,10 @@ impl<E> Ctx<'_, E> {
                 }
             }
         } else {
-            for (t, o) in out[..n].iter_mut().enumerate() {
-                *o = check((kv_start + j0 + t) * self.strides.page + h * self.strides.head);
+            for (t, (o, vo)) in out[..n].iter_mut().zip(&mut vout[..n]).enumerate() {
+                let tok = kv_start + j0 + t;
+                *o = check(tok * ks.page + h * ks.head, kd, kl);
+                *vo = check(tok * vs.page + h * vs.head, vd, vl);
             }
         }
     }
@@ -133,6 +167,8 @@ pub(crate) struct Scratch {
     /// inputs): a key of weight exactly 0, skipped by P·V ([`super::tile::pv_row_skipping`]).
     pub(crate) ninf: Vec<u32>,
     pub(crate) off: [usize; KEY_BLOCK],
+    /// V offsets of the current block (as `off` for K).
+    pub(crate) voff: [usize; KEY_BLOCK],
 }
 
 impl Default for Scratch {
@@ -156,6 +192,7 @@ impl Default for Scratch {
             vis: Vec::new(),
             ninf: Vec::new(),
             off: [0; KEY_BLOCK],
+            voff: [0; KEY_BLOCK],
         }
     }
 }

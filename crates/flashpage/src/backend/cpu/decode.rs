@@ -280,7 +280,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
     for t in 0..trows {
         let (kvh, p) = (h0 + t / rows, t % rows);
         let hh = kvh * g + (item.row_start + p) % g;
-        let off = (req.qo_start + i) * hq * d + hh * d;
+        let off = ctx.q_off(req.qo_start + i, hh);
         let src = &ctx.q[off..off + d];
         if half {
             sc.qb[t * d..(t + 1) * d].copy_from_slice(bytemuck::cast_slice::<E, u16>(src));
@@ -309,8 +309,8 @@ pub(crate) fn decode<I: Isa, E: Elem>(
     let lo = ctx.window.map_or(0, |win| qpos - win as i64);
     let start = (item.kv_start as i64).max(lo).max(0) as usize;
     let end = ((item.kv_end as i64).min(hi.saturating_add(1))).max(start as i64) as usize;
-    let hstride = ctx.strides.head;
-    let span = (nh - 1) * hstride;
+    let (hstride, vhstride) = (ctx.strides.head, ctx.v_strides.head);
+    let span = ((nh - 1) * hstride, (nh - 1) * vhstride);
     let (kbase, vbase) = (ctx.k.as_ptr(), ctx.v.as_ptr());
     let row_bytes = d * size_of::<E>();
     let scale = I::splat(ctx.sm_scale);
@@ -324,17 +324,18 @@ pub(crate) fn decode<I: Isa, E: Elem>(
             h0,
             span,
             &mut sc.off,
+            &mut sc.voff,
         );
     }
     while j0 < end {
         let nb = KEY_BLOCK.min(end - j0);
-        let offs = sc.off;
+        let (offs, voffs) = (sc.off, sc.voff);
         let jn = j0 + nb;
         let nn = if jn < end { KEY_BLOCK.min(end - jn) } else { 0 };
         if nn > 0 {
-            ctx.block_offsets(req.kv_start, jn, nn, h0, span, &mut sc.off);
+            ctx.block_offsets(req.kv_start, jn, nn, h0, span, &mut sc.off, &mut sc.voff);
         }
-        let next = sc.off;
+        let (next, vnext) = (sc.off, sc.voff);
         let s = &mut sc.s[..KEY_BLOCK * tr];
 
         // S = Q·Kᵀ over key pairs (j, j + HALF), heads inner.
@@ -344,16 +345,16 @@ pub(crate) fn decode<I: Isa, E: Elem>(
             for jj in [j, j + HALF] {
                 if jj < nn {
                     I::prefetch(kbase.wrapping_add(next[jj]));
-                    I::prefetch(vbase.wrapping_add(next[jj]));
+                    I::prefetch(vbase.wrapping_add(vnext[jj]));
                 }
             }
             for hx in 0..nh {
-                let ho = hx * hstride;
+                let (ho, vho) = (hx * hstride, hx * vhstride);
                 // This pair's V rows of this head, read in the P·V phase.
                 for b in (0..row_bytes).step_by(PREFETCH_STRIDE) {
                     let e = b / size_of::<E>();
-                    I::prefetch(vbase.wrapping_add(offs[j] + ho + e));
-                    I::prefetch(vbase.wrapping_add(offs[j1] + ho + e));
+                    I::prefetch(vbase.wrapping_add(voffs[j] + vho + e));
+                    I::prefetch(vbase.wrapping_add(voffs[j1] + vho + e));
                 }
                 // SAFETY: block_offsets checked offs[..nb] plus any head of the range
                 // against k and v (d elements each); j, j1 < nb.
@@ -504,7 +505,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
         }
         for gi in 0..stride.min(nb) {
             for hx in 0..nh {
-                let ho = hx * hstride;
+                let (ho, vho) = (hx * hstride, hx * vhstride);
                 // The next block's K rows of this group and head, read by the next S phase.
                 let mut u = gi;
                 while u < nn {
@@ -514,8 +515,8 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                     u += stride;
                 }
                 let mut vo = [0usize; KEY_BLOCK];
-                for (o, &x) in vo.iter_mut().zip(&offs) {
-                    *o = x + ho;
+                for (o, &x) in vo.iter_mut().zip(&voffs) {
+                    *o = x + vho;
                 }
                 let corr = if gi == 0 { Some(&sc.corr[..]) } else { None };
                 let t0 = hx * rows;

@@ -96,9 +96,10 @@ pub(crate) fn merge_row<I: Isa, E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut V
                 }
             }
         }
-        // SAFETY: merge rows are distinct query rows; each writes only its own row × heads.
+        // SAFETY: merge rows are distinct query rows; each writes only its own row × heads
+        // (blocks of o that do not overlap: its strides are checked disjoint).
         unsafe {
-            let dst = ctx.o.slice((mr.row * hq + h) * d, d);
+            let dst = ctx.o.slice(ctx.o_off(mr.row, h), d);
             for c in (0..d).step_by(l) {
                 I::store::<E>(dst.as_mut_ptr().add(c), I::load::<f32>(acc.as_ptr().add(c)));
             }

@@ -26,14 +26,14 @@ mod tile;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use ctx::{Ctx, Scratch, SharedMut};
+use ctx::{Ctx, Scratch, SharedMut, Strides};
 pub use elem::Elem;
 pub use merge::{merge_state, merge_state_in_place, merge_states};
 pub use simd::SimdLevel;
 
 use super::{RunArgs, check_run_args};
 use crate::error::{Error, Result};
-use crate::layout::KvStrides;
+use crate::layout::RunStrides;
 use crate::options::PosEncoding;
 use crate::plan::{Plan, PlanKind};
 use crate::tensor::{TensorMut, TensorRef};
@@ -115,6 +115,8 @@ impl CpuBackend {
 
     /// Runs `plan` on host tensors, using `float_workspace` (at least
     /// `plan.requirement().float.total()` bytes, base aligned to 64) for partial states.
+    /// q and o are contiguous `[rows, num_qo_heads, head_dim]` (see
+    /// [`CpuBackend::run_strided`] for strided ones).
     ///
     /// Arguments are checked against the plan first (shapes, dtypes, strides, page ids); on
     /// error nothing is written.
@@ -124,7 +126,34 @@ impl CpuBackend {
         args: RunArgs<'_, '_>,
         float_workspace: &mut [u8],
     ) -> Result<()> {
-        check_run_args(plan, &args.shapes())?;
+        self.run_checked(plan, args, None, float_workspace)
+    }
+
+    /// [`CpuBackend::run`] with strided q and o: element `(row, head, d)` of q is at
+    /// `row*strides.q.row + head*strides.q.head + d` (a view into a fused QKV buffer), and
+    /// of o likewise (o may be a view into a larger buffer: elements between its rows and
+    /// heads are never written). The buffers must reach the last element; o's blocks must
+    /// not overlap (typed errors naming `q` or `o` otherwise, and nothing is written).
+    pub fn run_strided(
+        &self,
+        plan: &Plan,
+        args: RunArgs<'_, '_>,
+        strides: RunStrides,
+        float_workspace: &mut [u8],
+    ) -> Result<()> {
+        self.run_checked(plan, args, Some(strides), float_workspace)
+    }
+
+    fn run_checked(
+        &self,
+        plan: &Plan,
+        args: RunArgs<'_, '_>,
+        strides: Option<RunStrides>,
+        float_workspace: &mut [u8],
+    ) -> Result<()> {
+        let mut shapes = args.shapes();
+        shapes.qo = strides;
+        check_run_args(plan, &shapes)?;
         let need = plan.requirement().float;
         need.check_fits(float_workspace.len())?;
         let addr = float_workspace.as_ptr() as usize;
@@ -135,6 +164,7 @@ impl CpuBackend {
                 align: CPU_BASE_ALIGN,
             });
         }
+        let qo = strides.unwrap_or_else(|| RunStrides::contiguous(plan.heads()));
         let RunArgs {
             q,
             kv,
@@ -143,15 +173,21 @@ impl CpuBackend {
             sinks,
         } = args;
         let ws = SharedMut::new(float_workspace);
+        let st = Strides {
+            k: kv.strides,
+            v: kv.v_strides,
+            q: qo.q,
+            o: qo.o,
+        };
         match (q, kv.k, kv.v, o) {
             (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
-                self.run_typed::<f32>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, sinks, ws)
+                self.run_typed::<f32>(plan, q, k, v, st, kv.kv_indices, o, lse, sinks, ws)
             }
             (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
-                self.run_typed::<f16>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, sinks, ws)
+                self.run_typed::<f16>(plan, q, k, v, st, kv.kv_indices, o, lse, sinks, ws)
             }
             (TensorRef::BF16(q), TensorRef::BF16(k), TensorRef::BF16(v), TensorMut::BF16(o)) => {
-                self.run_typed::<bf16>(plan, q, k, v, kv.strides, kv.kv_indices, o, lse, sinks, ws)
+                self.run_typed::<bf16>(plan, q, k, v, st, kv.kv_indices, o, lse, sinks, ws)
             }
             _ => unreachable!("dtypes were checked by check_run_args"),
         }
@@ -165,7 +201,7 @@ impl CpuBackend {
         q: &[E],
         k: &[E],
         v: &[E],
-        strides: KvStrides,
+        strides: Strides,
         kv_indices: &[i32],
         o: &mut [E],
         lse: Option<&mut [f32]>,
@@ -194,7 +230,10 @@ impl CpuBackend {
             q,
             k,
             v,
-            strides,
+            strides: strides.k,
+            v_strides: strides.v,
+            q_strides: strides.q,
+            o_strides: strides.o,
             kv_indices,
             page_size: plan.page_size(),
             paged: plan.is_paged(),

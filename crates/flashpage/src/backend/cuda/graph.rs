@@ -104,12 +104,12 @@ impl CudaGraph {
                 let (addr, _g) = ws.int.device_ptr(ws.int.stream());
                 addr == sig.int_ws
             })?;
-            let rows = plan.num_q_rows() * h.num_qo_heads() * h.head_dim();
-            if rows as i64 > p.qo_elems {
+            let rows = plan.num_q_rows();
+            if rows as i64 > p.qo_rows {
                 return Err(Error::TensorShape {
                     tensor: "q/o captured in the graph",
-                    expected: format!("at least {rows} elements for this batch"),
-                    actual: format!("{} elements", p.qo_elems),
+                    expected: format!("at least {rows} rows for this batch"),
+                    actual: format!("{} rows", p.qo_rows),
                 });
             }
             for r in 0..plan.batch_size() {

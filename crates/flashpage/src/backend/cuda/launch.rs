@@ -10,7 +10,7 @@
 
 use cudarc::driver::DeviceRepr;
 
-use crate::layout::{DType, HeadConfig, KvStrides};
+use crate::layout::{DType, HeadConfig, KvStrides, QoStrides, RunStrides};
 use crate::options::PosEncoding;
 use crate::plan::{Plan, PlanKind};
 
@@ -35,7 +35,14 @@ pub struct Params {
     pub(crate) stride_page: i64,
     pub(crate) stride_token: i64,
     pub(crate) stride_head: i64,
-    pub(crate) qo_elems: i64,
+    pub(crate) v_stride_page: i64,
+    pub(crate) v_stride_token: i64,
+    pub(crate) v_stride_head: i64,
+    pub(crate) q_row: i64,
+    pub(crate) q_head: i64,
+    pub(crate) o_row: i64,
+    pub(crate) o_head: i64,
+    pub(crate) qo_rows: i64,
     pub(crate) num_indices: i64,
     pub(crate) partial_cap: i64,
     pub(crate) num_pages: i32,
@@ -304,14 +311,18 @@ pub struct Buffers {
     pub int_ws: u64,
     /// Address of the float workspace.
     pub float_ws: u64,
-    /// Elements of q (and of o).
-    pub qo_elems: usize,
+    /// Rows available in q, o and lse (the kernels' bound of every row index).
+    pub qo_rows: usize,
     /// Length of the page-id array.
     pub num_indices: usize,
     /// Pages (ragged: tokens) in the cache.
     pub num_pages: usize,
-    /// K/V element strides.
+    /// K element strides.
     pub strides: KvStrides,
+    /// V element strides.
+    pub v_strides: KvStrides,
+    /// q and o element strides.
+    pub qo: RunStrides,
 }
 
 /// The parameters of `plan` over `b` (all values already checked to fit their types, as
@@ -342,7 +353,14 @@ pub fn params(plan: &Plan, b: &Buffers) -> Params {
         stride_page: b.strides.page as i64,
         stride_token: b.strides.token as i64,
         stride_head: b.strides.head as i64,
-        qo_elems: b.qo_elems as i64,
+        v_stride_page: b.v_strides.page as i64,
+        v_stride_token: b.v_strides.token as i64,
+        v_stride_head: b.v_strides.head as i64,
+        q_row: b.qo.q.row as i64,
+        q_head: b.qo.q.head as i64,
+        o_row: b.qo.o.row as i64,
+        o_head: b.qo.o.head as i64,
+        qo_rows: b.qo_rows as i64,
         num_indices: b.num_indices as i64,
         partial_cap: caps.partial_rows as i64,
         num_pages: b.num_pages as i32,
@@ -392,7 +410,7 @@ pub(crate) fn params_like(plan: &Plan, c: &Params) -> Params {
         kv_indices: c.kv_indices,
         int_ws: c.int_ws,
         float_ws: c.partial_o.wrapping_sub(po),
-        qo_elems: c.qo_elems as usize,
+        qo_rows: c.qo_rows as usize,
         num_indices: c.num_indices as usize,
         num_pages: c.num_pages as usize,
         strides: KvStrides {
@@ -400,6 +418,15 @@ pub(crate) fn params_like(plan: &Plan, c: &Params) -> Params {
             token: c.stride_token as usize,
             head: c.stride_head as usize,
         },
+        v_strides: KvStrides {
+            page: c.v_stride_page as usize,
+            token: c.v_stride_token as usize,
+            head: c.v_stride_head as usize,
+        },
+        qo: RunStrides::new(
+            QoStrides::new(c.q_row as usize, c.q_head as usize),
+            QoStrides::new(c.o_row as usize, c.o_head as usize),
+        ),
     };
     params(plan, &b)
 }
@@ -410,10 +437,10 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_kernels() {
-        // 9 pointers + 6 i64 = 120 bytes, then 22 four-byte fields = 88, then the sinks
-        // pointer: 216 bytes, no padding anywhere (the C struct has the same fields in the
+        // 9 pointers + 13 i64 = 176 bytes, then 22 four-byte fields = 88, then the sinks
+        // pointer: 272 bytes, no padding anywhere (the C struct has the same fields in the
         // same order).
-        assert_eq!(std::mem::size_of::<Params>(), 216);
+        assert_eq!(std::mem::size_of::<Params>(), 272);
         assert_eq!(std::mem::align_of::<Params>(), 8);
         let src = include_str!("kernels/common.cuh");
         let start = src.find("struct Params {").unwrap();
@@ -438,7 +465,14 @@ mod tests {
             "stride_page",
             "stride_token",
             "stride_head",
-            "qo_elems",
+            "v_stride_page",
+            "v_stride_token",
+            "v_stride_head",
+            "q_row",
+            "q_head",
+            "o_row",
+            "o_head",
+            "qo_rows",
             "num_indices",
             "partial_cap",
             "num_pages",

@@ -67,7 +67,7 @@ use self::launch::{Buffers, DecodeVariant};
 use self::prefill::PrefillVariant;
 use super::{ArgShapes, check_run_args};
 use crate::error::{Error, Result};
-use crate::layout::{DType, HeadConfig};
+use crate::layout::{DType, HeadConfig, KvStrides, RunStrides};
 use crate::ops::append::{AppendRope, AppendTargets};
 use crate::ops::rope::Rope;
 use crate::options::{AttentionOptions, PosEncoding};
@@ -467,6 +467,33 @@ impl CudaBackend {
         args: DeviceRunArgs<'_, T>,
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
+        self.run_inner(plan, args, None, None, ws)
+    }
+
+    /// [`CudaBackend::run`] with strided q and o (`strides`, as
+    /// [`crate::backend::cpu::CpuBackend::run_strided`]: q a view into a fused QKV buffer, o
+    /// a view into a larger buffer whose gaps are never written) and, if given, V strides of
+    /// its own (`args.strides` are then K's). Every stride must be a multiple of 16 bytes.
+    /// The row bound of the kernels is the number of whole rows q, o and lse hold.
+    pub fn run_strided<T: DeviceElem>(
+        &self,
+        plan: &Plan,
+        args: DeviceRunArgs<'_, T>,
+        strides: RunStrides,
+        v_strides: Option<KvStrides>,
+        ws: &mut DeviceWorkspace,
+    ) -> Result<()> {
+        self.run_inner(plan, args, Some(strides), v_strides, ws)
+    }
+
+    fn run_inner<T: DeviceElem>(
+        &self,
+        plan: &Plan,
+        args: DeviceRunArgs<'_, T>,
+        strides: Option<RunStrides>,
+        v_strides: Option<KvStrides>,
+        ws: &mut DeviceWorkspace,
+    ) -> Result<()> {
         let dt = args.dtype;
         check_elem::<T>("q", dt)?;
         // The host copy is read where the device ids are: same length (checked first).
@@ -490,22 +517,44 @@ impl CudaBackend {
         let at_least = |len: usize, need: usize| if len >= need { need } else { len };
         let (q_len, o_len) = (args.q.len(), args.o.len());
         let lse_len = args.lse.as_ref().map(|l| l.len());
+        let (qn, on) = match strides {
+            // Strided: the extent check of check_run_args takes larger buffers as they are.
+            Some(_) => (q_len, o_len),
+            None => (
+                at_least(q_len, rows * hq * d),
+                at_least(o_len, rows * hq * d),
+            ),
+        };
+        let v_strides = v_strides.unwrap_or(args.strides);
         let shapes = ArgShapes {
-            q: (dt, at_least(q_len, rows * hq * d)),
+            q: (dt, qn),
             k: (dt, args.k.len()),
             v: (dt, args.v.len()),
-            o: (dt, at_least(o_len, rows * hq * d)),
+            o: (dt, on),
             lse: lse_len.map(|n| at_least(n, rows * hq)),
             strides: args.strides,
+            v_strides,
+            qo: strides,
             num_pages: args.num_pages,
             kv_indices: args.host_kv_indices,
             num_indices: args.kv_indices.len(),
             paged: None,
             sinks: None,
         };
-        let row_cap = (q_len / (hq * d))
-            .min(o_len / (hq * d))
-            .min(lse_len.map_or(usize::MAX, |n| n / hq));
+        let qo = strides.unwrap_or_else(|| RunStrides::contiguous(heads));
+        // Whole rows a buffer of `len` elements holds with row stride `row`.
+        let rows_in = |len: usize, st: crate::layout::QoStrides| {
+            let one = (hq - 1).saturating_mul(st.head).saturating_add(d);
+            match len.checked_sub(one) {
+                None => 0,
+                Some(_) if st.row == 0 => usize::MAX,
+                Some(rest) => rest / st.row + 1,
+            }
+        };
+        let row_cap = rows_in(q_len, qo.q)
+            .min(rows_in(o_len, qo.o))
+            .min(lse_len.map_or(usize::MAX, |n| n / hq))
+            .min(i64::MAX as usize);
         check_run_args(plan, &shapes)?;
         let req = plan.requirement();
         req.float.check_fits(ws.float.len())?;
@@ -518,18 +567,30 @@ impl CudaBackend {
             });
         }
         let vec = 16 / T::BYTES;
-        let s = args.strides;
-        if !(s.page.is_multiple_of(vec)
-            && s.token.is_multiple_of(vec)
-            && s.head.is_multiple_of(vec))
-        {
-            return Err(Error::Unsupported {
-                backend: "cuda",
-                what: format!(
-                    "kv strides (page {}, token {}, head {}) that are not multiples of {vec} elements (16 bytes)",
-                    s.page, s.token, s.head
-                ),
-            });
+        for (which, s) in [("kv", args.strides), ("v", v_strides)] {
+            if !(s.page.is_multiple_of(vec)
+                && s.token.is_multiple_of(vec)
+                && s.head.is_multiple_of(vec))
+            {
+                return Err(Error::Unsupported {
+                    backend: "cuda",
+                    what: format!(
+                        "{which} strides (page {}, token {}, head {}) that are not multiples of {vec} elements (16 bytes)",
+                        s.page, s.token, s.head
+                    ),
+                });
+            }
+        }
+        for (which, s) in [("q", qo.q), ("o", qo.o)] {
+            if !(s.row.is_multiple_of(vec) && s.head.is_multiple_of(vec)) {
+                return Err(Error::Unsupported {
+                    backend: "cuda",
+                    what: format!(
+                        "{which} strides (row {}, head {}) that are not multiples of {vec} elements (16 bytes)",
+                        s.row, s.head
+                    ),
+                });
+            }
         }
         for (what, v, lim) in [
             ("num_pages", args.num_pages, i32::MAX as usize),
@@ -606,10 +667,12 @@ impl CudaBackend {
             kv_indices: kvi,
             int_ws: iw,
             float_ws: fw,
-            qo_elems: row_cap * hq * d,
+            qo_rows: row_cap,
             num_indices: args.kv_indices.len(),
             num_pages: args.num_pages,
             strides: args.strides,
+            v_strides,
+            qo,
         };
         let params = launch::params(plan, &bufs);
         {
@@ -649,7 +712,7 @@ impl CudaBackend {
             let mut b = stream.launch_builder(&m);
             b.arg(&params);
             // SAFETY: as above; the merge kernel reads partial rows below partial_cap and
-            // writes rows of o/lse below qo_elems only.
+            // writes rows of o/lse below qo_rows only.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err("launching the merge kernel", e))?;
         }
         Ok(())

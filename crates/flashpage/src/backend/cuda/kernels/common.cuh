@@ -28,19 +28,26 @@ __device__ __forceinline__ bool fp_finite(float x) {
 
 // Kernel parameters: must match `Params` in src/backend/cuda/launch.rs field for field.
 struct Params {
-    u64 q;            // [rows, hq, D] elements of the dtype
+    u64 q;            // [rows, hq, D] elements of the dtype (strided: q_row, q_head)
     u64 k;            // K cache (strided)
     u64 v;            // V cache (strided)
-    u64 o;            // [rows, hq, D]
+    u64 o;            // [rows, hq, D] (strided: o_row, o_head)
     u64 lse;          // [rows, hq] f32, or 0
     u64 kv_indices;   // page ids (paged), i32
     u64 int_ws;       // the plan's int image
     u64 partial_o;    // [partial rows, hq, D] f32
     u64 partial_lse;  // [partial rows, hq] f32
-    i64 stride_page;  // elements
+    i64 stride_page;  // K strides, elements
     i64 stride_token;
     i64 stride_head;
-    i64 qo_elems;     // elements available in q and in o (bounds of every row index)
+    i64 v_stride_page;  // V strides, elements
+    i64 v_stride_token;
+    i64 v_stride_head;
+    i64 q_row;        // q strides (row, head), elements
+    i64 q_head;
+    i64 o_row;        // o strides (row, head), elements
+    i64 o_head;
+    i64 qo_rows;      // rows available in q, o and lse (bound of every row index)
     i64 num_indices;  // entries of kv_indices
     i64 partial_cap;  // partial rows the float workspace holds
     int num_pages;    // pages in the cache (ragged: tokens)

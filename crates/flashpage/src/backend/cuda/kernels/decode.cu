@@ -152,16 +152,20 @@ static __device__ __forceinline__ void load_kv(const Params& p, int b, i64 start
     for (int u = 0; u < U; ++u) {
         const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
         if (pid[u] >= 0 && lane < LANES_USED) {
-            i64 off;
+            i64 off, voff;
             if (p.paged) {
                 const int pg = div_ps(p, t);
-                off = (i64)pid[u] * p.stride_page + (i64)(t - pg * p.page_size) * p.stride_token;
+                const i64 slot = (i64)(t - pg * p.page_size);
+                off = (i64)pid[u] * p.stride_page + slot * p.stride_token;
+                voff = (i64)pid[u] * p.v_stride_page + slot * p.v_stride_token;
             } else {
                 off = ((i64)kv_start + t) * p.stride_page;
+                voff = ((i64)kv_start + t) * p.v_stride_page;
             }
             off = (off + (i64)kvh * p.stride_head + lane * 8) * FP_ELEM_BYTES;
+            voff = (voff + (i64)kvh * p.v_stride_head + lane * 8) * FP_ELEM_BYTES;
             raw_load_stream(kr[u], kbase + off);
-            raw_load_stream(vr[u], vbase + off);
+            raw_load_stream(vr[u], vbase + voff);
         } else {
             raw_zero(kr[u]);
             raw_zero(vr[u]);
@@ -311,7 +315,7 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
     // Bounds of everything this item touches (a valid plan always passes).
     if (qo_start < 0 || qo_len < 0 || kv_start < 0 || kv_len < 0 || row_start < 0 ||
         row_start >= row_end || (i64)row_end > (i64)qo_len * group || item_lo < 0 ||
-        item_hi > kv_len || ((i64)qo_start + qo_len) * hq * D > p.qo_elems) {
+        item_hi > kv_len || (i64)qo_start + qo_len > p.qo_rows) {
         return;
     }
     if (p.paged) {
@@ -351,7 +355,7 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
             Raw8 raw;
             if (act && lane < LANES_USED) {
                 const char* qb = (const char*)p.q;
-                raw_load_ro(raw, qb + ((((i64)qo_start + i) * hq + hh) * D + lane * 8) * FP_ELEM_BYTES);
+                raw_load_ro(raw, qb + (((i64)qo_start + i) * p.q_row + (i64)hh * p.q_head + lane * 8) * FP_ELEM_BYTES);
             } else {
                 raw_zero(raw);
             }
@@ -519,7 +523,7 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
                     out[e] *= f;
                 }
                 char* ob = (char*)p.o;
-                store8(ob + ((row * hq + hh) * D + ln * 8) * FP_ELEM_BYTES, out);
+                store8(ob + (row * p.o_row + (i64)hh * p.o_head + ln * 8) * FP_ELEM_BYTES, out);
                 if (ln == 0 && p.lse != 0) {
                     ((float*)p.lse)[row * hq + hh] = lse;
                 }

@@ -21,7 +21,7 @@ extern "C" __global__ void fp_merge(const __grid_constant__ Params p) {
     const int count = mm[2 * mc + m];
     const int stride = mm[3 * mc + m];
     const int hq = p.num_qo_heads;
-    if (first < 0 || count < 0 || stride < 0 || ((i64)row + 1) * hq * D > p.qo_elems ||
+    if (first < 0 || count < 0 || stride < 0 || (i64)row + 1 > p.qo_rows ||
         (count > 0 && (i64)first + (i64)(count - 1) * stride >= p.partial_cap)) {
         return;
     }
@@ -76,7 +76,7 @@ extern "C" __global__ void fp_merge(const __grid_constant__ Params p) {
             out[e] *= f;
         }
         char* ob = (char*)p.o;
-        store8(ob + (((i64)row * hq + h) * D + e0) * FP_ELEM_BYTES, out);
+        store8(ob + ((i64)row * p.o_row + (i64)h * p.o_head + e0) * FP_ELEM_BYTES, out);
         if (e0 == 0 && p.lse != 0) {
             ((float*)p.lse)[(i64)row * hq + h] = lse;
         }

@@ -159,31 +159,37 @@ static __device__ __forceinline__ float pf_alibi_slope(int h, int num_heads) {
     return (float)exp2(e);
 }
 
-// Warp 0: element offsets of the tile's tokens [t0, t0 + BN) (-1: no token: past `end` or an
-// out-of-range page id) and whether every token has one.
+// Warp 0: element offsets of the tile's tokens [t0, t0 + BN) in K (`off`) and in V (`voff`,
+// V's own strides) (-1: no token: past `end` or an out-of-range page id) and whether every
+// token has one.
 static __device__ __forceinline__ void pf_fill_offsets(const Params& p, i64 t0, i64 end,
                                                        int kv_start, int kvh, int lane,
-                                                       i64* off, int* all_valid) {
+                                                       i64* off, i64* voff, int* all_valid) {
     const int* idx = (const int*)p.kv_indices;
     bool ok = true;
 #pragma unroll
     for (int n = lane; n < BN; n += 32) {
         const i64 t = t0 + n;
         i64 o = -1;
+        i64 vo = -1;
         if (t < end) {
             if (p.paged) {
                 const int pg = pf_div_ps(p, (int)t);
                 const int id = idx[(i64)kv_start + pg];
                 if (id >= 0 && id < p.num_pages) {
-                    o = (i64)id * p.stride_page + ((i64)t - (i64)pg * p.page_size) * p.stride_token +
-                        (i64)kvh * p.stride_head;
+                    const i64 slot = (i64)t - (i64)pg * p.page_size;
+                    o = (i64)id * p.stride_page + slot * p.stride_token + (i64)kvh * p.stride_head;
+                    vo = (i64)id * p.v_stride_page + slot * p.v_stride_token +
+                         (i64)kvh * p.v_stride_head;
                 }
             } else {
                 o = ((i64)kv_start + t) * p.stride_page + (i64)kvh * p.stride_head;
+                vo = ((i64)kv_start + t) * p.v_stride_page + (i64)kvh * p.v_stride_head;
             }
         }
         ok = ok && o >= 0;
         off[n] = o;
+        voff[n] = vo;
     }
     const bool all = __all_sync(FP_FULL_MASK, ok);
     if (lane == 0) {
@@ -219,6 +225,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
     u16* const sK = reinterpret_cast<u16*>(sK4);
     u16* const sV = reinterpret_cast<u16*>(sV4);
     __shared__ i64 sOff[2][BN];
+    __shared__ i64 sVOff[2][BN];
     __shared__ int sAll[2];
 
     const int w = blockIdx.x;
@@ -338,8 +345,8 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
                     u32 x = 0u;
                     if (act[h]) {
                         const char* qb = (const char*)p.q;
-                        const i64 e = (((i64)qo_start + ri[h]) * hq + rh[h]) * D + kk * 16 +
-                                      half * 8 + 2 * t4;
+                        const i64 e = ((i64)qo_start + ri[h]) * p.q_row + (i64)rh[h] * p.q_head +
+                                      kk * 16 + half * 8 + 2 * t4;
                         x = *reinterpret_cast<const u32*>(qb + e * FP_ELEM_BYTES);
                     }
                     qf[kk][2 * half + h] = x;
@@ -360,7 +367,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
 
         __syncthreads();  // the previous pass is done with shared memory
         if (warp == 0 && ntiles > 0) {
-            pf_fill_offsets(p, start, end, kv_start, kvh, lane, sOff[0], &sAll[0]);
+            pf_fill_offsets(p, start, end, kv_start, kvh, lane, sOff[0], sVOff[0], &sAll[0]);
         }
         __syncthreads();
         if (ntiles > 0) {
@@ -373,11 +380,11 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
             const i64 t0 = start + (i64)j * BN;
             pf_cp_async_wait_all();
             __syncthreads();  // K[j] is in; every warp is done with V[j - 1]
-            pf_load_tile(sV, vbase, sOff[buf], tid);
+            pf_load_tile(sV, vbase, sVOff[buf], tid);
             pf_cp_async_commit();
             if (warp == 0 && j + 1 < ntiles) {
                 pf_fill_offsets(p, t0 + BN, end, kv_start, kvh, lane, sOff[buf ^ 1],
-                                &sAll[buf ^ 1]);
+                                sVOff[buf ^ 1], &sAll[buf ^ 1]);
             }
             // Whether this warp's rows see any key of the tile, and whether they all see
             // every key of it (then no mask is needed).
@@ -566,7 +573,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
             } else {
                 const i64 row = (i64)qo_start + i;
                 inv *= sink_epilogue(p, hh, &lse);  // attention sinks (factor 1 without)
-                char* ob = (char*)p.o + ((row * hq + hh) * D) * FP_ELEM_BYTES;
+                char* ob = (char*)p.o + (row * p.o_row + (i64)hh * p.o_head) * FP_ELEM_BYTES;
 #pragma unroll
                 for (int dn = 0; dn < DTILES; ++dn) {
                     *reinterpret_cast<u32*>(ob + (dn * 8 + 2 * t4) * FP_ELEM_BYTES) =
