@@ -270,7 +270,7 @@ fn emulate(
         num_pages: args.kv.num_pages,
         strides: args.kv.strides,
         v_strides: args.kv.v_strides,
-        qo: qo.unwrap_or_else(|| RunStrides::contiguous(&h)),
+        qo: qo.unwrap_or_else(|| RunStrides::contiguous(h)),
     };
     let params = launch::params(plan, &bufs);
     let req = plan.requirement();

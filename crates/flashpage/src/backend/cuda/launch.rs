@@ -157,16 +157,21 @@ impl DecodeVariant {
         // of two, or 64 token groups) need more registers: one block less, and one token in
         // flight with RoPE at 8 rows.
         let common = matches!(head_dim, 64 | 128 | 256);
+        // With RoPE, 16-bit K/V at 2 rows keeps one token in flight and f32 at 4 rows runs at
+        // 2 blocks: at the planned 3 blocks, K's and V's strides of their own left those
+        // variants a stack frame (ptxas, tests/nvrtc_compile.rs).
         let unroll = match (dtype, rows, rope) {
             (DType::F32, 2 | 4, false) => 2,
             (DType::F32, _, _) => 1,
             (_, 8, true) if !common => 1,
+            (_, 2, true) => 1,
             (_, 1 | 2, false) => 4,
             _ => 2,
         };
-        let min_blocks = match (rows, rope) {
-            (r, _) if r >= 8 => 2,
-            (1, false) => 4,
+        let min_blocks = match (dtype, rows, rope) {
+            (_, r, _) if r >= 8 => 2,
+            (DType::F32, 4, true) => 2,
+            (_, 1, false) => 4,
             _ => 3,
         };
         let min_blocks = if common {

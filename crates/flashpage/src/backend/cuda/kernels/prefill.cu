@@ -140,6 +140,15 @@ __device__ __forceinline__ float pf_half_to_f32(u32 h) {
 #endif
 }
 
+// Online-softmax weight of score x (base-2 units) under running max mx: the limit when mx is
+// +inf (logits past the f32 range: the +inf scores share the weight equally, as fp_weight).
+static __device__ __forceinline__ float pf_weight2(float x, float mx) {
+    if (mx == FP_INF) {
+        return x == FP_INF ? 1.f : 0.f;
+    }
+    return ex2(x - mx);
+}
+
 static __device__ __forceinline__ int pf_div_ps(const Params& p, int t) {
     const u32 hi = __umulhi((u32)t, p.ps_magic);
     return (int)((hi + (u32)t) >> p.ps_shift);
@@ -260,7 +269,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
     // Bounds of everything this item touches (a valid plan always passes).
     if (qo_start < 0 || qo_len < 0 || kv_start < 0 || kv_len < 0 || row_start < 0 ||
         row_start >= row_end || (i64)row_end > (i64)qo_len * group || item_lo < 0 ||
-        item_hi > kv_len || ((i64)qo_start + qo_len) * hq * D > p.qo_elems) {
+        item_hi > kv_len || (i64)qo_start + qo_len > p.qo_rows) {
         return;
     }
     if (p.paged) {
@@ -450,14 +459,14 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
                     // A row that has seen no key yet keeps m = -inf and exponentiates
                     // against 0 (every p is then 0).
                     const float base = mn == FP_NEG_INF ? 0.f : mn;
-                    const float corr = ex2(m[h] - base);
+                    const float corr = pf_weight2(m[h], base);
                     m[h] = mn;
                     float sum = 0.f;
 #pragma unroll
                     for (int jn = 0; jn < NTILES; ++jn) {
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
-                            const float pr = ex2(s[jn][2 * h + e] - base);
+                            const float pr = pf_weight2(s[jn][2 * h + e], base);
                             s[jn][2 * h + e] = pr;
                             sum += pr;
                         }
@@ -552,7 +561,8 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
             }
             float lse = FP_NEG_INF;
             float inv = 0.f;
-            if (sum > 0.f) {
+            // A NaN sum (a NaN score the row sees) makes the row NaN, o and lse.
+            if (sum > 0.f || sum != sum) {
                 inv = 1.f / sum;
                 lse = (m[h] + log2f(sum)) * FP_LN2;
             }
