@@ -256,6 +256,65 @@ __device__ __forceinline__ void store8(char* p, const float* f) {
 }
 #endif
 
+// t / page_size with the plan's magic numbers (t < 2^31, so umulhi(t, magic) + t does not
+// overflow 32 bits).
+__device__ __forceinline__ int fp_div_ps(const Params& p, int t) {
+    const u32 hi = __umulhi((u32)t, p.ps_magic);
+    return (int)((hi + (u32)t) >> p.ps_shift);
+}
+
+// One work item of the plan's int image (docs/cuda.md) with its request's ranges.
+struct WorkItem {
+    int row_start, row_end;  // packed rows (row * group + head offset) of the request
+    int item_lo, item_hi;    // key range
+    int partial;             // first partial row in the float workspace, or -1
+    int qo_start, qo_len, kv_start, kv_len;
+};
+
+// Reads work item w. False for a padded item (graph mode) and for one whose ranges fall
+// outside the buffers the parameters describe (a valid plan always passes): the kernels'
+// bounds, checked once per item.
+__device__ __forceinline__ bool fp_work_item(const Params& p, int w, WorkItem& it) {
+    const int* ws = (const int*)p.int_ws;
+    const int* wi = ws + p.work_off;
+    const int wc = p.work_cap;
+    const int req = wi[w];
+    if (req < 0 || req >= p.req_cap) {
+        return false;  // padded item (graph mode)
+    }
+    it.row_start = wi[wc + w];
+    it.row_end = wi[2 * wc + w];
+    it.item_lo = wi[3 * wc + w];
+    it.item_hi = wi[4 * wc + w];
+    it.partial = wi[5 * wc + w];
+    const int* rq = ws + p.req_off;
+    const int rc = p.req_cap;
+    it.qo_start = rq[req];
+    it.qo_len = rq[rc + req];
+    it.kv_start = rq[2 * rc + req];
+    it.kv_len = rq[3 * rc + req];
+
+    // Bounds of everything this item touches (a valid plan always passes).
+    if (it.qo_start < 0 || it.qo_len < 0 || it.kv_start < 0 || it.kv_len < 0 ||
+        it.row_start < 0 || it.row_start >= it.row_end ||
+        (i64)it.row_end > (i64)it.qo_len * p.group || it.item_lo < 0 || it.item_hi > it.kv_len ||
+        (i64)it.qo_start + it.qo_len > p.qo_rows) {
+        return false;
+    }
+    if (p.paged) {
+        if (it.kv_len > 0 &&
+            (i64)it.kv_start + fp_div_ps(p, it.kv_len - 1) + 1 > p.num_indices) {
+            return false;
+        }
+    } else if ((i64)it.kv_start + it.kv_len > (i64)p.num_pages) {
+        return false;
+    }
+    if (it.partial >= 0 && (i64)it.partial + it.qo_len > p.partial_cap) {
+        return false;
+    }
+    return true;
+}
+
 // Attention-sink epilogue on a finished state (docs/semantics.md, "Attention sinks"): with
 // the sink logit s of query head h, lse' = ln(e^lse + e^s) and the returned factor
 // e^(lse - lse') scales the normalised output row. Relative to the larger of the two, so an

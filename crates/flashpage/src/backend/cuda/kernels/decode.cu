@@ -32,11 +32,6 @@
 #error "FP_TPR must be a power of two in [D/8, 32] dividing FP_THREADS"
 #endif
 
-static __device__ __forceinline__ int div_ps(const Params& p, int t) {
-    // t < 2^31, so umulhi(t, magic) + t does not overflow 32 bits.
-    u32 hi = __umulhi((u32)t, p.ps_magic);
-    return (int)((hi + (u32)t) >> p.ps_shift);
-}
 
 static __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
@@ -130,7 +125,7 @@ static __device__ __forceinline__ void fetch_pages(const Params& p, int b, i64 s
         int id = -1;
         if (t < end) {
             if (p.paged) {
-                id = __ldg(idx + (i64)kv_start + div_ps(p, (int)t));
+                id = __ldg(idx + (i64)kv_start + fp_div_ps(p, (int)t));
                 if (id < 0 || id >= p.num_pages) {
                     id = -1;
                 }
@@ -154,7 +149,7 @@ static __device__ __forceinline__ void load_kv(const Params& p, int b, i64 start
         if (pid[u] >= 0 && lane < LANES_USED) {
             i64 off, voff;
             if (p.paged) {
-                const int pg = div_ps(p, t);
+                const int pg = fp_div_ps(p, t);
                 const i64 slot = (i64)(t - pg * p.page_size);
                 off = (i64)pid[u] * p.stride_page + slot * p.stride_token;
                 voff = (i64)pid[u] * p.v_stride_page + slot * p.v_stride_token;
@@ -293,42 +288,19 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
     const int hq = p.num_qo_heads;
     const int group = p.group;
 
-    const int* ws = (const int*)p.int_ws;
-    const int* wi = ws + p.work_off;
-    const int wc = p.work_cap;
-    const int req = wi[w];
-    if (req < 0 || req >= p.req_cap) {
-        return;  // padded item (graph mode)
+    WorkItem it;
+    if (!fp_work_item(p, w, it)) {
+        return;  // a padded item (graph mode), or ranges outside the buffers
     }
-    const int row_start = wi[wc + w];
-    const int row_end = wi[2 * wc + w];
-    const int item_lo = wi[3 * wc + w];
-    const int item_hi = wi[4 * wc + w];
-    const int partial = wi[5 * wc + w];
-    const int* rq = ws + p.req_off;
-    const int rc = p.req_cap;
-    const int qo_start = rq[req];
-    const int qo_len = rq[rc + req];
-    const int kv_start = rq[2 * rc + req];
-    const int kv_len = rq[3 * rc + req];
-
-    // Bounds of everything this item touches (a valid plan always passes).
-    if (qo_start < 0 || qo_len < 0 || kv_start < 0 || kv_len < 0 || row_start < 0 ||
-        row_start >= row_end || (i64)row_end > (i64)qo_len * group || item_lo < 0 ||
-        item_hi > kv_len || (i64)qo_start + qo_len > p.qo_rows) {
-        return;
-    }
-    if (p.paged) {
-        if (kv_len > 0 &&
-            (i64)kv_start + div_ps(p, kv_len - 1) + 1 > p.num_indices) {
-            return;
-        }
-    } else if ((i64)kv_start + kv_len > (i64)p.num_pages) {
-        return;
-    }
-    if (partial >= 0 && (i64)partial + qo_len > p.partial_cap) {
-        return;
-    }
+    const int row_start = it.row_start;
+    const int row_end = it.row_end;
+    const int item_lo = it.item_lo;
+    const int item_hi = it.item_hi;
+    const int partial = it.partial;
+    const int qo_start = it.qo_start;
+    const int qo_len = it.qo_len;
+    const int kv_start = it.kv_start;
+    const int kv_len = it.kv_len;
 
 #if FP_ROPE
     __shared__ RopeW rope_table[D / 2];

@@ -149,10 +149,6 @@ static __device__ __forceinline__ float pf_weight2(float x, float mx) {
     return ex2(x - mx);
 }
 
-static __device__ __forceinline__ int pf_div_ps(const Params& p, int t) {
-    const u32 hi = __umulhi((u32)t, p.ps_magic);
-    return (int)((hi + (u32)t) >> p.ps_shift);
-}
 
 static __device__ __forceinline__ float pf_alibi_slope(int h, int num_heads) {
     int n = 1;
@@ -183,7 +179,7 @@ static __device__ __forceinline__ void pf_fill_offsets(const Params& p, i64 t0, 
         i64 vo = -1;
         if (t < end) {
             if (p.paged) {
-                const int pg = pf_div_ps(p, (int)t);
+                const int pg = fp_div_ps(p, (int)t);
                 const int id = idx[(i64)kv_start + pg];
                 if (id >= 0 && id < p.num_pages) {
                     const i64 slot = (i64)t - (i64)pg * p.page_size;
@@ -247,41 +243,19 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
     const int hq = p.num_qo_heads;
     const int group = p.group;
 
-    const int* ws = (const int*)p.int_ws;
-    const int* wi = ws + p.work_off;
-    const int wc = p.work_cap;
-    const int req = wi[w];
-    if (req < 0 || req >= p.req_cap) {
-        return;  // padded item (graph mode)
+    WorkItem it;
+    if (!fp_work_item(p, w, it)) {
+        return;  // a padded item (graph mode), or ranges outside the buffers
     }
-    const int row_start = wi[wc + w];
-    const int row_end = wi[2 * wc + w];
-    const int item_lo = wi[3 * wc + w];
-    const int item_hi = wi[4 * wc + w];
-    const int partial = wi[5 * wc + w];
-    const int* rq = ws + p.req_off;
-    const int rc = p.req_cap;
-    const int qo_start = rq[req];
-    const int qo_len = rq[rc + req];
-    const int kv_start = rq[2 * rc + req];
-    const int kv_len = rq[3 * rc + req];
-
-    // Bounds of everything this item touches (a valid plan always passes).
-    if (qo_start < 0 || qo_len < 0 || kv_start < 0 || kv_len < 0 || row_start < 0 ||
-        row_start >= row_end || (i64)row_end > (i64)qo_len * group || item_lo < 0 ||
-        item_hi > kv_len || (i64)qo_start + qo_len > p.qo_rows) {
-        return;
-    }
-    if (p.paged) {
-        if (kv_len > 0 && (i64)kv_start + pf_div_ps(p, kv_len - 1) + 1 > p.num_indices) {
-            return;
-        }
-    } else if ((i64)kv_start + kv_len > (i64)p.num_pages) {
-        return;
-    }
-    if (partial >= 0 && (i64)partial + qo_len > p.partial_cap) {
-        return;
-    }
+    const int row_start = it.row_start;
+    const int row_end = it.row_end;
+    const int item_lo = it.item_lo;
+    const int item_hi = it.item_hi;
+    const int partial = it.partial;
+    const int qo_start = it.qo_start;
+    const int qo_len = it.qo_len;
+    const int kv_start = it.kv_start;
+    const int kv_len = it.kv_len;
 
     const i64 shift = (i64)kv_len - (i64)qo_len;
     const float qk_scale = p.sm_scale;
