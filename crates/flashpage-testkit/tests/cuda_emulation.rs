@@ -467,14 +467,12 @@ fn emulated_tensor_core_prefill_matches_reference_and_cpu() {
 
 /// The declarative suite (`data/*.toml`) on the emulated kernels through the same runner
 /// interface as the CPU and GPU suites, against the f64 reference, plus every
-/// expected-error case. prefill.toml is left out: its emulation takes minutes per case
-/// (one case past the emulator's 120 s limit on a loaded machine); the prefill path is
-/// covered by `emulated_prefill_and_graph_mode`. To keep the emulation (every CUDA thread
-/// of every block run on the host) within CI time, each case runs at the first and last parallelism
-/// it lists (unsplit and most split) and, outside numerics.toml, at the first dtype it lists
-/// (the kernels differ between dtypes only in their loads and stores, which the other
-/// emulation tests cover); numerics.toml runs at every dtype. `--nocapture` prints each
-/// case's time.
+/// expected-error case. To keep the emulation (every CUDA thread of every block run on the
+/// host) within CI time, each case runs at the first and last parallelism it lists
+/// (unsplit and most split) and at the first dtype it lists (the kernels differ between
+/// dtypes only in their loads and stores, which the other emulation tests cover), prefill
+/// cases also at their first 16-bit dtype (the tensor-core kernel), numerics.toml at every
+/// dtype. `--nocapture` prints each case's time.
 #[test]
 fn the_suite_on_the_emulated_kernels() {
     let emu = Emulator::new("suite").unwrap_or_else(|e| panic!("{e}"));
@@ -483,7 +481,7 @@ fn the_suite_on_the_emulated_kernels() {
     let runners: [&dyn HostRunner; 1] = [&emu];
     let mut failures = Vec::new();
     let mut runs = 0;
-    for case in suite.cases.iter().filter(|c| c.file != "prefill.toml") {
+    for case in &suite.cases {
         let mut case = case.clone();
         let (first, last) = (
             case.parallelism[0],
@@ -497,7 +495,15 @@ fn the_suite_on_the_emulated_kernels() {
         let dtypes = if case.file == "numerics.toml" {
             case.dtypes.clone()
         } else {
-            case.dtypes[..1].to_vec()
+            let mut d = case.dtypes[..1].to_vec();
+            // Prefill also at its first 16-bit dtype: the tensor-core kernel's plans.
+            if case.file == "prefill.toml"
+                && let Some(&h) = case.dtypes.iter().find(|t| t.size() == 2)
+                && h != d[0]
+            {
+                d.push(h);
+            }
+            d
         };
         let t = std::time::Instant::now();
         for dtype in dtypes {
