@@ -40,7 +40,9 @@ const TENSOR_CORE: (&str, &str) = (
 /// H100's: prefill plans the tensor-core kernel takes run on it, as on the device).
 pub const EMULATED_ARCH: u32 = 90;
 
-fn compiler() -> Option<String> {
+/// The host C++ compiler the emulators build with: `CXX`, else `g++`, else `c++`, the first
+/// that runs.
+pub(crate) fn compiler() -> Option<String> {
     let cands = [
         std::env::var("CXX").ok(),
         Some("g++".into()),

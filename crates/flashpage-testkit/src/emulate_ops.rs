@@ -5,7 +5,7 @@
 //! never a skip.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use flashpage::backend::cuda::KERNEL_SOURCES;
@@ -27,22 +27,8 @@ impl OpsEmulator {
     /// Finds a C++20 compiler (`CXX`, `g++` or `c++`) and writes the sources to a fresh
     /// scratch directory named after `tag`; the emulator is built on first use.
     pub fn new(tag: &str) -> Result<OpsEmulator, String> {
-        let cxx = [
-            std::env::var("CXX").ok(),
-            Some("g++".into()),
-            Some("c++".into()),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .ok_or("no C++ compiler found to build the kernel emulator: install g++ or set CXX")?;
+        let cxx = crate::emulate::compiler()
+            .ok_or("no C++ compiler found to build the kernel emulator: install g++ or set CXX")?;
         let dir = std::env::temp_dir().join(format!(
             "flashpage-ops-emulation-{}-{tag}",
             std::process::id()

@@ -292,15 +292,8 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
     if (!fp_work_item(p, w, it)) {
         return;  // a padded item (graph mode), or ranges outside the buffers
     }
-    const int row_start = it.row_start;
-    const int row_end = it.row_end;
-    const int item_lo = it.item_lo;
-    const int item_hi = it.item_hi;
-    const int partial = it.partial;
-    const int qo_start = it.qo_start;
-    const int qo_len = it.qo_len;
-    const int kv_start = it.kv_start;
-    const int kv_len = it.kv_len;
+    const auto [row_start, row_end, item_lo, item_hi, partial, qo_start, qo_len, kv_start,
+                kv_len] = it;
 
 #if FP_ROPE
     __shared__ RopeW rope_table[D / 2];
