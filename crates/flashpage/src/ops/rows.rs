@@ -5,6 +5,28 @@
 use crate::error::{Error, Result};
 use crate::tensor::{TensorMut, TensorRef};
 
+/// A dense `[tokens, heads, head_dim]` tensor has exactly that many elements (the product
+/// computed with checked arithmetic).
+fn check_dense(
+    tensor: &'static str,
+    len: usize,
+    (tokens, heads, head_dim): (usize, usize, usize),
+) -> Result<()> {
+    // heads * head_dim first: the dense row stride, which must exist even with no tokens.
+    let n = heads
+        .checked_mul(head_dim)
+        .and_then(|row| row.checked_mul(tokens))
+        .ok_or(Error::SizeOverflow { what: tensor })?;
+    if len != n {
+        return Err(Error::TensorShape {
+            tensor,
+            expected: format!("[{tokens}, {heads}, {head_dim}] ({n} elements)"),
+            actual: format!("{len} elements"),
+        });
+    }
+    Ok(())
+}
+
 /// Checks the strides and extent of a `[tokens, heads, head_dim]` view over `len` elements.
 pub(crate) fn check_rows(
     tensor: &'static str,
@@ -18,7 +40,14 @@ pub(crate) fn check_rows(
             actual: 0,
         });
     }
-    let row_min = (heads - 1) * head + head_dim;
+    let row_min = (heads - 1)
+        .checked_mul(head)
+        .and_then(|a| a.checked_add(head_dim));
+    let row_min = match row_min {
+        Some(m) => m,
+        None if tokens > 1 => return Err(Error::SizeOverflow { what: tensor }),
+        None => usize::MAX, // one row: its extent below overflows and says so
+    };
     if (heads > 1 && head < head_dim) || (tokens > 1 && row < row_min) {
         return Err(Error::TensorShape {
             tensor,
@@ -75,14 +104,7 @@ impl<'a> Rows<'a> {
         heads: usize,
         head_dim: usize,
     ) -> Result<Self> {
-        let n = tokens * heads * head_dim;
-        if data.len() != n {
-            return Err(Error::TensorShape {
-                tensor,
-                expected: format!("[{tokens}, {heads}, {head_dim}] ({n} elements)"),
-                actual: format!("{} elements", data.len()),
-            });
-        }
+        check_dense(tensor, data.len(), (tokens, heads, head_dim))?;
         Self::strided(data, tokens, heads, head_dim, heads * head_dim, head_dim)
     }
 
@@ -142,14 +164,7 @@ impl<'a> RowsMut<'a> {
         heads: usize,
         head_dim: usize,
     ) -> Result<Self> {
-        let n = tokens * heads * head_dim;
-        if data.len() != n {
-            return Err(Error::TensorShape {
-                tensor: "rows",
-                expected: format!("[{tokens}, {heads}, {head_dim}] ({n} elements)"),
-                actual: format!("{} elements", data.len()),
-            });
-        }
+        check_dense("rows", data.len(), (tokens, heads, head_dim))?;
         Self::strided(data, tokens, heads, head_dim, heads * head_dim, head_dim)
     }
 
@@ -192,5 +207,25 @@ impl<'a> RowsMut<'a> {
     #[inline]
     pub fn offset(&self, token: usize, head: usize) -> usize {
         token * self.strides.0 + head * self.strides.1
+    }
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::*;
+
+    #[test]
+    fn sizes_past_usize_are_errors_not_panics() {
+        let mut empty: [f32; 0] = [];
+        // No tokens, but a dense row of heads * head_dim elements cannot exist.
+        let e = RowsMut::dense(TensorMut::F32(&mut empty), 0, usize::MAX, 2).unwrap_err();
+        assert!(matches!(e, Error::SizeOverflow { what: "rows" }), "{e}");
+        // Two rows whose minimum row stride overflows.
+        let data = [0f32; 8];
+        let e = Rows::strided(TensorRef::F32(&data), 2, usize::MAX, 2, 8, 2).unwrap_err();
+        assert!(matches!(e, Error::SizeOverflow { what: "rows" }), "{e}");
+        // One row: its extent overflows.
+        let e = Rows::strided(TensorRef::F32(&data), 1, usize::MAX, 2, 8, 2).unwrap_err();
+        assert!(matches!(e, Error::SizeOverflow { what: "rows" }), "{e}");
     }
 }
