@@ -125,8 +125,38 @@ pub struct Capacities {
 }
 
 impl Capacities {
-    /// Bounds for batches of at most `batch` requests, `q_rows` rows and `max_kv_len` keys.
+    /// Bounds for batches of at most `batch` requests, `q_rows` rows and `max_kv_len` keys:
+    /// the exact capacities of a graph-mode plan, so partial or merge rows past int32 are an
+    /// error (no such plan can be made).
     pub(crate) fn bound(
+        kind: PlanKind,
+        heads: &HeadConfig,
+        config: &PlanConfig,
+        batch: usize,
+        q_rows: usize,
+        max_kv_len: usize,
+    ) -> Result<Capacities> {
+        let c = Self::unchecked(kind, heads, config, batch, q_rows, max_kv_len)?;
+        // Partial rows are indexed by int32 in the plan arrays; capacities come from limits
+        // (graph_max_q_rows, max_q_tokens, ...), not a batch: name them.
+        for (field, v) in [
+            ("partial rows", c.partial_rows),
+            ("merge rows", c.merge_rows),
+        ] {
+            if i32::try_from(v).is_err() {
+                return Err(Error::LimitExceeded {
+                    field,
+                    limit: i32::MAX as usize,
+                    actual: v,
+                    rule: "plan arrays are int32: lower graph_max_q_rows / max_q_tokens, graph_max_kv_len / max_kv_len or parallelism, or raise deterministic_chunk",
+                });
+            }
+        }
+        Ok(c)
+    }
+
+    /// [`Capacities::bound`] without the int32 check on partial and merge rows.
+    fn unchecked(
         kind: PlanKind,
         heads: &HeadConfig,
         config: &PlanConfig,
@@ -169,18 +199,6 @@ impl Capacities {
                 (w, p, q.min(p / 2))
             }
         };
-        // Partial rows are indexed by int32 in the plan arrays; capacities come from limits
-        // (graph_max_q_rows, max_q_tokens, ...), not a batch: name them.
-        for (field, v) in [("partial rows", partial_rows), ("merge rows", merge_rows)] {
-            if i32::try_from(v).is_err() {
-                return Err(Error::LimitExceeded {
-                    field,
-                    limit: i32::MAX as usize,
-                    actual: v,
-                    rule: "plan arrays are int32: lower graph_max_q_rows / max_q_tokens, graph_max_kv_len / max_kv_len or parallelism, or raise deterministic_chunk",
-                });
-            }
-        }
         Ok(Capacities {
             requests: batch,
             work_items,
@@ -192,28 +210,37 @@ impl Capacities {
     /// Bounds for `limits` and plans of `kind`.
     ///
     /// In graph mode every plan has exactly the graph capacities (batch, query rows, and the
-    /// longest request when the chunk is deterministic), so those are the bounds; otherwise
-    /// `max_batch`, `max_q_tokens` (decode: `max_batch`) and `max_kv_len`.
+    /// longest request when the chunk is deterministic), so those are the bounds, and an
+    /// error means no plan of `kind` can be made under `limits.config`. Otherwise the bounds
+    /// come from `max_batch`, `max_q_tokens` (decode: `max_batch`) and `max_kv_len`, with
+    /// partial and merge rows capped at `i32::MAX`: the planner refuses any plan past it, and
+    /// smaller batches within the limits still plan.
     pub(crate) fn for_limits(kind: PlanKind, limits: &WorkspaceLimits) -> Result<Capacities> {
-        let (batch, q_rows, kv_len) = match limits.config.graph() {
-            Some(g) => (
-                g.batch,
-                match kind {
+        let (heads, config) = (&limits.heads, &limits.config);
+        match config.graph() {
+            Some(g) => {
+                let q_rows = match kind {
                     PlanKind::Decode => g.batch,
                     PlanKind::Prefill => g.q_rows.unwrap_or(g.batch),
-                },
-                g.kv_len.unwrap_or(limits.max_kv_len),
-            ),
-            None => (
-                limits.max_batch,
-                match kind {
+                };
+                let kv_len = g.kv_len.unwrap_or(limits.max_kv_len);
+                Self::bound(kind, heads, config, g.batch, q_rows, kv_len)
+            }
+            None => {
+                let q_rows = match kind {
                     PlanKind::Decode => limits.max_batch,
                     PlanKind::Prefill => limits.max_q_tokens,
-                },
-                limits.max_kv_len,
-            ),
-        };
-        Self::bound(kind, &limits.heads, &limits.config, batch, q_rows, kv_len)
+                };
+                let (batch, kv_len) = (limits.max_batch, limits.max_kv_len);
+                let c = Self::unchecked(kind, heads, config, batch, q_rows, kv_len)?;
+                let int32 = i32::MAX as usize;
+                Ok(Capacities {
+                    partial_rows: c.partial_rows.min(int32),
+                    merge_rows: c.merge_rows.min(int32),
+                    ..c
+                })
+            }
+        }
     }
 
     /// The workspace these capacities need.
@@ -242,7 +269,8 @@ impl Capacities {
 /// - work items `W`: `T + tiles`, or `tiles · ceil(K / d)` in deterministic mode;
 /// - partial rows `P`: `T` (decode) / `floor(T·t / g)` (prefill), or `Q · ceil(K / d)`
 ///   in deterministic mode (0 when `ceil(K / d) = 1`); merge rows `M`: `min(Q, P / 2)`, or
-///   `Q` in deterministic mode (0 without a split);
+///   `Q` in deterministic mode (0 without a split); outside graph mode `P` and `M` are
+///   capped at `i32::MAX`, the planner's own limit;
 /// - float bytes: `P·Hq·D·4` (`partial_o`) + `P·Hq·4` (`partial_lse`), each 256-aligned;
 /// - int bytes: `16·C` (`requests`) + `24·W` (`work_items`) + `16·M` (`merge_map`), aligned.
 ///
@@ -256,8 +284,9 @@ impl Capacities {
 /// deterministic chunk, a graph capacity past [`super::MAX_GRAPH_CAPACITY`]); a
 /// [`Error::LimitExceeded`] naming the limit (`max_batch` past
 /// [`super::MAX_GRAPH_CAPACITY`], `max_q_tokens` or `max_kv_len` past
-/// [`super::MAX_GRAPH_ROWS`], partial rows past int32) when no plan could reach it, or
-/// naming the workspace when its bytes pass [`super::MAX_WORKSPACE_BYTES`];
+/// [`super::MAX_GRAPH_ROWS`]; in graph mode, partial rows past int32 for both decode and
+/// prefill) when no plan could reach it, or naming the workspace when its bytes pass
+/// [`super::MAX_WORKSPACE_BYTES`];
 /// [`Error::SizeOverflow`] for bytes that overflow 64 bits. (A bound past
 /// [`super::MAX_INT_IMAGE_BYTES`] is returned: plans within the limits whose own schedule
 /// passes it are refused when planned.)
@@ -293,9 +322,21 @@ pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
         }
     }
     let mut best: Option<Requirement> = None;
+    let mut unreachable = None;
     for kind in [PlanKind::Decode, PlanKind::Prefill] {
-        let cap = Capacities::for_limits(kind, limits)?;
-        let req = cap.requirement(&limits.heads)?;
+        let req = match Capacities::for_limits(kind, limits)
+            .and_then(|cap| cap.requirement(&limits.heads))
+        {
+            Ok(req) => req,
+            // Graph mode: every plan of `kind` has exactly these capacities, so when they
+            // cannot be laid out no plan of `kind` can be made and it needs no room. The
+            // error stands when neither kind can.
+            Err(e) if limits.config.graph().is_some() => {
+                unreachable.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         best = Some(match best {
             None => req,
             Some(b) => {
@@ -320,7 +361,7 @@ pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
         });
     }
     let Some(best) = best else {
-        return Err(Error::SizeOverflow { what: "workspace" });
+        return Err(unreachable.unwrap_or(Error::SizeOverflow { what: "workspace" }));
     };
     best.total()?;
     Ok(best)

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::builder::BatchBuilder;
+use crate::{DType, PageTable};
 
 fn heads(hq: usize, hkv: usize) -> HeadConfig {
     HeadConfig::new(hq, hkv, 64).unwrap()
@@ -83,4 +84,70 @@ fn replan_reuses_the_image_allocation() {
     assert!(plan.split_kv());
     let fresh = Plan::new(&b.decode(heads(8, 2), 1), &opts, &cfg).unwrap();
     assert_eq!(fresh.int_image(), plan.int_image());
+}
+
+/// Fuzz finding: a prefill graph of 4 rows with a deterministic chunk plans, but the decode
+/// graph of the same capacity (63325 rows × 66576 chunks) passes int32. `workspace_size` must
+/// size the prefill graph (the only kind that plans) rather than fail, so that limits taken
+/// from a planned batch admit it.
+#[test]
+fn graph_limits_size_the_kind_that_plans() {
+    let heads = HeadConfig::new(4, 4, 96).unwrap();
+    let mut cfg = PlanConfig::with_parallelism(64);
+    cfg.graph_capacity = Some(63325);
+    cfg.graph_max_q_rows = Some(4);
+    cfg.graph_max_kv_len = Some(1_065_216);
+    cfg.deterministic_chunk = Some(16);
+    let (qo, kv) = ([0i32, 1], [0i32, 100]);
+    let desc = BatchDesc::prefill_ragged(heads, &qo, &kv);
+    let opts = AttentionOptions::default();
+    let plan = Plan::new(&desc, &opts, &cfg).unwrap();
+    let limits = WorkspaceLimits::new(heads, DType::F32, 1, 1, 100, 1).with_config(cfg);
+    let bound = workspace_size(&limits).unwrap();
+    assert!(plan.requirement().fits_in(&bound));
+    let within = Plan::new_within(&desc, &opts, &limits).unwrap();
+    assert_eq!(within.int_image(), plan.int_image());
+    // The decode graph of that capacity cannot plan: a named limit, not a size.
+    let pages = PageTable {
+        page_size: 16,
+        num_pages: 1,
+        indptr: &[0, 1],
+        last_page_len: &[1],
+        num_indices: 1,
+    };
+    let err = Plan::new(&BatchDesc::decode(heads, pages), &opts, &cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                field: "partial rows",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Neither kind plans: the error stands.
+    cfg.graph_max_q_rows = Some(63325);
+    let limits = WorkspaceLimits::new(heads, DType::F32, 1, 1, 100, 1).with_config(cfg);
+    assert!(matches!(
+        workspace_size(&limits),
+        Err(Error::LimitExceeded {
+            field: "partial rows",
+            ..
+        })
+    ));
+}
+
+/// Outside graph mode the bound caps partial rows at int32: limits whose largest decode
+/// batch would pass it still size, and a batch within them plans into the bound.
+#[test]
+fn deterministic_limits_cap_partial_rows_at_int32() {
+    let heads = HeadConfig::new(1, 1, 16).unwrap();
+    let mut cfg = PlanConfig::with_parallelism(4);
+    cfg.deterministic_chunk = Some(1);
+    let kv_len = 1usize << 30;
+    let limits = WorkspaceLimits::new(heads, DType::F32, 2, 1, kv_len, 1).with_config(cfg);
+    let bound = workspace_size(&limits).unwrap();
+    let p = bound.float.buffer("partial_lse").unwrap().bytes / 4;
+    assert!(p >= kv_len && p <= (1 << 31) + 64, "{p}");
 }
