@@ -149,7 +149,13 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     } else {
         Vec::new()
     };
-    if cases.is_empty() && plan_cases.is_empty() {
+    let cascade_model = (MODELS[0].name, model_heads(&MODELS[0]));
+    let cascade = matches!(args.what, What::Cascade | What::All)
+        && args
+            .filter
+            .as_deref()
+            .is_none_or(|f| crate::bench_cascade::case_name(cascade_model.0).contains(f));
+    if cases.is_empty() && plan_cases.is_empty() && !cascade {
         return Err(CliError::invalid(format!(
             "no benchmark case matches --filter {:?}",
             args.filter.as_deref().unwrap_or("")
@@ -175,10 +181,15 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
     let simd_forced = level.is_some();
     let threads = cpu.threads();
 
-    // Ceilings only matter to the kernel cases (planning is not bandwidth- or FMA-bound).
-    let mut progress =
-        Progress::new(cases.len() + plan_cases.len() + 2 * usize::from(!cases.is_empty()));
-    let ceilings = if cases.is_empty() {
+    // Ceilings only matter to the kernel cases and the cascade (planning is not bandwidth-
+    // or FMA-bound).
+    let mut progress = Progress::new(
+        cases.len()
+            + plan_cases.len()
+            + usize::from(cascade)
+            + 2 * usize::from(!cases.is_empty() || cascade),
+    );
+    let ceilings = if cases.is_empty() && !cascade {
         if !args.json {
             println!(
                 "flashpage bench: planning on the host, parallelism {threads}, {}",
@@ -241,6 +252,15 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             }
         }
     }
+    if cascade {
+        progress.step("cascade: shared-prefix decode, flat and cascaded");
+        failures.extend(crate::bench_cascade::run(
+            &cpu,
+            cascade_model,
+            &dtypes,
+            args.json,
+        ));
+    }
     for (name, batch) in &plan_cases {
         progress.step(name);
         // This machine's parallelism, and an H100's work slots (132 SMs x 2 blocks), which
@@ -255,12 +275,18 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    if !cases.is_empty() {
+    if ceilings.is_some() {
         progress.step("measuring the ceilings again (drift during the run)");
         Ceilings::measure(threads).print_end(args.json);
     }
     progress.finish();
     CliError::from_failures(&failures)
+}
+
+/// A model's head configuration.
+fn model_heads(m: &Model) -> HeadConfig {
+    HeadConfig::new(m.heads.0, m.heads.1, m.heads.2)
+        .expect("the matrix's head configurations are valid")
 }
 
 /// One case of the matrix.
@@ -274,12 +300,11 @@ fn matrix(what: What, dtypes: &[DType], filter: Option<&str>) -> Vec<BenchCase> 
     let (dec, pre) = match what {
         What::Decode => (true, false),
         What::Prefill => (false, true),
-        What::Plan => (false, false),
+        What::Plan | What::Cascade => (false, false),
         What::All => (true, true),
     };
     for m in &MODELS {
-        let heads = HeadConfig::new(m.heads.0, m.heads.1, m.heads.2)
-            .expect("the matrix's head configurations are valid");
+        let heads = model_heads(m);
         let options = AttentionOptions::default()
             .with_logits_soft_cap(m.soft_cap)
             .with_sm_scale(m.sm_scale);
@@ -576,21 +601,7 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
             cmp.o_error, cmp.lse_error, cmp.tolerance, cmp.fully_written
         ));
     }
-    // Warm-up, then timed calls.
-    run(&mut o, &mut lse, &mut ws)?;
-    let mut times = Vec::new();
-    let t_all = Instant::now();
-    loop {
-        let (n, el) = (times.len(), t_all.elapsed().as_secs_f64());
-        let enough = n >= MIN_CALLS && el >= MIN_SECONDS;
-        if enough || n >= MAX_CALLS || (n >= FLOOR_CALLS && el >= BUDGET_SECONDS) {
-            break;
-        }
-        let t = Instant::now();
-        run(&mut o, &mut lse, &mut ws)?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    let secs = median(&mut times);
+    let (secs, calls) = time_calls(|| run(&mut o, &mut lse, &mut ws))?;
     // Shared VMs drift (DRAM bandwidth moved by 50% within a minute here): the ceiling is
     // measured again right after the case, and the ratio uses the higher of that and the
     // run's start value, so it is never flattered by a momentarily low probe.
@@ -615,7 +626,7 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
         name: data.spec.name.clone(),
         dtype: data.spec.dtype,
         us: secs * 1e6,
-        calls: times.len(),
+        calls,
         rate,
         decode: case.decode,
         ceiling_fraction: fraction,
@@ -624,6 +635,28 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
         lse_error: cmp.lse_error,
         sample,
     })
+}
+
+/// One warm-up call, then timed calls by the module's rule (at least `MIN_CALLS` and
+/// `MIN_SECONDS`, ...): the median seconds per call and the calls timed.
+pub(crate) fn time_calls(
+    mut call: impl FnMut() -> Result<(), String>,
+) -> Result<(f64, usize), String> {
+    call()?;
+    let mut times = Vec::new();
+    let t_all = Instant::now();
+    loop {
+        let (n, el) = (times.len(), t_all.elapsed().as_secs_f64());
+        let enough = n >= MIN_CALLS && el >= MIN_SECONDS;
+        if enough || n >= MAX_CALLS || (n >= FLOOR_CALLS && el >= BUDGET_SECONDS) {
+            break;
+        }
+        let t = Instant::now();
+        call()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let n = times.len();
+    Ok((median(&mut times), n))
 }
 
 /// A batch to plan: its arrays and whether it is decode.

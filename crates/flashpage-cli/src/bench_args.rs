@@ -15,6 +15,8 @@ pub enum What {
     Prefill,
     /// Planning alone.
     Plan,
+    /// Shared-prefix decode, flat and as a cascade (bytes referenced and time).
+    Cascade,
     /// Everything.
     All,
 }

@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod bench_args;
+mod bench_cascade;
 #[cfg(feature = "cuda")]
 pub mod bench_cuda;
 pub mod bench_peer;

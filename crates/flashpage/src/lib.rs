@@ -39,6 +39,14 @@
 //! offers attention and `append_kv` as candle custom ops on candle's CPU storage
 //! (docs/candle.md).
 //!
+//! ## Shared prefixes (cascade)
+//!
+//! Requests that share prefix pages can run as a [`CascadePlan`]: levels of one batch over
+//! the same query rows (the shared pages once for all their sharers, then each request's
+//! own), merged by LSE into exactly the flat batch's attention;
+//! [`CascadePlan::shared_prefixes`] finds the sharing in a flat paged batch, and
+//! `CpuBackend::run_cascade` runs it (docs/cascade.md).
+//!
 //! ## The workspace contract
 //!
 //! A plan needs a float workspace (f32 partial states of split-KV items) and an int
@@ -115,6 +123,7 @@ pub use layout::{
     RunStrides,
 };
 pub use options::{AttentionOptions, PosEncoding};
+pub use plan::cascade::{CascadeLevel, CascadePlan};
 pub use plan::{Plan, PlanConfig, PlanKind, WorkItem, WorkspaceLimits, workspace_size};
 pub use session::{Attention, CacheDesc, LayerArgs, Limits};
 pub use tensor::{Tensor, TensorMut, TensorRef};

@@ -34,7 +34,7 @@ pub struct Buffer {
 }
 
 /// Most buffers one workspace holds.
-const MAX_BUFFERS: usize = 4;
+const MAX_BUFFERS: usize = 8;
 
 /// A bump allocator over byte offsets, with a capacity (materialise) or without (count).
 ///
@@ -93,7 +93,8 @@ impl AlignedAllocator {
     ///
     /// With a capacity, a buffer that does not fit is a [`Error::WorkspaceTooSmall`] naming
     /// the buffer, the bytes requested and available, the capacity, and the total the plan
-    /// needs (counting continues so that total is exact).
+    /// needs (counting continues so that total is exact). A layout names at most 8 buffers:
+    /// a ninth is an [`Error::LimitExceeded`] naming `workspace buffers`.
     pub fn alloc(&mut self, name: &'static str, bytes: usize) -> Result<usize> {
         let offset = self
             .cursor
@@ -108,14 +109,20 @@ impl AlignedAllocator {
         {
             self.overflow = Some((name, bytes, offset));
         }
-        if self.len < MAX_BUFFERS {
-            self.buffers[self.len] = Buffer {
-                name,
-                offset,
-                bytes,
-            };
-            self.len += 1;
+        if self.len == MAX_BUFFERS {
+            return Err(Error::LimitExceeded {
+                field: "workspace buffers",
+                limit: MAX_BUFFERS,
+                actual: MAX_BUFFERS + 1,
+                rule: "buffers one workspace layout names",
+            });
         }
+        self.buffers[self.len] = Buffer {
+            name,
+            offset,
+            bytes,
+        };
+        self.len += 1;
         self.cursor = end;
         match (self.overflow, self.capacity) {
             (Some((buffer, requested, at)), Some(capacity)) => Err(Error::WorkspaceTooSmall {

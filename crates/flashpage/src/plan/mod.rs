@@ -20,6 +20,7 @@
 //! the image in place. In **deterministic mode** the KV chunk is fixed, so a request's output
 //! does not depend on what else is in the batch.
 
+pub mod cascade;
 mod config;
 mod sizing;
 mod split;

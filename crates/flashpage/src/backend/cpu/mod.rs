@@ -12,6 +12,7 @@
 //! `dpbf16`, `merge`) → `dispatch` (the `#[target_feature]` entry points) → this file.
 
 mod attend;
+mod cascade;
 mod ctx;
 mod decode;
 mod dispatch;
