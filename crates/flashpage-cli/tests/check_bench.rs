@@ -97,6 +97,27 @@ fn cli_bench_prints_verified_cases_with_ceilings() {
     assert_eq!(code, 2, "{err}");
 }
 
+#[test]
+fn cli_bench_cascade_reports_both_runs_verified() {
+    let (code, out, err) = flashpage(&["bench", "cascade", "--json", "--dtype", "bf16"]);
+    assert_eq!(code, 0, "{err}");
+    let lines = json_lines(&out);
+    assert_eq!(lines[0]["type"], "ceilings");
+    let case = &lines[1];
+    assert_eq!(case["case"], "cascade/llama3-8b/b64-prefix4096-suffix256");
+    assert_eq!(case["dtype"], "bf16");
+    // 64 × (256 + 16) pages flat, 256 + 64 × 16 in the cascade.
+    let page = 16 * 8 * 128 * 2 * 2;
+    assert_eq!(case["flat_bytes"], 64 * 272 * page);
+    assert_eq!(case["cascade_bytes"], (256 + 64 * 16) * page);
+    for key in ["flat_us", "cascade_us", "speedup", "byte_ratio"] {
+        assert!(case[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert!(case["o_error"].as_f64().unwrap() <= 1e-2);
+    assert!(case["flat_o_error"].as_f64().unwrap() <= 1e-2);
+    assert_eq!(lines.last().unwrap()["type"], "ceilings_end");
+}
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn cli_cuda_without_the_feature_is_a_clear_failure() {
