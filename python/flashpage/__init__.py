@@ -5,7 +5,8 @@ A program written for FlashInfer runs by changing its import::
     import flashpage as flashinfer
 
 The wrappers (:class:`BatchDecodeWithPagedKVCacheWrapper`,
-:class:`BatchPrefillWithPagedKVCacheWrapper`, :class:`BatchPrefillWithRaggedKVCacheWrapper`),
+:class:`BatchPrefillWithPagedKVCacheWrapper`, :class:`BatchPrefillWithRaggedKVCacheWrapper`,
+:class:`MultiLevelCascadeAttentionWrapper`),
 the state merges (:func:`merge_state`, :func:`merge_state_in_place`, :func:`merge_states`) and
 the page helpers (:func:`append_paged_kv_cache`, :func:`get_seq_lens`,
 :func:`get_batch_indices_positions`) take the same arguments with the same defaults and
@@ -24,6 +25,7 @@ from ._wrappers import (
     BatchDecodeWithPagedKVCacheWrapper,
     BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper,
+    MultiLevelCascadeAttentionWrapper,
     append_paged_kv_cache,
     get_batch_indices_positions,
     get_seq_lens,
@@ -37,6 +39,7 @@ __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
+    "MultiLevelCascadeAttentionWrapper",
     "append_paged_kv_cache",
     "get_batch_indices_positions",
     "get_seq_lens",

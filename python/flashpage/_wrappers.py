@@ -21,6 +21,7 @@ __all__ = [
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
+    "MultiLevelCascadeAttentionWrapper",
     "append_paged_kv_cache",
     "get_batch_indices_positions",
     "get_seq_lens",
@@ -481,6 +482,106 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         q, out, lse = self._outputs(q, out, lse, return_lse)
         self._plan.run_ragged(self._float_workspace_buffer, q, k, v, out, lse)
         return (out, lse) if return_lse else out
+
+    forward = run
+
+
+class MultiLevelCascadeAttentionWrapper(_Wrapper):
+    """Cascade (shared-prefix) attention: ``num_levels`` paged prefill levels over the same
+    query rows, merged by LSE into attention over every level's keys. Same API as
+    ``flashinfer.MultiLevelCascadeAttentionWrapper``; see docs/cascade.md.
+
+    Level ``l``'s ``qo_indptr`` groups the query rows: every row of group ``i`` attends to
+    that group's pages at level ``l`` (a shared prefix is read once for all its rows).
+    ``causal`` applies to the last level only. A sliding window or a position encoding
+    (``ROPE_LLAMA``, ``ALIBI``) would need each key's position in its request and raises
+    :class:`flashpage.Error` of kind ``InvalidOption``."""
+
+    def __init__(
+        self,
+        num_levels: int,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        qo_indptr_buf_arr: Optional[list] = None,
+        paged_kv_indptr_buf_arr: Optional[list] = None,
+        paged_kv_indices_buf_arr: Optional[list] = None,
+        paged_kv_last_page_len_buf_arr: Optional[list] = None,
+    ) -> None:
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
+        n = int(num_levels)
+        if not 1 <= n <= 16:
+            raise _error("InvalidOption", f"num_levels = {num_levels} is invalid: expected 1..=16 cascade levels")
+        self._num_levels = n
+
+    def plan(
+        self,
+        qo_indptr_arr: list,
+        paged_kv_indptr_arr: list,
+        paged_kv_indices_arr: list,
+        paged_kv_last_page_len: list,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        causal: bool = False,
+        pos_encoding_mode: str = "NONE",
+        use_fp16_qk_reduction: bool = False,
+        sm_scale: Optional[float] = None,
+        window_left: int = -1,
+        logits_soft_cap: Optional[float] = None,
+        rope_scale: Optional[float] = None,
+        rope_theta: Optional[float] = None,
+        q_data_type: Union[str, torch.dtype] = "float16",
+        kv_data_type: Optional[Union[str, torch.dtype]] = None,
+    ) -> None:
+        """Validates and plans every level. Each of the four lists has one tensor per level;
+        every ``qo_indptr`` ends at the same number of query rows. Raises
+        :class:`flashpage.Error`; a failed plan leaves the previous one in place."""
+        if len(qo_indptr_arr) != self._num_levels:
+            raise _error(
+                "ArrayLength",
+                f"qo_indptr_arr has {len(qo_indptr_arr)} entries, expected {self._num_levels} "
+                f"(num_levels of the wrapper)",
+            )
+        q_name = _dtype_name(q_data_type)
+        kv_name = _dtype_name(kv_data_type) or q_name
+        plan = _flashpage.plan_cascade(
+            list(qo_indptr_arr),
+            list(paged_kv_indptr_arr),
+            list(paged_kv_indices_arr),
+            list(paged_kv_last_page_len),
+            int(num_qo_heads),
+            int(num_kv_heads),
+            int(head_dim),
+            int(page_size),
+            self._kv_layout,
+            bool(causal),
+            int(window_left),
+            None if logits_soft_cap is None else float(logits_soft_cap),
+            None if sm_scale is None else float(sm_scale),
+            str(pos_encoding_mode),
+            None if rope_scale is None else float(rope_scale),
+            None if rope_theta is None else float(rope_theta),
+            q_name,
+            kv_name,
+        )
+        self._plan = plan
+        self._num_qo_heads = int(num_qo_heads)
+        self._head_dim = int(head_dim)
+
+    begin_forward = plan
+
+    def run(
+        self,
+        q: torch.Tensor,
+        paged_kv_cache: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Attention of ``q`` [rows, num_qo_heads, head_dim] over every level's keys of the
+        paged cache (one tensor or a ``(k_cache, v_cache)`` pair). Returns ``out``."""
+        q, out, _ = self._outputs(q, None, None, False)
+        self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, None, None)
+        return out
 
     forward = run
 

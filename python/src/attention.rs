@@ -5,8 +5,8 @@ use std::sync::OnceLock;
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::{KvCache, RunArgs};
 use flashpage::{
-    AttentionOptions, BatchDesc, DType, Error, HeadConfig, KvLayout, KvStrides, PageTable, Plan,
-    PlanConfig, PosEncoding, TensorMut,
+    AttentionOptions, BatchDesc, CascadeLevel, CascadePlan, DType, Error, HeadConfig, KvLayout,
+    KvStrides, PageTable, Plan, PlanConfig, PosEncoding, TensorMut,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
@@ -89,6 +89,77 @@ fn parse_pos_encoding(
     )?)
 }
 
+/// The arguments every plan takes, as Python passes them.
+struct Common<'a> {
+    num_qo_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    kv_layout: &'a str,
+    causal: bool,
+    window_left: i64,
+    logits_soft_cap: Option<f64>,
+    sm_scale: Option<f64>,
+    pos_encoding_mode: &'a str,
+    rope_scale: Option<f64>,
+    rope_theta: Option<f64>,
+    q_data_type: &'a str,
+    kv_data_type: &'a str,
+}
+
+/// [`Common`] checked: heads, options, layout and dtypes.
+struct Parsed {
+    heads: HeadConfig,
+    opts: AttentionOptions,
+    layout: KvLayout,
+    q_dtype: DType,
+    kv_dtype: DType,
+}
+
+fn parse_common(c: &Common<'_>) -> Result<Parsed, Failure> {
+    let layout = KvLayout::parse(c.kv_layout).ok_or_else(|| Error::InvalidOption {
+        field: "kv_layout",
+        expected: "\"NHD\" or \"HND\"",
+        actual: format!("{:?}", c.kv_layout),
+    })?;
+    let heads = HeadConfig::new(
+        count("num_qo_heads", c.num_qo_heads)?,
+        count("num_kv_heads", c.num_kv_heads)?,
+        count("head_dim", c.head_dim)?,
+    )?;
+    // FlashInfer treats a soft-cap of 0 as none.
+    let soft_cap = opt_f32(c.logits_soft_cap).filter(|&x| x != 0.0);
+    let opts = AttentionOptions::new()
+        .with_causal(c.causal)
+        .with_window_left(AttentionOptions::window_from_signed(c.window_left)?)
+        .with_logits_soft_cap(soft_cap)
+        .with_sm_scale(opt_f32(c.sm_scale))
+        .with_pos_encoding(parse_pos_encoding(
+            c.pos_encoding_mode,
+            c.rope_scale,
+            c.rope_theta,
+        )?);
+    let q_dtype = parse_dtype("q_data_type", c.q_data_type)?;
+    let kv_dtype = parse_dtype("kv_data_type", c.kv_data_type)?;
+    if kv_dtype != q_dtype {
+        return Err(Error::Unsupported {
+            backend: "cpu",
+            what: format!(
+                "kv_data_type {} with q_data_type {} (q and the KV cache must have one dtype)",
+                torch_name(kv_dtype),
+                torch_name(q_dtype)
+            ),
+        }
+        .into());
+    }
+    Ok(Parsed {
+        heads,
+        opts,
+        layout,
+        q_dtype,
+        kv_dtype,
+    })
+}
+
 /// Which FlashInfer wrapper a plan belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flavor {
@@ -98,12 +169,17 @@ enum Flavor {
     PagedPrefill,
     /// `BatchPrefillWithRaggedKVCacheWrapper`.
     RaggedPrefill,
+    /// `MultiLevelCascadeAttentionWrapper`.
+    Cascade,
 }
 
 /// A validated, planned batch: what a wrapper's `plan` builds and its `run` executes.
 #[pyclass(module = "flashpage._flashpage", frozen)]
 pub struct AttentionPlan {
+    /// The plan (a cascade's: its level 0, for the shapes every level shares).
     plan: Plan,
+    /// The levels of a cascade plan.
+    cascade: Option<CascadePlan>,
     flavor: Flavor,
     kv_indices: Vec<i32>,
     layout: KvLayout,
@@ -140,41 +216,27 @@ pub fn plan(
     kv_data_type: &str,
 ) -> PyResult<AttentionPlan> {
     guard(py, || {
-        let layout = KvLayout::parse(kv_layout).ok_or_else(|| Error::InvalidOption {
-            field: "kv_layout",
-            expected: "\"NHD\" or \"HND\"",
-            actual: format!("{kv_layout:?}"),
+        let Parsed {
+            heads,
+            opts,
+            layout,
+            q_dtype,
+            kv_dtype,
+        } = parse_common(&Common {
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            kv_layout,
+            causal,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            pos_encoding_mode,
+            rope_scale,
+            rope_theta,
+            q_data_type,
+            kv_data_type,
         })?;
-        let heads = HeadConfig::new(
-            count("num_qo_heads", num_qo_heads)?,
-            count("num_kv_heads", num_kv_heads)?,
-            count("head_dim", head_dim)?,
-        )?;
-        // FlashInfer treats a soft-cap of 0 as none.
-        let soft_cap = opt_f32(logits_soft_cap).filter(|&c| c != 0.0);
-        let opts = AttentionOptions::new()
-            .with_causal(causal)
-            .with_window_left(AttentionOptions::window_from_signed(window_left)?)
-            .with_logits_soft_cap(soft_cap)
-            .with_sm_scale(opt_f32(sm_scale))
-            .with_pos_encoding(parse_pos_encoding(
-                pos_encoding_mode,
-                rope_scale,
-                rope_theta,
-            )?);
-        let q_dtype = parse_dtype("q_data_type", q_data_type)?;
-        let kv_dtype = parse_dtype("kv_data_type", kv_data_type)?;
-        if kv_dtype != q_dtype {
-            return Err(Error::Unsupported {
-                backend: "cpu",
-                what: format!(
-                    "kv_data_type {} with q_data_type {} (q and the KV cache must have one dtype)",
-                    torch_name(kv_dtype),
-                    torch_name(q_dtype)
-                ),
-            }
-            .into());
-        }
         let qo = match &qo_indptr {
             Some(t) => Some(Borrowed::new(t, "qo_indptr")?.indices()?),
             None => None,
@@ -221,8 +283,115 @@ pub fn plan(
         };
         Ok(AttentionPlan {
             plan,
+            cascade: None,
             flavor,
             kv_indices: indices,
+            layout,
+            q_dtype,
+            kv_dtype,
+        })
+    })
+}
+
+/// Plans a multi-level cascade (FlashInfer's `MultiLevelCascadeAttentionWrapper.plan`): one
+/// paged prefill level per entry of the four lists, over the same query rows; `causal`
+/// applies to the last level only (docs/cascade.md).
+#[pyfunction]
+#[pyo3(signature = (qo_indptr_arr, kv_indptr_arr, kv_indices_arr, last_page_len_arr,
+    num_qo_heads, num_kv_heads, head_dim, page_size, kv_layout, causal, window_left,
+    logits_soft_cap, sm_scale, pos_encoding_mode, rope_scale, rope_theta, q_data_type,
+    kv_data_type))]
+#[allow(clippy::too_many_arguments)]
+pub fn plan_cascade(
+    py: Python<'_>,
+    qo_indptr_arr: Vec<Bound<'_, PyAny>>,
+    kv_indptr_arr: Vec<Bound<'_, PyAny>>,
+    kv_indices_arr: Vec<Bound<'_, PyAny>>,
+    last_page_len_arr: Vec<Bound<'_, PyAny>>,
+    num_qo_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    page_size: i64,
+    kv_layout: &str,
+    causal: bool,
+    window_left: i64,
+    logits_soft_cap: Option<f64>,
+    sm_scale: Option<f64>,
+    pos_encoding_mode: &str,
+    rope_scale: Option<f64>,
+    rope_theta: Option<f64>,
+    q_data_type: &str,
+    kv_data_type: &str,
+) -> PyResult<AttentionPlan> {
+    guard(py, || {
+        let Parsed {
+            heads,
+            opts,
+            layout,
+            q_dtype,
+            kv_dtype,
+        } = parse_common(&Common {
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            kv_layout,
+            causal,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            pos_encoding_mode,
+            rope_scale,
+            rope_theta,
+            q_data_type,
+            kv_data_type,
+        })?;
+        let page_size = count("page_size", page_size)?;
+        let levels = qo_indptr_arr.len();
+        for (field, n) in [
+            ("paged_kv_indptr_arr", kv_indptr_arr.len()),
+            ("paged_kv_indices_arr", kv_indices_arr.len()),
+            ("paged_kv_last_page_len", last_page_len_arr.len()),
+        ] {
+            if n != levels {
+                return Err(Error::ArrayLength {
+                    field,
+                    expected: levels,
+                    actual: n,
+                    rule: "one entry per cascade level (the length of qo_indptr_arr)",
+                }
+                .into());
+            }
+        }
+        let mut arrays = Vec::with_capacity(levels);
+        for l in 0..levels {
+            arrays.push([
+                Borrowed::new(&qo_indptr_arr[l], "qo_indptr")?.indices()?,
+                Borrowed::new(&kv_indptr_arr[l], "paged_kv_indptr")?.indices()?,
+                Borrowed::new(&kv_indices_arr[l], "paged_kv_indices")?.indices()?,
+                Borrowed::new(&last_page_len_arr[l], "paged_kv_last_page_len")?.indices()?,
+            ]);
+        }
+        let level_refs: Vec<CascadeLevel<'_>> = arrays
+            .iter()
+            .map(|[qo, kv, ix, last]| CascadeLevel {
+                qo_indptr: qo,
+                kv_indptr: kv,
+                kv_indices: ix,
+                last_page_len: last,
+            })
+            .collect();
+        let config = PlanConfig::with_parallelism(backend()?.threads());
+        // Page ids are checked against the cache at run time, when its size is known.
+        let cascade = CascadePlan::new(heads, page_size, usize::MAX, &level_refs, &opts, &config)?;
+        let plan = cascade
+            .level_plan(0)
+            .cloned()
+            .expect("a cascade has at least one level");
+        Ok(AttentionPlan {
+            plan,
+            cascade: Some(cascade),
+            flavor: Flavor::Cascade,
+            kv_indices: Vec::new(),
             layout,
             q_dtype,
             kv_dtype,
@@ -511,7 +680,10 @@ impl AttentionPlan {
                 lse: lse_slice.as_deref_mut(),
                 sinks: sinks.as_deref(),
             };
-            cpu.run(&self.plan, args, ws_bytes)?;
+            match &self.cascade {
+                Some(c) => cpu.run_cascade(c, args, ws_bytes)?,
+                None => cpu.run(&self.plan, args, ws_bytes)?,
+            }
         }
         let elapsed = start.elapsed().as_secs_f64() / reps.max(1) as f64;
         if reps == 0 {
@@ -630,8 +802,17 @@ impl AttentionPlan {
 
     /// Bytes of float workspace the plan needs.
     #[getter]
-    fn float_workspace_bytes(&self) -> usize {
-        self.plan.requirement().float.total()
+    fn float_workspace_bytes(&self, py: Python<'_>) -> PyResult<usize> {
+        guard(py, || match &self.cascade {
+            Some(c) => Ok(c.float_requirement(self.q_dtype)?.total()),
+            None => Ok(self.plan.requirement().float.total()),
+        })
+    }
+
+    /// Levels of a cascade plan (1 for any other plan).
+    #[getter]
+    fn num_levels(&self) -> usize {
+        self.cascade.as_ref().map_or(1, CascadePlan::num_levels)
     }
 
     /// The planned window (`-1`: none), as FlashInfer spells it.

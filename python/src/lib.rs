@@ -23,6 +23,7 @@ fn _flashpage(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Error", py.get_type::<errors::Error>())?;
     m.add_class::<attention::AttentionPlan>()?;
     m.add_function(wrap_pyfunction!(attention::plan, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::plan_cascade, m)?)?;
     m.add_function(wrap_pyfunction!(merge::py_merge_state, m)?)?;
     m.add_function(wrap_pyfunction!(merge::py_merge_state_in_place, m)?)?;
     m.add_function(wrap_pyfunction!(merge::py_merge_states, m)?)?;
