@@ -12,7 +12,7 @@ use flashpage::validate::{ValidBatch, check_batch, check_page_ids};
 use flashpage::{
     AttentionOptions, BatchDesc, DType, Error, HeadConfig, PageTable, Plan, PlanConfig, PosEncoding,
 };
-use flashpage::{WorkspaceLimits, workspace_size};
+use flashpage::{CascadePlan, WorkspaceLimits, workspace_size};
 use serde_json::{Map, Value, json};
 
 use crate::CliError;
@@ -34,6 +34,10 @@ pub struct PlanArgs {
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     json: bool,
+    /// Also plan the batch as a shared-prefix cascade (`CascadePlan::shared_prefixes`,
+    /// docs/cascade.md): the levels found, the pages each references and the workspace.
+    #[arg(long)]
+    cascade: bool,
 }
 
 /// Every field a batch file may contain.
@@ -96,7 +100,10 @@ pub struct BatchFile {
 pub fn main(args: PlanArgs) -> Result<(), CliError> {
     let (name, bytes) = read_input(&args.batch)?;
     let file = parse_batch_bytes(&name, &bytes)?;
-    let report = plan_batch(&file)?;
+    let mut report = plan_batch(&file)?;
+    if args.cascade {
+        cascade_report(&file, &mut report)?;
+    }
     if args.json {
         emit(&format!("{}\n", report.json))
     } else {
@@ -622,6 +629,73 @@ pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
         })?;
     }
     Ok(render(b, &plan, vb.total_kv_len()))
+}
+
+/// Plans the (already planned and checked) batch as a shared-prefix cascade and adds its
+/// levels to the report: `"cascade"` in the JSON, a section in the summary.
+fn cascade_report(b: &BatchFile, report: &mut Report) -> Result<(), CliError> {
+    use std::fmt::Write;
+    let heads = HeadConfig::new(b.num_qo_heads, b.num_kv_heads, b.head_dim)?;
+    let pages = PageTable {
+        page_size: b.page_size,
+        num_pages: b.num_pages,
+        indptr: &b.kv_indptr,
+        last_page_len: &b.kv_last_page_len,
+        num_indices: b.kv_indices.len(),
+    };
+    let qo = match b.kind {
+        Kind::Prefill => b.qo_indptr.as_deref(),
+        Kind::Decode => None,
+    };
+    let plan =
+        CascadePlan::shared_prefixes(heads, qo, pages, &b.kv_indices, &b.options, &b.config)?;
+    let flat_pages = b.kv_indptr.last().map_or(0, |&n| n.max(0) as usize);
+    let referenced = plan.pages_referenced();
+    let (f32_bytes, bf16_bytes) = (
+        plan.float_requirement(DType::F32)?.total(),
+        plan.float_requirement(DType::BF16)?.total(),
+    );
+    let h = &mut report.human;
+    let _ = writeln!(
+        h,
+        "cascade: {} levels; pages referenced {referenced} of the flat batch's {flat_pages}",
+        plan.num_levels()
+    );
+    let mut levels = Vec::new();
+    for l in 0..plan.num_levels() {
+        let (Some(lp), Some(ids)) = (plan.level_plan(l), plan.level_kv_indices(l)) else {
+            continue;
+        };
+        let _ = writeln!(
+            h,
+            "  level {l}: {} requests, {} query rows, {} pages, {} work items, float workspace {} bytes",
+            lp.batch_size(),
+            lp.num_q_rows(),
+            ids.len(),
+            lp.num_work_items(),
+            lp.requirement().float.total()
+        );
+        levels.push(json!({
+            "requests": lp.batch_size(),
+            "query_rows": lp.num_q_rows(),
+            "pages": ids.len(),
+            "causal": lp.options().causal,
+            "work_items": lp.num_work_items(),
+            "float_bytes": lp.requirement().float.total(),
+        }));
+    }
+    let _ = writeln!(
+        h,
+        "  cascade float workspace: {f32_bytes} bytes with f32 outputs, {bf16_bytes} with f16/bf16"
+    );
+    report.json["cascade"] = json!({
+        "levels": levels,
+        "pages_referenced": referenced,
+        "flat_pages": flat_pages,
+        "float_bytes_f32": f32_bytes,
+        "float_bytes_16bit": bf16_bytes,
+    });
+    Ok(())
 }
 
 /// A decode batch may carry `qo_indptr`; it must then describe one row per request.

@@ -1440,3 +1440,51 @@ fn usage_errors_are_one_error_line_with_status_2() {
     assert_ok(&flashpage(&["--version"]));
     assert_ok(&flashpage(&["plan", "--help"]));
 }
+
+/// `plan --cascade`: a decode batch of four requests, three of which share three full
+/// pages, is planned as two levels; the shared pages are referenced once.
+#[test]
+fn plan_cascade_finds_the_shared_prefix() {
+    let b = json!({"kind": "decode", "num_qo_heads": 8, "num_kv_heads": 2, "head_dim": 64,
+        "page_size": 16, "num_pages": 32,
+        "kv_indptr": [0, 4, 9, 13, 15],
+        "kv_indices": [7, 8, 9, 1, 7, 8, 9, 2, 3, 7, 8, 9, 4, 5, 6],
+        "kv_last_page_len": [3, 16, 1, 9]});
+    let path = write_tmp("cascade.json", b.to_string().as_bytes());
+    let p = path.to_str().unwrap();
+    let o = flashpage(&["plan", "--batch", p, "--json", "--cascade"]);
+    assert_ok(&o);
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let c = &v["cascade"];
+    assert_eq!(c["flat_pages"], 15);
+    assert_eq!(c["pages_referenced"], 15 - 2 * 3);
+    let levels = c["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    // Level 0: the run of three sharers (3 rows, 3 pages) and request 3 alone (no pages).
+    assert_eq!(
+        (us(&levels[0], "requests"), us(&levels[0], "query_rows")),
+        (2, 4)
+    );
+    assert_eq!(us(&levels[0], "pages"), 3);
+    assert_eq!(
+        (us(&levels[1], "requests"), us(&levels[1], "pages")),
+        (4, 6)
+    );
+    assert!(us(c, "float_bytes_f32") > us(c, "float_bytes_16bit"));
+    // The summary names the levels; the flat plan is reported as before.
+    let o = flashpage(&["plan", "--batch", p, "--cascade"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(
+        out.contains("cascade: 2 levels; pages referenced 9 of the flat batch's 15"),
+        "{out}"
+    );
+    // A cascade refuses a window by name.
+    let mut w = b.clone();
+    w["window_left"] = json!(8);
+    let path = write_tmp("cascade-window.json", w.to_string().as_bytes());
+    assert_invalid(
+        &flashpage(&["plan", "--batch", path.to_str().unwrap(), "--cascade"]),
+        &["window_left"],
+    );
+}
