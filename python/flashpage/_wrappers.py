@@ -118,14 +118,50 @@ class _Wrapper:
         q_data_type,
         kv_data_type,
     ) -> None:
+        # Plan first: a failed plan leaves the previous one in place.
+        self._set_plan(
+            _flashpage.plan,
+            (qo_indptr, kv_indptr, kv_indices, last_page_len),
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            causal,
+            pos_encoding_mode,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+            q_data_type,
+            kv_data_type,
+        )
+
+    def _set_plan(
+        self,
+        planner,
+        arrays: tuple,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        causal,
+        pos_encoding_mode,
+        window_left,
+        logits_soft_cap,
+        sm_scale,
+        rope_scale,
+        rope_theta,
+        q_data_type,
+        kv_data_type,
+    ) -> None:
+        """Calls ``planner`` (``_flashpage.plan`` or ``plan_cascade``) with the index
+        ``arrays`` and the options converted as the extension takes them; keeps the plan only
+        when planning succeeds."""
         q_name = _dtype_name(q_data_type)
         kv_name = _dtype_name(kv_data_type) or q_name
-        # Plan first: a failed plan leaves the previous one in place.
-        plan = _flashpage.plan(
-            qo_indptr,
-            kv_indptr,
-            kv_indices,
-            last_page_len,
+        plan = planner(
+            *arrays,
             int(num_qo_heads),
             int(num_kv_heads),
             int(head_dim),
@@ -544,31 +580,28 @@ class MultiLevelCascadeAttentionWrapper(_Wrapper):
                 f"qo_indptr_arr has {len(qo_indptr_arr)} entries, expected {self._num_levels} "
                 f"(num_levels of the wrapper)",
             )
-        q_name = _dtype_name(q_data_type)
-        kv_name = _dtype_name(kv_data_type) or q_name
-        plan = _flashpage.plan_cascade(
-            list(qo_indptr_arr),
-            list(paged_kv_indptr_arr),
-            list(paged_kv_indices_arr),
-            list(paged_kv_last_page_len),
-            int(num_qo_heads),
-            int(num_kv_heads),
-            int(head_dim),
+        self._set_plan(
+            _flashpage.plan_cascade,
+            (
+                list(qo_indptr_arr),
+                list(paged_kv_indptr_arr),
+                list(paged_kv_indices_arr),
+                list(paged_kv_last_page_len),
+            ),
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
             int(page_size),
-            self._kv_layout,
-            bool(causal),
-            int(window_left),
-            None if logits_soft_cap is None else float(logits_soft_cap),
-            None if sm_scale is None else float(sm_scale),
-            str(pos_encoding_mode),
-            None if rope_scale is None else float(rope_scale),
-            None if rope_theta is None else float(rope_theta),
-            q_name,
-            kv_name,
+            causal,
+            pos_encoding_mode,
+            window_left,
+            logits_soft_cap,
+            sm_scale,
+            rope_scale,
+            rope_theta,
+            q_data_type,
+            kv_data_type,
         )
-        self._plan = plan
-        self._num_qo_heads = int(num_qo_heads)
-        self._head_dim = int(head_dim)
 
     begin_forward = plan
 

@@ -512,16 +512,21 @@ pub struct Report {
 }
 
 impl BatchFile {
-    /// The batch description (borrowing the file's arrays).
-    pub fn desc(&self) -> Result<BatchDesc<'_>, CliError> {
-        let heads = HeadConfig::new(self.num_qo_heads, self.num_kv_heads, self.head_dim)?;
-        let pages = PageTable {
+    /// The page table (borrowing the file's arrays).
+    fn pages(&self) -> PageTable<'_> {
+        PageTable {
             page_size: self.page_size,
             num_pages: self.num_pages,
             indptr: &self.kv_indptr,
             last_page_len: &self.kv_last_page_len,
             num_indices: self.kv_indices.len(),
-        };
+        }
+    }
+
+    /// The batch description (borrowing the file's arrays).
+    pub fn desc(&self) -> Result<BatchDesc<'_>, CliError> {
+        let heads = HeadConfig::new(self.num_qo_heads, self.num_kv_heads, self.head_dim)?;
+        let pages = self.pages();
         Ok(match self.kind {
             Kind::Prefill => {
                 BatchDesc::prefill_paged(heads, self.qo_indptr.as_deref().unwrap_or(&[]), pages)
@@ -576,13 +581,7 @@ fn int_image_bound(vb: &ValidBatch<'_>, config: &PlanConfig) -> Result<usize, Cl
 /// its page ids and workspace sizes, and renders the plan.
 pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
     let heads = HeadConfig::new(b.num_qo_heads, b.num_kv_heads, b.head_dim)?;
-    let pages = PageTable {
-        page_size: b.page_size,
-        num_pages: b.num_pages,
-        indptr: &b.kv_indptr,
-        last_page_len: &b.kv_last_page_len,
-        num_indices: b.kv_indices.len(),
-    };
+    let pages = b.pages();
     let desc = match b.kind {
         // Parsing guarantees qo_indptr for prefill; an empty one would fail validation.
         Kind::Prefill => {
@@ -636,13 +635,7 @@ pub fn plan_batch(b: &BatchFile) -> Result<Report, CliError> {
 fn cascade_report(b: &BatchFile, report: &mut Report) -> Result<(), CliError> {
     use std::fmt::Write;
     let heads = HeadConfig::new(b.num_qo_heads, b.num_kv_heads, b.head_dim)?;
-    let pages = PageTable {
-        page_size: b.page_size,
-        num_pages: b.num_pages,
-        indptr: &b.kv_indptr,
-        last_page_len: &b.kv_last_page_len,
-        num_indices: b.kv_indices.len(),
-    };
+    let pages = b.pages();
     let qo = match b.kind {
         Kind::Prefill => b.qo_indptr.as_deref(),
         Kind::Decode => None,
