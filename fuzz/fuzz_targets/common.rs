@@ -15,7 +15,9 @@ pub fn check_plan(desc: &BatchDesc<'_>, opts: &AttentionOptions, config: &PlanCo
     assert!(req.int.total() <= flashpage::plan::MAX_INT_IMAGE_BYTES);
 
     // The bound: limits taken from the batch itself must admit it, and the plan fits them.
-    let limits = WorkspaceLimits::new(desc.heads, DType::F32, vb.batch_size(), vb.num_q_rows(), vb.max_kv_len(), 1).with_config(*config);
+    // Limits for this kind of plan: a prefill batch's limits read as a decode deployment's
+    // (one row per request, every request split) may pass int32 where the batch does not.
+    let limits = WorkspaceLimits::new(desc.heads, DType::F32, vb.batch_size(), vb.num_q_rows(), vb.max_kv_len(), 1).with_config(*config).with_kind(plan.kind());
     let bound = workspace_size(&limits).expect("limits of a planned batch are sized");
     assert!(req.fits_in(&bound), "{req:?} exceeds {bound:?}");
     {

@@ -29,6 +29,7 @@ pub const MAX_PARALLELISM: usize = 1 << 20;
 
 /// Decode (one query row per request) or prefill (ragged rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum PlanKind {
     /// One row per request.
     Decode,

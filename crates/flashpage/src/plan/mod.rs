@@ -747,6 +747,20 @@ fn check_within<'a>(
             actual: format!("{:?}", batch.heads),
         });
     }
+    let kind = if batch.is_decode() {
+        PlanKind::Decode
+    } else {
+        PlanKind::Prefill
+    };
+    if let Some(k) = limits.kind
+        && k != kind
+    {
+        return Err(Error::PlanMismatch {
+            what: "plan kind",
+            expected: format!("{} (the kind the workspace limits size)", k.name()),
+            actual: kind.name().to_string(),
+        });
+    }
     let vb = check_batch(batch, options)?;
     let checks = [
         ("batch_size", vb.batch_size(), limits.max_batch, "max_batch"),

@@ -3,7 +3,7 @@
 //! ([`WorkspaceLimits`]; the bound itself is `workspace_size`, beside the capacities). The carving goes through [`AlignedAllocator`], so counting and
 //! materialising are one code path. See docs/workspace.md for the contract.
 
-use super::config::PlanConfig;
+use super::config::{PlanConfig, PlanKind};
 use crate::error::{Error, Result};
 use crate::layout::{DType, HeadConfig};
 use crate::workspace::AlignedAllocator;
@@ -81,6 +81,11 @@ pub struct WorkspaceLimits {
     pub max_kv_len: usize,
     /// Planner configuration (parallelism, graph capacity, deterministic chunk, tile).
     pub config: PlanConfig,
+    /// The kind of plans the workspace serves: `None` (the default) sizes it for decode and
+    /// prefill alike; a kind sizes it for plans of that kind only (a deployment whose
+    /// decode and prefill have workspaces of their own, as FlashInfer's wrappers do).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub kind: Option<PlanKind>,
 }
 
 impl WorkspaceLimits {
@@ -100,12 +105,20 @@ impl WorkspaceLimits {
             max_q_tokens,
             max_kv_len,
             config: PlanConfig::with_parallelism(parallelism),
+            kind: None,
         }
     }
     /// The same limits with another planner configuration (graph capacity, deterministic
     /// chunk, tile, parallelism).
     pub fn with_config(mut self, config: PlanConfig) -> Self {
         self.config = config;
+        self
+    }
+    /// The same limits for plans of `kind` only (see [`WorkspaceLimits::kind`]); a plan of
+    /// the other kind is refused by [`super::Plan::new_within`] with a
+    /// [`crate::Error::PlanMismatch`] naming the kind.
+    pub fn with_kind(mut self, kind: PlanKind) -> Self {
+        self.kind = Some(kind);
         self
     }
 }

@@ -136,34 +136,6 @@ impl Capacities {
         q_rows: usize,
         max_kv_len: usize,
     ) -> Result<Capacities> {
-        let c = Self::unchecked(kind, heads, config, batch, q_rows, max_kv_len)?;
-        // Partial rows are indexed by int32 in the plan arrays; capacities come from limits
-        // (graph_max_q_rows, max_q_tokens, ...), not a batch: name them.
-        for (field, v) in [
-            ("partial rows", c.partial_rows),
-            ("merge rows", c.merge_rows),
-        ] {
-            if i32::try_from(v).is_err() {
-                return Err(Error::LimitExceeded {
-                    field,
-                    limit: i32::MAX as usize,
-                    actual: v,
-                    rule: "plan arrays are int32: lower graph_max_q_rows / max_q_tokens, graph_max_kv_len / max_kv_len or parallelism, or raise deterministic_chunk",
-                });
-            }
-        }
-        Ok(c)
-    }
-
-    /// [`Capacities::bound`] without the int32 check on partial and merge rows.
-    fn unchecked(
-        kind: PlanKind,
-        heads: &HeadConfig,
-        config: &PlanConfig,
-        batch: usize,
-        q_rows: usize,
-        max_kv_len: usize,
-    ) -> Result<Capacities> {
         let ovf = |what| Error::SizeOverflow { what };
         let g = heads.group_size();
         let t = tile_rows(kind, config, heads);
@@ -199,6 +171,18 @@ impl Capacities {
                 (w, p, q.min(p / 2))
             }
         };
+        // Partial rows are indexed by int32 in the plan arrays; capacities come from limits
+        // (graph_max_q_rows, max_q_tokens, ...), not a batch: name them.
+        for (field, v) in [("partial rows", partial_rows), ("merge rows", merge_rows)] {
+            if i32::try_from(v).is_err() {
+                return Err(Error::LimitExceeded {
+                    field,
+                    limit: i32::MAX as usize,
+                    actual: v,
+                    rule: "plan arrays are int32: lower graph_max_q_rows / max_q_tokens, graph_max_kv_len / max_kv_len or parallelism, or raise deterministic_chunk",
+                });
+            }
+        }
         Ok(Capacities {
             requests: batch,
             work_items,
@@ -211,36 +195,28 @@ impl Capacities {
     ///
     /// In graph mode every plan has exactly the graph capacities (batch, query rows, and the
     /// longest request when the chunk is deterministic), so those are the bounds, and an
-    /// error means no plan of `kind` can be made under `limits.config`. Otherwise the bounds
-    /// come from `max_batch`, `max_q_tokens` (decode: `max_batch`) and `max_kv_len`, with
-    /// partial and merge rows capped at `i32::MAX`: the planner refuses any plan past it, and
-    /// smaller batches within the limits still plan.
+    /// error means no plan of `kind` can be made under `limits.config`; otherwise
+    /// `max_batch`, `max_q_tokens` (decode: `max_batch`) and `max_kv_len`.
     pub(crate) fn for_limits(kind: PlanKind, limits: &WorkspaceLimits) -> Result<Capacities> {
-        let (heads, config) = (&limits.heads, &limits.config);
-        match config.graph() {
-            Some(g) => {
-                let q_rows = match kind {
+        let (batch, q_rows, kv_len) = match limits.config.graph() {
+            Some(g) => (
+                g.batch,
+                match kind {
                     PlanKind::Decode => g.batch,
                     PlanKind::Prefill => g.q_rows.unwrap_or(g.batch),
-                };
-                let kv_len = g.kv_len.unwrap_or(limits.max_kv_len);
-                Self::bound(kind, heads, config, g.batch, q_rows, kv_len)
-            }
-            None => {
-                let q_rows = match kind {
+                },
+                g.kv_len.unwrap_or(limits.max_kv_len),
+            ),
+            None => (
+                limits.max_batch,
+                match kind {
                     PlanKind::Decode => limits.max_batch,
                     PlanKind::Prefill => limits.max_q_tokens,
-                };
-                let (batch, kv_len) = (limits.max_batch, limits.max_kv_len);
-                let c = Self::unchecked(kind, heads, config, batch, q_rows, kv_len)?;
-                let int32 = i32::MAX as usize;
-                Ok(Capacities {
-                    partial_rows: c.partial_rows.min(int32),
-                    merge_rows: c.merge_rows.min(int32),
-                    ..c
-                })
-            }
-        }
+                },
+                limits.max_kv_len,
+            ),
+        };
+        Self::bound(kind, &limits.heads, &limits.config, batch, q_rows, kv_len)
     }
 
     /// The workspace these capacities need.
@@ -269,12 +245,12 @@ impl Capacities {
 /// - work items `W`: `T + tiles`, or `tiles · ceil(K / d)` in deterministic mode;
 /// - partial rows `P`: `T` (decode) / `floor(T·t / g)` (prefill), or `Q · ceil(K / d)`
 ///   in deterministic mode (0 when `ceil(K / d) = 1`); merge rows `M`: `min(Q, P / 2)`, or
-///   `Q` in deterministic mode (0 without a split); outside graph mode `P` and `M` are
-///   capped at `i32::MAX`, the planner's own limit;
+///   `Q` in deterministic mode (0 without a split);
 /// - float bytes: `P·Hq·D·4` (`partial_o`) + `P·Hq·4` (`partial_lse`), each 256-aligned;
 /// - int bytes: `16·C` (`requests`) + `24·W` (`work_items`) + `16·M` (`merge_map`), aligned.
 ///
-/// The result is the larger of the decode and prefill bounds, part by part. Why it holds: a
+/// The result is the larger of the decode and prefill bounds, part by part (only the bound of
+/// [`WorkspaceLimits::kind`] when it is set). Why it holds: a
 /// split happens only while the items of the requests with keys stay within `T` (requests
 /// without keys add one empty item per tile); a decode item covers one
 /// partial row, a prefill item at most `t / g` query rows; every split row has at least two
@@ -323,7 +299,12 @@ pub fn workspace_size(limits: &WorkspaceLimits) -> Result<Requirement> {
     }
     let mut best: Option<Requirement> = None;
     let mut unreachable = None;
-    for kind in [PlanKind::Decode, PlanKind::Prefill] {
+    let kinds: &[PlanKind] = match limits.kind {
+        Some(PlanKind::Decode) => &[PlanKind::Decode],
+        Some(PlanKind::Prefill) => &[PlanKind::Prefill],
+        None => &[PlanKind::Decode, PlanKind::Prefill],
+    };
+    for &kind in kinds {
         let req = match Capacities::for_limits(kind, limits)
             .and_then(|cap| cap.requirement(&limits.heads))
         {

@@ -138,16 +138,74 @@ fn graph_limits_size_the_kind_that_plans() {
     ));
 }
 
-/// Outside graph mode the bound caps partial rows at int32: limits whose largest decode
-/// batch would pass it still size, and a batch within them plans into the bound.
+/// Outside graph mode limits are sized for every batch within them: limits whose largest
+/// decode batch passes int32 partial rows are a named error, unless they are for prefill
+/// plans only (`with_kind`), whose bound is then sized and enforced.
 #[test]
-fn deterministic_limits_cap_partial_rows_at_int32() {
+fn limits_for_one_kind_size_that_kind_only() {
     let heads = HeadConfig::new(1, 1, 16).unwrap();
     let mut cfg = PlanConfig::with_parallelism(4);
     cfg.deterministic_chunk = Some(1);
     let kv_len = 1usize << 30;
     let limits = WorkspaceLimits::new(heads, DType::F32, 2, 1, kv_len, 1).with_config(cfg);
-    let bound = workspace_size(&limits).unwrap();
+    // Decode: 2 requests × 2^30 chunks = 2^31 partial rows.
+    let e = workspace_size(&limits).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::LimitExceeded {
+                field: "partial rows",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = workspace_size(&limits.with_kind(PlanKind::Decode)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::LimitExceeded {
+                field: "partial rows",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // Prefill: one row × 2^30 chunks.
+    let prefill = limits.with_kind(PlanKind::Prefill);
+    let bound = workspace_size(&prefill).unwrap();
     let p = bound.float.buffer("partial_lse").unwrap().bytes / 4;
-    assert!(p >= kv_len && p <= (1 << 31) + 64, "{p}");
+    assert!(p >= kv_len && p <= kv_len + 64, "{p}");
+    // A small prefill batch plans within them; a decode batch is the wrong kind.
+    let (qo, kv) = ([0i32, 1], [0i32, 40]);
+    let plan = Plan::new_within(
+        &BatchDesc::prefill_ragged(heads, &qo, &kv),
+        &AttentionOptions::default(),
+        &prefill,
+    )
+    .unwrap();
+    assert!(plan.requirement().fits_in(&bound));
+    let pages = PageTable {
+        page_size: 16,
+        num_pages: 1,
+        indptr: &[0, 1],
+        last_page_len: &[1],
+        num_indices: 1,
+    };
+    let e = Plan::new_within(
+        &BatchDesc::decode(heads, pages),
+        &AttentionOptions::default(),
+        &prefill,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::PlanMismatch {
+                what: "plan kind",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
