@@ -510,6 +510,7 @@ impl AttentionPlan {
                 o: reborrow(&mut o),
                 lse: lse_slice.as_deref_mut(),
                 sinks: sinks.as_deref(),
+                custom_mask: None,
             };
             cpu.run(&self.plan, args, ws_bytes)?;
         }

@@ -429,6 +429,7 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
             o: o.view_mut(),
             lse: Some(&mut lse),
             sinks: case.sinks.as_deref(),
+            custom_mask: None,
         },
         ws.as_bytes_mut(),
     )?;

@@ -93,6 +93,7 @@ impl Emulator {
             o: o.view_mut(),
             lse: Some(&mut lse),
             sinks: data.sinks.as_deref(),
+            custom_mask: None,
         };
         if let Err(e) = emulate(&self.cxx, &self.dir, plan, args, None) {
             panic!("{}: {e}", data.spec.name);
@@ -123,6 +124,7 @@ impl Emulator {
             o: o.view_mut(),
             lse: Some(&mut lse),
             sinks: data.sinks.as_deref(),
+            custom_mask: None,
         };
         if let Err(e) = emulate(&self.cxx, &self.dir, plan, args, Some(strided.strides)) {
             panic!("{}: {e}", data.spec.name);

@@ -540,6 +540,7 @@ impl CudaBackend {
             num_indices: args.kv_indices.len(),
             paged: None,
             sinks: None,
+            custom_mask: None,
         };
         let qo = strides.unwrap_or_else(|| RunStrides::contiguous(heads));
         // Whole rows a buffer of `len` elements holds with row stride `row`.
