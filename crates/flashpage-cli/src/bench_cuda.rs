@@ -300,6 +300,7 @@ fn run_case_typed<T: Elem>(
                     o,
                     lse: Some(lse),
                     sinks: None,
+                    custom_mask: None,
                 },
                 &mut ws,
             )
