@@ -141,7 +141,7 @@ fn rows_that_see_nothing_are_empty_and_masked_keys_contribute_nothing() {
                     .map(|e| {
                         let (i, j) = (e / kv, e % kv);
                         match r {
-                            0 => j != 3 && j != 40 && !(i == 1 && !decode),
+                            0 => j != 3 && j != 40 && (decode || i != 1),
                             _ => i != 0 || j == 39,
                         }
                     })
@@ -199,11 +199,11 @@ fn tree_mask() -> Vec<bool> {
 
 /// Root-to-leaf paths of the tree.
 fn paths() -> Vec<Vec<usize>> {
-    let leaves = (0..8).filter(|&i| !PARENT.contains(&(i as i32)));
+    let leaves = (0..8i32).filter(|i| !PARENT.contains(i));
     leaves
         .map(|leaf| {
             let mut p = vec![];
-            let mut a = leaf as i32;
+            let mut a = leaf;
             while a >= 0 {
                 p.push(a as usize);
                 a = PARENT[a as usize];
