@@ -3,7 +3,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use flashpage::validate::check_page_ids;
+use flashpage::validate::{check_batch, check_custom_mask, check_page_ids};
 use flashpage::{WorkspaceLimits, workspace_size};
 use flashpage::{
     AttentionOptions, BatchDesc, DType, HeadConfig, PageTable, Plan, PlanConfig, PosEncoding,
@@ -35,6 +35,8 @@ struct Input {
     q_tile: u16,
     min_kv_chunk: u16,
     limits: (u16, u32, u32),
+    mask_indptr: Vec<i32>,
+    mask_bytes: u16,
 }
 
 fuzz_target!(|inp: Input| {
@@ -75,6 +77,23 @@ fuzz_target!(|inp: Input| {
     if let Ok(plan) = Plan::new_within(&desc, &opts, &limits) {
         let bound = workspace_size(&limits).expect("sized limits");
         assert!(plan.requirement().fits_in(&bound));
+    }
+
+    // A custom mask's indptr against the batch: never a panic; when accepted, every
+    // request's bits lie inside the buffer.
+    if let Ok(vb) = check_batch(&desc, &opts) {
+        let lens = |r: usize| {
+            let q = vb.request(r);
+            (q.qo_len, q.kv_len)
+        };
+        let bytes = inp.mask_bytes as usize;
+        if check_custom_mask(&inp.mask_indptr, bytes, vb.batch_size(), lens).is_ok() {
+            for r in 0..vb.batch_size() {
+                let (qo, kv) = lens(r);
+                let start = inp.mask_indptr[r] as usize;
+                assert!(start * 8 + qo * kv <= bytes * 8);
+            }
+        }
     }
 
     if let Ok(()) = check_page_ids(&inp.kv_indptr, &inp.kv_indices, inp.num_pages as usize) {

@@ -679,6 +679,7 @@ impl AttentionPlan {
                 o: reborrow(&mut o),
                 lse: lse_slice.as_deref_mut(),
                 sinks: sinks.as_deref(),
+                custom_mask: None,
             };
             match &self.cascade {
                 Some(c) => cpu.run_cascade(c, args, ws_bytes)?,

@@ -326,6 +326,7 @@ fn matrix(what: What, dtypes: &[DType], filter: Option<&str>) -> Vec<BenchCase> 
                         options: options.with_causal(!decode),
                         input_scale: 1.0,
                         sinks: false,
+                        custom_mask: None,
                     },
                     decode,
                 });
@@ -585,6 +586,7 @@ fn run_case(cpu: &CpuBackend, case: &BenchCase, ceilings: &Ceilings) -> Result<C
                 o: o.view_mut(),
                 lse: Some(lse),
                 sinks: None,
+                custom_mask: None,
             },
             ws.as_bytes_mut(),
         )

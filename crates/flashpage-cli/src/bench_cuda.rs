@@ -128,6 +128,7 @@ pub fn main(args: &BenchArgs) -> Result<(), CliError> {
                     .with_sm_scale(scale),
                 input_scale: 1.0,
                 sinks: false,
+                custom_mask: None,
             };
             match run_case(&gpu, &cpu, &spec, read_gbps) {
                 Ok(r) => r.print(args.json),
@@ -299,6 +300,7 @@ fn run_case_typed<T: Elem>(
                     o,
                     lse: Some(lse),
                     sinks: None,
+                    custom_mask: None,
                 },
                 &mut ws,
             )

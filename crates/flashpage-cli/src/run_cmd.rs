@@ -4,7 +4,9 @@
 //! (NHD) or `[num_pages, Hkv, page_size, D]` (HND); `kv_indptr` `[B+1]`, `kv_indices`,
 //! `kv_last_page_len` `[B]` (int32); `qo_indptr` `[B+1]` (int32) for prefill, absent for
 //! decode; optionally `sinks` `[Hq]` f32 (attention sinks, natural-log logits, see
-//! docs/semantics.md). Options are string metadata: `causal`, `sm_scale`, `logits_soft_cap`,
+//! docs/semantics.md) and a custom mask: `custom_mask` (uint8, 1-D: FlashInfer's packed
+//! bits) with `mask_indptr` `[B+1]` (int32, bytes), both or neither (docs/semantics.md,
+//! "Custom masks"). Options are string metadata: `causal`, `sm_scale`, `logits_soft_cap`,
 //! `window_left`, `kv_layout`, `pos_encoding`, `rope_theta`, `rope_scale`. Output: `o`
 //! `[rows, Hq, D]` in q's dtype and `lse` `[rows, Hq]` f32 (natural log).
 //!
@@ -16,7 +18,7 @@ use std::path::PathBuf;
 
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::{KvCache, RunArgs as BackendArgs};
-use flashpage::layout::{MAX_PAGE_SIZE, PAGE_SIZE_RULE};
+use flashpage::layout::{CustomMask, MAX_PAGE_SIZE, PAGE_SIZE_RULE};
 use flashpage::validate::{check_batch, check_page_ids};
 use flashpage::workspace::HostWorkspace;
 use flashpage::{
@@ -56,6 +58,8 @@ const KNOWN_TENSORS: &[&str] = &[
     "kv_last_page_len",
     "qo_indptr",
     "sinks",
+    "custom_mask",
+    "mask_indptr",
 ];
 
 /// Metadata keys a case file may contain (`format` is written by common safetensors
@@ -210,6 +214,8 @@ struct Case {
     kv_last_page_len: Vec<i32>,
     qo_indptr: Option<Vec<i32>>,
     sinks: Option<Vec<f32>>,
+    /// The custom mask's bits and `mask_indptr`.
+    mask: Option<(Vec<u8>, Vec<i32>)>,
     options: AttentionOptions,
 }
 
@@ -222,7 +228,7 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
     names.sort();
     if let Some(n) = names.iter().find(|n| !KNOWN_TENSORS.contains(n)) {
         return Err(CliError::invalid(format!(
-            "unknown tensor {n:?} in {name}: expected q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len and, for prefill, qo_indptr (optional: sinks)"
+            "unknown tensor {n:?} in {name}: expected q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len and, for prefill, qo_indptr (optional: sinks, custom_mask with mask_indptr)"
         )));
     }
     let get = |t: &str| {
@@ -307,7 +313,31 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
         Ok(t) => Some(sinks_tensor(&t, hq)?),
         Err(_) => None,
     };
+    let mask = match (st.tensor("custom_mask"), st.tensor("mask_indptr")) {
+        (Err(_), Err(_)) => None,
+        (Ok(bits), Ok(indptr)) => {
+            if bits.dtype() != Dtype::U8 || bits.shape().len() != 1 {
+                return Err(CliError::invalid(format!(
+                    "custom_mask has dtype {:?} and shape {}, expected U8 [bytes] (packed bits)",
+                    bits.dtype(),
+                    shape(bits.shape())
+                )));
+            }
+            Some((bits.data().to_vec(), i32_tensor("mask_indptr", &indptr)?))
+        }
+        (Ok(_), Err(_)) => {
+            return Err(CliError::invalid(
+                "custom_mask needs mask_indptr [batch_size + 1] (int32, bytes)".to_string(),
+            ));
+        }
+        (Err(_), Ok(_)) => {
+            return Err(CliError::invalid(
+                "mask_indptr needs custom_mask (uint8 packed bits)".to_string(),
+            ));
+        }
+    };
     Ok(Case {
+        mask,
         q: float_tensor("q", &q_view, dtype)?,
         k: float_tensor("k_cache", &k_view, dtype)?,
         v: float_tensor("v_cache", &v_view, dtype)?,
@@ -429,6 +459,10 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
             o: o.view_mut(),
             lse: Some(&mut lse),
             sinks: case.sinks.as_deref(),
+            custom_mask: case
+                .mask
+                .as_ref()
+                .map(|(bits, indptr)| CustomMask { bits, indptr }),
         },
         ws.as_bytes_mut(),
     )?;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flashpage::*;
 use flashpage::{WorkspaceLimits, workspace_size};
-use flashpage_testkit::case::{CaseData, CaseSpec};
+use flashpage_testkit::case::{CaseData, CaseSpec, MaskSpec};
 use proptest::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -1014,6 +1014,20 @@ impl CaseFile {
                 i32_bytes(b.qo_indptr()),
             ));
         }
+        if let Some(m) = &d.custom_mask {
+            tensors.push((
+                "custom_mask".to_string(),
+                Dtype::U8,
+                vec![m.bits.len()],
+                m.bits.clone(),
+            ));
+            tensors.push((
+                "mask_indptr".to_string(),
+                Dtype::I32,
+                vec![m.indptr.len()],
+                i32_bytes(&m.indptr),
+            ));
+        }
         if let Some(sk) = &d.sinks {
             tensors.push((
                 "sinks".to_string(),
@@ -1162,7 +1176,40 @@ fn run_round_trip_decode_and_prefill() {
         sinks.name = "prefill causal sinks".into();
         sinks.sinks = true;
         round_trip(&sinks, 61 + i as u64, "2");
+
+        let mut masked = pre.clone();
+        masked.name = "prefill causal custom mask".into();
+        masked.custom_mask = Some(MaskSpec {
+            density: 0.5,
+            zero_row_stride: 3,
+        });
+        round_trip(&masked, 71 + i as u64, "2");
     }
+}
+
+#[test]
+fn run_custom_masks_are_checked() {
+    let h = HeadConfig::new(4, 2, 32).unwrap();
+    let mut s = CaseSpec::decode("mask", h, 8, 2, 20, DType::F32);
+    s.decode = false;
+    s.requests = vec![(3, 20), (2, 9)];
+    s.custom_mask = Some(MaskSpec {
+        density: 0.5,
+        zero_row_stride: 0,
+    });
+    let d = s.materialise(5).unwrap();
+    let mut f = CaseFile::from_case(&d);
+    f.remove("mask_indptr");
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["custom_mask needs mask_indptr"]);
+    // Request 0 has 3 x 20 = 60 bits: 8 bytes; request 1 2 x 9 = 18 bits: 3 bytes.
+    let mut f = CaseFile::from_case(&d);
+    f.tensor("mask_indptr").3 = [0i32, 7, 11].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(
+        &out,
+        &["mask_indptr gives request 0 7 mask bytes, expected ceil(3 x 20 / 8) = 8"],
+    );
 }
 
 #[test]

@@ -14,8 +14,9 @@
 // goes through the same buffer as the shuffles.
 //
 // Usage: host_emulation <input> <output>. Input (little endian): the Params bytes with the
-// pointer fields ignored; then 9 buffers (q, k, v, kv_indices, int_ws, float_ws, o, lse,
-// sinks: empty for none),
+// pointer fields ignored (the mask pointer is 1 when the run has a custom mask); then 11
+// buffers (q, k, v, kv_indices, int_ws, float_ws, o, lse, sinks: empty for none, the custom
+// mask's bits and its mask_indptr),
 // each a u64 byte length followed by the bytes; then u32 work_cap, num_kv_heads, merge_cap,
 // launch_merge. Output: the bytes of o, then of lse.
 //
@@ -287,11 +288,11 @@ int main(int argc, char** argv) {
         return 2;
     }
     Params p;
-    static_assert(sizeof(Params) == 272, "Params layout");
+    static_assert(sizeof(Params) == 296, "Params layout");
     if (!read_exact(in, &p, sizeof p)) {
         return 3;
     }
-    std::vector<std::vector<unsigned char>> bufs(9);
+    std::vector<std::vector<unsigned char>> bufs(11);
     for (auto& b : bufs) {
         unsigned long long n = 0;
         if (!read_exact(in, &n, 8)) {
@@ -321,6 +322,8 @@ int main(int argc, char** argv) {
     p.o = addr(6);
     p.lse = bufs[7].size() > 16 ? addr(7) : 0;
     p.sinks = bufs[8].size() > 16 ? addr(8) : 0;
+    p.mask = p.mask != 0 ? addr(9) : 0;
+    p.mask_indptr = addr(10);
     if (dims[0] > 0) {
 #if FP_PREFILL
         launch(dims[0], dims[1], PF_THREADS, [p] { fp_prefill(p); });

@@ -88,6 +88,7 @@ fn time_case(cpu: &CpuBackend, data: &CaseData, reps: usize) -> (f64, f64) {
                 o: o.view_mut(),
                 lse: Some(&mut lse),
                 sinks: None,
+                custom_mask: None,
             },
             ws.as_bytes_mut(),
         )

@@ -2,6 +2,7 @@
 //! inputs on a paged cache whose pages are shuffled, run on a backend and compared with the
 //! f64 reference. Used by the tests, `flashpage check` and `flashpage bench`.
 
+use crate::mask::PackedMask;
 use crate::reference::{self, ReferenceInputs};
 use crate::runner::HostRunner;
 use flashpage::backend::cpu::CpuBackend;
@@ -84,6 +85,17 @@ pub struct CaseSpec {
     pub input_scale: f64,
     /// Attention sinks: random per-head sink logits in `[-3, 5)`, drawn after the inputs.
     pub sinks: bool,
+    /// A custom mask to draw after the inputs (and the sinks), if any.
+    pub custom_mask: Option<MaskSpec>,
+}
+
+/// How to draw a case's custom mask ([`PackedMask::random`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskSpec {
+    /// Probability that a (query row, key) element is visible (1: all bits set).
+    pub density: f64,
+    /// `n > 0`: every `n`-th query row of each request sees no key; 0: none.
+    pub zero_row_stride: usize,
 }
 
 /// A materialised case: inputs on the host, the batch arrays and the cache.
@@ -109,6 +121,8 @@ pub struct CaseData {
     pub strides: KvStrides,
     /// Attention sinks `[num_qo_heads]` (when the spec asks for them).
     pub sinks: Option<Vec<f32>>,
+    /// The custom mask (when the spec asks for one).
+    pub custom_mask: Option<PackedMask>,
 }
 
 /// An input tensor of a case, for [`CaseData::set_row`].
@@ -185,6 +199,7 @@ impl CaseSpec {
             options: AttentionOptions::default(),
             input_scale: 1.0,
             sinks: false,
+            custom_mask: None,
         }
     }
 
@@ -264,9 +279,19 @@ impl CaseSpec {
                 .map(|_| (rng.uniform() * 4.0 + 1.0) as f32)
                 .collect()
         });
+        // Drawn after the sinks, for the same reason.
+        let custom_mask = self.custom_mask.map(|m| {
+            let lens: Vec<(usize, usize)> = self
+                .requests
+                .iter()
+                .map(|&(qo, kv)| (if self.decode { 1 } else { qo }, kv))
+                .collect();
+            PackedMask::random(&mut rng, &lens, m.density, m.zero_row_stride)
+        });
         Ok(CaseData {
             spec: self.clone(),
             sinks,
+            custom_mask,
             batch,
             ragged_indptr,
             num_pages,
@@ -356,6 +381,7 @@ impl CaseData {
                 strides: self.strides,
                 kv_indices: self.batch.kv_indices(),
                 sinks: sinks.as_deref(),
+                custom_mask: self.custom_mask.as_ref().map(PackedMask::view),
             },
         )
     }
@@ -445,6 +471,7 @@ impl CaseData {
                 o: o.view_mut(),
                 lse: Some(&mut lse),
                 sinks: self.sinks.as_deref(),
+                custom_mask: self.custom_mask.as_ref().map(PackedMask::view),
             },
         )?;
         Ok((o, lse))

@@ -21,6 +21,7 @@ use flashpage::layout::RunStrides;
 use flashpage::tensor::{Tensor, TensorMut, TensorRef};
 
 use crate::case::CaseData;
+use crate::mask::PackedMask;
 use crate::runner::HostRunner;
 use crate::strided::StridedLayout;
 
@@ -93,6 +94,7 @@ impl Emulator {
             o: o.view_mut(),
             lse: Some(&mut lse),
             sinks: data.sinks.as_deref(),
+            custom_mask: data.custom_mask.as_ref().map(PackedMask::view),
         };
         if let Err(e) = emulate(&self.cxx, &self.dir, plan, args, None) {
             panic!("{}: {e}", data.spec.name);
@@ -123,6 +125,7 @@ impl Emulator {
             o: o.view_mut(),
             lse: Some(&mut lse),
             sinks: data.sinks.as_deref(),
+            custom_mask: data.custom_mask.as_ref().map(PackedMask::view),
         };
         if let Err(e) = emulate(&self.cxx, &self.dir, plan, args, Some(strided.strides)) {
             panic!("{}: {e}", data.spec.name);
@@ -247,6 +250,7 @@ fn emulate(
     let mut shapes = args.shapes();
     shapes.qo = qo;
     check_run_args(plan, &shapes)?;
+    launch::check_custom_mask(plan, args.custom_mask.is_some())?;
     let fail = |message: String| Error::Backend {
         backend: "cuda-emulation",
         message,
@@ -264,6 +268,11 @@ fn emulate(
         o: 0,
         lse: 0,
         sinks: args.sinks.is_some() as u64,
+        mask: (
+            args.custom_mask.is_some() as u64,
+            0,
+            args.custom_mask.map_or(0, |m| m.bits.len()),
+        ),
         kv_indices: 0,
         int_ws: 0,
         float_ws: 0,
@@ -295,6 +304,11 @@ fn emulate(
     put(&mut input, &mut_bytes(&args.o));
     put(&mut input, bytemuck::cast_slice(&lse_init));
     put(&mut input, bytemuck::cast_slice(args.sinks.unwrap_or(&[])));
+    put(&mut input, args.custom_mask.map_or(&[][..], |m| m.bits));
+    put(
+        &mut input,
+        bytemuck::cast_slice(args.custom_mask.map_or(&[][..], |m| m.indptr)),
+    );
     let caps = plan.capacities();
     let merge = caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0);
     for d in [

@@ -8,6 +8,8 @@
 //!   shuffled pages, poisoned outputs) and compared with the reference;
 //! - [`suite`]: the declarative TOML suite (`data/*.toml`) and its runner, on any
 //!   [`HostRunner`] (every backend through host tensors);
+//! - [`mask`]: custom masks packed in FlashInfer's layout, drawn at random or built from
+//!   boolean matrices;
 //! - [`numerics`]: the numeric contract (`docs/numerics.md`) as a property of arbitrary
 //!   bytes, shared by the `numerics` fuzz target and the tests;
 //! - [`ceiling`]: this machine's read bandwidth and FMA peak, measured in the same run as a
@@ -20,6 +22,7 @@ pub mod ceiling;
 pub mod emulate;
 #[cfg(feature = "cuda")]
 pub mod emulate_ops;
+pub mod mask;
 pub mod numerics;
 pub mod reference;
 pub mod rope_reference;

@@ -4,7 +4,7 @@
 //! SIMD level is checked against in tests and in `flashpage check`.
 
 use flashpage::Error;
-use flashpage::layout::{KvIndex, KvStrides};
+use flashpage::layout::{CustomMask, KvIndex, KvStrides};
 use flashpage::options::{AttentionOptions, PosEncoding, alibi_slope};
 use flashpage::validate::ValidBatch;
 
@@ -24,6 +24,9 @@ pub struct ReferenceInputs<'a> {
     /// Attention sinks `[num_qo_heads]`: one extra logit per query head in every row's
     /// softmax, with no value (docs/semantics.md, "Attention sinks").
     pub sinks: Option<&'a [f64]>,
+    /// A custom mask (FlashInfer's packed layout): key `j` is visible to query row `i` of
+    /// request `r` only where bit `8·mask_indptr[r] + i·kv_len + j` is set.
+    pub custom_mask: Option<CustomMask<'a>>,
 }
 
 /// Output of the reference.
@@ -92,6 +95,12 @@ pub fn check_inputs(vb: &ValidBatch<'_>, inp: &ReferenceInputs<'_>) -> Result<()
             expected: format!("[{hq}]"),
             actual: format!("{} elements", s.len()),
         });
+    }
+    if let Some(m) = &inp.custom_mask {
+        flashpage::validate::check_custom_mask_host(m, vb.batch_size(), |r| {
+            let q = vb.request(r);
+            (q.qo_len, q.kv_len)
+        })?;
     }
     let s = &inp.strides;
     for r in 0..vb.batch_size() {
@@ -172,7 +181,11 @@ pub fn attention(
                 for j in 0..req.kv_len {
                     let jj = j as i64;
                     let visible = (!options.causal || jj <= qpos)
-                        && options.window().is_none_or(|w| jj >= qpos - w as i64);
+                        && options.window().is_none_or(|w| jj >= qpos - w as i64)
+                        && inp.custom_mask.is_none_or(|m| {
+                            let bit = m.indptr[r] as usize * 8 + i * req.kv_len + j;
+                            m.bits[bit / 8] >> (bit % 8) & 1 == 1
+                        });
                     if !visible {
                         s.push(f64::NEG_INFINITY);
                         continue;

@@ -43,7 +43,9 @@ pub use cuda::CudaHost;
 #[cfg(feature = "cuda")]
 mod cuda {
     use cudarc::driver::CudaSlice;
-    use flashpage::backend::cuda::{CudaBackend, DeviceElem, DeviceRunArgs, DeviceWorkspace};
+    use flashpage::backend::cuda::{
+        CudaBackend, DeviceCustomMask, DeviceElem, DeviceRunArgs, DeviceWorkspace,
+    };
     use flashpage::backend::{Backend, DeviceArgs, RunArgs, check_run_args};
     use flashpage::error::{Error, Result};
     use flashpage::half::{bf16, f16};
@@ -123,6 +125,8 @@ mod cuda {
         host_kv_indices: Option<&'a [i32]>,
         lse: Option<&'a mut CudaSlice<f32>>,
         sinks: Option<&'a CudaSlice<f32>>,
+        /// The custom mask's bits and mask_indptr on the device, and its host mask_indptr.
+        mask: Option<(&'a CudaSlice<u8>, &'a CudaSlice<i32>, &'a [i32])>,
     }
 
     impl DevRun<'_> {
@@ -151,6 +155,11 @@ mod cuda {
                 o: &mut o,
                 lse: self.lse.as_mut().map(|l| &mut **l as _),
                 sinks: self.sinks.map(|s| s as _),
+                custom_mask: self.mask.map(|(bits, indptr, host)| DeviceCustomMask {
+                    bits,
+                    indptr,
+                    host_indptr: host,
+                }),
             };
             Backend::run(self.backend, self.plan, T::wrap(run), self.ws)?;
             self.backend.synchronize()?;
@@ -189,6 +198,13 @@ mod cuda {
                 Some(sk) => Some(s.clone_htod(&nonempty(sk.to_vec())).map_err(dev)?),
                 None => None,
             };
+            let mask_dev = match args.custom_mask {
+                Some(m) => Some((
+                    s.clone_htod(&nonempty(m.bits.to_vec())).map_err(dev)?,
+                    s.clone_htod(&nonempty(m.indptr.to_vec())).map_err(dev)?,
+                )),
+                None => None,
+            };
             let (strides, num_pages) = (args.kv.strides, args.kv.num_pages);
             let mut dev_run = DevRun {
                 backend: b,
@@ -201,6 +217,10 @@ mod cuda {
                 host_kv_indices: host_ids,
                 lse: lse_dev.as_mut(),
                 sinks: sinks_dev.as_ref(),
+                mask: match (&mask_dev, args.custom_mask) {
+                    (Some((b, i)), Some(m)) => Some((b, i, m.indptr)),
+                    _ => None,
+                },
             };
             // o starts as the caller's buffer (poisoned in tests), so an element the kernel
             // does not write comes back as it was. Typed device buffers: no bit casts.

@@ -23,6 +23,9 @@
 //! deterministic_chunk = 32      # fixed chunk: outputs must be identical for every parallelism
 //! graph_capacity = 8            # graph mode (also graph_max_q_rows, graph_max_kv_len)
 //! sinks = true                 # attention sinks: random per-head sink logits (run argument)
+//! custom_mask = { density = 0.5, zero_row_stride = 3 }
+//!                               # a random custom mask (run argument): each (row, key) visible
+//!                               # with probability density; every 3rd query row masked whole
 //! set = [{ input = "v", request = 0, pos = 2, value = inf }]
 //!                               # after the random fill, every element of a q row ("q":
 //!                               # query row `pos`) or a key's K or V rows ("k", "v": key
@@ -42,6 +45,7 @@
 //! kv_indptr = [0]
 //! expect = "IndptrLengthMismatch"          # the Error variant
 //! message = "both must have batch_size + 1" # a substring of the message
+//! # mask_indptr = [0, 1], mask_bytes = 1    # optional: the run carries a custom mask
 //! ```
 //!
 //! ```
@@ -54,13 +58,14 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::case::{CaseData, CaseSpec, Comparison, Input, KvStorage, Rng};
+use crate::case::{CaseData, CaseSpec, Comparison, Input, KvStorage, MaskSpec, Rng};
+use crate::mask::PackedMask;
 use crate::reference::{self, ReferenceInputs, ReferenceOutput};
 use crate::runner::HostRunner;
 use flashpage::backend::cpu::SimdLevel;
 use flashpage::backend::{KvCache, RunArgs};
 use flashpage::error::{Error, ErrorKind, Result};
-use flashpage::layout::{BatchDesc, DType, HeadConfig, KvLayout, KvStrides, PageTable};
+use flashpage::layout::{BatchDesc, CustomMask, DType, HeadConfig, KvLayout, KvStrides, PageTable};
 use flashpage::options::{AttentionOptions, PosEncoding};
 use flashpage::plan::{Plan, PlanConfig};
 use flashpage::tensor::{Tensor, TensorRef};
@@ -73,6 +78,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("variants.toml", include_str!("../data/variants.toml")),
     ("numerics.toml", include_str!("../data/numerics.toml")),
     ("features.toml", include_str!("../data/features.toml")),
+    ("masks.toml", include_str!("../data/masks.toml")),
     ("errors.toml", include_str!("../data/errors.toml")),
 ];
 
@@ -163,6 +169,9 @@ pub struct ErrorCase {
     pub expect: Option<ErrorKind>,
     /// Expected substring of the message.
     pub message: Option<String>,
+    /// A custom mask's `mask_indptr` and the length of its bits buffer (random bytes), if
+    /// the run carries one.
+    pub custom_mask: Option<(Vec<i32>, usize)>,
 }
 
 #[derive(Deserialize)]
@@ -221,6 +230,15 @@ struct CaseToml {
     set: Vec<SetToml>,
     #[serde(default)]
     sinks: bool,
+    custom_mask: Option<MaskToml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaskToml {
+    density: f64,
+    #[serde(default)]
+    zero_row_stride: usize,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +271,8 @@ struct ErrorToml {
     options: OptionsToml,
     expect: Option<String>,
     message: Option<String>,
+    mask_indptr: Option<Vec<i32>>,
+    mask_bytes: Option<usize>,
 }
 
 /// The options of a case as the library's own parsers read them (so an error case can expect
@@ -370,6 +390,19 @@ impl CaseToml {
                 options: options_from(&self.options).map_err(|e| e.to_string())?,
                 input_scale: self.input_scale.unwrap_or(1.0),
                 sinks: self.sinks,
+                custom_mask: match &self.custom_mask {
+                    None => None,
+                    Some(m) if !(0.0..=1.0).contains(&m.density) => {
+                        return Err(format!(
+                            "custom_mask density {} is not in [0, 1]",
+                            m.density
+                        ));
+                    }
+                    Some(m) => Some(MaskSpec {
+                        density: m.density,
+                        zero_row_stride: m.zero_row_stride,
+                    }),
+                },
             },
             dtypes,
             parallelism,
@@ -426,6 +459,11 @@ impl ErrorToml {
                 .map(str::parse::<ErrorKind>)
                 .transpose()?,
             message: self.message.clone(),
+            custom_mask: match (&self.mask_indptr, self.mask_bytes) {
+                (None, None) => None,
+                (Some(i), Some(n)) => Some((i.clone(), n)),
+                _ => return Err("mask_indptr and mask_bytes go together".into()),
+            },
         })
     }
 }
@@ -720,6 +758,21 @@ impl ErrorCase {
         let (q, k, v) = (random(q_elems), random(kv_elems), random(kv_elems));
         let mut o = vec![f32::NAN; q_elems];
         let mut lse = vec![f32::NAN; plan.num_q_rows() * hq];
+        let mask: Option<(Vec<u8>, Vec<i32>)> = match &self.custom_mask {
+            Some((_, n)) if *n > MAX_ERROR_CASE_ELEMS => {
+                return Err(Error::LimitExceeded {
+                    field: "error case mask bytes",
+                    limit: MAX_ERROR_CASE_ELEMS,
+                    actual: *n,
+                    rule: "error cases stay small",
+                });
+            }
+            Some((indptr, n)) => Some((
+                (0..*n).map(|_| rng.next_u64() as u8).collect(),
+                indptr.clone(),
+            )),
+            None => None,
+        };
         let kv = if self.ragged {
             let s = KvStrides::ragged(hkv, d);
             KvCache::ragged(TensorRef::F32(&k), TensorRef::F32(&v), s, tokens)
@@ -741,6 +794,10 @@ impl ErrorCase {
                 o: flashpage::tensor::TensorMut::F32(&mut o),
                 lse: Some(&mut lse),
                 sinks: None,
+                custom_mask: mask.as_ref().map(|(bits, indptr)| CustomMask {
+                    bits,
+                    indptr: indptr.as_slice(),
+                }),
             },
         )
     }
@@ -811,6 +868,7 @@ pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOut
     let mut kv_indptr = vec![0i32];
     let mut last = Vec::new();
     let mut indices = Vec::new();
+    let mut sub_masks: Vec<Vec<bool>> = Vec::new();
     let q_all = data.q.view();
     for &row in rows {
         let r = (0..vb.batch_size())
@@ -840,6 +898,15 @@ pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOut
         };
         for x in 0..hq * d {
             q.push(q_all.get_f64(row * hq * d + x));
+        }
+        if let Some(m) = &data.custom_mask {
+            // The row's mask bits over the keys the one-row request keeps.
+            let base = m.indptr[r] as usize * 8 + i * req.kv_len;
+            sub_masks.push(
+                (base..base + visible)
+                    .map(|b| m.bits[b / 8] >> (b % 8) & 1 == 1)
+                    .collect(),
+            );
         }
         let n = visible.div_ceil(ps);
         for p in 0..n {
@@ -884,6 +951,10 @@ pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOut
         BatchDesc::prefill_ragged(h, &qo_indptr, &kv_indptr)
     };
     let sub = check_batch(&desc, &opts)?;
+    let sub_mask = data
+        .custom_mask
+        .as_ref()
+        .map(|_| PackedMask::from_requests(&sub_masks));
     let sinks: Option<Vec<f64>> = data
         .sinks
         .as_ref()
@@ -898,6 +969,7 @@ pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOut
             strides: sub_strides,
             kv_indices: &indices,
             sinks: sinks.as_deref(),
+            custom_mask: sub_mask.as_ref().map(PackedMask::view),
         },
     )
 }

@@ -6,8 +6,9 @@ use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::cuda::prefill::PrefillVariant;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, PlanConfig, PosEncoding};
 use flashpage_testkit::HostRunner;
-use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage};
+use flashpage_testkit::case::{CaseData, CaseSpec, Input, KvStorage, MaskSpec};
 use flashpage_testkit::emulate::{EMULATED_ARCH, Emulator};
+use flashpage_testkit::mask::PackedMask;
 use flashpage_testkit::strided::StridedLayout;
 use flashpage_testkit::suite::{self, Suite};
 
@@ -136,6 +137,69 @@ fn emulated_options() {
             }
         }
     }
+}
+
+#[test]
+fn emulated_custom_masks() {
+    // The mask read of the attention kernel (decode, and f32 prefill tiles) and of the
+    // tensor-core prefill kernel (bf16 prefill), split and unsplit, with rows that see
+    // nothing; masked keys whose V is infinite or NaN contribute nothing (the tensor-core
+    // kernel's non-finite-V path must honour the mask).
+    let (emu, cpu) = setup("masks");
+    let mut i = 300;
+    let h = HeadConfig::new(8, 2, 64).unwrap();
+    for (decode, dt, causal) in [
+        (true, DType::F32, false),
+        (false, DType::F32, true),
+        (false, DType::BF16, true),
+        (false, DType::BF16, false),
+    ] {
+        let mut s = CaseSpec::decode("m", h, 16, 1, 1, dt);
+        s.name = format!("mask decode {decode} {} causal {causal}", dt.name());
+        s.decode = decode;
+        s.requests = if decode {
+            vec![(1, 300), (1, 0), (1, 2), (1, 90)]
+        } else {
+            vec![(9, 70), (0, 0), (3, 3), (20, 40)]
+        };
+        s.options.causal = causal;
+        s.custom_mask = Some(MaskSpec {
+            density: 0.6,
+            zero_row_stride: 4,
+        });
+        for p in [1, 48] {
+            let mut c = PlanConfig::with_parallelism(p);
+            c.min_kv_chunk = 16;
+            check(&emu, &cpu, &s, &c, seed(i));
+            i += 1;
+        }
+    }
+    // Key 5 of request 0 is masked for every row; its V is NaN and its K infinite.
+    let mut s = CaseSpec::decode("mv", h, 16, 1, 1, DType::BF16);
+    s.name = "mask over non-finite K/V (tensor-core kernel)".into();
+    s.decode = false;
+    s.requests = vec![(6, 40)];
+    let mut data = s.materialise(seed(i)).unwrap();
+    let bits: Vec<bool> = (0..6 * 40).map(|e| e % 40 != 5 && e % 7 != 0).collect();
+    data.custom_mask = Some(PackedMask::from_requests(&[bits]));
+    poison_v_token(&mut data, 5, f64::NAN);
+    data.set_row(Input::K, 0, 5, f64::INFINITY).unwrap();
+    let plan = data.plan(&PlanConfig::with_parallelism(1)).unwrap();
+    let (o, lse) = emu.run(&data, &plan);
+    let c = data.compare(&o, &lse, &data.reference().unwrap());
+    assert!(c.passed(), "{}: {c:?}", s.name);
+    // With RoPE the kernels do not read masks: a typed refusal naming the argument.
+    s.options.pos_encoding = PosEncoding::Rope {
+        theta: 1e4,
+        scale: 1.0,
+    };
+    let mut data = s.materialise(seed(i)).unwrap();
+    data.custom_mask = Some(PackedMask::from_requests(&[vec![true; 6 * 40]]));
+    let e = data
+        .run_on(&emu, &PlanConfig::with_parallelism(1))
+        .unwrap_err();
+    assert_eq!(e.kind(), flashpage::ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("custom_mask with rope"), "{e}");
 }
 
 #[test]
@@ -471,7 +535,8 @@ fn emulated_tensor_core_prefill_matches_reference_and_cpu() {
 /// host) within CI time, each case runs at the first and last parallelism it lists
 /// (unsplit and most split) and at the first dtype it lists (the kernels differ between
 /// dtypes only in their loads and stores, which the other emulation tests cover), prefill
-/// cases also at their first 16-bit dtype (the tensor-core kernel), numerics.toml at every
+/// cases (and masks.toml's prefill cases) also at their first 16-bit dtype (the tensor-core
+/// kernel), numerics.toml at every
 /// dtype. `--nocapture` prints each case's time.
 #[test]
 fn the_suite_on_the_emulated_kernels() {
@@ -497,7 +562,7 @@ fn the_suite_on_the_emulated_kernels() {
         } else {
             let mut d = case.dtypes[..1].to_vec();
             // Prefill also at its first 16-bit dtype: the tensor-core kernel's plans.
-            if case.file == "prefill.toml"
+            if (case.file == "prefill.toml" || case.file == "masks.toml" && !case.spec.decode)
                 && let Some(&h) = case.dtypes.iter().find(|t| t.size() == 2)
                 && h != d[0]
             {

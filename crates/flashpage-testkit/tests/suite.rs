@@ -73,6 +73,11 @@ fn feature_cases() {
 }
 
 #[test]
+fn mask_cases() {
+    run_file("masks.toml");
+}
+
+#[test]
 fn expected_errors_at_every_simd_level() {
     let suite = Suite::embedded().unwrap();
     assert!(suite.errors.len() >= 25);
@@ -143,6 +148,24 @@ fn suite_covers_the_required_cases() {
     assert!(has(&|c| c.spec.sinks && !c.spec.decode));
     assert!(has(&|c| c.spec.sinks && c.spec.storage == KvStorage::Ragged));
     assert!(has(&|c| c.spec.sinks && c.graph_capacity.is_some()));
+    // Custom masks: prefill and decode, split, rows that see nothing, every bit set,
+    // combined with causal, the window, sinks, ragged K/V and graph mode.
+    let mask = |c: &suite::SuiteCase| c.spec.custom_mask;
+    assert!(has(&|c| mask(c).is_some() && c.spec.decode));
+    assert!(has(&|c| mask(c).is_some()
+        && !c.spec.decode
+        && c.min_kv_chunk.is_some()));
+    assert!(has(&|c| mask(c).is_some_and(|m| m.zero_row_stride > 0)));
+    assert!(has(&|c| mask(c).is_some_and(|m| m.density == 0.0)));
+    assert!(has(&|c| mask(c).is_some_and(|m| m.density == 1.0)));
+    assert!(has(&|c| mask(c).is_some()
+        && c.spec.options.causal
+        && c.spec.options.window_left.is_some()));
+    assert!(has(&|c| mask(c).is_some() && c.spec.sinks));
+    assert!(has(
+        &|c| mask(c).is_some() && c.spec.storage == KvStorage::Ragged
+    ));
+    assert!(has(&|c| mask(c).is_some() && c.graph_capacity.is_some()));
     let variants: Vec<&str> = suite
         .errors
         .iter()
@@ -160,6 +183,7 @@ fn suite_covers_the_required_cases() {
         "HeadRatio",
         "UnsupportedHeadDim",
         "UnsupportedPageSize",
+        "CustomMaskLength",
     ] {
         assert!(variants.contains(&v), "no expected-error case for {v}");
     }
@@ -273,6 +297,7 @@ fn sampled_reference_matches_the_full_reference() {
         options: AttentionOptions::default().with_causal(true),
         input_scale: 1.0,
         sinks: false,
+        custom_mask: None,
     };
     let variants = [
         base.clone(),

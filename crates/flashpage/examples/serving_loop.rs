@@ -118,6 +118,7 @@ fn main() -> Result<()> {
                 strides,
                 kv_indices,
                 sinks: None,
+                custom_mask: None,
             };
             let err = rel_error(&f64s(&o), &attention(&vb, &layer_options(l), &inputs)?.o);
             worst = worst.max(err);

@@ -223,6 +223,7 @@ impl AttentionOp<'_> {
                 o,
                 lse,
                 sinks: None,
+                custom_mask: None,
             };
             self.backend
                 .run_strided(plan, args, strides, ws.as_bytes_mut())

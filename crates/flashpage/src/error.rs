@@ -111,6 +111,24 @@ pub enum Error {
         actual: i64,
     },
 
+    /// A request's custom mask does not have the bytes its shape needs: `mask_indptr[r + 1]
+    /// - mask_indptr[r]` must be `ceil(qo_len·kv_len / 8)` (FlashInfer's packed layout).
+    #[error(
+        "mask_indptr gives request {request} {actual} mask bytes, expected ceil({qo_len} x {kv_len} / 8) = {expected} (qo_len x kv_len bits, packed)"
+    )]
+    CustomMaskLength {
+        /// The request.
+        request: usize,
+        /// Its query rows.
+        qo_len: usize,
+        /// Its keys.
+        kv_len: usize,
+        /// Bytes required.
+        expected: usize,
+        /// Bytes `mask_indptr` gives it.
+        actual: usize,
+    },
+
     /// `kv_indptr[B]` points past the end of `kv_indices`.
     #[error(
         "kv_indptr[{batch_size}] = {needed} but kv_indices has only {actual} {actual_entries}",
@@ -373,6 +391,7 @@ impl Error {
             Error::EmptyIndptr { .. } => ErrorKind::EmptyIndptr,
             Error::IndptrStart { .. } => ErrorKind::IndptrStart,
             Error::IndptrDecreasing { .. } => ErrorKind::IndptrDecreasing,
+            Error::CustomMaskLength { .. } => ErrorKind::CustomMaskLength,
             Error::IndicesTooShort { .. } => ErrorKind::IndicesTooShort,
             Error::PageIdOutOfRange { .. } => ErrorKind::PageIdOutOfRange,
             Error::LastPageLen { .. } => ErrorKind::LastPageLen,
@@ -441,6 +460,8 @@ pub enum ErrorKind {
     IndptrStart,
     /// [`Error::IndptrDecreasing`].
     IndptrDecreasing,
+    /// [`Error::CustomMaskLength`].
+    CustomMaskLength,
     /// [`Error::IndicesTooShort`].
     IndicesTooShort,
     /// [`Error::PageIdOutOfRange`].
@@ -497,6 +518,7 @@ impl ErrorKind {
         ErrorKind::EmptyIndptr,
         ErrorKind::IndptrStart,
         ErrorKind::IndptrDecreasing,
+        ErrorKind::CustomMaskLength,
         ErrorKind::IndicesTooShort,
         ErrorKind::PageIdOutOfRange,
         ErrorKind::LastPageLen,
@@ -532,6 +554,7 @@ impl ErrorKind {
             ErrorKind::EmptyIndptr => "EmptyIndptr",
             ErrorKind::IndptrStart => "IndptrStart",
             ErrorKind::IndptrDecreasing => "IndptrDecreasing",
+            ErrorKind::CustomMaskLength => "CustomMaskLength",
             ErrorKind::IndicesTooShort => "IndicesTooShort",
             ErrorKind::PageIdOutOfRange => "PageIdOutOfRange",
             ErrorKind::LastPageLen => "LastPageLen",

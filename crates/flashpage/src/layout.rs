@@ -170,6 +170,33 @@ pub enum KvIndex<'a> {
     },
 }
 
+/// A custom attention mask per request, in FlashInfer's packed layout
+/// (`packed_custom_mask`, `bitorder = "little"`): request `r`'s mask is the row-major
+/// `qo_len × kv_len` boolean matrix starting at byte `indptr[r]` of `bits`, element
+/// `(i, j)` at bit `8·indptr[r] + i·kv_len + j`, bit `b` of the buffer being bit `b % 8` (least
+/// significant first) of byte `b / 8`. A set bit makes key `j` visible to query row `i`; the
+/// mask combines with causal and the sliding window (a key is visible only if every active
+/// mask admits it). See docs/semantics.md, "Custom masks".
+///
+/// `indptr` has `batch_size + 1` entries starting at 0, and request `r` owns exactly
+/// `ceil(qo_len·kv_len / 8)` bytes (`flashinfer.packbits` of each request's flattened mask,
+/// concatenated); [`crate::validate::check_custom_mask`] checks all of it.
+///
+/// ```
+/// use flashpage::layout::CustomMask;
+/// // One request of 2 query rows × 3 keys: row 0 sees keys 0 and 2, row 1 sees key 1.
+/// let bits = [0b0001_0101u8];
+/// let mask = CustomMask { bits: &bits, indptr: &[0, 1] };
+/// assert_eq!(mask.bits.len(), 1);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CustomMask<'a> {
+    /// The packed bits of every request, concatenated (bytes).
+    pub bits: &'a [u8],
+    /// `mask_indptr`: B + 1 byte offsets into `bits`.
+    pub indptr: &'a [i32],
+}
+
 /// How query rows map to requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueryIndex<'a> {

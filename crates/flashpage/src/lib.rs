@@ -89,6 +89,7 @@
 //!     o: TensorMut::F32(&mut o),
 //!     lse: Some(&mut lse),
 //!     sinks: None,
+//!     custom_mask: None,
 //! }, ws.as_bytes_mut())?;
 //! assert!(o.iter().all(|x| x.is_finite()));
 //! # Ok::<(), flashpage::Error>(())
@@ -119,8 +120,8 @@ pub use half;
 pub use builder::BatchBuilder;
 pub use error::{Error, ErrorKind, Result};
 pub use layout::{
-    BatchDesc, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QoStrides, QueryIndex,
-    RunStrides,
+    BatchDesc, CustomMask, DType, HeadConfig, KvIndex, KvLayout, KvStrides, PageTable, QoStrides,
+    QueryIndex, RunStrides,
 };
 pub use options::{AttentionOptions, PosEncoding};
 pub use plan::cascade::{CascadeLevel, CascadePlan};

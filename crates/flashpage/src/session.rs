@@ -338,6 +338,7 @@ impl Attention {
             o: layer.o,
             lse: layer.lse,
             sinks: None,
+            custom_mask: None,
         };
         self.backend.run(plan, args, self.workspace.as_bytes_mut())
     }

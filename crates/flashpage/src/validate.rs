@@ -6,7 +6,7 @@
 //! the expected and the actual value.
 
 use crate::error::{Error, Result};
-use crate::layout::{BatchDesc, KvIndex, MAX_PAGE_SIZE, PAGE_SIZE_RULE, QueryIndex};
+use crate::layout::{BatchDesc, CustomMask, KvIndex, MAX_PAGE_SIZE, PAGE_SIZE_RULE, QueryIndex};
 use crate::options::AttentionOptions;
 
 /// One request of a validated batch.
@@ -134,6 +134,78 @@ pub(crate) fn check_indptr(field: &'static str, indptr: &[i32]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks a custom mask ([`CustomMask`]) against a batch of `batch_size` requests whose
+/// request `r` has the `(qo_len, kv_len)` that `request(r)` returns, given only the mask's
+/// host `mask_indptr` and the length in bytes of its bits buffer (which may live on the
+/// device): `mask_indptr` has `batch_size + 1` entries ([`Error::ArrayLength`]), starts at 0
+/// ([`Error::IndptrStart`]), never decreases ([`Error::IndptrDecreasing`]), gives each
+/// request exactly `ceil(qo_len·kv_len / 8)` bytes ([`Error::CustomMaskLength`]), and ends
+/// inside the bits buffer ([`Error::TensorShape`] naming `custom_mask`). O(B); never panics.
+///
+/// ```
+/// use flashpage::validate::check_custom_mask;
+/// use flashpage::ErrorKind;
+/// // Two requests: 2 x 3 (6 bits: 1 byte) and 1 x 9 (9 bits: 2 bytes).
+/// let lens = [(2, 3), (1, 9)];
+/// assert!(check_custom_mask(&[0, 1, 3], 3, 2, |r| lens[r]).is_ok());
+/// let e = check_custom_mask(&[0, 1, 2], 3, 2, |r| lens[r]).unwrap_err();
+/// assert_eq!(e.kind(), ErrorKind::CustomMaskLength);
+/// ```
+pub fn check_custom_mask(
+    mask_indptr: &[i32],
+    bits_len: usize,
+    batch_size: usize,
+    request: impl Fn(usize) -> (usize, usize),
+) -> Result<()> {
+    const FIELD: &str = "mask_indptr";
+    if mask_indptr.len() != batch_size.saturating_add(1) {
+        return Err(Error::ArrayLength {
+            field: FIELD,
+            expected: batch_size.saturating_add(1),
+            actual: mask_indptr.len(),
+            rule: "batch_size + 1",
+        });
+    }
+    check_indptr(FIELD, mask_indptr)?;
+    for (r, w) in mask_indptr.windows(2).enumerate() {
+        let (qo_len, kv_len) = request(r);
+        let expected = qo_len
+            .checked_mul(kv_len)
+            .ok_or(Error::SizeOverflow {
+                what: "custom mask bits",
+            })?
+            .div_ceil(8);
+        let actual = (w[1] - w[0]) as usize;
+        if actual != expected {
+            return Err(Error::CustomMaskLength {
+                request: r,
+                qo_len,
+                kv_len,
+                expected,
+                actual,
+            });
+        }
+    }
+    let total = mask_indptr[batch_size] as usize;
+    if total > bits_len {
+        return Err(Error::TensorShape {
+            tensor: "custom_mask",
+            expected: format!("at least {total} bytes (mask_indptr[{batch_size}] = {total})"),
+            actual: format!("{bits_len} bytes"),
+        });
+    }
+    Ok(())
+}
+
+/// [`check_custom_mask`] on host mask data.
+pub fn check_custom_mask_host(
+    mask: &CustomMask<'_>,
+    batch_size: usize,
+    request: impl Fn(usize) -> (usize, usize),
+) -> Result<()> {
+    check_custom_mask(mask.indptr, mask.bits.len(), batch_size, request)
 }
 
 /// Checks a batch and its options; O(B), reads nothing but the host-side index arrays.

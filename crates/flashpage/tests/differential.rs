@@ -5,7 +5,7 @@
 
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::*;
-use flashpage_testkit::case::{CaseSpec, KvStorage, Rng};
+use flashpage_testkit::case::{CaseSpec, KvStorage, MaskSpec, Rng};
 use proptest::prelude::*;
 
 /// A random case and planner configuration from `seed`.
@@ -82,6 +82,12 @@ fn random_case(seed: u64) -> (CaseSpec, PlanConfig) {
         options,
         input_scale,
         sinks: rng.below(3) == 0,
+        // A custom mask in a third of the cases: sparse, dense, all ones, with or without
+        // rows that see nothing.
+        custom_mask: (rng.below(3) == 0).then(|| MaskSpec {
+            density: [0.1, 0.5, 0.9, 1.0][rng.below(4)],
+            zero_row_stride: [0, 0, 2, 5][rng.below(4)],
+        }),
     };
     // Parallelism from 1 (no split) to 512 (split everything that is long enough).
     let mut config = PlanConfig::with_parallelism([1, 2, 8, 64, 512][rng.below(5)]);

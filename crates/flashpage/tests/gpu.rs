@@ -134,6 +134,7 @@ fn run_gpu_typed<T: Storage>(
         o: &mut o,
         lse: Some(&mut lse),
         sinks: None,
+        custom_mask: None,
     };
     gpu.run(&plan, args, &mut ws)?;
     gpu.synchronize()?;
@@ -228,6 +229,7 @@ fn errors_before_launch() {
                 o: &mut o,
                 lse: Some(&mut lse),
                 sinks: None,
+                custom_mask: None,
             }
         };
     }
@@ -388,6 +390,7 @@ fn graph_capture_and_replay() {
                                 o: &mut o,
                                 lse: Some(&mut lse),
                                 sinks: None,
+                                custom_mask: None,
                             },
                             w,
                         )

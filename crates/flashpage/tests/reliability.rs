@@ -366,6 +366,7 @@ fn run_with(plan: &Plan, kv: KvCache<'_>) -> Error {
                 o: TensorMut::F32(&mut o),
                 lse: None,
                 sinks: None,
+                custom_mask: None,
             },
             ws.as_bytes_mut(),
         )

@@ -72,6 +72,7 @@ fn set_options_equals_a_plan_made_for_them() {
             o: TensorMut::F32(&mut o),
             lse: None,
             sinks: None,
+            custom_mask: None,
         };
         cpu.run(plan, args, ws.as_bytes_mut()).unwrap();
         o

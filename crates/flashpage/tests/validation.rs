@@ -643,6 +643,7 @@ fn run_with_small_workspace_is_refused() {
                 o: TensorMut::F32(&mut o),
                 lse: None,
                 sinks: None,
+                custom_mask: None,
             },
             ws.as_bytes_mut(),
         )
@@ -702,6 +703,7 @@ fn shapes_ok(plan: &Plan, ids: &'static [i32]) -> ArgShapes<'static> {
         num_indices: ids.len(),
         paged: Some(true),
         sinks: None,
+        custom_mask: None,
     }
 }
 
@@ -762,6 +764,74 @@ fn run_args_checked_against_plan() {
             actual: "2 elements".into(),
         },
         &["sinks has shape 2 elements", "expected [8]"],
+    );
+    // Custom mask: the plan's requests are decode rows of 21 and 16 keys: 3 and 2 bytes.
+    static MASK_OK: [i32; 3] = [0, 3, 5];
+    let mut a = ok;
+    a.custom_mask = Some((&MASK_OK, 5));
+    assert_eq!(check_run_args(&plan, &a), Ok(()));
+    a.custom_mask = Some((&MASK_OK, 9));
+    assert_eq!(
+        check_run_args(&plan, &a),
+        Ok(()),
+        "a longer bits buffer is fine"
+    );
+    static MASK_SHORT: [i32; 2] = [0, 3];
+    a.custom_mask = Some((&MASK_SHORT, 5));
+    expect(
+        check_run_args(&plan, &a),
+        Error::ArrayLength {
+            field: "mask_indptr",
+            expected: 3,
+            actual: 2,
+            rule: "batch_size + 1",
+        },
+        &["mask_indptr has 2 entries, expected 3"],
+    );
+    static MASK_START: [i32; 3] = [1, 4, 6];
+    a.custom_mask = Some((&MASK_START, 6));
+    expect(
+        check_run_args(&plan, &a),
+        Error::IndptrStart {
+            field: "mask_indptr",
+            actual: 1,
+        },
+        &["mask_indptr[0] must be 0, got 1"],
+    );
+    static MASK_DOWN: [i32; 3] = [0, 3, 2];
+    a.custom_mask = Some((&MASK_DOWN, 5));
+    expect(
+        check_run_args(&plan, &a),
+        Error::IndptrDecreasing {
+            field: "mask_indptr",
+            index: 2,
+            previous: 3,
+            actual: 2,
+        },
+        &["mask_indptr must be non-decreasing"],
+    );
+    static MASK_BYTES: [i32; 3] = [0, 3, 6];
+    a.custom_mask = Some((&MASK_BYTES, 7));
+    expect(
+        check_run_args(&plan, &a),
+        Error::CustomMaskLength {
+            request: 1,
+            qo_len: 1,
+            kv_len: 16,
+            expected: 2,
+            actual: 3,
+        },
+        &["request 1 3 mask bytes", "ceil(1 x 16 / 8) = 2"],
+    );
+    a.custom_mask = Some((&MASK_OK, 4));
+    expect(
+        check_run_args(&plan, &a),
+        Error::TensorShape {
+            tensor: "custom_mask",
+            expected: "at least 5 bytes (mask_indptr[2] = 5)".into(),
+            actual: "4 bytes".into(),
+        },
+        &["custom_mask", "at least 5 bytes"],
     );
     let mut a = ok;
     a.lse = Some(15);
@@ -904,6 +974,7 @@ fn founding_scenario() {
                 o: TensorMut::F32(&mut o),
                 lse: None,
                 sinks: None,
+                custom_mask: None,
             },
             HostWorkspace::new(plan.requirement().float.total())
                 .unwrap()

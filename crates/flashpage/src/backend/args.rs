@@ -2,9 +2,10 @@
 //! arguments against its plan.
 
 use crate::error::{Error, Result, shape_str};
-use crate::layout::{DType, KvStrides, RunStrides};
+use crate::layout::{CustomMask, DType, KvStrides, RunStrides};
 use crate::plan::Plan;
 use crate::tensor::{TensorMut, TensorRef};
+use crate::validate::check_custom_mask;
 
 /// The K/V tensors of a run: a paged cache or contiguous (ragged) K/V, described by strides.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +94,11 @@ pub struct RunArgs<'a, 'o> {
     /// query head in the softmax denominator, with no value (docs/semantics.md, "Attention
     /// sinks"). A per-layer tensor, so an argument of the run rather than of the plan.
     pub sinks: Option<&'a [f32]>,
+    /// A custom attention mask (FlashInfer's packed layout, [`CustomMask`]): per request, a
+    /// bit per (query row, key), set where the key is visible; combined with causal and the
+    /// window (docs/semantics.md, "Custom masks"). Like the sinks, data of the run: the
+    /// plan does not depend on it.
+    pub custom_mask: Option<CustomMask<'a>>,
 }
 
 /// Shapes a backend needs to check, independent of where the data lives.
@@ -110,6 +116,9 @@ pub struct ArgShapes<'a> {
     pub lse: Option<usize>,
     /// elements of the attention sinks, if given.
     pub sinks: Option<usize>,
+    /// The custom mask's host `mask_indptr` and its bits buffer's length in bytes, if a mask
+    /// is given.
+    pub custom_mask: Option<(&'a [i32], usize)>,
     /// K strides.
     pub strides: KvStrides,
     /// V strides (equal to `strides` unless V has its own layout).
@@ -231,6 +240,11 @@ pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
             actual: format!("{n} elements"),
         });
     }
+    if let Some((indptr, bytes)) = a.custom_mask {
+        check_custom_mask(indptr, bytes, plan.batch_size(), |r| {
+            plan.request(r).map_or((0, 0), |q| (q.qo_len, q.kv_len))
+        })?;
+    }
     if plan.options().return_lse && a.lse.is_none() {
         return Err(Error::TensorShape {
             tensor: "lse",
@@ -315,6 +329,7 @@ impl RunArgs<'_, '_> {
             o: (self.o.dtype(), self.o.len()),
             lse: self.lse.as_ref().map(|l| l.len()),
             sinks: self.sinks.map(|s| s.len()),
+            custom_mask: self.custom_mask.map(|m| (m.indptr, m.bits.len())),
             strides: self.kv.strides,
             v_strides: self.kv.v_strides,
             qo: None,

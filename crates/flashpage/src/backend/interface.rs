@@ -59,6 +59,7 @@ mod sealed {
 ///     o: TensorMut::F32(&mut o),
 ///     lse: None,
 ///     sinks: None,
+///     custom_mask: None,
 /// };
 /// Backend::run(&cpu, &plan, args, ws.as_bytes_mut())?;
 /// assert!(o.iter().all(|&x| (x - 1.0).abs() < 1e-6));

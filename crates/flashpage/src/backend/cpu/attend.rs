@@ -484,6 +484,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                 }
             }
         }
+        let masked = ctx.mask.is_some();
         let jlast = (j0 + nb - 1) as i64;
         let interior = j0 as i64 >= lo_min && jlast <= hi_min;
 
@@ -574,13 +575,29 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
             for p in 0..rows {
                 let t = t0 + p;
                 let (lo, hi) = (sc.lo[t], sc.hi[t]);
-                let vis = if interior {
+                let mut vis = if interior {
                     [0, nb]
                 } else {
                     let a = (lo - j0 as i64).clamp(0, nb as i64) as usize;
                     let b = (hi + 1 - j0 as i64).clamp(a as i64, nb as i64) as usize;
                     [a, b]
                 };
+                // Custom mask: the visible range shrinks to the first and last keys the mask
+                // admits; the masked keys between them (`holes`) get logit -inf and are
+                // skipped by P·V like keys of logit -inf.
+                let mut holes = 0u32;
+                if masked {
+                    let i = (sc.qpos[t] - shift) as usize;
+                    let hide = ctx.masked_keys(item.request, i, req.kv_len, j0, nb);
+                    let seen = range_bits(vis) & !hide;
+                    vis = if seen == 0 {
+                        [vis[0], vis[0]]
+                    } else {
+                        let b = KEY_BLOCK - seen.leading_zeros() as usize;
+                        [seen.trailing_zeros() as usize, b]
+                    };
+                    holes = hide & range_bits(vis);
+                }
                 sc.vis[p] = vis;
                 sc.ninf[p] = 0;
                 let srow = &mut s[p * KEY_BLOCK..(p + 1) * KEY_BLOCK];
@@ -596,7 +613,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                 if I::reduce_add(bad).is_nan() {
                     let (qr, qp) = (sc.qrow[t], sc.qpos[t]);
                     for jj in vis[0]..vis[1] {
-                        if !srow[jj].is_finite() {
+                        if holes >> jj & 1 == 0 && !srow[jj].is_finite() {
                             srow[jj] = exact_score(ctx, qr, qp, offs[jj] + hoff, j0 + jj);
                             if srow[jj] == f32::NEG_INFINITY {
                                 sc.ninf[p] |= 1 << jj;
@@ -605,7 +622,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                     }
                     // A visible NaN score (non-finite inputs) makes the row NaN, as IEEE
                     // arithmetic does in the reference.
-                    if srow[vis[0]..vis[1]].iter().any(|x| x.is_nan()) {
+                    if (vis[0]..vis[1]).any(|jj| holes >> jj & 1 == 0 && srow[jj].is_nan()) {
                         sc.l[t] = f32::NAN;
                     }
                 }
@@ -630,9 +647,17 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                         *x += sl * ((j0 + jj) as i64 - qp) as f32;
                     }
                 }
-                if !interior {
+                if !interior || masked {
                     srow[..vis[0]].fill(f32::NEG_INFINITY);
                     srow[vis[1]..nb].fill(f32::NEG_INFINITY);
+                }
+                if holes != 0 {
+                    let mut h = holes;
+                    while h != 0 {
+                        srow[h.trailing_zeros() as usize] = f32::NEG_INFINITY;
+                        h &= h - 1;
+                    }
+                    sc.ninf[p] |= holes;
                 }
                 let mut mv = neg;
                 for c in (0..KEY_BLOCK).step_by(l) {
@@ -733,6 +758,19 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
     finish_rows::<I, E>(ctx, w, h0, rows, trows, sc, |c| {
         if dp { B::permuted_column(c, d) } else { c }
     });
+}
+
+/// Bits `vis[0]..vis[1]` of a word (`vis[1] <= 32`).
+#[inline(always)]
+fn range_bits(vis: [usize; 2]) -> u32 {
+    let n = vis[1] - vis[0];
+    if n == 0 {
+        0
+    } else if n >= 32 {
+        u32::MAX
+    } else {
+        ((1u32 << n) - 1) << vis[0]
+    }
 }
 
 /// Normalises the accumulators of tile rows `0..trows` (KV heads from `h0`, `rows` rows each;

@@ -4,7 +4,7 @@
 use std::marker::PhantomData;
 
 use super::tile::KEY_BLOCK;
-use crate::layout::{KvStrides, QoStrides};
+use crate::layout::{CustomMask, KvStrides, QoStrides};
 use crate::plan::Plan;
 
 /// Everything a kernel reads, resolved once per run.
@@ -28,6 +28,8 @@ pub(crate) struct Ctx<'a, E> {
     pub(crate) lse: Option<SharedMut<'a, f32>>,
     /// Attention sinks per query head (checked to be `num_qo_heads` long).
     pub(crate) sinks: Option<&'a [f32]>,
+    /// The custom mask (checked against the plan by `check_run_args`).
+    pub(crate) mask: Option<CustomMask<'a>>,
     pub(crate) partial_o: SharedMut<'a, f32>,
     pub(crate) partial_lse: SharedMut<'a, f32>,
     pub(crate) sm_scale: f32,
@@ -62,6 +64,19 @@ pub(crate) fn sink_epilogue(lse: f32, sink: f32) -> (f32, f32) {
     }
 }
 
+/// The complement of bits `bit..bit + nb` (`nb <= 32`) of a little-endian bit buffer, as
+/// the low `nb` bits of a word (bits past the buffer's end read as 0: masked).
+#[inline]
+pub(crate) fn masked_bits(bits: &[u8], bit: usize, nb: usize) -> u32 {
+    let (byte, sh) = (bit / 8, bit % 8);
+    let mut w = 0u64;
+    for (k, &b) in bits.get(byte..).unwrap_or(&[]).iter().take(5).enumerate() {
+        w |= (b as u64) << (8 * k);
+    }
+    let low = if nb >= 32 { u32::MAX } else { (1u32 << nb) - 1 };
+    !((w >> sh) as u32) & low
+}
+
 /// The element strides of one run: K, V, q and o.
 #[derive(Clone, Copy)]
 pub(crate) struct Strides {
@@ -79,6 +94,23 @@ impl<E> Ctx<'_, E> {
             Some(s) => sink_epilogue(lse, s[h]),
             None => (1.0, lse),
         }
+    }
+
+    /// The keys `j0..j0 + nb` (`nb <= 32`) that the custom mask hides from query row `i` of
+    /// request `r` (`kv_len` keys): bit `jj` set when key `j0 + jj` is masked. 0 without a
+    /// mask. Request `r`'s bits start at byte `mask_indptr[r]` (checked against the plan:
+    /// every bit of the request is inside the buffer).
+    #[inline]
+    pub(crate) fn masked_keys(
+        &self,
+        r: usize,
+        i: usize,
+        kv_len: usize,
+        j0: usize,
+        nb: usize,
+    ) -> u32 {
+        let Some(m) = self.mask else { return 0 };
+        masked_bits(m.bits, m.indptr[r] as usize * 8 + i * kv_len + j0, nb)
     }
 
     /// Element offset of q row `row`, head `head` (checked against q's length by

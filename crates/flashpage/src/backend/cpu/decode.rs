@@ -401,13 +401,20 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                 }
             }
         }
+        // Custom mask: the same keys for every row (one query row); they get logit -inf
+        // below and are skipped by P·V like keys of logit -inf.
+        let hide = ctx.masked_keys(item.request, i, req.kv_len, j0, nb);
         let mut any_ninf = false;
-        if I::reduce_add(bad).is_nan() {
+        let bad_scores = I::reduce_add(bad).is_nan();
+        if bad_scores {
             for t in 0..trows {
                 let ho = (t / rows) * hstride;
                 let mut nan = false;
                 sc.ninf[t] = 0;
                 for j in 0..nb {
+                    if hide >> j & 1 == 1 {
+                        continue;
+                    }
                     let x = &mut s[j * tr + t];
                     if !x.is_finite() {
                         *x = exact_score(ctx, sc.qrow[t], qpos, offs[j] + ho, j0 + j);
@@ -441,6 +448,22 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                     s[j * tr + t] += sc.slope[t] * dist as f32;
                 }
             }
+        }
+
+        if hide != 0 {
+            for t in 0..trows {
+                if !bad_scores {
+                    sc.ninf[t] = 0;
+                }
+                sc.ninf[t] |= hide;
+            }
+            let mut h = hide;
+            while h != 0 {
+                let j = h.trailing_zeros() as usize;
+                s[j * tr..j * tr + trows].fill(f32::NEG_INFINITY);
+                h &= h - 1;
+            }
+            any_ninf = true;
         }
 
         // Online softmax, vertical: one register holds LANES rows.

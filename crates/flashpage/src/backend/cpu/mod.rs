@@ -34,7 +34,7 @@ pub use simd::SimdLevel;
 
 use super::{RunArgs, check_run_args};
 use crate::error::{Error, Result};
-use crate::layout::RunStrides;
+use crate::layout::{CustomMask, RunStrides};
 use crate::options::PosEncoding;
 use crate::plan::{Plan, PlanKind};
 use crate::tensor::{TensorMut, TensorRef};
@@ -172,6 +172,7 @@ impl CpuBackend {
             o,
             lse,
             sinks,
+            custom_mask,
         } = args;
         let ws = SharedMut::new(float_workspace);
         let st = Strides {
@@ -181,14 +182,45 @@ impl CpuBackend {
             o: qo.o,
         };
         match (q, kv.k, kv.v, o) {
-            (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
-                self.run_typed::<f32>(plan, q, k, v, st, kv.kv_indices, o, lse, sinks, ws)
-            }
-            (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
-                self.run_typed::<f16>(plan, q, k, v, st, kv.kv_indices, o, lse, sinks, ws)
-            }
+            (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => self
+                .run_typed::<f32>(
+                    plan,
+                    q,
+                    k,
+                    v,
+                    st,
+                    kv.kv_indices,
+                    o,
+                    lse,
+                    (sinks, custom_mask),
+                    ws,
+                ),
+            (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => self
+                .run_typed::<f16>(
+                    plan,
+                    q,
+                    k,
+                    v,
+                    st,
+                    kv.kv_indices,
+                    o,
+                    lse,
+                    (sinks, custom_mask),
+                    ws,
+                ),
             (TensorRef::BF16(q), TensorRef::BF16(k), TensorRef::BF16(v), TensorMut::BF16(o)) => {
-                self.run_typed::<bf16>(plan, q, k, v, st, kv.kv_indices, o, lse, sinks, ws)
+                self.run_typed::<bf16>(
+                    plan,
+                    q,
+                    k,
+                    v,
+                    st,
+                    kv.kv_indices,
+                    o,
+                    lse,
+                    (sinks, custom_mask),
+                    ws,
+                )
             }
             _ => unreachable!("dtypes were checked by check_run_args"),
         }
@@ -206,7 +238,7 @@ impl CpuBackend {
         kv_indices: &[i32],
         o: &mut [E],
         lse: Option<&mut [f32]>,
-        sinks: Option<&[f32]>,
+        (sinks, custom_mask): (Option<&[f32]>, Option<CustomMask<'_>>),
         ws: SharedMut<'_, u8>,
     ) {
         let heads = plan.heads();
@@ -241,6 +273,7 @@ impl CpuBackend {
             o: SharedMut::new(o),
             lse: lse.map(SharedMut::new),
             sinks,
+            mask: custom_mask,
             partial_o: ws.cast_f32(po.offset, po.bytes),
             partial_lse: ws.cast_f32(pl.offset, pl.bytes),
             sm_scale: opts.resolved_sm_scale(d),

@@ -128,6 +128,34 @@ pub struct DeviceRunArgs<'a, T: DeviceElem> {
     /// Attention sinks `[num_qo_heads]` f32 on the device, if the model has them
     /// (docs/semantics.md, "Attention sinks").
     pub sinks: Option<&'a dyn DevicePtr<f32>>,
+    /// A custom attention mask on the device, if the run has one (docs/semantics.md,
+    /// "Custom masks").
+    pub custom_mask: Option<DeviceCustomMask<'a>>,
+}
+
+/// A custom attention mask on the device, in FlashInfer's packed layout
+/// ([`crate::layout::CustomMask`]): the bits and `mask_indptr` on the device, and a host copy
+/// of `mask_indptr` (FlashInfer's wrappers build it on the host at plan time), which is
+/// checked against the plan before launch. The device `mask_indptr` must hold the same
+/// values; a bit it would place outside the bits buffer reads as masked (the kernels never
+/// read out of bounds).
+#[derive(Clone, Copy)]
+pub struct DeviceCustomMask<'a> {
+    /// The packed bits (u8).
+    pub bits: &'a dyn DevicePtr<u8>,
+    /// `mask_indptr` (B + 1 i32 byte offsets) on the device.
+    pub indptr: &'a dyn DevicePtr<i32>,
+    /// The same `mask_indptr` on the host.
+    pub host_indptr: &'a [i32],
+}
+
+impl std::fmt::Debug for DeviceCustomMask<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceCustomMask")
+            .field("bits", &self.bits.len())
+            .field("host_indptr", &self.host_indptr)
+            .finish()
+    }
 }
 
 /// The caller's device workspaces: float (partial states) and int (the plan's schedule).

@@ -10,6 +10,7 @@
 
 use cudarc::driver::DeviceRepr;
 
+use crate::error::{Error, Result};
 use crate::layout::{DType, HeadConfig, KvStrides, QoStrides, RunStrides};
 use crate::options::PosEncoding;
 use crate::plan::{Plan, PlanKind};
@@ -68,6 +69,9 @@ pub struct Params {
     pub(crate) rope_scale: f32,
     pub(crate) pad_: i32,
     pub(crate) sinks: u64,
+    pub(crate) mask: u64,
+    pub(crate) mask_indptr: u64,
+    pub(crate) mask_bytes: i64,
 }
 
 impl Params {
@@ -310,6 +314,9 @@ pub struct Buffers {
     pub lse: u64,
     /// Address of the attention sinks, `num_qo_heads` f32 (0 without sinks).
     pub sinks: u64,
+    /// Address of the custom mask's bits (0 without a mask), its `mask_indptr` and the
+    /// bits buffer's length in bytes.
+    pub mask: (u64, u64, usize),
     /// Address of the page ids.
     pub kv_indices: u64,
     /// Address of the int workspace (the plan's image).
@@ -394,7 +401,24 @@ pub fn params(plan: &Plan, b: &Buffers) -> Params {
         rope_scale,
         pad_: 0,
         sinks: b.sinks,
+        mask: b.mask.0,
+        mask_indptr: b.mask.1,
+        mask_bytes: b.mask.2.min(i64::MAX as usize) as i64,
     }
+}
+
+/// Whether the CUDA kernels can apply a custom mask to `plan`: every kernel reads it except
+/// the attention kernel's RoPE variants, which have no register left for it (the read made
+/// them spill, `tests/nvrtc_compile.rs`): a mask with RoPE is an [`Error::Unsupported`]
+/// naming `custom_mask`, raised before anything is launched (never ignored).
+pub fn check_custom_mask(plan: &Plan, has_mask: bool) -> Result<()> {
+    if has_mask && matches!(plan.options().pos_encoding, PosEncoding::Rope { .. }) {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: "custom_mask with rope (the RoPE attention kernels do not read masks; apply rope to q and k before appending and run without it, or use the cpu backend)".into(),
+        });
+    }
+    Ok(())
 }
 
 /// The parameters of `plan` over the buffers captured in `c` (to compare a replay's plan
@@ -412,6 +436,7 @@ pub(crate) fn params_like(plan: &Plan, c: &Params) -> Params {
         o: c.o,
         lse: c.lse,
         sinks: c.sinks,
+        mask: (c.mask, c.mask_indptr, c.mask_bytes as usize),
         kv_indices: c.kv_indices,
         int_ws: c.int_ws,
         float_ws: c.partial_o.wrapping_sub(po),
@@ -443,9 +468,9 @@ mod tests {
     #[test]
     fn params_layout_matches_the_kernels() {
         // 9 pointers + 13 i64 = 176 bytes, then 22 four-byte fields = 88, then the sinks
-        // pointer: 272 bytes, no padding anywhere (the C struct has the same fields in the
-        // same order).
-        assert_eq!(std::mem::size_of::<Params>(), 272);
+        // and custom-mask pointers and the mask's byte count: 296 bytes, no padding anywhere
+        // (the C struct has the same fields in the same order).
+        assert_eq!(std::mem::size_of::<Params>(), 296);
         assert_eq!(std::mem::align_of::<Params>(), 8);
         let src = include_str!("kernels/common.cuh");
         let start = src.find("struct Params {").unwrap();
@@ -503,6 +528,9 @@ mod tests {
             "rope_scale",
             "pad_",
             "sinks",
+            "mask",
+            "mask_indptr",
+            "mask_bytes",
         ];
         assert_eq!(fields, rust);
     }

@@ -58,7 +58,7 @@ use device::{
     BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, OPS_SRC, PREFILL_SRC, RunSignature, Uploaded, check_elem,
     driver_err,
 };
-pub use device::{DeviceElem, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES};
+pub use device::{DeviceCustomMask, DeviceElem, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES};
 pub use graph::CudaGraph;
 pub use nvrtc::CACHE_ENV;
 pub use ops::{DeviceAppendArrays, DeviceKvCacheMut, DeviceRows, DeviceRowsMut};
@@ -509,6 +509,18 @@ impl CudaBackend {
                 actual: format!("{} entries", h.len()),
             });
         }
+        if let Some(m) = &args.custom_mask
+            && m.indptr.len() < m.host_indptr.len()
+        {
+            return Err(Error::TensorShape {
+                tensor: "mask_indptr",
+                expected: format!(
+                    "at least {} entries on the device (as host_indptr)",
+                    m.host_indptr.len()
+                ),
+                actual: format!("{} entries", m.indptr.len()),
+            });
+        }
         // Device buffers may be larger than the batch (graph mode: sized for the capacity);
         // the kernels' row bound is what all of q, o and lse can hold.
         let heads = plan.heads();
@@ -540,6 +552,7 @@ impl CudaBackend {
             num_indices: args.kv_indices.len(),
             paged: None,
             sinks: None,
+            custom_mask: args.custom_mask.map(|m| (m.host_indptr, m.bits.len())),
         };
         let qo = strides.unwrap_or_else(|| RunStrides::contiguous(heads));
         // Whole rows a buffer of `len` elements holds with row stride `row`.
@@ -556,6 +569,7 @@ impl CudaBackend {
             .min(lse_len.map_or(usize::MAX, |n| n / hq))
             .min(i64::MAX as usize);
         check_run_args(plan, &shapes)?;
+        launch::check_custom_mask(plan, args.custom_mask.is_some())?;
         let req = plan.requirement();
         req.float.check_fits(ws.float.len())?;
         req.int.check_fits(ws.int.len())?;
@@ -640,6 +654,14 @@ impl CudaBackend {
             sinks_ptr = p;
             _gs = Some(g);
         }
+        let mut mask = (0u64, 0u64, 0usize);
+        let mut _gm = None;
+        if let Some(m) = &args.custom_mask {
+            let (b, gb) = m.bits.device_ptr(stream);
+            let (i, gi) = m.indptr.device_ptr(stream);
+            mask = (b, i, m.bits.len());
+            _gm = Some((gb, gi));
+        }
         for (tensor, p) in [("q", q), ("k", k), ("v", v), ("o", o)] {
             if !p.is_multiple_of(16) {
                 return Err(Error::Unsupported {
@@ -664,6 +686,7 @@ impl CudaBackend {
             o,
             lse: lse_ptr,
             sinks: sinks_ptr,
+            mask,
             kv_indices: kvi,
             int_ws: iw,
             float_ws: fw,

@@ -73,6 +73,9 @@ struct Params {
     float rope_scale;
     int pad_;
     u64 sinks;        // [hq] f32 sink logits (natural log), or 0
+    u64 mask;         // custom mask bits (FlashInfer's packed layout, u8), or 0
+    u64 mask_indptr;  // [B + 1] i32 byte offsets of each request's mask bits
+    i64 mask_bytes;   // bytes of the mask bits buffer (a bit past it reads as masked)
 };
 
 struct alignas(16) V4 {
@@ -313,6 +316,29 @@ __device__ __forceinline__ bool fp_work_item(const Params& p, int w, WorkItem& i
         return false;
     }
     return true;
+}
+
+// The bit offset of work item w's request in the custom mask (docs/semantics.md, "Custom
+// masks"): 8 * mask_indptr[request]; -1 without a mask. Query row i sees key t only where bit
+// base + i * kv_len + t is set (`fp_mask_visible`). The run's arguments were checked against
+// the plan on the host: every bit of every request is inside the buffer.
+__device__ __forceinline__ i64 fp_mask_base(const Params& p, int w) {
+    if (p.mask == 0) {
+        return -1;
+    }
+    const int* ws = (const int*)p.int_ws;
+    const int req = ws[p.work_off + w];
+    return (i64)((const int*)p.mask_indptr)[req] * 8;
+}
+
+// Whether bit `bit` of the custom mask is set (least significant bit first in each byte). A
+// bit outside the buffer (a device mask_indptr that disagrees with its checked host copy)
+// reads as masked, so no argument can make the kernels read out of bounds.
+__device__ __forceinline__ bool fp_mask_visible(const Params& p, i64 bit) {
+    if (bit < 0 || (bit >> 3) >= p.mask_bytes) {
+        return false;
+    }
+    return (((const unsigned char*)p.mask)[bit >> 3] >> (bit & 7)) & 1;
 }
 
 // Attention-sink epilogue on a finished state (docs/semantics.md, "Attention sinks"): with

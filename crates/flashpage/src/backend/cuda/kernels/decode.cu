@@ -168,6 +168,12 @@ static __device__ __forceinline__ void load_kv(const Params& p, int b, i64 start
     }
 }
 
+// The custom mask of the block's work item: row bits start at sh_mask[0] + qpos * sh_mask[1]
+// (written once per block when the run has a mask).
+#if !FP_ROPE
+__shared__ i64 sh_mask[2];
+#endif
+
 struct RowState {
     float q[ROWS][8];
     float acc[ROWS][8];
@@ -225,6 +231,13 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
         for (int u = 0; u < U; ++u) {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
             vis[r][u] = pid[u] >= 0 && t >= st.lo[r] && t <= st.hi[r];
+#if !FP_ROPE
+            if (p.mask != 0 && vis[r][u]) {
+                // Custom mask: the row's bits start at sh_mask[0] + qpos * sh_mask[1] (in
+                // shared memory, so no register holds them across the pipeline).
+                vis[r][u] = fp_mask_visible(p, sh_mask[0] + (i64)st.qpos[r] * sh_mask[1] + t);
+            }
+#endif
             float x = s[r][u];
             if (p.has_soft_cap) {
                 x = p.soft_cap * tanhf(x / p.soft_cap);
@@ -304,6 +317,19 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
 #endif
 
     const i64 shift = (i64)kv_len - (i64)qo_len;
+    // Custom mask: row i = qpos - shift starts at bit base + i * kv_len, i.e. at
+    // (base - shift * kv_len) + qpos * kv_len. The mask presence is uniform over the block.
+    // The RoPE variants have no register left for it (they spilled): the host refuses a mask
+    // with RoPE (launch::check_custom_mask).
+#if !FP_ROPE
+    if (p.mask != 0) {
+        if (tid == 0) {
+            sh_mask[0] = fp_mask_base(p, w) - shift * (i64)kv_len;
+            sh_mask[1] = (i64)kv_len;
+        }
+        __syncthreads();
+    }
+#endif
 
     for (int pass = row_start; pass < row_end; pass += ROWS) {
         const int nrows = min(ROWS, row_end - pass);

@@ -20,7 +20,7 @@
 // merge.cu, paged or ragged K/V, out-of-range page ids skipped, empty rows o = 0 and
 // lse = -inf. A key a row cannot see contributes exactly nothing, even when its V is +-inf or
 // NaN: a tile that is not visible to every row of a warp (the causal diagonal, the window
-// edge, the chunk's tail, an invalid page) is scanned for non-finite V; if it holds any, the
+// edge, the chunk's tail, an invalid page, any tile under a custom mask) is scanned for non-finite V; if it holds any, the
 // warp multiplies P by V with those elements zeroed and adds the non-finite values of the
 // keys each row does see back afterwards (a rare, slow path).
 //
@@ -251,6 +251,10 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
                 kv_len] = it;
 
     const i64 shift = (i64)kv_len - (i64)qo_len;
+    // Custom mask: row i = qpos - shift starts at bit base + i * kv_len, i.e. at
+    // (base - shift * kv_len) + qpos * kv_len (read only when the run has a mask).
+    const i64 mrow = (i64)kv_len;
+    const i64 mbase = fp_mask_base(p, w) - shift * mrow;
     const float qk_scale = p.sm_scale;
     const char* kbase = (const char*)p.k;
     const char* vbase = (const char*)p.v;
@@ -365,7 +369,8 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
             // Whether this warp's rows see any key of the tile, and whether they all see
             // every key of it (then no mask is needed).
             const bool sees = wn > 0 && t0 <= w_hi_max && t0 + BN - 1 >= w_lo_min;
-            const bool full = sAll[buf] != 0 && t0 >= w_lo_max && t0 + BN - 1 <= w_hi_min;
+            const bool full = sAll[buf] != 0 && t0 >= w_lo_max && t0 + BN - 1 <= w_hi_min &&
+                              p.mask == 0;
             u32 pa[BN / 16][4];
             if (sees) {
                 float s[NTILES][4];
@@ -408,7 +413,8 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
                         }
                         bool vis = true;
                         if (!full) {
-                            vis = sOff[buf][n] >= 0 && t >= rlo[h] && t <= rhi[h];
+                            vis = sOff[buf][n] >= 0 && t >= rlo[h] && t <= rhi[h] &&
+                                  (p.mask == 0 || fp_mask_visible(p, mbase + (i64)rpos[h] * mrow + t));
                         }
                         s[jn][e] = vis ? x * FP_LOG2E : FP_NEG_INF;
                     }
@@ -500,7 +506,8 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
                     for (int h = 0; h < 2; ++h) {
                         for (int n = 0; n < BN; ++n) {
                             const int t = (int)(t0 + n);
-                            if (sOff[buf][n] < 0 || t < rlo[h] || t > rhi[h]) {
+                            if (sOff[buf][n] < 0 || t < rlo[h] || t > rhi[h] ||
+                                (p.mask != 0 && !fp_mask_visible(p, mbase + (i64)rpos[h] * mrow + t))) {
                                 continue;
                             }
                             for (int dn = 0; dn < DTILES; ++dn) {
