@@ -140,6 +140,7 @@ fn shared_batch(heads: HeadConfig, dtype: DType, seed: u64) -> Result<CaseData, 
         v_offset: 0,
         strides: KvStrides::dense(KvLayout::Nhd, PAGE_SIZE, hkv, d),
         sinks: None,
+        custom_mask: None,
     })
 }
 
@@ -179,6 +180,7 @@ fn run_case(
                 o: o.view_mut(),
                 lse: Some(lse),
                 sinks: None,
+                custom_mask: None,
             },
             flat_ws.as_bytes_mut(),
         )
@@ -195,6 +197,7 @@ fn run_case(
                 o: o.view_mut(),
                 lse: Some(lse),
                 sinks: None,
+                custom_mask: None,
             },
             cascade_ws.as_bytes_mut(),
         )

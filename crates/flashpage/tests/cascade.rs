@@ -132,6 +132,7 @@ impl Shared {
                 strides: self.strides,
                 kv_indices: self.batch.kv_indices(),
                 sinks: sinks.as_deref(),
+                custom_mask: None,
             },
         )
         .unwrap()
@@ -162,6 +163,7 @@ impl Shared {
                 o: o.view_mut(),
                 lse: Some(&mut lse),
                 sinks: self.sinks.as_deref(),
+                custom_mask: None,
             },
             ws.as_bytes_mut(),
         )?;
@@ -339,6 +341,7 @@ fn malformed_cascades_are_named_errors() {
             o: TensorMut::F32(o),
             lse: None,
             sinks: None,
+            custom_mask: None,
         }
     }
     let e = cpu
@@ -377,11 +380,32 @@ fn malformed_cascades_are_named_errors() {
                 o: TensorMut::F16(&mut o16),
                 lse: None,
                 sinks: None,
+                custom_mask: None,
             },
             ws.as_bytes_mut(),
         )
         .unwrap_err();
     assert!(matches!(e, Error::DTypeMismatch { tensor: "o", .. }), "{e}");
+    // A custom mask indexes the flat batch's keys: refused by name.
+    let (bits, indptr) = ([0xffu8; 64], [0i32, 8, 16]);
+    let mut masked = args(&s, s.kv(), &mut o);
+    masked.custom_mask = Some(CustomMask {
+        bits: &bits,
+        indptr: &indptr,
+    });
+    let e = cpu
+        .run_cascade(&plan, masked, ws.as_bytes_mut())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                field: "custom_mask",
+                ..
+            }
+        ),
+        "{e}"
+    );
     // Nothing was written by a refused run.
     assert!(o.iter().all(|&x| x == 7.0));
 }

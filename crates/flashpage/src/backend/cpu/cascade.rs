@@ -23,7 +23,9 @@ impl CpuBackend {
     /// holds [`CascadePlan::float_requirement`] for o's dtype, 64-byte aligned.
     ///
     /// # Errors
-    /// [`Error::TensorShape`] naming `kv_indices` when page ids are passed, `o` or `lse` when
+    /// [`Error::InvalidOption`] naming `custom_mask` when a mask is passed (its bits index
+    /// the flat batch's keys); [`Error::TensorShape`] naming `kv_indices` when page ids are
+    /// passed, `o` or `lse` when
     /// their length is not the cascade's; [`Error::DTypeMismatch`] naming `o`;
     /// [`Error::WorkspaceTooSmall`] / [`Error::WorkspaceMisaligned`] for the workspace; every
     /// error of [`CpuBackend::run`] for a level (q, K, V, sinks against the level's plan).
@@ -34,6 +36,15 @@ impl CpuBackend {
         args: RunArgs<'_, '_>,
         float_workspace: &mut [u8],
     ) -> Result<()> {
+        if args.custom_mask.is_some() {
+            // A mask is laid out over the flat batch's (row, key) pairs, which the levels
+            // split: refused by name rather than applied to the wrong keys.
+            return Err(Error::InvalidOption {
+                field: "custom_mask",
+                expected: "none in a cascade (its bits index the flat batch's keys)",
+                actual: "a mask".into(),
+            });
+        }
         if !args.kv.kv_indices.is_empty() {
             return Err(Error::TensorShape {
                 tensor: "kv_indices",
@@ -93,6 +104,7 @@ impl CpuBackend {
             o,
             lse,
             sinks,
+            custom_mask: _,
         } = args;
         let parts = Parts::carve(&req, float_workspace);
         let run = Cascade { plan, q, kv, sinks };
@@ -146,6 +158,7 @@ impl CpuBackend {
                 o: wrap(&mut *level_o),
                 lse: Some(&mut *level_lse),
                 sinks: None,
+                custom_mask: None,
             };
             self.run_checked(lp, args, None, &mut *levels)?;
             let (lo, ll) = (&*level_o, &*level_lse);
