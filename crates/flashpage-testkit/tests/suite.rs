@@ -273,6 +273,7 @@ fn sampled_reference_matches_the_full_reference() {
         options: AttentionOptions::default().with_causal(true),
         input_scale: 1.0,
         sinks: false,
+        fp8: None,
     };
     let variants = [
         base.clone(),
@@ -325,4 +326,9 @@ fn sampled_reference_matches_the_full_reference() {
         let (o, lse) = data.poisoned_outputs();
         assert!(!suite::compare_rows(&data, &rows, &o, &lse, &s).passed());
     }
+}
+
+#[test]
+fn fp8_cases() {
+    run_file("fp8.toml");
 }

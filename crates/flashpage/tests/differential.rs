@@ -5,7 +5,7 @@
 
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::*;
-use flashpage_testkit::case::{CaseSpec, KvStorage, Rng};
+use flashpage_testkit::case::{CaseSpec, Fp8Spec, KvStorage, Rng};
 use proptest::prelude::*;
 
 /// A random case and planner configuration from `seed`.
@@ -82,6 +82,11 @@ fn random_case(seed: u64) -> (CaseSpec, PlanConfig) {
         options,
         input_scale,
         sinks: rng.below(3) == 0,
+        // An FP8 cache in one case in three: either format, per-tensor or per-head scales.
+        fp8: (rng.below(3) == 0).then(|| Fp8Spec {
+            dtype: DType::FP8[rng.below(2)],
+            per_head: rng.below(2) == 0,
+        }),
     };
     // Parallelism from 1 (no split) to 512 (split everything that is long enough).
     let mut config = PlanConfig::with_parallelism([1, 2, 8, 64, 512][rng.below(5)]);

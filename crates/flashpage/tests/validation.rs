@@ -702,6 +702,8 @@ fn shapes_ok(plan: &Plan, ids: &'static [i32]) -> ArgShapes<'static> {
         num_indices: ids.len(),
         paged: Some(true),
         sinks: None,
+        k_scale: None,
+        v_scale: None,
     }
 }
 
