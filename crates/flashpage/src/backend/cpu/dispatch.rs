@@ -48,7 +48,15 @@ unsafe fn attend_avx512<E: Elem, K: Elem>(
     kv_heads: (usize, usize),
     sc: &mut Scratch,
 ) {
-    attend::attend::<Avx512, E, K, NoBf16>(ctx, w, kv_heads, sc)
+    // An FP8 cache decodes in memory order (`decode.rs`, which needs head_dim % 32 == 0 at
+    // 16 lanes): measured faster than the tile kernel for FP8 here (docs/perf/cpu.md,
+    // "Sixth pass"); bf16 keeps the tile kernel with `vdpbf16ps`.
+    let d = ctx.plan.heads().head_dim();
+    if K::DTYPE.is_fp8() && d.is_multiple_of(32) && decode::eligible(ctx, w) {
+        decode::decode::<Avx512, E, K>(ctx, w, kv_heads, sc)
+    } else {
+        attend::attend::<Avx512, E, K, NoBf16>(ctx, w, kv_heads, sc)
+    }
 }
 
 /// The attend kernel compiled for AVX-512 with AVX-512 BF16: bf16 decode tiles use
