@@ -20,7 +20,7 @@ use flashpage::workspace::HostWorkspace;
 use flashpage::{
     AttentionOptions, BatchBuilder, DType, HeadConfig, KvLayout, Plan, PlanConfig, PosEncoding,
 };
-use flashpage_testkit::case::{CaseData, CaseSpec, KvStorage, Rng};
+use flashpage_testkit::case::{CaseData, CaseSpec, Fp8Spec, KvStorage, Rng};
 use flashpage_testkit::ceiling;
 use flashpage_testkit::suite;
 use serde_json::json;
@@ -211,6 +211,8 @@ pub fn main(args: BenchArgs) -> Result<(), CliError> {
         match run_case(&cpu, case, ceilings) {
             // The peer runs after the case's inputs are freed (its own copy of the shape).
             Ok(r) => match &peer {
+                // The peer has no FP8 cache: FP8 rows print alone.
+                _ if case.spec.fp8.is_some() => r.print(None, args.json),
                 None => r.print(None, args.json),
                 Some(p) => {
                     progress.note(&format!("peer torch {}", case.spec.name));
@@ -309,27 +311,47 @@ fn matrix(what: What, dtypes: &[DType], filter: Option<&str>) -> Vec<BenchCase> 
             .with_logits_soft_cap(m.soft_cap)
             .with_sm_scale(m.sm_scale);
         let mut push = |name: String, requests: Vec<(usize, usize)>, decode: bool| {
-            if filter.is_some_and(|f| !name.contains(f)) {
-                return;
-            }
-            for &dtype in dtypes {
-                out.push(BenchCase {
-                    spec: CaseSpec {
-                        name: name.clone(),
-                        heads,
-                        page_size: PAGE_SIZE,
-                        requests: requests.clone(),
+            // Decode also reads FP8 caches (per-head scales, 1 byte per element read) with
+            // bf16 q: the rows `<case>/e4m3fn` and `<case>/e5m2`.
+            let kvs: &[Option<DType>] = if decode && dtypes.contains(&DType::BF16) {
+                &[None, Some(DType::E4M3Fn), Some(DType::E5M2)]
+            } else {
+                &[None]
+            };
+            for &kv in kvs {
+                let name = match kv {
+                    Some(k) => format!("{name}/{}", k.name()),
+                    None => name.clone(),
+                };
+                if filter.is_some_and(|f| !name.contains(f)) {
+                    continue;
+                }
+                for &dtype in dtypes {
+                    if kv.is_some() && dtype != DType::BF16 {
+                        continue;
+                    }
+                    out.push(BenchCase {
+                        spec: CaseSpec {
+                            name: name.clone(),
+                            heads,
+                            page_size: PAGE_SIZE,
+                            requests: requests.clone(),
+                            decode,
+                            dtype,
+                            layout: KvLayout::Nhd,
+                            storage: KvStorage::Separate,
+                            options: options.with_causal(!decode),
+                            input_scale: 1.0,
+                            sinks: false,
+                            fp8: kv.map(|dtype| Fp8Spec {
+                                dtype,
+                                per_head: true,
+                            }),
+                            custom_mask: None,
+                        },
                         decode,
-                        dtype,
-                        layout: KvLayout::Nhd,
-                        storage: KvStorage::Separate,
-                        options: options.with_causal(!decode),
-                        input_scale: 1.0,
-                        sinks: false,
-                        custom_mask: None,
-                    },
-                    decode,
-                });
+                    });
+                }
             }
         };
         if dec {

@@ -141,6 +141,7 @@ fn shared_batch(heads: HeadConfig, dtype: DType, seed: u64) -> Result<CaseData, 
         strides: KvStrides::dense(KvLayout::Nhd, PAGE_SIZE, hkv, d),
         sinks: None,
         custom_mask: None,
+        scales: None,
     })
 }
 

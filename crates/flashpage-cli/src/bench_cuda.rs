@@ -129,6 +129,7 @@ pub fn main(args: &BenchArgs) -> Result<(), CliError> {
                 input_scale: 1.0,
                 sinks: false,
                 custom_mask: None,
+                fp8: None,
             };
             match run_case(&gpu, &cpu, &spec, read_gbps) {
                 Ok(r) => r.print(args.json),
@@ -226,6 +227,12 @@ fn run_case(
         DType::F32 => run_case_typed::<f32>(gpu, cpu, spec, read_gbps),
         DType::F16 => run_case_typed::<half::f16>(gpu, cpu, spec, read_gbps),
         DType::BF16 => run_case_typed::<half::bf16>(gpu, cpu, spec, read_gbps),
+        // q is never FP8 (the matrix's dtypes are float), and the CUDA kernels read K/V of
+        // q's dtype: an FP8 q is the backend's refusal, named.
+        d @ (DType::E4M3Fn | DType::E5M2) => Err(format!(
+            "dtype {} is a k/v cache type: the cuda bench runs f32, f16 or bf16",
+            d.name()
+        )),
     }
 }
 

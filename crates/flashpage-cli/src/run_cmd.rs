@@ -485,6 +485,10 @@ fn write_output(
         DType::F32 => Dtype::F32,
         DType::F16 => Dtype::F16,
         DType::BF16 => Dtype::BF16,
+        // o has q's dtype, which the checks keep float; the FP8 codes as safetensors names
+        // them all the same.
+        DType::E4M3Fn => Dtype::F8_E4M3,
+        DType::E5M2 => Dtype::F8_E5M2,
     };
     let o_bytes = o.to_le_bytes();
     let lse_bytes: Vec<u8> = lse.iter().flat_map(|x| x.to_le_bytes()).collect();

@@ -949,6 +949,8 @@ fn st_dtype(d: DType) -> Dtype {
         DType::F32 => Dtype::F32,
         DType::F16 => Dtype::F16,
         DType::BF16 => Dtype::BF16,
+        DType::E4M3Fn => Dtype::F8_E4M3,
+        DType::E5M2 => Dtype::F8_E5M2,
     }
 }
 

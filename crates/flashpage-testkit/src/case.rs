@@ -60,6 +60,15 @@ pub enum KvStorage {
     Ragged,
 }
 
+/// An FP8 K/V cache for a case: the format and whether the scales are per KV head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Spec {
+    /// [`DType::E4M3Fn`] or [`DType::E5M2`].
+    pub dtype: DType,
+    /// One scale per KV head (`true`) or one per tensor.
+    pub per_head: bool,
+}
+
 /// The shape of a test or benchmark case.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaseSpec {
@@ -85,6 +94,10 @@ pub struct CaseSpec {
     pub input_scale: f64,
     /// Attention sinks: random per-head sink logits in `[-3, 5)`, drawn after the inputs.
     pub sinks: bool,
+    /// An FP8 K/V cache (q and o keep `dtype`): random scales, and K/V quantised from
+    /// random values that reach near the format's largest finite value and into its
+    /// subnormals (see [`CaseSpec::materialise`]).
+    pub fp8: Option<Fp8Spec>,
     /// A custom mask to draw after the inputs (and the sinks), if any.
     pub custom_mask: Option<MaskSpec>,
 }
@@ -123,6 +136,8 @@ pub struct CaseData {
     pub sinks: Option<Vec<f32>>,
     /// The custom mask (when the spec asks for one).
     pub custom_mask: Option<PackedMask>,
+    /// The FP8 cache's `(k_scale, v_scale)` (1 or `num_kv_heads` values each).
+    pub scales: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// An input tensor of a case, for [`CaseData::set_row`].
@@ -154,6 +169,7 @@ fn fill_tensor(t: &mut Tensor, start: usize, len: usize, value: f64) {
         Tensor::F32(v) => v[start..start + len].fill(value as f32),
         Tensor::F16(v) => v[start..start + len].fill(f16::from_f64(value)),
         Tensor::BF16(v) => v[start..start + len].fill(bf16::from_f64(value)),
+        Tensor::Fp8(f, v) => v[start..start + len].fill(f.encode(value as f32)),
     }
 }
 
@@ -200,6 +216,7 @@ impl CaseSpec {
             input_scale: 1.0,
             sinks: false,
             custom_mask: None,
+            fp8: None,
         }
     }
 
@@ -242,13 +259,14 @@ impl CaseSpec {
         let s = self.input_scale;
         let mut gen_vec = |n: usize| (0..n).map(|_| rng.uniform() * s).collect::<Vec<f64>>();
         let q = Tensor::from_f64(self.dtype, &gen_vec(rows * hq * d));
+        let kv_dtype = self.fp8.map_or(self.dtype, |f| f.dtype);
         let page_elems = ps * hkv * d;
         let (k, v, v_offset, strides) = match self.storage {
             KvStorage::Separate => {
                 let st = KvStrides::dense(self.layout, ps, hkv, d);
                 (
-                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
-                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
+                    Tensor::from_f64(kv_dtype, &gen_vec(num_pages * page_elems)),
+                    Tensor::from_f64(kv_dtype, &gen_vec(num_pages * page_elems)),
                     0,
                     st,
                 )
@@ -257,8 +275,8 @@ impl CaseSpec {
                 let mut st = KvStrides::dense(self.layout, ps, hkv, d);
                 st.page *= 2;
                 (
-                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * 2 * page_elems)),
-                    Tensor::from_f64(self.dtype, &[]),
+                    Tensor::from_f64(kv_dtype, &gen_vec(num_pages * 2 * page_elems)),
+                    Tensor::from_f64(kv_dtype, &[]),
                     page_elems,
                     st,
                 )
@@ -266,8 +284,8 @@ impl CaseSpec {
             KvStorage::Ragged => {
                 let st = KvStrides::ragged(hkv, d);
                 (
-                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
-                    Tensor::from_f64(self.dtype, &gen_vec(num_pages * page_elems)),
+                    Tensor::from_f64(kv_dtype, &gen_vec(num_pages * page_elems)),
+                    Tensor::from_f64(kv_dtype, &gen_vec(num_pages * page_elems)),
                     0,
                     st,
                 )
@@ -278,6 +296,28 @@ impl CaseSpec {
             (0..hq)
                 .map(|_| (rng.uniform() * 4.0 + 1.0) as f32)
                 .collect()
+        });
+        let (mut k, mut v) = (k, v);
+        let scales = self.fp8.map(|f| {
+            let fmt = f.dtype.fp8_format().expect("an fp8 dtype");
+            let n = if f.per_head { hkv } else { 1 };
+            // Each scale maps the inputs' range (|x| < s) to at most the largest finite
+            // code, within a factor 1.25 of it: the largest codes are used.
+            let mut scale = || {
+                (0..n)
+                    .map(|_| (s * (1.125 + 0.125 * rng.uniform()) / fmt.max_finite() as f64) as f32)
+                    .collect::<Vec<f32>>()
+            };
+            let (ks, vs) = (scale(), scale());
+            let geo = (num_pages, ps, hkv, d);
+            quantise_fp8(&mut k, 0, &strides, geo, &ks, s, &mut rng);
+            match self.storage {
+                KvStorage::Combined => {
+                    quantise_fp8(&mut k, page_elems, &strides, geo, &vs, s, &mut rng)
+                }
+                _ => quantise_fp8(&mut v, 0, &strides, geo, &vs, s, &mut rng),
+            }
+            (ks, vs)
         });
         // Drawn after the sinks, for the same reason.
         let custom_mask = self.custom_mask.map(|m| {
@@ -292,6 +332,7 @@ impl CaseSpec {
             spec: self.clone(),
             sinks,
             custom_mask,
+            scales,
             batch,
             ragged_indptr,
             num_pages,
@@ -327,7 +368,7 @@ impl CaseData {
         self.q.len() / (self.spec.heads.num_qo_heads() * self.spec.heads.head_dim())
     }
 
-    /// The K and V views of the cache.
+    /// The K and V views of the cache (with the FP8 scales of an FP8 case).
     pub fn kv_cache(&self) -> KvCache<'_> {
         let (k, v) = match self.spec.storage {
             KvStorage::Combined => {
@@ -336,17 +377,37 @@ impl CaseData {
             }
             _ => (self.k.view(), self.v.view()),
         };
-        match self.spec.storage {
+        let cache = match self.spec.storage {
             KvStorage::Ragged => KvCache::ragged(k, v, self.strides, self.num_pages),
             _ => KvCache::paged(k, v, self.strides, self.num_pages, self.batch.kv_indices()),
+        };
+        match &self.scales {
+            Some((ks, vs)) => cache.with_scales(ks, vs),
+            None => cache,
         }
+    }
+
+    /// `(k_scale, v_scale)` of KV head `h` (1 without an FP8 cache).
+    pub fn kv_scales_of(&self, h: usize) -> (f64, f64) {
+        match &self.scales {
+            Some((ks, vs)) => {
+                let at = |s: &[f32]| s[if s.len() == 1 { 0 } else { h }] as f64;
+                (at(ks), at(vs))
+            }
+            None => (1.0, 1.0),
+        }
+    }
+
+    /// The dtype of K and V: the spec's dtype, or the FP8 one of an FP8 case.
+    pub fn kv_dtype(&self) -> DType {
+        self.spec.fp8.map_or(self.spec.dtype, |f| f.dtype)
     }
 
     /// Bytes of K and V the batch reads (the decode bandwidth numerator).
     pub fn kv_bytes(&self) -> u64 {
         let h = self.spec.heads;
         let toks: usize = self.spec.requests.iter().map(|r| r.1).sum();
-        (toks * h.num_kv_heads() * h.head_dim() * 2 * self.spec.dtype.size()) as u64
+        (toks * h.num_kv_heads() * h.head_dim() * 2 * self.kv_dtype().size()) as u64
     }
 
     /// Plans the case.
@@ -359,7 +420,7 @@ impl CaseData {
         let opts = self.options();
         let vb = check_batch(&self.desc(), &opts)?;
         let q = self.q.view().to_f64_vec();
-        let (k, v) = match self.spec.storage {
+        let (mut k, mut v) = match self.spec.storage {
             KvStorage::Combined => {
                 let all = self.k.view().to_f64_vec();
                 let v = all[self.v_offset..].to_vec();
@@ -367,6 +428,24 @@ impl CaseData {
             }
             _ => (self.k.view().to_f64_vec(), self.v.view().to_f64_vec()),
         };
+        if let Some((ks, vs)) = &self.scales {
+            // Dequantise exactly: code value times the head's scale (an f64 product of a
+            // 4-bit and a 24-bit significand).
+            let h = self.spec.heads;
+            let ps = if self.spec.storage == KvStorage::Ragged {
+                1
+            } else {
+                self.spec.page_size
+            };
+            let geo = (self.num_pages, ps, h.num_kv_heads(), h.head_dim());
+            for_each_kv_elem(&self.strides, geo, |off, head| {
+                let sc = |s: &[f32]| s[if s.len() == 1 { 0 } else { head }] as f64;
+                k[off] *= sc(ks);
+                if let Some(x) = v.get_mut(off) {
+                    *x *= sc(vs);
+                }
+            });
+        }
         let sinks: Option<Vec<f64>> = self
             .sinks
             .as_ref()
@@ -515,7 +594,61 @@ fn slice_from(t: flashpage::tensor::TensorRef<'_>, off: usize) -> flashpage::ten
         TensorRef::F32(s) => TensorRef::F32(&s[off..]),
         TensorRef::F16(s) => TensorRef::F16(&s[off..]),
         TensorRef::BF16(s) => TensorRef::BF16(&s[off..]),
+        TensorRef::Fp8(f, s) => TensorRef::Fp8(f, &s[off..]),
     }
+}
+
+/// Calls `f(offset, head)` for every element of a cache of `(pages, page_size, heads,
+/// head_dim)` with `strides` (offsets from the tensor's start; in bounds of the tensor).
+fn for_each_kv_elem(
+    strides: &KvStrides,
+    (pages, ps, hkv, d): (usize, usize, usize, usize),
+    mut f: impl FnMut(usize, usize),
+) {
+    for p in 0..pages {
+        for t in 0..ps {
+            for h in 0..hkv {
+                let base = p * strides.page + t * strides.token + h * strides.head;
+                for c in 0..d {
+                    f(base + c, h);
+                }
+            }
+        }
+    }
+}
+
+/// Quantises fresh random values into the FP8 cache tensor `t` (from element `base`): each
+/// element becomes `encode(x / scale[head])`, where `x` is uniform in `[-s, s)` for 7
+/// elements in 8 and, for the eighth, of magnitude below 4 times the format's smallest
+/// normal times the scale (codes in the subnormal range and around the smallest normals).
+#[allow(clippy::too_many_arguments)]
+fn quantise_fp8(
+    t: &mut Tensor,
+    base: usize,
+    strides: &KvStrides,
+    geo: (usize, usize, usize, usize),
+    scale: &[f32],
+    s: f64,
+    rng: &mut Rng,
+) {
+    let Tensor::Fp8(fmt, codes) = t else {
+        return;
+    };
+    let fmt = *fmt;
+    // The smallest normal: 2^-6 (E4M3Fn) or 2^-14 (E5M2).
+    let min_normal = match fmt {
+        flashpage::fp8::Fp8Format::E4M3Fn => 2f64.powi(-6),
+        flashpage::fp8::Fp8Format::E5M2 => 2f64.powi(-14),
+    };
+    for_each_kv_elem(strides, geo, |off, h| {
+        let sc = scale[if scale.len() == 1 { 0 } else { h }];
+        let x = if rng.below(8) == 0 {
+            rng.uniform() * 4.0 * min_normal * sc as f64
+        } else {
+            rng.uniform() * s
+        };
+        codes[base + off] = fmt.encode((x / sc as f64) as f32);
+    });
 }
 
 /// `len` NaNs of `dtype`: an output buffer whose every element must be written (NaN never
@@ -526,5 +659,9 @@ pub fn poisoned(dtype: DType, len: usize) -> Tensor {
         DType::F32 => Tensor::F32(vec![f32::NAN; len]),
         DType::F16 => Tensor::F16(vec![f16::NAN; len]),
         DType::BF16 => Tensor::BF16(vec![bf16::NAN; len]),
+        DType::E4M3Fn | DType::E5M2 => {
+            let f = dtype.fp8_format().expect("an fp8 dtype");
+            Tensor::Fp8(f, vec![f.encode(f32::NAN); len])
+        }
     }
 }

@@ -226,6 +226,7 @@ fn ref_bytes(t: TensorRef<'_>) -> Vec<u8> {
         TensorRef::F32(v) => bytemuck::cast_slice(v).to_vec(),
         TensorRef::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorRef::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorRef::Fp8(_, v) => v.to_vec(),
     }
 }
 
@@ -234,6 +235,7 @@ fn mut_bytes(t: &TensorMut<'_>) -> Vec<u8> {
         TensorMut::F32(v) => bytemuck::cast_slice(v).to_vec(),
         TensorMut::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorMut::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorMut::Fp8(_, v) => v.to_vec(),
     }
 }
 
@@ -256,6 +258,17 @@ fn emulate(
         message,
     };
     let dt = args.q.dtype();
+    let kt = args.kv.k.dtype();
+    if kt.is_fp8() {
+        // As the CUDA backend: its kernels read K/V of q's dtype only.
+        return Err(Error::Unsupported {
+            backend: "cuda-emulation",
+            what: format!(
+                "kv cache dtype {} (fp8 caches run on the cpu backend)",
+                kt.name()
+            ),
+        });
+    }
     let h = plan.heads();
     let mut ids = args.kv.kv_indices.to_vec();
     if ids.is_empty() {

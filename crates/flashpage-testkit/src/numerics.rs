@@ -190,6 +190,8 @@ fn set(t: &mut Tensor, i: usize, x: f64) {
         Tensor::F32(v) => v[i] = x as f32,
         Tensor::F16(v) => v[i] = f16::from_f64(x),
         Tensor::BF16(v) => v[i] = bf16::from_f64(x),
+        // An FP8 cache: the code of `x` with scale 1 (the generator's cases are float).
+        Tensor::Fp8(f, v) => v[i] = f.encode(x as f32),
     }
 }
 

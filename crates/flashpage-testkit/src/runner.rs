@@ -183,6 +183,11 @@ mod cuda {
             let b = &self.backend;
             let s = b.stream();
             let dtype = args.q.dtype();
+            // An FP8 cache: the backend's own typed refusal, before anything is uploaded.
+            let kt = args.kv.k.dtype();
+            if kt.is_fp8() {
+                b.prepare(plan, kt)?;
+            }
             b.prepare(plan, dtype)?;
             let mut ws = DeviceWorkspace::new(b, plan.requirement())?;
             Backend::upload_plan(b, plan, &mut ws)?;

@@ -26,6 +26,8 @@
 //! custom_mask = { density = 0.5, zero_row_stride = 3 }
 //!                               # a random custom mask (run argument): each (row, key) visible
 //!                               # with probability density; every 3rd query row masked whole
+//! kv_dtype = "e4m3fn"           # an FP8 K/V cache ("e4m3fn" or "e5m2"; q/o keep `dtypes`)
+//! kv_scale = "head"             # its scales: "tensor" (default) or "head" (per KV head)
 //! set = [{ input = "v", request = 0, pos = 2, value = inf }]
 //!                               # after the random fill, every element of a q row ("q":
 //!                               # query row `pos`) or a key's K or V rows ("k", "v": key
@@ -58,7 +60,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::case::{CaseData, CaseSpec, Comparison, Input, KvStorage, MaskSpec, Rng};
+use crate::case::{CaseData, CaseSpec, Comparison, Fp8Spec, Input, KvStorage, MaskSpec, Rng};
 use crate::mask::PackedMask;
 use crate::reference::{self, ReferenceInputs, ReferenceOutput};
 use crate::runner::HostRunner;
@@ -79,6 +81,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("numerics.toml", include_str!("../data/numerics.toml")),
     ("features.toml", include_str!("../data/features.toml")),
     ("masks.toml", include_str!("../data/masks.toml")),
+    ("fp8.toml", include_str!("../data/fp8.toml")),
     ("errors.toml", include_str!("../data/errors.toml")),
 ];
 
@@ -230,6 +233,8 @@ struct CaseToml {
     set: Vec<SetToml>,
     #[serde(default)]
     sinks: bool,
+    kv_dtype: Option<String>,
+    kv_scale: Option<String>,
     custom_mask: Option<MaskToml>,
 }
 
@@ -318,6 +323,31 @@ fn parse_storage(s: Option<&str>) -> std::result::Result<KvStorage, String> {
 }
 
 impl CaseToml {
+    /// The FP8 cache of `kv_dtype` / `kv_scale`.
+    fn fp8_spec(&self) -> std::result::Result<Option<Fp8Spec>, String> {
+        let per_head = match self.kv_scale.as_deref() {
+            None | Some("tensor") => false,
+            Some("head") => true,
+            Some(other) => {
+                return Err(format!(
+                    "kv_scale {other:?} is unknown: expected tensor or head"
+                ));
+            }
+        };
+        let Some(name) = self.kv_dtype.as_deref() else {
+            if self.kv_scale.is_some() {
+                return Err("kv_scale needs kv_dtype (an fp8 cache)".into());
+            }
+            return Ok(None);
+        };
+        match DType::parse(name) {
+            Some(dtype) if dtype.is_fp8() => Ok(Some(Fp8Spec { dtype, per_head })),
+            _ => Err(format!(
+                "kv_dtype {name:?} is not an fp8 dtype: expected e4m3fn or e5m2"
+            )),
+        }
+    }
+
     fn requests(&self, decode: bool) -> std::result::Result<Vec<(usize, usize)>, String> {
         let given = [
             self.requests.is_some(),
@@ -403,6 +433,7 @@ impl CaseToml {
                         zero_row_stride: m.zero_row_stride,
                     }),
                 },
+                fp8: self.fp8_spec()?,
             },
             dtypes,
             parallelism,
@@ -540,12 +571,17 @@ pub struct CaseRun {
     pub seed: u64,
     /// The comparison with the reference, or why there is none.
     pub result: std::result::Result<Comparison, String>,
+    /// The backend's documented refusal of the case, checked: an FP8 cache on a backend
+    /// without FP8 kernels (every runner but the CPU's) must fail with `Unsupported` naming
+    /// the KV dtype, before writing anything. Such a run passes with no comparison.
+    pub refused: Option<String>,
 }
 
 impl CaseRun {
-    /// True when the run compared within tolerance and wrote every element.
+    /// True when the run compared within tolerance and wrote every element, or was refused
+    /// as documented ([`CaseRun::refused`]).
     pub fn passed(&self) -> bool {
-        matches!(&self.result, Ok(c) if c.passed())
+        self.refused.is_some() || matches!(&self.result, Ok(c) if c.passed())
     }
 }
 
@@ -573,6 +609,7 @@ impl fmt::Display for CaseRun {
                     ", output not fully written"
                 }
             ),
+            Err(e) if self.refused.is_some() => write!(f, "refused as documented: {e}"),
             Err(e) => f.write_str(e),
         }
     }
@@ -657,6 +694,7 @@ impl SuiteCase {
             parallelism,
             seed,
             result,
+            refused: None,
         };
         let data = match self.materialise(dtype, seed) {
             Ok(d) => d,
@@ -668,6 +706,34 @@ impl SuiteCase {
         };
         let mut runs = Vec::new();
         for &backend in backends {
+            if let Some(f) = self.spec.fp8
+                && backend.simd().is_none()
+            {
+                // No FP8 kernels on this backend: the run must be refused, naming the dtype.
+                for &p in &self.parallelism {
+                    let run = match data.run_on(backend, &self.plan_config(p)) {
+                        Err(e)
+                            if e.kind() == ErrorKind::Unsupported
+                                && e.to_string().contains(f.dtype.name()) =>
+                        {
+                            let mut r = mk(Some(backend), p, Err(e.to_string()));
+                            r.refused = Some(e.to_string());
+                            r
+                        }
+                        other => mk(
+                            Some(backend),
+                            p,
+                            Err(format!(
+                                "an fp8 ({}) cache must be refused as Unsupported, got {:?}",
+                                f.dtype.name(),
+                                other.map(|_| "a run")
+                            )),
+                        ),
+                    };
+                    runs.push(run);
+                }
+                continue;
+            }
             let mut first: Option<(usize, Tensor, Vec<f32>)> = None;
             for &p in &self.parallelism {
                 let result = match data.run_on(backend, &self.plan_config(p)) {
@@ -922,6 +988,17 @@ pub fn sampled_reference(data: &CaseData, rows: &[usize]) -> Result<ReferenceOut
             for x in 0..page_extent {
                 k[base + x] = kv.k.get_f64(src + x);
                 v[base + x] = kv.v.get_f64(src + x);
+            }
+            if data.scales.is_some() {
+                // An FP8 cache: dequantise exactly with each head's scales.
+                for t in 0..ps {
+                    for hh in 0..hkv {
+                        let (ks, vs) = data.kv_scales_of(hh);
+                        let o = base + t * s.token + hh * s.head;
+                        k[o..o + d].iter_mut().for_each(|x| *x *= ks);
+                        v[o..o + d].iter_mut().for_each(|x| *x *= vs);
+                    }
+                }
             }
         }
         qo_indptr.push(qo_indptr.len() as i32);

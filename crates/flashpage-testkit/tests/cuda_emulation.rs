@@ -754,3 +754,25 @@ fn emulated_strided_q_o_and_v() {
         );
     }
 }
+
+/// An FP8 cache is refused by the emulated CUDA backend as by the real one (`Unsupported`
+/// naming the KV dtype, nothing compiled, nothing written), like every suite case of
+/// `fp8.toml` there.
+#[test]
+fn fp8_caches_are_refused() {
+    let emu = Emulator::new("fp8").unwrap_or_else(|e| panic!("{e}"));
+    let h = HeadConfig::new(8, 2, 64).unwrap();
+    for dtype in DType::FP8 {
+        let mut spec = CaseSpec::decode("fp8", h, 16, 2, 40, DType::BF16);
+        spec.fp8 = Some(flashpage_testkit::case::Fp8Spec {
+            dtype,
+            per_head: true,
+        });
+        let data = spec.materialise(suite::seed_from_env()).unwrap();
+        let e = data
+            .run_on(&emu, &PlanConfig::with_parallelism(4))
+            .unwrap_err();
+        assert_eq!(e.kind(), flashpage::ErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains(dtype.name()), "{e}");
+    }
+}

@@ -72,6 +72,8 @@ fn tol(d: DType) -> f64 {
         DType::F32 => 2e-5,
         DType::F16 => 4e-3,
         DType::BF16 => 3e-2,
+        // Never drawn: the CUDA ops refuse FP8 (`fp8_is_refused_by_the_cuda_ops`).
+        DType::E4M3Fn | DType::E5M2 => 0.0,
     }
 }
 
@@ -166,6 +168,7 @@ fn from(t: TensorRef<'_>, off: usize) -> TensorRef<'_> {
         TensorRef::F32(v) => TensorRef::F32(&v[off..]),
         TensorRef::F16(v) => TensorRef::F16(&v[off..]),
         TensorRef::BF16(v) => TensorRef::BF16(&v[off..]),
+        TensorRef::Fp8(f, v) => TensorRef::Fp8(f, &v[off..]),
     }
 }
 
@@ -634,4 +637,72 @@ fn device_parameters_refuse_what_the_host_op_refuses() {
     );
     let e = rope_params(&Rope::new(1e4), &wide, &[-1], (0, 1));
     assert!(e.is_err());
+}
+
+/// The CUDA append and RoPE refuse an FP8 cache or input with `Unsupported` naming the
+/// dtype (their kernels read and write f32, f16 and bf16; an FP8 byte read as one of them
+/// would be misread), before any parameter block exists.
+#[test]
+fn fp8_is_refused_by_the_cuda_ops() {
+    let (ps, np, hk, d) = (4, 2, 1, 16);
+    let mut b = BatchBuilder::new(ps).unwrap();
+    b.push(1, 1, &[1]).unwrap();
+    let csr = AppendBatch::from_builder(&b);
+    let rows = |dtype| OpsRows {
+        addr: 0,
+        len: hk * d,
+        dtype,
+        tokens: 1,
+        heads: hk,
+        head_dim: d,
+        row_stride: hk * d,
+        head_stride: d,
+    };
+    let st = KvStrides::dense(KvLayout::Nhd, ps, hk, d);
+    let cache = |dtype| OpsCache {
+        k_addr: 0,
+        k_len: np * ps * hk * d,
+        v: Some((0, np * ps * hk * d)),
+        dtype,
+        k_base: 0,
+        v_base: 0,
+        k_strides: st,
+        v_strides: st,
+        page_size: ps,
+        num_pages: np,
+    };
+    let a = |v: &[i32]| (0u64, v.len());
+    let arrays = OpsArrays {
+        append_indptr: a(csr.append_indptr),
+        kv_indptr: a(csr.kv_indptr),
+        kv_indices: a(csr.kv_indices),
+        kv_last_page_len: a(csr.kv_last_page_len),
+        ..Default::default()
+    };
+    let t = AppendTargets::Csr(&csr);
+    // The float cache is accepted: the refusals below are the fp8 dtypes'.
+    append_params(
+        t,
+        &rows(DType::F32),
+        &rows(DType::F32),
+        &cache(DType::BF16),
+        None,
+        &arrays,
+    )
+    .unwrap();
+    for fp8 in DType::FP8 {
+        for (k, c) in [(DType::F32, fp8), (fp8, DType::BF16)] {
+            let e = append_params(t, &rows(k), &rows(k), &cache(c), None, &arrays).unwrap_err();
+            assert!(
+                matches!(&e, Error::Unsupported { backend: "cuda", what } if what.contains(fp8.name())),
+                "{e:?}"
+            );
+        }
+        let rope = Rope::new(1e4);
+        let e = rope_params(&rope, &rows(fp8), &[0], (0, 1)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported { what, .. } if what.contains(fp8.name())),
+            "{e:?}"
+        );
+    }
 }

@@ -298,6 +298,7 @@ fn sampled_reference_matches_the_full_reference() {
         input_scale: 1.0,
         sinks: false,
         custom_mask: None,
+        fp8: None,
     };
     let variants = [
         base.clone(),
@@ -350,4 +351,9 @@ fn sampled_reference_matches_the_full_reference() {
         let (o, lse) = data.poisoned_outputs();
         assert!(!suite::compare_rows(&data, &rows, &o, &lse, &s).passed());
     }
+}
+
+#[test]
+fn fp8_cases() {
+    run_file("fp8.toml");
 }

@@ -244,6 +244,13 @@ impl AttentionOp<'_> {
                 run(TensorMut::BF16(&mut o), lse.as_deref_mut(), &mut ws)?;
                 CpuStorage::BF16(o)
             }
+            TensorRef::Fp8(..) => {
+                return Err(Error::DTypeMismatch {
+                    tensor: "q",
+                    expected: "f32, f16 or bf16",
+                    actual: qt.dtype().name(),
+                });
+            }
         };
         Ok((out, Shape::from((rows, hq, d))))
     }

@@ -7,6 +7,11 @@
 use crate::error::{Error, Result};
 
 /// Element type of q, k, v and o. Accumulation is always f32.
+///
+/// q and o are always one of the three float types ([`DType::ALL`]); K and V have q's type,
+/// or one of the two FP8 types ([`DType::FP8`]) for a quantised cache whose values are
+/// `decode(code) · scale` with the scales of [`crate::backend::KvCache::with_scales`]
+/// (docs/semantics.md, "FP8 KV cache").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(
     feature = "serde",
@@ -20,6 +25,10 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
+    /// OCP FP8 E4M3 without infinities (`float8_e4m3fn`): K/V storage only.
+    E4M3Fn,
+    /// OCP FP8 E5M2 (`float8_e5m2`): K/V storage only.
+    E5M2,
 }
 
 impl DType {
@@ -28,30 +37,53 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::E4M3Fn | DType::E5M2 => 1,
         }
     }
 
-    /// Lowercase name (`f32`, `f16`, `bf16`).
+    /// Lowercase name (`f32`, `f16`, `bf16`, `e4m3fn`, `e5m2`).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::E4M3Fn => "e4m3fn",
+            DType::E5M2 => "e5m2",
         }
     }
 
-    /// Parses `f32`/`float32`, `f16`/`float16`/`half`, `bf16`/`bfloat16`.
+    /// Parses `f32`/`float32`, `f16`/`float16`/`half`, `bf16`/`bfloat16`,
+    /// `e4m3fn`/`fp8_e4m3fn`/`float8_e4m3fn`/`fp8` and `e5m2`/`fp8_e5m2`/`float8_e5m2`.
     pub fn parse(s: &str) -> Option<DType> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" | "float" => Some(DType::F32),
             "f16" | "float16" | "half" => Some(DType::F16),
             "bf16" | "bfloat16" => Some(DType::BF16),
+            "e4m3fn" | "fp8_e4m3fn" | "float8_e4m3fn" | "fp8" => Some(DType::E4M3Fn),
+            "e5m2" | "fp8_e5m2" | "float8_e5m2" => Some(DType::E5M2),
             _ => None,
         }
     }
 
-    /// All dtypes.
+    /// The FP8 format of an FP8 dtype (`None` for the float types).
+    pub fn fp8_format(self) -> Option<crate::fp8::Fp8Format> {
+        match self {
+            DType::E4M3Fn => Some(crate::fp8::Fp8Format::E4M3Fn),
+            DType::E5M2 => Some(crate::fp8::Fp8Format::E5M2),
+            _ => None,
+        }
+    }
+
+    /// True for the FP8 (K/V storage only) dtypes.
+    pub fn is_fp8(self) -> bool {
+        self.fp8_format().is_some()
+    }
+
+    /// The dtypes of q and o (and of K/V without quantisation).
     pub const ALL: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    /// The FP8 dtypes a K/V cache may have besides q's.
+    pub const FP8: [DType; 2] = [DType::E4M3Fn, DType::E5M2];
 }
 
 /// Head dimensions accepted by every backend: a multiple of 16 in `16..=256`.

@@ -3,7 +3,9 @@
 //! Attention for LLM serving over a **paged KV cache**: batched decode and prefill, with
 //! GQA/MQA, causal masks, sliding windows, logits soft-capping, ALiBi, RoPE, custom scale,
 //! LSE output and split-KV merging — behind strict validation and a workspace whose size is
-//! known before the first request.
+//! known before the first request. K/V may be an FP8 cache (e4m3fn or e5m2 codes with
+//! per-tensor or per-head scales: [`TensorRef::Fp8`], [`backend::KvCache::with_scales`],
+//! docs/semantics.md) on the CPU backend.
 //!
 //! ## The one-way flow
 //!

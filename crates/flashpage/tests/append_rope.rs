@@ -26,6 +26,11 @@ fn round_to(dtype: DType, x: f64) -> f64 {
         DType::F32 => x as f64,
         DType::F16 => half::f16::from_f32(x).to_f64(),
         DType::BF16 => half::bf16::from_f32(x).to_f64(),
+        // An FP8 cache with scale 1 (fp8_kv.rs tests the scaled append).
+        DType::E4M3Fn | DType::E5M2 => {
+            let f = dtype.fp8_format().expect("an fp8 dtype");
+            f.decode(f.encode(x)) as f64
+        }
     }
 }
 
@@ -169,11 +174,13 @@ fn check_append(seed: u64) {
             TensorRef::F32(s) => TensorRef::F32(&s[k0..]),
             TensorRef::F16(s) => TensorRef::F16(&s[k0..]),
             TensorRef::BF16(s) => TensorRef::BF16(&s[k0..]),
+            TensorRef::Fp8(f, s) => TensorRef::Fp8(f, &s[k0..]),
         };
         let vr = match src_v.view() {
             TensorRef::F32(s) => TensorRef::F32(&s[v0..]),
             TensorRef::F16(s) => TensorRef::F16(&s[v0..]),
             TensorRef::BF16(s) => TensorRef::BF16(&s[v0..]),
+            TensorRef::Fp8(f, s) => TensorRef::Fp8(f, &s[v0..]),
         };
         (
             Rows::strided(kr, nnz, hk, d, row, d).unwrap(),
@@ -309,6 +316,8 @@ fn reference_ulp(dt: DType) -> f64 {
         DType::F32 => 1e-6,
         DType::F16 => 2f64.powi(-11),
         DType::BF16 => 2f64.powi(-8),
+        DType::E4M3Fn => 2f64.powi(-4),
+        DType::E5M2 => 2f64.powi(-3),
     }
 }
 
@@ -533,6 +542,7 @@ fn rope_matches_f64_reference_every_style_and_scaling() {
                     DType::F32 => 2e-6,
                     DType::F16 => 1e-3,
                     DType::BF16 => 8e-3,
+                    DType::E4M3Fn | DType::E5M2 => 0.13,
                 };
                 assert!(e <= tol, "{rope:?} {dt:?} d {d}: rel error {e}");
             }

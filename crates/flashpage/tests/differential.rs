@@ -5,7 +5,7 @@
 
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::*;
-use flashpage_testkit::case::{CaseSpec, KvStorage, MaskSpec, Rng};
+use flashpage_testkit::case::{CaseSpec, Fp8Spec, KvStorage, MaskSpec, Rng};
 use proptest::prelude::*;
 
 /// A random case and planner configuration from `seed`.
@@ -87,6 +87,11 @@ fn random_case(seed: u64) -> (CaseSpec, PlanConfig) {
         custom_mask: (rng.below(3) == 0).then(|| MaskSpec {
             density: [0.1, 0.5, 0.9, 1.0][rng.below(4)],
             zero_row_stride: [0, 0, 2, 5][rng.below(4)],
+        }),
+        // An FP8 cache in one case in three: either format, per-tensor or per-head scales.
+        fp8: (rng.below(3) == 0).then(|| Fp8Spec {
+            dtype: DType::FP8[rng.below(2)],
+            per_head: rng.below(2) == 0,
         }),
     };
     // Parallelism from 1 (no split) to 512 (split everything that is long enough).

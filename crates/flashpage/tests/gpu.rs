@@ -75,14 +75,14 @@ impl Storage for u16 {
         match t {
             Tensor::F16(v) => v.iter().map(|x| x.to_bits()).collect(),
             Tensor::BF16(v) => v.iter().map(|x| x.to_bits()).collect(),
-            Tensor::F32(_) => panic!("expected a 16-bit tensor"),
+            Tensor::F32(_) | Tensor::Fp8(..) => panic!("expected a 16-bit tensor"),
         }
     }
     fn to_tensor(dtype: DType, v: &[u16]) -> Tensor {
         match dtype {
             DType::F16 => Tensor::F16(v.iter().map(|&b| f16::from_bits(b)).collect()),
             DType::BF16 => Tensor::BF16(v.iter().map(|&b| bf16::from_bits(b)).collect()),
-            DType::F32 => panic!("expected a 16-bit dtype"),
+            DType::F32 | DType::E4M3Fn | DType::E5M2 => panic!("expected a 16-bit dtype"),
         }
     }
 }
@@ -148,6 +148,10 @@ fn run_gpu(gpu: &CudaBackend, data: &CaseData, config: &PlanConfig) -> Result<(T
         DType::F32 => run_gpu_typed::<f32>(gpu, data, config),
         DType::F16 => run_gpu_typed::<f16>(gpu, data, config),
         DType::BF16 => run_gpu_typed::<bf16>(gpu, data, config),
+        d @ (DType::E4M3Fn | DType::E5M2) => Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!("q of dtype {}", d.name()),
+        }),
     }
 }
 

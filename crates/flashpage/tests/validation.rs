@@ -704,6 +704,8 @@ fn shapes_ok(plan: &Plan, ids: &'static [i32]) -> ArgShapes<'static> {
         paged: Some(true),
         sinks: None,
         custom_mask: None,
+        k_scale: None,
+        v_scale: None,
     }
 }
 

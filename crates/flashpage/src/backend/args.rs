@@ -26,6 +26,12 @@ pub struct KvCache<'a> {
     /// True for a paged cache ([`KvCache::paged`]), false for ragged K/V
     /// ([`KvCache::ragged`]); a plan of the other kind is refused naming the mismatch.
     pub paged: bool,
+    /// Scales of an FP8 K (`k_scale`): 1 value (per tensor) or `num_kv_heads` (per KV head);
+    /// K's value is `decode(code) · k_scale`. `None`: 1. Set by [`KvCache::with_scales`];
+    /// only an FP8 cache takes scales (docs/semantics.md, "FP8 KV cache").
+    pub k_scale: Option<&'a [f32]>,
+    /// Scales of an FP8 V (`v_scale`), as `k_scale`.
+    pub v_scale: Option<&'a [f32]>,
 }
 
 impl<'a> KvCache<'a> {
@@ -45,6 +51,8 @@ impl<'a> KvCache<'a> {
             num_pages,
             kv_indices,
             paged: true,
+            k_scale: None,
+            v_scale: None,
         }
     }
 
@@ -58,6 +66,8 @@ impl<'a> KvCache<'a> {
             num_pages: tokens,
             kv_indices: &[],
             paged: false,
+            k_scale: None,
+            v_scale: None,
         }
     }
 
@@ -75,6 +85,29 @@ impl<'a> KvCache<'a> {
     /// ```
     pub fn with_v_strides(mut self, v_strides: KvStrides) -> Self {
         self.v_strides = v_strides;
+        self
+    }
+
+    /// The same cache with the dequantisation scales of FP8 K and V (FlashInfer's `k_scale`
+    /// and `v_scale`): each 1 value (per tensor) or `num_kv_heads` values (per KV head),
+    /// finite and positive. Element `x` of K head `h` is `decode(x) · k_scale[h]` (or
+    /// `k_scale[0]`), V likewise; the kernels apply `k_scale` once per score and `v_scale`
+    /// once per output row, never per element.
+    ///
+    /// ```
+    /// use flashpage::backend::KvCache;
+    /// use flashpage::fp8::Fp8Format;
+    /// use flashpage::{KvLayout, KvStrides, TensorRef};
+    /// let (k, v) = (vec![0u8; 4 * 16 * 2 * 64], vec![0u8; 4 * 16 * 2 * 64]);
+    /// let cache = KvCache::paged(TensorRef::Fp8(Fp8Format::E4M3Fn, &k),
+    ///                            TensorRef::Fp8(Fp8Format::E4M3Fn, &v),
+    ///                            KvStrides::dense(KvLayout::Nhd, 16, 2, 64), 4, &[0, 1])
+    ///     .with_scales(&[0.05], &[0.02, 0.03]);
+    /// assert_eq!(cache.v_scale, Some(&[0.02f32, 0.03][..]));
+    /// ```
+    pub fn with_scales(mut self, k_scale: &'a [f32], v_scale: &'a [f32]) -> Self {
+        self.k_scale = Some(k_scale);
+        self.v_scale = Some(v_scale);
         self
     }
 }
@@ -119,6 +152,10 @@ pub struct ArgShapes<'a> {
     /// The custom mask's host `mask_indptr` and its bits buffer's length in bytes, if a mask
     /// is given.
     pub custom_mask: Option<(&'a [i32], usize)>,
+    /// The FP8 K scales, if given (checked: count, finite and positive).
+    pub k_scale: Option<&'a [f32]>,
+    /// The FP8 V scales, if given.
+    pub v_scale: Option<&'a [f32]>,
     /// K strides.
     pub strides: KvStrides,
     /// V strides (equal to `strides` unless V has its own layout).
@@ -176,6 +213,75 @@ fn check_qo_strides(
     Ok(())
 }
 
+/// Checks the dtypes of a run and the FP8 scales: q is a float type, o has q's type, K and
+/// V both have q's type or one FP8 type; scales come only with an FP8 cache, each 1 or
+/// `num_kv_heads` finite positive values.
+fn check_dtypes(a: &ArgShapes<'_>, hkv: usize) -> Result<()> {
+    let dt = a.q.0;
+    if dt.is_fp8() {
+        return Err(Error::DTypeMismatch {
+            tensor: "q",
+            expected: "f32, f16 or bf16 (fp8 is a k/v cache type only)",
+            actual: dt.name(),
+        });
+    }
+    if a.o.0 != dt {
+        return Err(Error::DTypeMismatch {
+            tensor: "o",
+            expected: dt.name(),
+            actual: a.o.0.name(),
+        });
+    }
+    let kt = a.k.0;
+    if kt != dt && !kt.is_fp8() {
+        return Err(Error::DTypeMismatch {
+            tensor: "k",
+            expected: match dt {
+                DType::F32 => "f32 (q's dtype), e4m3fn or e5m2",
+                DType::F16 => "f16 (q's dtype), e4m3fn or e5m2",
+                _ => "bf16 (q's dtype), e4m3fn or e5m2",
+            },
+            actual: kt.name(),
+        });
+    }
+    if a.v.0 != kt {
+        return Err(Error::DTypeMismatch {
+            tensor: "v",
+            expected: kt.name(),
+            actual: a.v.0.name(),
+        });
+    }
+    for (field, scale) in [("k_scale", a.k_scale), ("v_scale", a.v_scale)] {
+        let Some(s) = scale else { continue };
+        if !kt.is_fp8() {
+            return Err(Error::InvalidOption {
+                field,
+                expected: "no scale: scales dequantise an fp8 (e4m3fn or e5m2) k/v cache",
+                actual: format!("{} values with a {} cache", s.len(), kt.name()),
+            });
+        }
+        if s.len() != 1 && s.len() != hkv {
+            return Err(Error::TensorShape {
+                tensor: field,
+                expected: format!("1 (per tensor) or num_kv_heads = {hkv} (per head) values"),
+                actual: format!("{} values", s.len()),
+            });
+        }
+        if let Some((i, x)) = s
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(x.is_finite() && **x >= f32::MIN_POSITIVE))
+        {
+            return Err(Error::InvalidOption {
+                field,
+                expected: "finite positive normal f32 values",
+                actual: format!("{field}[{i}] = {x}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Checks run arguments against a plan: dtypes agree, shapes match the batch, the strides
 /// stay inside K and V for every page, and every page id the plan reads is in range.
 pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
@@ -197,16 +303,7 @@ pub fn check_run_args(plan: &Plan, a: &ArgShapes<'_>) -> Result<()> {
             actual: name(paged).into(),
         });
     }
-    let dt = a.q.0;
-    for (tensor, (t, _)) in [("k", a.k), ("v", a.v), ("o", a.o)] {
-        if t != dt {
-            return Err(Error::DTypeMismatch {
-                tensor,
-                expected: dt.name(),
-                actual: t.name(),
-            });
-        }
-    }
+    check_dtypes(a, hkv)?;
     let rows = plan.num_q_rows();
     match a.qo {
         None => {
@@ -330,6 +427,8 @@ impl RunArgs<'_, '_> {
             lse: self.lse.as_ref().map(|l| l.len()),
             sinks: self.sinks.map(|s| s.len()),
             custom_mask: self.custom_mask.map(|m| (m.indptr, m.bits.len())),
+            k_scale: self.kv.k_scale,
+            v_scale: self.kv.v_scale,
             strides: self.kv.strides,
             v_strides: self.kv.v_strides,
             qo: None,

@@ -62,9 +62,22 @@ pub struct KvCacheMut<'a> {
     v_strides: KvStrides,
     page_size: usize,
     num_pages: usize,
+    k_scale: Option<&'a [f32]>,
+    v_scale: Option<&'a [f32]>,
 }
 
 impl<'a> KvCacheMut<'a> {
+    /// The same cache with the scales of an FP8 cache (`TensorMut::Fp8`): each 1 value (per
+    /// tensor) or `num_kv_heads` (per KV head), finite and positive. An appended K element
+    /// `x` of head `h` is stored as `encode(x / k_scale[h])` (round to nearest even; E4M3Fn
+    /// saturates to ±448, E5M2 overflows to ±inf, see [`crate::fp8`]), V likewise; without
+    /// scales an FP8 cache quantises with scale 1. Only an FP8 cache takes scales.
+    pub fn with_scales(mut self, k_scale: &'a [f32], v_scale: &'a [f32]) -> Self {
+        self.k_scale = Some(k_scale);
+        self.v_scale = Some(v_scale);
+        self
+    }
+
     /// K and V in separate buffers with the same strides.
     pub fn split(
         k: TensorMut<'a>,
@@ -94,6 +107,8 @@ impl<'a> KvCacheMut<'a> {
             v_strides,
             page_size,
             num_pages,
+            k_scale: None,
+            v_scale: None,
         }
     }
 
@@ -119,6 +134,8 @@ impl<'a> KvCacheMut<'a> {
             v_strides: s,
             page_size,
             num_pages,
+            k_scale: None,
+            v_scale: None,
         }
     }
 
@@ -145,6 +162,8 @@ impl<'a> KvCacheMut<'a> {
             v_strides,
             page_size,
             num_pages,
+            k_scale: None,
+            v_scale: None,
         }
     }
 
@@ -453,6 +472,69 @@ pub(crate) fn check_append_shapes(
     Ok(nnz)
 }
 
+/// Checks the dtypes of an append into an FP8 cache: the appended rows are float (an FP8
+/// input would need its own scale), the scales come with an FP8 cache only, 1 or
+/// `num_kv_heads` finite positive values each.
+fn check_fp8(k: &Rows<'_>, v: &Rows<'_>, cache: &KvCacheMut<'_>) -> Result<()> {
+    for (tensor, rows) in [("k", k), ("v", v)] {
+        let dt = rows.data().dtype();
+        if dt.is_fp8() {
+            return Err(Error::DTypeMismatch {
+                tensor,
+                expected: "f32, f16 or bf16 rows (the cache quantises them)",
+                actual: dt.name(),
+            });
+        }
+    }
+    let hkv = k.heads();
+    let sides = [
+        ("k_scale", cache.k.dtype(), cache.k_scale),
+        (
+            "v_scale",
+            cache.v.as_ref().map_or(cache.k.dtype(), |v| v.dtype()),
+            cache.v_scale,
+        ),
+    ];
+    for (field, dt, scale) in sides {
+        let Some(s) = scale else { continue };
+        if !dt.is_fp8() {
+            return Err(Error::InvalidOption {
+                field,
+                expected: "no scale: scales quantise into an fp8 (e4m3fn or e5m2) cache",
+                actual: format!("{} values with a {} cache", s.len(), dt.name()),
+            });
+        }
+        if s.len() != 1 && s.len() != hkv {
+            return Err(Error::TensorShape {
+                tensor: field,
+                expected: format!("1 (per tensor) or num_kv_heads = {hkv} (per head) values"),
+                actual: format!("{} values", s.len()),
+            });
+        }
+        if let Some((i, x)) = s
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(x.is_finite() && **x >= f32::MIN_POSITIVE))
+        {
+            return Err(Error::InvalidOption {
+                field,
+                expected: "finite positive normal f32 values",
+                actual: format!("{field}[{i}] = {x}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The scale of head `h` (1 without scales; the count was checked).
+fn head_scale(s: Option<&[f32]>, h: usize) -> f32 {
+    match s {
+        Some(s) if s.len() > 1 => s[h],
+        Some(s) => s[0],
+        None => 1.0,
+    }
+}
+
 /// Checks an append without writing anything (see [`append_kv`] for what is checked).
 pub fn check_append(
     batch: &AppendBatch<'_>,
@@ -461,6 +543,7 @@ pub fn check_append(
     cache: &KvCacheMut<'_>,
     rope: Option<&AppendRope<'_>>,
 ) -> Result<()> {
+    check_fp8(k, v, cache)?;
     check_append_shapes(
         AppendTargets::Csr(batch),
         &AppendShapes::of(k, v, cache),
@@ -477,6 +560,7 @@ pub fn check_append_at(
     cache: &KvCacheMut<'_>,
     rope: Option<&AppendRope<'_>>,
 ) -> Result<()> {
+    check_fp8(k, v, cache)?;
     check_append_shapes(AppendTargets::At(at), &AppendShapes::of(k, v, cache), rope).map(|_| ())
 }
 
@@ -526,7 +610,10 @@ fn write_rows(
     mut cache: KvCacheMut<'_>,
     rope: Option<AppendRope<'_>>,
 ) -> Result<()> {
+    check_fp8(&k, &v, &cache)?;
     check_append_shapes(targets, &AppendShapes::of(&k, &v, &cache), rope.as_ref())?;
+    let k_fp8 = cache.k.dtype().is_fp8();
+    let v_fp8 = cache.v.as_ref().map_or(k_fp8, |v| v.dtype().is_fp8());
     let (hkv, d) = (k.heads(), k.head_dim());
     let ps = cache.page_size;
     let mut rot = rope.as_ref().map(|r| Rotation::new(r.rope, d));
@@ -544,9 +631,17 @@ fn write_rows(
             if let Some(rot) = rot.as_ref() {
                 rot.rotate(&mut buf);
             }
+            if k_fp8 {
+                let s = head_scale(cache.k_scale, h);
+                buf.iter_mut().for_each(|x| *x /= s);
+            }
             let off = k_base + page * ks.page + slot * ks.token + h * ks.head;
             store_f32(&mut cache.k, off, &buf);
             load_f32(&vd, v.offset(t, h), &mut buf);
+            if v_fp8 {
+                let s = head_scale(cache.v_scale, h);
+                buf.iter_mut().for_each(|x| *x /= s);
+            }
             let off = v_base + page * vs.page + slot * vs.token + h * vs.head;
             match cache.v.as_mut() {
                 Some(vt) => store_f32(vt, off, &buf),
@@ -557,9 +652,9 @@ fn write_rows(
     Ok(())
 }
 
-/// Writes the appended rows `k`, `v` (`[nnz, num_kv_heads, head_dim]`, any dtype, any
-/// strides) into the paged `cache` (its own dtypes and strides), rotating K by `rope` when
-/// given.
+/// Writes the appended rows `k`, `v` (`[nnz, num_kv_heads, head_dim]`, any float dtype, any
+/// strides) into the paged `cache` (its own dtypes and strides; an FP8 cache quantises with
+/// its scales, [`KvCacheMut::with_scales`]), rotating K by `rope` when given.
 ///
 /// Checked first, nothing written on error: `append_indptr` and `kv_indptr` (start at 0,
 /// non-decreasing, B + 1 entries each), `kv_last_page_len` (B entries, `1..=page_size` for

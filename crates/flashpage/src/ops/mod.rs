@@ -38,10 +38,16 @@ pub(crate) fn load_f32(t: &TensorRef<'_>, off: usize, out: &mut [f32]) {
                 *o = x.to_f32();
             }
         }
+        TensorRef::Fp8(f, s) => {
+            for (o, &x) in out.iter_mut().zip(&s[off..off + n]) {
+                *o = f.decode(x);
+            }
+        }
     }
 }
 
-/// Rounds `src` to `t`'s dtype (round to nearest even) and stores it at `off`.
+/// Rounds `src` to `t`'s dtype (round to nearest even; FP8: [`crate::fp8::Fp8Format::encode`]
+/// of the values as given, the caller divides by the scale first) and stores it at `off`.
 #[inline]
 pub(crate) fn store_f32(t: &mut TensorMut<'_>, off: usize, src: &[f32]) {
     let n = src.len();
@@ -55,6 +61,11 @@ pub(crate) fn store_f32(t: &mut TensorMut<'_>, off: usize, src: &[f32]) {
         TensorMut::BF16(s) => {
             for (o, &x) in s[off..off + n].iter_mut().zip(src) {
                 *o = half::bf16::from_f32(x);
+            }
+        }
+        TensorMut::Fp8(f, s) => {
+            for (o, &x) in s[off..off + n].iter_mut().zip(src) {
+                *o = f.encode(x);
             }
         }
     }

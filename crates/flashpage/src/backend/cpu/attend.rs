@@ -156,7 +156,8 @@ unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
 }
 
 /// The score of q row `qrow` (element offset in `ctx.q`, position `qpos`) against the K row
-/// at element offset `koff` (key position `j`), computed in f64 from the inputs: used where
+/// at element offset `koff` (key position `j`, of a head whose K scale is `k_scale`),
+/// computed in f64 from the inputs: used where
 /// the f32 score came out non-finite. Finite inputs cannot overflow in f64; a score beyond
 /// the f32 range becomes `+inf` (the softmax then takes its limit) or `-f32::MAX` (so a row
 /// whose every score is hugely negative is not mistaken for an empty one). Non-finite
@@ -166,12 +167,13 @@ unsafe fn s_rows<I: Isa, T: Elem, const R: usize, const C: usize>(
 /// maps it near `±c`, as the reference's cap maps `±inf` to `±c`.
 #[cold]
 #[inline(never)]
-pub(crate) fn exact_score<E: Elem>(
-    ctx: &Ctx<'_, E>,
+pub(crate) fn exact_score<E: Elem, K: Elem>(
+    ctx: &Ctx<'_, E, K>,
     qrow: usize,
     qpos: i64,
     koff: usize,
     j: usize,
+    k_scale: f32,
 ) -> f32 {
     let d = ctx.plan.heads().head_dim();
     let mut q: Vec<f64> = ctx.q[qrow..qrow + d]
@@ -187,7 +189,8 @@ pub(crate) fn exact_score<E: Elem>(
         rope_f64(&mut q, qpos as f64 / scale, &ctx.inv_freq);
         rope_f64(&mut k, j as f64 / scale, &ctx.inv_freq);
     }
-    let x = q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() * ctx.sm_scale as f64;
+    let x =
+        q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() * (ctx.sm_scale as f64 * k_scale as f64);
     if x.is_nan() {
         f32::NAN
     } else if ctx.soft_cap.is_some() {
@@ -356,8 +359,8 @@ unsafe fn pv_block<I: Isa, T: Elem, const R: usize, const NV: usize>(
 /// accumulators are in the permuted column order of [`Bf16Tiles::permuted_column`] until
 /// the rows are finalised.
 #[inline(always)]
-pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
-    ctx: &Ctx<'_, E>,
+pub(crate) fn attend<I: Isa, E: Elem, K: Elem, B: Bf16Tiles>(
+    ctx: &Ctx<'_, E, K>,
     w: usize,
     kv_heads: (usize, usize),
     sc: &mut Scratch,
@@ -379,7 +382,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
     let trows = rows * nh;
     sc.prepare(trows, d);
     let direct = rows <= DIRECT_ROWS && !ctx.rope;
-    let dp = B::ENABLED && direct && E::DTYPE == DType::BF16;
+    let dp = B::ENABLED && direct && E::DTYPE == DType::BF16 && K::DTYPE == DType::BF16;
     if dp {
         sc.qb.resize(trows * d, 0);
     }
@@ -387,9 +390,11 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
     // Q tiles (rotated, scaled) and the visible key range of each row.
     let mut lo_all = i64::MAX;
     let mut hi_all = i64::MIN;
-    let scale = I::splat(ctx.sm_scale);
     for t in 0..trows {
         let (kvh, p) = (h0 + t / rows, t % rows);
+        // The score scale folded into q: `sm_scale · k_scale` of the KV head (an FP8
+        // cache's K scale, applied once per score rather than per K element).
+        let scale = I::splat(ctx.sm_scale * ctx.k_scale[kvh]);
         let packed = item.row_start + p;
         let (i, hh) = (packed / g, kvh * g + packed % g);
         let qrow = &mut sc.q[t * d..(t + 1) * d];
@@ -472,12 +477,12 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
         if !direct {
             // Widened tiles (prefill, RoPE) reuse the block's rows from L1 many times: fetch
             // the whole next block up front.
-            let row_bytes = d * size_of::<E>();
+            let row_bytes = d * size_of::<K>();
             for (&o, &vo) in next[..nn].iter().zip(&vnext[..nn]) {
                 for hi in 0..nh {
                     let (base, vbase) = (o + hi * hstride, vo + hi * vhstride);
                     for b in (0..row_bytes).step_by(PREFETCH_STRIDE) {
-                        let e = b / size_of::<E>();
+                        let e = b / size_of::<K>();
                         I::prefetch(ctx.k.as_ptr().wrapping_add(base + e));
                         I::prefetch(ctx.v.as_ptr().wrapping_add(vbase + e));
                     }
@@ -525,7 +530,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                 }
                 // SAFETY: the first nb offsets plus any head of the range leave d elements
                 // in k (checked by block_offsets).
-                unsafe { s_dispatch::<I, E>(q, d, rows, &kp, nb, s, &pfk, npk) };
+                unsafe { s_dispatch::<I, K>(q, d, rows, &kp, nb, s, &pfk, npk) };
             } else {
                 for (jj, (&off, &voff)) in offs[..nb].iter().zip(&voffs[..nb]).enumerate() {
                     let (off, voff) = (off + hoff, voff + vhoff);
@@ -537,11 +542,11 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                         unsafe {
                             I::store::<f32>(
                                 krow.as_mut_ptr().add(c),
-                                I::load::<E>(ks.as_ptr().add(c)),
+                                I::load::<K>(ks.as_ptr().add(c)),
                             );
                             I::store::<f32>(
                                 vrow.as_mut_ptr().add(c),
-                                I::load::<E>(vs.as_ptr().add(c)),
+                                I::load::<K>(vs.as_ptr().add(c)),
                             );
                         }
                     }
@@ -612,9 +617,10 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                 }
                 if I::reduce_add(bad).is_nan() {
                     let (qr, qp) = (sc.qrow[t], sc.qpos[t]);
+                    let ks = ctx.k_scale[h0 + t / rows];
                     for jj in vis[0]..vis[1] {
                         if holes >> jj & 1 == 0 && !srow[jj].is_finite() {
-                            srow[jj] = exact_score(ctx, qr, qp, offs[jj] + hoff, j0 + jj);
+                            srow[jj] = exact_score(ctx, qr, qp, offs[jj] + hoff, j0 + jj, ks);
                             if srow[jj] == f32::NEG_INFINITY {
                                 sc.ninf[p] |= 1 << jj;
                             }
@@ -720,7 +726,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                         skip,
                         |j| s[p * KEY_BLOCK + j],
                         ctx.v,
-                        |j| offs[j] + hoff,
+                        |j| voffs[j] + vhoff,
                         |c| if dp { B::permuted_column(c, d) } else { c },
                     );
                 }
@@ -739,7 +745,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
                     *p = p.wrapping_add(o + vhoff);
                 }
                 // SAFETY: as for k (block_offsets checks against both).
-                unsafe { pv_dispatch::<I, E>(acc, d, rows, corr, s, vis, &vp, nb, &pfv, npk) };
+                unsafe { pv_dispatch::<I, K>(acc, d, rows, corr, s, vis, &vp, nb, &pfv, npk) };
             } else if prefill::packed::<I>() {
                 // SAFETY: scratch v holds KEY_BLOCK rows of d, vis ranges within 0..nb.
                 unsafe { prefill::pv_packed::<I>(acc, d, rows, corr, s, vis, &sc.v, nb) };
@@ -755,7 +761,7 @@ pub(crate) fn attend<I: Isa, E: Elem, B: Bf16Tiles>(
         j0 = jn;
     }
 
-    finish_rows::<I, E>(ctx, w, h0, rows, trows, sc, |c| {
+    finish_rows::<I, E, K>(ctx, w, h0, rows, trows, sc, |c| {
         if dp { B::permuted_column(c, d) } else { c }
     });
 }
@@ -777,8 +783,8 @@ fn range_bits(vis: [usize; 2]) -> u32 {
 /// column `c` of a row at `position(c)` of its accumulator) and writes them, with their
 /// LSE, to the output (or to the partial state of a split row).
 #[inline(always)]
-pub(crate) fn finish_rows<I: Isa, E: Elem>(
-    ctx: &Ctx<'_, E>,
+pub(crate) fn finish_rows<I: Isa, E: Elem, K>(
+    ctx: &Ctx<'_, E, K>,
     w: usize,
     h0: usize,
     rows: usize,
@@ -804,8 +810,9 @@ pub(crate) fn finish_rows<I: Isa, E: Elem>(
             *x = src[position(c)];
         }
         let acc = &sc.k[..d];
+        // An FP8 cache's V scale multiplies the finished row once (1 for a float cache).
         let (inv, lse) = if lsum > 0.0 {
-            (1.0 / lsum, sc.m[t] + lsum.ln())
+            (ctx.v_scale[kvh] / lsum, sc.m[t] + lsum.ln())
         } else if lsum.is_nan() {
             // A visible NaN score: the row is NaN (IEEE propagation, as the reference).
             (f32::NAN, f32::NAN)

@@ -112,6 +112,12 @@ impl CpuBackend {
             TensorMut::F32(o) => self.cascade_typed(&run, parts, o, lse, |s| TensorMut::F32(s)),
             TensorMut::F16(o) => self.cascade_typed(&run, parts, o, lse, |s| TensorMut::F16(s)),
             TensorMut::BF16(o) => self.cascade_typed(&run, parts, o, lse, |s| TensorMut::BF16(s)),
+            // q and o are float tensors (FP8 is a cache format only).
+            TensorMut::Fp8(..) => Err(Error::DTypeMismatch {
+                tensor: "q",
+                expected: "f32, f16 or bf16",
+                actual: qd.name(),
+            }),
         }
     }
 

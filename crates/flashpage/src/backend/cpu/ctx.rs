@@ -7,12 +7,18 @@ use super::tile::KEY_BLOCK;
 use crate::layout::{CustomMask, KvStrides, QoStrides};
 use crate::plan::Plan;
 
-/// Everything a kernel reads, resolved once per run.
-pub(crate) struct Ctx<'a, E> {
+/// Everything a kernel reads, resolved once per run: q and o of type `E`, K and V of type
+/// `K` (`E`, or an FP8 code type of a quantised cache).
+pub(crate) struct Ctx<'a, E, K = E> {
     pub(crate) plan: &'a Plan,
     pub(crate) q: &'a [E],
-    pub(crate) k: &'a [E],
-    pub(crate) v: &'a [E],
+    pub(crate) k: &'a [K],
+    pub(crate) v: &'a [K],
+    /// K's scale per KV head (`num_kv_heads` values; all 1 for a float cache): a score of
+    /// head `h` is `k_scale[h] · q·code`.
+    pub(crate) k_scale: Vec<f32>,
+    /// V's scale per KV head, applied to each finished output row of head `h`.
+    pub(crate) v_scale: Vec<f32>,
     /// K strides.
     pub(crate) strides: KvStrides,
     /// V strides (K's unless the cache says otherwise).
@@ -86,7 +92,7 @@ pub(crate) struct Strides {
     pub(crate) o: QoStrides,
 }
 
-impl<E> Ctx<'_, E> {
+impl<E, K> Ctx<'_, E, K> {
     /// The sink epilogue for query head `h` (identity without sinks).
     #[inline]
     pub(crate) fn sink(&self, h: usize, lse: f32) -> (f32, f32) {
@@ -190,6 +196,8 @@ pub(crate) struct Scratch {
     pub(crate) hi: Vec<i64>,
     pub(crate) qpos: Vec<i64>,
     pub(crate) slope: Vec<f32>,
+    /// Per tile row: the scale of its scores (`decode.rs`: `sm_scale · k_scale`).
+    pub(crate) kscale: Vec<f32>,
     pub(crate) corr: Vec<f32>,
     /// Per tile row: the offset of its q row in `Ctx::q`.
     pub(crate) qrow: Vec<usize>,
@@ -219,6 +227,7 @@ impl Default for Scratch {
             hi: Vec::new(),
             qpos: Vec::new(),
             slope: Vec::new(),
+            kscale: Vec::new(),
             corr: Vec::new(),
             qrow: Vec::new(),
             vis: Vec::new(),

@@ -41,36 +41,36 @@ const GROUP: usize = 8;
 
 /// True when work item `w` can run on [`decode`]: every row at one query position, no RoPE
 /// (which rotates K rows before use).
-pub(crate) fn eligible<E>(ctx: &Ctx<'_, E>, w: usize) -> bool {
+pub(crate) fn eligible<E, K>(ctx: &Ctx<'_, E, K>, w: usize) -> bool {
     let item = ctx.plan.work_item_at(w);
     let g = ctx.plan.heads().group_size();
     !ctx.rope && item.row_end > item.row_start && item.row_start / g == (item.row_end - 1) / g
 }
 
-/// `(S[r][0], S[r][1]) = (q_r·k0, q_r·k1)` for `R` q rows (stride `d`, type `E`, in pair
-/// order) and two K rows, unscaled.
+/// `(S[r][0], S[r][1]) = (q_r·k0, q_r·k1)` for `R` q rows (stride `d`, type `Q`, in the
+/// pair order of `K`) and two K rows (type `K`), unscaled.
 ///
 /// # Safety
 /// `q..q + R·d`, `k0..k0 + d` and `k1..k1 + d` readable; `d % (2·LANES) == 0`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // register arrays: explicit indices read best
-unsafe fn s_pair<I: Isa, E: Elem, const R: usize>(
-    q: *const E,
+unsafe fn s_pair<I: Isa, Q: Elem, K: Elem, const R: usize>(
+    q: *const Q,
     d: usize,
-    k0: *const E,
-    k1: *const E,
+    k0: *const K,
+    k1: *const K,
 ) -> [[f32; 2]; R] {
     let l = I::LANES;
     let mut a = [[I::zero(); 2]; R];
     let mut c = 0;
     while c < d {
         // SAFETY: c + 2·LANES <= d for every row (caller).
-        let (k0a, k0b) = unsafe { I::load2::<E>(k0.add(c)) };
+        let (k0a, k0b) = unsafe { I::load2::<K>(k0.add(c)) };
         // SAFETY: as above.
-        let (k1a, k1b) = unsafe { I::load2::<E>(k1.add(c)) };
+        let (k1a, k1b) = unsafe { I::load2::<K>(k1.add(c)) };
         for r in 0..R {
             // SAFETY: as above.
-            let (qa, qb) = unsafe { I::load2::<E>(q.add(r * d + c)) };
+            let (qa, qb) = unsafe { I::load2::<Q>(q.add(r * d + c)) };
             a[r][0] = I::fma(qa, k0a, a[r][0]);
             a[r][1] = I::fma(qa, k1a, a[r][1]);
             a[r][0] = I::fma(qb, k0b, a[r][0]);
@@ -245,8 +245,8 @@ fn softmax_row(s: &mut [f32], tr: usize, t: usize, nb: usize, state: [&mut [f32]
 
 /// Runs decode work item `w` (see [`eligible`]) for KV heads `kv_heads.0..kv_heads.1`.
 #[inline(always)]
-pub(crate) fn decode<I: Isa, E: Elem>(
-    ctx: &Ctx<'_, E>,
+pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
+    ctx: &Ctx<'_, E, K>,
     w: usize,
     kv_heads: (usize, usize),
     sc: &mut Scratch,
@@ -272,11 +272,17 @@ pub(crate) fn decode<I: Isa, E: Elem>(
     let i = item.row_start / g;
     let qpos = i as i64 + req.kv_len as i64 - req.qo_len as i64;
 
-    // q rows in their input type (pair order comes from `load2` on both sides).
-    let half = size_of::<E>() == 2;
+    // q rows in their input type (pair order comes from `load2` on both sides) when K has
+    // q's type; widened to f32 (natural order, as every FP8 `load2`) for an FP8 cache.
+    let same = K::DTYPE == E::DTYPE;
+    let half = same && size_of::<E>() == 2;
     if half {
         sc.qb.resize(trows * d, 0);
     }
+    // Per tile row: the score scale, `sm_scale · k_scale` of the row's KV head (padding
+    // rows keep `sm_scale`; their scores are 0 and never read).
+    sc.kscale.clear();
+    sc.kscale.resize(tr, ctx.sm_scale);
     for t in 0..trows {
         let (kvh, p) = (h0 + t / rows, t % rows);
         let hh = kvh * g + (item.row_start + p) % g;
@@ -284,9 +290,14 @@ pub(crate) fn decode<I: Isa, E: Elem>(
         let src = &ctx.q[off..off + d];
         if half {
             sc.qb[t * d..(t + 1) * d].copy_from_slice(bytemuck::cast_slice::<E, u16>(src));
-        } else {
+        } else if same {
             sc.q[t * d..(t + 1) * d].copy_from_slice(bytemuck::cast_slice::<E, f32>(src));
+        } else {
+            for (x, y) in sc.q[t * d..(t + 1) * d].iter_mut().zip(src) {
+                *x = y.to_f32();
+            }
         }
+        sc.kscale[t] = ctx.sm_scale * ctx.k_scale[kvh];
         sc.qrow[t] = off;
         sc.qpos[t] = qpos;
         sc.slope[t] = if ctx.alibi {
@@ -300,6 +311,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
     } else {
         sc.q.as_ptr() as *const E
     };
+    let qf: *const f32 = sc.q.as_ptr();
 
     let hi = if ctx.causal {
         qpos
@@ -312,8 +324,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
     let (hstride, vhstride) = (ctx.strides.head, ctx.v_strides.head);
     let span = ((nh - 1) * hstride, (nh - 1) * vhstride);
     let (kbase, vbase) = (ctx.k.as_ptr(), ctx.v.as_ptr());
-    let row_bytes = d * size_of::<E>();
-    let scale = I::splat(ctx.sm_scale);
+    let row_bytes = d * size_of::<K>();
 
     let mut j0 = start;
     if j0 < end {
@@ -352,7 +363,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                 let (ho, vho) = (hx * hstride, hx * vhstride);
                 // This pair's V rows of this head, read in the P·V phase.
                 for b in (0..row_bytes).step_by(PREFETCH_STRIDE) {
-                    let e = b / size_of::<E>();
+                    let e = b / size_of::<K>();
                     I::prefetch(vbase.wrapping_add(voffs[j] + vho + e));
                     I::prefetch(vbase.wrapping_add(voffs[j1] + vho + e));
                 }
@@ -364,18 +375,32 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                 while r0 < rows {
                     let left = rows - r0;
                     // SAFETY: q holds trows rows of d; rows t0 + r0.. exist.
-                    let q = unsafe { qp.add((t0 + r0) * d) };
-                    let (n, out): (usize, [[f32; 2]; 4]) = if left >= 4 {
-                        // SAFETY: four rows and both K rows readable.
-                        (4, unsafe { s_pair::<I, E, 4>(q, d, k0, k1) })
-                    } else if left >= 2 {
-                        // SAFETY: two rows readable.
-                        let x = unsafe { s_pair::<I, E, 2>(q, d, k0, k1) };
-                        (2, [x[0], x[1], [0.0; 2], [0.0; 2]])
-                    } else {
-                        // SAFETY: one row readable.
-                        let x = unsafe { s_pair::<I, E, 1>(q, d, k0, k1) };
-                        (1, [x[0], [0.0; 2], [0.0; 2], [0.0; 2]])
+                    let (q, q32) = unsafe { (qp.add((t0 + r0) * d), qf.add((t0 + r0) * d)) };
+                    // SAFETY (all six calls): the rows read (four, two or one) and both K
+                    // rows are readable; q32 is used when q was widened (`!same`).
+                    let (n, out): (usize, [[f32; 2]; 4]) = unsafe {
+                        if left >= 4 {
+                            let x = if same {
+                                s_pair::<I, E, K, 4>(q, d, k0, k1)
+                            } else {
+                                s_pair::<I, f32, K, 4>(q32, d, k0, k1)
+                            };
+                            (4, x)
+                        } else if left >= 2 {
+                            let x = if same {
+                                s_pair::<I, E, K, 2>(q, d, k0, k1)
+                            } else {
+                                s_pair::<I, f32, K, 2>(q32, d, k0, k1)
+                            };
+                            (2, [x[0], x[1], [0.0; 2], [0.0; 2]])
+                        } else {
+                            let x = if same {
+                                s_pair::<I, E, K, 1>(q, d, k0, k1)
+                            } else {
+                                s_pair::<I, f32, K, 1>(q32, d, k0, k1)
+                            };
+                            (1, [x[0], [0.0; 2], [0.0; 2], [0.0; 2]])
+                        }
                     };
                     for (r, x) in out.iter().enumerate().take(n) {
                         let t = t0 + r0 + r;
@@ -393,9 +418,9 @@ pub(crate) fn decode<I: Isa, E: Elem>(
         for j in 0..nb {
             for v in (0..tr).step_by(l) {
                 let p = s[j * tr + v..].as_mut_ptr();
-                // SAFETY: v + LANES <= tr, the row length.
+                // SAFETY: v + LANES <= tr, the row length and kscale's.
                 unsafe {
-                    let x = I::mul(I::load::<f32>(p), scale);
+                    let x = I::mul(I::load::<f32>(p), I::load::<f32>(sc.kscale[v..].as_ptr()));
                     bad = I::fma(x, zero, bad);
                     I::store::<f32>(p, x);
                 }
@@ -409,6 +434,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
         if bad_scores {
             for t in 0..trows {
                 let ho = (t / rows) * hstride;
+                let ks = ctx.k_scale[h0 + t / rows];
                 let mut nan = false;
                 sc.ninf[t] = 0;
                 for j in 0..nb {
@@ -417,7 +443,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                     }
                     let x = &mut s[j * tr + t];
                     if !x.is_finite() {
-                        *x = exact_score(ctx, sc.qrow[t], qpos, offs[j] + ho, j0 + j);
+                        *x = exact_score(ctx, sc.qrow[t], qpos, offs[j] + ho, j0 + j, ks);
                         if *x == f32::NEG_INFINITY {
                             sc.ninf[t] |= 1 << j;
                             any_ninf = true;
@@ -511,7 +537,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
         if any_ninf {
             // A visible key of logit -inf (infinite inputs): the scalar path skips it.
             for t in 0..trows {
-                let ho = (t / rows) * hstride;
+                let vho = (t / rows) * vhstride;
                 pv_row_skipping(
                     &mut sc.acc[t * d..(t + 1) * d],
                     sc.corr[t],
@@ -519,8 +545,8 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                     sc.ninf[t],
                     |j| s[j * tr + t],
                     ctx.v,
-                    |j| offs[j] + ho,
-                    I::load2_position::<E>,
+                    |j| voffs[j] + vho,
+                    I::load2_position::<K>,
                 );
             }
             j0 = jn;
@@ -533,7 +559,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                 let mut u = gi;
                 while u < nn {
                     for b in (0..row_bytes).step_by(PREFETCH_STRIDE) {
-                        I::prefetch(kbase.wrapping_add(next[u] + ho + b / size_of::<E>()));
+                        I::prefetch(kbase.wrapping_add(next[u] + ho + b / size_of::<K>()));
                     }
                     u += stride;
                 }
@@ -552,10 +578,10 @@ pub(crate) fn decode<I: Isa, E: Elem>(
                     // head of the range by block_offsets.
                     unsafe {
                         if rows - r0 >= 2 {
-                            pv_rows::<I, E, 2>(a, d, cr, s, tr, t, vbase, &vo, gi, stride, nb);
+                            pv_rows::<I, K, 2>(a, d, cr, s, tr, t, vbase, &vo, gi, stride, nb);
                             r0 += 2;
                         } else {
-                            pv_rows::<I, E, 1>(a, d, cr, s, tr, t, vbase, &vo, gi, stride, nb);
+                            pv_rows::<I, K, 1>(a, d, cr, s, tr, t, vbase, &vo, gi, stride, nb);
                             r0 += 1;
                         }
                     }
@@ -564,7 +590,7 @@ pub(crate) fn decode<I: Isa, E: Elem>(
         }
         j0 = jn;
     }
-    finish_rows::<I, E>(ctx, w, h0, rows, trows, sc, I::load2_position::<E>);
+    finish_rows::<I, E, K>(ctx, w, h0, rows, trows, sc, I::load2_position::<K>);
 }
 
 #[cfg(test)]

@@ -23,16 +23,16 @@ use crate::layout::DType;
 /// The CPU must support the AVX2 level ([`SimdLevel::Avx2`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_avx2<E: Elem>(
-    ctx: &Ctx<'_, E>,
+unsafe fn attend_avx2<E: Elem, K: Elem>(
+    ctx: &Ctx<'_, E, K>,
     w: usize,
     kv_heads: (usize, usize),
     sc: &mut Scratch,
 ) {
     if decode::eligible(ctx, w) {
-        decode::decode::<Avx2, E>(ctx, w, kv_heads, sc)
+        decode::decode::<Avx2, E, K>(ctx, w, kv_heads, sc)
     } else {
-        attend::attend::<Avx2, E, NoBf16>(ctx, w, kv_heads, sc)
+        attend::attend::<Avx2, E, K, NoBf16>(ctx, w, kv_heads, sc)
     }
 }
 
@@ -42,13 +42,21 @@ unsafe fn attend_avx2<E: Elem>(
 /// The CPU must support the AVX-512 level ([`SimdLevel::Avx512`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-unsafe fn attend_avx512<E: Elem>(
-    ctx: &Ctx<'_, E>,
+unsafe fn attend_avx512<E: Elem, K: Elem>(
+    ctx: &Ctx<'_, E, K>,
     w: usize,
     kv_heads: (usize, usize),
     sc: &mut Scratch,
 ) {
-    attend::attend::<Avx512, E, NoBf16>(ctx, w, kv_heads, sc)
+    // An FP8 cache decodes in memory order (`decode.rs`, which needs head_dim % 32 == 0 at
+    // 16 lanes): measured faster than the tile kernel for FP8 here (docs/perf/cpu.md,
+    // "Sixth pass"); bf16 keeps the tile kernel with `vdpbf16ps`.
+    let d = ctx.plan.heads().head_dim();
+    if K::DTYPE.is_fp8() && d.is_multiple_of(32) && decode::eligible(ctx, w) {
+        decode::decode::<Avx512, E, K>(ctx, w, kv_heads, sc)
+    } else {
+        attend::attend::<Avx512, E, K, NoBf16>(ctx, w, kv_heads, sc)
+    }
 }
 
 /// The attend kernel compiled for AVX-512 with AVX-512 BF16: bf16 decode tiles use
@@ -58,13 +66,13 @@ unsafe fn attend_avx512<E: Elem>(
 /// The CPU must support the AVX-512 level and AVX-512 BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")]
-unsafe fn attend_avx512_bf16<E: Elem>(
-    ctx: &Ctx<'_, E>,
+unsafe fn attend_avx512_bf16<E: Elem, K: Elem>(
+    ctx: &Ctx<'_, E, K>,
     w: usize,
     kv_heads: (usize, usize),
     sc: &mut Scratch,
 ) {
-    attend::attend::<Avx512, E, Dpbf16>(ctx, w, kv_heads, sc)
+    attend::attend::<Avx512, E, K, Dpbf16>(ctx, w, kv_heads, sc)
 }
 
 /// The merge step compiled for AVX2.
@@ -73,8 +81,8 @@ unsafe fn attend_avx512_bf16<E: Elem>(
 /// The CPU must support the AVX2 level.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn merge_avx2<E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
-    merge_row::<Avx2, E>(ctx, m, buf)
+unsafe fn merge_avx2<E: Elem, K: Elem>(ctx: &Ctx<'_, E, K>, m: usize, buf: &mut Vec<f32>) {
+    merge_row::<Avx2, E, K>(ctx, m, buf)
 }
 
 /// The merge step compiled for AVX-512.
@@ -83,15 +91,15 @@ unsafe fn merge_avx2<E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
 /// The CPU must support the AVX-512 level.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-unsafe fn merge_avx512<E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
-    merge_row::<Avx512, E>(ctx, m, buf)
+unsafe fn merge_avx512<E: Elem, K: Elem>(ctx: &Ctx<'_, E, K>, m: usize, buf: &mut Vec<f32>) {
+    merge_row::<Avx512, E, K>(ctx, m, buf)
 }
 
 /// Runs work item `w` for the KV heads `kv_heads.0..kv_heads.1` at `level`.
 #[inline]
-pub(crate) fn attend<E: Elem>(
+pub(crate) fn attend<E: Elem, K: Elem>(
     level: SimdLevel,
-    ctx: &Ctx<'_, E>,
+    ctx: &Ctx<'_, E, K>,
     w: usize,
     kv_heads: (usize, usize),
     sc: &mut Scratch,
@@ -100,23 +108,28 @@ pub(crate) fn attend<E: Elem>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a backend holds a level only after `is_available` confirmed its features,
         // and `has_avx512_bf16` confirmed the bf16 dot-product instruction.
-        SimdLevel::Avx512 if E::DTYPE == DType::BF16 && has_avx512_bf16() => unsafe {
-            attend_avx512_bf16(ctx, w, kv_heads, sc)
-        },
+        SimdLevel::Avx512
+            if E::DTYPE == DType::BF16 && K::DTYPE == DType::BF16 && has_avx512_bf16() =>
+        unsafe { attend_avx512_bf16(ctx, w, kv_heads, sc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a backend holds a level only after `is_available` confirmed its features.
         SimdLevel::Avx512 => unsafe { attend_avx512(ctx, w, kv_heads, sc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { attend_avx2(ctx, w, kv_heads, sc) },
-        _ if decode::eligible(ctx, w) => decode::decode::<Scalar, E>(ctx, w, kv_heads, sc),
-        _ => attend::attend::<Scalar, E, NoBf16>(ctx, w, kv_heads, sc),
+        _ if decode::eligible(ctx, w) => decode::decode::<Scalar, E, K>(ctx, w, kv_heads, sc),
+        _ => attend::attend::<Scalar, E, K, NoBf16>(ctx, w, kv_heads, sc),
     }
 }
 
 /// Merges plan merge row `m` at `level`.
 #[inline]
-pub(crate) fn merge<E: Elem>(level: SimdLevel, ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
+pub(crate) fn merge<E: Elem, K: Elem>(
+    level: SimdLevel,
+    ctx: &Ctx<'_, E, K>,
+    m: usize,
+    buf: &mut Vec<f32>,
+) {
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a backend holds a level only after `is_available` confirmed its features.
@@ -124,7 +137,7 @@ pub(crate) fn merge<E: Elem>(level: SimdLevel, ctx: &Ctx<'_, E>, m: usize, buf: 
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         SimdLevel::Avx2 => unsafe { merge_avx2(ctx, m, buf) },
-        _ => merge_row::<Scalar, E>(ctx, m, buf),
+        _ => merge_row::<Scalar, E, K>(ctx, m, buf),
     }
 }
 

@@ -16,7 +16,7 @@ use crate::error::{Error, Result, shape_str};
 
 /// Merges the partial states of plan merge row `m` for every head into `o`/`lse`.
 #[inline(always)]
-pub(crate) fn merge_row<I: Isa, E: Elem>(ctx: &Ctx<'_, E>, m: usize, buf: &mut Vec<f32>) {
+pub(crate) fn merge_row<I: Isa, E: Elem, K>(ctx: &Ctx<'_, E, K>, m: usize, buf: &mut Vec<f32>) {
     let plan = ctx.plan;
     // m < num_merge_rows by construction of the merge step.
     let Some(mr) = plan.merge_row(m) else {

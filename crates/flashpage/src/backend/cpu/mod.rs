@@ -29,11 +29,13 @@ use rayon::prelude::*;
 
 use ctx::{Ctx, Scratch, SharedMut, Strides};
 pub use elem::Elem;
+use elem::{E4M3, E5M2};
 pub use merge::{merge_state, merge_state_in_place, merge_states};
 pub use simd::SimdLevel;
 
 use super::{RunArgs, check_run_args};
 use crate::error::{Error, Result};
+use crate::fp8::Fp8Format;
 use crate::layout::{CustomMask, RunStrides};
 use crate::options::PosEncoding;
 use crate::plan::{Plan, PlanKind};
@@ -181,59 +183,101 @@ impl CpuBackend {
             q: qo.q,
             o: qo.o,
         };
+        // Scales per KV head (a per-tensor scale repeated; 1 for a float cache).
+        let hkv = plan.heads().num_kv_heads();
+        let per_head = |s: Option<&[f32]>| -> Vec<f32> {
+            match s {
+                Some(s) if s.len() == hkv => s.to_vec(),
+                Some(s) => vec![s[0]; hkv],
+                None => vec![1.0; hkv],
+            }
+        };
+        let scales = [per_head(kv.k_scale), per_head(kv.v_scale)];
+        let ids = kv.kv_indices;
+        let extra = (sinks, custom_mask);
         match (q, kv.k, kv.v, o) {
-            (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => self
-                .run_typed::<f32>(
-                    plan,
-                    q,
-                    k,
-                    v,
-                    st,
-                    kv.kv_indices,
-                    o,
-                    lse,
-                    (sinks, custom_mask),
-                    ws,
-                ),
-            (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => self
-                .run_typed::<f16>(
-                    plan,
-                    q,
-                    k,
-                    v,
-                    st,
-                    kv.kv_indices,
-                    o,
-                    lse,
-                    (sinks, custom_mask),
-                    ws,
-                ),
+            (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
+                self.run_typed::<f32, f32>(plan, q, k, v, scales, st, ids, o, lse, extra, ws)
+            }
+            (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
+                self.run_typed::<f16, f16>(plan, q, k, v, scales, st, ids, o, lse, extra, ws)
+            }
             (TensorRef::BF16(q), TensorRef::BF16(k), TensorRef::BF16(v), TensorMut::BF16(o)) => {
-                self.run_typed::<bf16>(
-                    plan,
-                    q,
-                    k,
-                    v,
-                    st,
-                    kv.kv_indices,
-                    o,
-                    lse,
-                    (sinks, custom_mask),
-                    ws,
-                )
+                self.run_typed::<bf16, bf16>(plan, q, k, v, scales, st, ids, o, lse, extra, ws)
+            }
+            (q, TensorRef::Fp8(f, k), TensorRef::Fp8(_, v), o) => {
+                self.run_fp8(plan, q, f, (k, v), scales, st, ids, o, lse, extra, ws)
             }
             _ => unreachable!("dtypes were checked by check_run_args"),
         }
         Ok(())
     }
 
+    /// [`CpuBackend::run_typed`] for an FP8 cache of format `f` (one format for K and V,
+    /// checked by `check_run_args`), with q and o of any float type.
     #[allow(clippy::too_many_arguments)]
-    fn run_typed<E: Elem>(
+    fn run_fp8(
+        &self,
+        plan: &Plan,
+        q: TensorRef<'_>,
+        f: Fp8Format,
+        (k, v): (&[u8], &[u8]),
+        scales: [Vec<f32>; 2],
+        st: Strides,
+        ids: &[i32],
+        o: TensorMut<'_>,
+        lse: Option<&mut [f32]>,
+        extra: (Option<&[f32]>, Option<CustomMask<'_>>),
+        ws: SharedMut<'_, u8>,
+    ) {
+        macro_rules! go {
+            ($e:ty, $q:expr, $o:expr) => {
+                match f {
+                    Fp8Format::E4M3Fn => self.run_typed::<$e, E4M3>(
+                        plan,
+                        $q,
+                        bytemuck::cast_slice(k),
+                        bytemuck::cast_slice(v),
+                        scales,
+                        st,
+                        ids,
+                        $o,
+                        lse,
+                        extra,
+                        ws,
+                    ),
+                    Fp8Format::E5M2 => self.run_typed::<$e, E5M2>(
+                        plan,
+                        $q,
+                        bytemuck::cast_slice(k),
+                        bytemuck::cast_slice(v),
+                        scales,
+                        st,
+                        ids,
+                        $o,
+                        lse,
+                        extra,
+                        ws,
+                    ),
+                }
+            };
+        }
+        match (q, o) {
+            (TensorRef::F32(q), TensorMut::F32(o)) => go!(f32, q, o),
+            (TensorRef::F16(q), TensorMut::F16(o)) => go!(f16, q, o),
+            (TensorRef::BF16(q), TensorMut::BF16(o)) => go!(bf16, q, o),
+            _ => unreachable!("dtypes were checked by check_run_args"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_typed<E: Elem, K: Elem>(
         &self,
         plan: &Plan,
         q: &[E],
-        k: &[E],
-        v: &[E],
+        k: &[K],
+        v: &[K],
+        [k_scale, v_scale]: [Vec<f32>; 2],
         strides: Strides,
         kv_indices: &[i32],
         o: &mut [E],
@@ -263,6 +307,8 @@ impl CpuBackend {
             q,
             k,
             v,
+            k_scale,
+            v_scale,
             strides: strides.k,
             v_strides: strides.v,
             q_strides: strides.q,

@@ -282,12 +282,17 @@ pub fn blocks_per_sm(limits: &SmLimits, threads: u32, registers: u32, shared_byt
     by_threads.min(limits.blocks).min(by_regs).min(by_smem)
 }
 
-/// `FP_DTYPE` of a dtype.
+/// `FP_DTYPE` of a dtype. The FP8 dtypes get codes 3 and 4, which every kernel source
+/// refuses to compile (`#error` in `common.cuh`): the CUDA kernels read K/V of q's dtype
+/// only, and the backend refuses an FP8 dtype with [`crate::Error::Unsupported`] before it
+/// compiles anything.
 pub fn dtype_code(d: DType) -> u8 {
     match d {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
+        DType::E4M3Fn => 3,
+        DType::E5M2 => 4,
     }
 }
 

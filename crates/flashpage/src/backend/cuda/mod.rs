@@ -298,6 +298,7 @@ impl CudaBackend {
         dtype: DType,
         options: &AttentionOptions,
     ) -> Result<usize> {
+        no_fp8(dtype)?;
         let rope = matches!(options.pos_encoding, PosEncoding::Rope { .. });
         let blocks = match PrefillVariant::new(heads, kind, dtype, rope, self.arch_number()) {
             Some(v) => self.prefill_blocks_per_sm(v)?,
@@ -383,6 +384,7 @@ impl CudaBackend {
     /// Compiles and loads the kernels `plan` needs for `dtype` (otherwise done by the first
     /// `run`; call it before capturing a graph so no compile happens during capture).
     pub fn prepare(&self, plan: &Plan, dtype: DType) -> Result<()> {
+        no_fp8(dtype)?;
         match self.prefill_variant(plan, dtype) {
             Some(v) => self.prefill_fn(v).map(drop)?,
             None => self
@@ -495,6 +497,7 @@ impl CudaBackend {
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
         let dt = args.dtype;
+        no_fp8(dt)?;
         check_elem::<T>("q", dt)?;
         // The host copy is read where the device ids are: same length (checked first).
         if let Some(h) = args.host_kv_indices
@@ -553,6 +556,8 @@ impl CudaBackend {
             paged: None,
             sinks: None,
             custom_mask: args.custom_mask.map(|m| (m.host_indptr, m.bits.len())),
+            k_scale: None,
+            v_scale: None,
         };
         let qo = strides.unwrap_or_else(|| RunStrides::contiguous(heads));
         // Whole rows a buffer of `len` elements holds with row stride `row`.
@@ -1024,4 +1029,20 @@ impl CudaBackend {
         let t = times[times.len() / 2];
         Ok((n16 * 16) as f64 / t)
     }
+}
+
+/// An FP8 dtype is an [`Error::Unsupported`] of the CUDA backend, named: its kernels read
+/// K/V of q's dtype (f32, f16 or bf16) and would misread FP8 bytes. FP8 caches run on the
+/// CPU backend (docs/semantics.md, "FP8 KV cache").
+fn no_fp8(dtype: DType) -> Result<()> {
+    if dtype.is_fp8() {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!(
+                "kv cache dtype {} (fp8 k/v caches run on the cpu backend; the cuda kernels read f32, f16 or bf16 k/v)",
+                dtype.name()
+            ),
+        });
+    }
+    Ok(())
 }

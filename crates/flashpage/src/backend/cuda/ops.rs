@@ -95,12 +95,30 @@ impl OpsParams {
     }
 }
 
+/// The kernel's dtype code (`-1` for the FP8 dtypes, which [`no_fp8`] refuses before any
+/// launch is prepared: the kernels would read their bytes as another type).
 fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
+        DType::E4M3Fn | DType::E5M2 => -1,
     }
+}
+
+/// An FP8 tensor is an [`Error::Unsupported`] of the CUDA operations (they read and write
+/// f32, f16 and bf16 only; FP8 caches are written by the host `append_kv`).
+fn no_fp8(tensor: &'static str, dtype: DType) -> Result<()> {
+    if dtype.is_fp8() {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!(
+                "{tensor} of dtype {} (fp8 caches: the cuda kernels read and write f32, f16 or bf16; use the cpu backend)",
+                dtype.name()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A device view of token rows `[tokens, heads, head_dim]` with element strides (the head
@@ -238,6 +256,9 @@ pub fn append_params(
 ) -> Result<OpsParams> {
     k.check("k")?;
     v.check("v")?;
+    no_fp8("k", k.dtype)?;
+    no_fp8("v", v.dtype)?;
+    no_fp8("kv cache", cache.dtype)?;
     if v.dtype != k.dtype {
         return Err(Error::DTypeMismatch {
             tensor: "v",
@@ -317,6 +338,7 @@ pub fn rope_params(
     positions: (u64, usize),
 ) -> Result<OpsParams> {
     x.check("x")?;
+    no_fp8("x", x.dtype)?;
     rope.validate(x.head_dim)?;
     check_positions(host_positions, x.tokens)?;
     let mut p: OpsParams = bytemuck::Zeroable::zeroed();

@@ -8,6 +8,48 @@ use super::isa::Isa;
 use super::isa::expconst as ec;
 use crate::layout::DType;
 
+/// Eight E4M3Fn codes (one per 16-bit lane) as the f16 bit patterns of their values / 256:
+/// the sign moves to bit 15 and exponent and mantissa to bits 7..14, so the E4M3 exponent
+/// (bias 7) reads as an f16 exponent (bias 15) and subnormals as f16 subnormals, exactly;
+/// the only NaN code (`S.1111.111`) gets the f16 NaN exponent. The caller multiplies the
+/// converted value by 256 (exact).
+///
+/// # Safety
+/// The CPU must support SSE2 (every x86-64 CPU).
+#[inline(always)]
+unsafe fn e4m3_as_f16(b: __m128i) -> __m128i {
+    // SAFETY: integer SSE2 only (caller).
+    unsafe {
+        let t = _mm_slli_epi16::<8>(b);
+        let sign = _mm_and_si128(t, _mm_set1_epi16(0x8000u16 as i16));
+        let mag = _mm_and_si128(_mm_srli_epi16::<1>(t), _mm_set1_epi16(0x3f80));
+        let nan = _mm_and_si128(
+            _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x3f80)),
+            _mm_set1_epi16(0x7c00),
+        );
+        _mm_or_si128(_mm_or_si128(sign, mag), nan)
+    }
+}
+
+/// [`e4m3_as_f16`] on sixteen codes in a 256-bit register.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn e4m3_as_f16_256(b: __m256i) -> __m256i {
+    // SAFETY: AVX2 integer instructions (caller).
+    unsafe {
+        let t = _mm256_slli_epi16::<8>(b);
+        let sign = _mm256_and_si256(t, _mm256_set1_epi16(0x8000u16 as i16));
+        let mag = _mm256_and_si256(_mm256_srli_epi16::<1>(t), _mm256_set1_epi16(0x3f80));
+        let nan = _mm256_and_si256(
+            _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)),
+            _mm256_set1_epi16(0x7c00),
+        );
+        _mm256_or_si256(_mm256_or_si256(sign, mag), nan)
+    }
+}
+
 /// The AVX2 register set (`__m256`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx2;
@@ -37,6 +79,14 @@ impl Isa for Avx2 {
                     let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
                     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
                 }
+                // E5M2 is the top byte of an f16: widen the bytes to 16 bits, shift, convert.
+                DType::E5M2 => _mm256_cvtph_ps(_mm_slli_epi16::<8>(_mm_cvtepu8_epi16(
+                    _mm_loadl_epi64(p as *const __m128i),
+                ))),
+                DType::E4M3Fn => {
+                    let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+                    _mm256_mul_ps(_mm256_cvtph_ps(e4m3_as_f16(b)), _mm256_set1_ps(256.0))
+                }
             }
         }
     }
@@ -51,6 +101,26 @@ impl Isa for Avx2 {
                     let even = _mm256_slli_epi32::<16>(x);
                     let odd = _mm256_and_si256(x, _mm256_set1_epi32(0xffff_0000u32 as i32));
                     (_mm256_castsi256_ps(even), _mm256_castsi256_ps(odd))
+                }
+                // 16 codes widened to 16 bits in one register: the integer work is done
+                // once for both halves, then two conversions (natural order).
+                DType::E5M2 => {
+                    let h = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(_mm_loadu_si128(
+                        p as *const __m128i,
+                    )));
+                    (
+                        _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+                        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),
+                    )
+                }
+                DType::E4M3Fn => {
+                    let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+                    let h = e4m3_as_f16_256(b);
+                    let k = _mm256_set1_ps(256.0);
+                    (
+                        _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), k),
+                        _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)), k),
+                    )
                 }
                 _ => (Self::load(p), Self::load(p.add(8))),
             }
@@ -88,6 +158,13 @@ impl Isa for Avx2 {
                     let packed = _mm256_packus_epi32(r, r);
                     let packed = _mm256_permute4x64_epi64::<0b1000>(packed);
                     _mm_storeu_si128(p as *mut __m128i, _mm256_castsi256_si128(packed));
+                }
+                DType::E4M3Fn | DType::E5M2 => {
+                    let mut x = [0.0f32; 8];
+                    _mm256_storeu_ps(x.as_mut_ptr(), v);
+                    for (i, x) in x.into_iter().enumerate() {
+                        p.add(i).write_unaligned(E::from_f32(x));
+                    }
                 }
             }
         }

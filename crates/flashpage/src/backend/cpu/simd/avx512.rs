@@ -8,6 +8,26 @@ use super::isa::Isa;
 use super::isa::expconst as ec;
 use crate::layout::DType;
 
+/// Sixteen E4M3Fn codes (one per 16-bit lane) as the f16 bit patterns of their values / 256
+/// (the AVX2 `e4m3_as_f16` on 256-bit registers).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[inline(always)]
+unsafe fn e4m3_as_f16(b: __m256i) -> __m256i {
+    // SAFETY: AVX2 integer instructions (caller).
+    unsafe {
+        let t = _mm256_slli_epi16::<8>(b);
+        let sign = _mm256_and_si256(t, _mm256_set1_epi16(0x8000u16 as i16));
+        let mag = _mm256_and_si256(_mm256_srli_epi16::<1>(t), _mm256_set1_epi16(0x3f80));
+        let nan = _mm256_and_si256(
+            _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80)),
+            _mm256_set1_epi16(0x7c00),
+        );
+        _mm256_or_si256(_mm256_or_si256(sign, mag), nan)
+    }
+}
+
 /// The AVX-512 register set (`__m512`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Avx512;
@@ -38,6 +58,14 @@ impl Isa for Avx512 {
                     let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
                     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
                 }
+                // E5M2 is the top byte of an f16: widen the bytes to 16 bits, shift, convert.
+                DType::E5M2 => _mm512_cvtph_ps(_mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(
+                    _mm_loadu_si128(p as *const __m128i),
+                ))),
+                DType::E4M3Fn => {
+                    let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+                    _mm512_mul_ps(_mm512_cvtph_ps(e4m3_as_f16(b)), _mm512_set1_ps(256.0))
+                }
             }
         }
     }
@@ -61,6 +89,13 @@ impl Isa for Avx512 {
                     let q = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
                     let r = _mm512_mask_mov_epi32(r, nan, q);
                     _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r));
+                }
+                DType::E4M3Fn | DType::E5M2 => {
+                    let mut x = [0.0f32; 16];
+                    _mm512_storeu_ps(x.as_mut_ptr(), v);
+                    for (i, x) in x.into_iter().enumerate() {
+                        p.add(i).write_unaligned(E::from_f32(x));
+                    }
                 }
             }
         }

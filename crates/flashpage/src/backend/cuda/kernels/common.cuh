@@ -8,6 +8,10 @@
 // Helpers are `__device__ __forceinline__` without `static`: each kernel uses a subset, and
 // NVRTC warns (#177) about unused static functions; the warning-free log is checked in CI.
 
+#if defined(FP_DTYPE) && FP_DTYPE > 2
+#error "FP_DTYPE 3 and 4 (fp8 e4m3fn / e5m2 k/v caches) are not supported by the cuda kernels"
+#endif
+
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef long long i64;
