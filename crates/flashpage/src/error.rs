@@ -111,8 +111,9 @@ pub enum Error {
         actual: i64,
     },
 
-    /// A request's custom mask does not have the bytes its shape needs: `mask_indptr[r + 1]
-    /// - mask_indptr[r]` must be `ceil(qo_len·kv_len / 8)` (FlashInfer's packed layout).
+    /// A request's custom mask does not have the bytes its shape needs:
+    /// `mask_indptr[r + 1] - mask_indptr[r]` must be `ceil(qo_len·kv_len / 8)` (FlashInfer's
+    /// packed layout).
     #[error(
         "mask_indptr gives request {request} {actual} mask bytes, expected ceil({qo_len} x {kv_len} / 8) = {expected} (qo_len x kv_len bits, packed)"
     )]

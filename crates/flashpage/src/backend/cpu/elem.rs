@@ -5,8 +5,8 @@ use half::{bf16, f16};
 use crate::fp8::Fp8Format;
 use crate::layout::DType;
 
-/// A storage element: f32, f16 or bf16 (q, K, V, o), or an FP8 code ([`E4M3`], [`E5M2`]:
-/// K and V of a quantised cache). Arithmetic is always f32.
+/// A storage element: f32, f16 or bf16 (q, K, V, o), or an FP8 code (`E4M3`, `E5M2`: K and
+/// V of a quantised cache). Arithmetic is always f32.
 pub trait Elem: Copy + Send + Sync + bytemuck::Pod + 'static {
     /// The dtype.
     const DTYPE: DType;
