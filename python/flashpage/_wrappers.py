@@ -3,7 +3,7 @@
 Names, argument names, defaults and meanings follow FlashInfer (``flashinfer.decode``,
 ``flashinfer.prefill``, ``flashinfer.cascade``, ``flashinfer.page``). Where FlashInfer has
 GPU-only knobs (``use_tensor_cores``, ``enable_pdl``, ``non_blocking``, ``backend``) they are
-accepted and have no effect; features flashpage does not implement (custom masks, FP8 scales,
+accepted and have no effect; features flashpage does not implement here (FP8 scales,
 different q/k and v head dims) raise :class:`flashpage.Error` of kind
 ``Unsupported`` instead of being ignored.
 """
@@ -117,7 +117,14 @@ class _Wrapper:
         rope_theta,
         q_data_type,
         kv_data_type,
+        custom_mask=None,
+        packed_custom_mask=None,
     ) -> None:
+        masks = {}
+        if custom_mask is not None or packed_custom_mask is not None:
+            # FlashInfer: the causal mask applies only when no custom mask is given.
+            causal = False
+            masks = {"custom_mask": custom_mask, "packed_custom_mask": packed_custom_mask}
         # Plan first: a failed plan leaves the previous one in place.
         self._set_plan(
             _flashpage.plan,
@@ -135,6 +142,7 @@ class _Wrapper:
             rope_theta,
             q_data_type,
             kv_data_type,
+            **masks,
         )
 
     def _set_plan(
@@ -154,10 +162,11 @@ class _Wrapper:
         rope_theta,
         q_data_type,
         kv_data_type,
+        **masks,
     ) -> None:
         """Calls ``planner`` (``_flashpage.plan`` or ``plan_cascade``) with the index
-        ``arrays`` and the options converted as the extension takes them; keeps the plan only
-        when planning succeeds."""
+        ``arrays``, the options converted as the extension takes them and the custom mask
+        (``masks``, ``_flashpage.plan`` only); keeps the plan only when planning succeeds."""
         q_name = _dtype_name(q_data_type)
         kv_name = _dtype_name(kv_data_type) or q_name
         plan = planner(
@@ -176,6 +185,7 @@ class _Wrapper:
             None if rope_theta is None else float(rope_theta),
             q_name,
             kv_name,
+            **masks,
         )
         self._plan = plan
         self._num_qo_heads = int(num_qo_heads)
@@ -368,8 +378,6 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         ``qo_indptr[r]:qo_indptr[r+1]`` and the pages of the CSR page table. The causal mask is
         bottom-right aligned, as in FlashInfer. Raises :class:`flashpage.Error`."""
         _check_extra(kwargs)
-        _reject("custom_mask", custom_mask)
-        _reject("packed_custom_mask", packed_custom_mask)
         if head_dim_vo is not None and int(head_dim_vo) != int(head_dim_qk):
             raise _unsupported(f"head_dim_vo {head_dim_vo} different from head_dim_qk {head_dim_qk}")
         self._plan_common(
@@ -390,6 +398,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
             rope_theta,
             q_data_type,
             kv_data_type,
+            custom_mask=custom_mask,
+            packed_custom_mask=packed_custom_mask,
         )
 
     begin_forward = plan
@@ -469,8 +479,6 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
     ) -> None:
         """Validates and plans a ragged prefill batch. Raises :class:`flashpage.Error`."""
         _check_extra(kwargs)
-        _reject("custom_mask", custom_mask)
-        _reject("packed_custom_mask", packed_custom_mask)
         if head_dim_vo is not None and int(head_dim_vo) != int(head_dim_qk):
             raise _unsupported(f"head_dim_vo {head_dim_vo} different from head_dim_qk {head_dim_qk}")
         self._plan_common(
@@ -491,6 +499,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
             rope_theta,
             q_data_type,
             kv_data_type,
+            custom_mask=custom_mask,
+            packed_custom_mask=packed_custom_mask,
         )
 
     begin_forward = plan

@@ -5,8 +5,8 @@ use std::sync::OnceLock;
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::{KvCache, RunArgs};
 use flashpage::{
-    AttentionOptions, BatchDesc, CascadeLevel, CascadePlan, DType, Error, HeadConfig, KvLayout,
-    KvStrides, PageTable, Plan, PlanConfig, PosEncoding, TensorMut,
+    AttentionOptions, BatchDesc, CascadeLevel, CascadePlan, CustomMask, DType, Error, HeadConfig,
+    KvLayout, KvStrides, PageTable, Plan, PlanConfig, PosEncoding, TensorMut,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
@@ -183,6 +183,8 @@ pub struct AttentionPlan {
     plan: Plan,
     /// The levels of a cascade plan.
     cascade: Option<CascadePlan>,
+    /// The packed custom mask and its `mask_indptr` (bytes per request), if planned with one.
+    mask: Option<PackedMask>,
     flavor: Flavor,
     kv_indices: Vec<i32>,
     layout: KvLayout,
@@ -195,7 +197,8 @@ pub struct AttentionPlan {
 #[pyfunction]
 #[pyo3(signature = (qo_indptr, kv_indptr, kv_indices, last_page_len, num_qo_heads, num_kv_heads,
     head_dim, page_size, kv_layout, causal, window_left, logits_soft_cap, sm_scale,
-    pos_encoding_mode, rope_scale, rope_theta, q_data_type, kv_data_type))]
+    pos_encoding_mode, rope_scale, rope_theta, q_data_type, kv_data_type, custom_mask=None,
+    packed_custom_mask=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     py: Python<'_>,
@@ -217,6 +220,8 @@ pub fn plan(
     rope_theta: Option<f64>,
     q_data_type: &str,
     kv_data_type: &str,
+    custom_mask: Option<Bound<'_, PyAny>>,
+    packed_custom_mask: Option<Bound<'_, PyAny>>,
 ) -> PyResult<AttentionPlan> {
     guard(py, || {
         let Parsed {
@@ -284,9 +289,11 @@ pub fn plan(
                 )
             }
         };
+        let mask = custom_mask_of(&plan, custom_mask.as_ref(), packed_custom_mask.as_ref())?;
         Ok(AttentionPlan {
             plan,
             cascade: None,
+            mask,
             flavor,
             kv_indices: indices,
             layout,
@@ -393,6 +400,7 @@ pub fn plan_cascade(
         Ok(AttentionPlan {
             plan,
             cascade: Some(cascade),
+            mask: None,
             flavor: Flavor::Cascade,
             kv_indices: Vec::new(),
             layout,
@@ -400,6 +408,87 @@ pub fn plan_cascade(
             kv_dtype,
         })
     })
+}
+
+/// A packed custom mask's bits and its `mask_indptr` (bytes per request).
+type PackedMask = (Vec<u8>, Vec<i32>);
+
+/// The packed custom mask of a plan (FlashInfer's layout: per request the row-major
+/// `qo_len × kv_len` bits, little-endian within a byte, each request starting on a byte),
+/// from a bool `custom_mask` of the unpacked elements or a uint8 `packed_custom_mask`, with
+/// its `mask_indptr` in bytes.
+fn custom_mask_of(
+    plan: &Plan,
+    custom_mask: Option<&Bound<'_, PyAny>>,
+    packed: Option<&Bound<'_, PyAny>>,
+) -> Result<Option<PackedMask>, Failure> {
+    let segments: Vec<usize> = (0..plan.batch_size())
+        .map(|r| plan.request(r).map_or(0, |q| q.qo_len * q.kv_len))
+        .collect();
+    let mut indptr = Vec::with_capacity(segments.len() + 1);
+    let mut bytes = 0usize;
+    indptr.push(0i32);
+    for &n in &segments {
+        bytes += n.div_ceil(8);
+        let at = i32::try_from(bytes).map_err(|_| Error::LimitExceeded {
+            field: "custom_mask bytes",
+            limit: i32::MAX as usize,
+            actual: bytes,
+            rule: "mask_indptr is int32",
+        })?;
+        indptr.push(at);
+    }
+    let bits = match (custom_mask, packed) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidOption {
+                field: "custom_mask",
+                expected: "custom_mask or packed_custom_mask, not both",
+                actual: "both".into(),
+            }
+            .into());
+        }
+        (Some(m), None) => {
+            let m = Borrowed::new(m, "custom_mask")?;
+            let flat = m.bools()?;
+            let total: usize = segments.iter().sum();
+            if flat.len() != total {
+                return Err(shape_error(
+                    "custom_mask",
+                    format!("{total} elements (the sum of qo_len × kv_len over the requests)"),
+                    &m.shape,
+                ));
+            }
+            let mut out = vec![0u8; bytes];
+            let (mut at, mut byte) = (0usize, 0usize);
+            for &n in &segments {
+                for (i, &b) in flat[at..at + n].iter().enumerate() {
+                    out[byte + i / 8] |= u8::from(b) << (i % 8);
+                }
+                at += n;
+                byte += n.div_ceil(8);
+            }
+            out
+        }
+        (None, Some(p)) => {
+            let p = Borrowed::new(p, "packed_custom_mask")?;
+            if p.kind != Kind::U8 {
+                return Err(p.dtype_error("torch.uint8"));
+            }
+            p.expect_contiguous()?;
+            if p.bytes().len() < bytes {
+                return Err(shape_error(
+                    "packed_custom_mask",
+                    format!(
+                        "at least {bytes} bytes (each request's qo_len × kv_len bits, byte-aligned)"
+                    ),
+                    &p.shape,
+                ));
+            }
+            p.bytes()[..bytes].to_vec()
+        }
+    };
+    Ok(Some((bits, indptr)))
 }
 
 /// K and V of a run: two (possibly identical) tensors and the offset of V's first element.
@@ -682,7 +771,10 @@ impl AttentionPlan {
                 o: reborrow(&mut o),
                 lse: lse_slice.as_deref_mut(),
                 sinks: sinks.as_deref(),
-                custom_mask: None,
+                custom_mask: self
+                    .mask
+                    .as_ref()
+                    .map(|(bits, indptr)| CustomMask { bits, indptr }),
             };
             match &self.cascade {
                 Some(c) => cpu.run_cascade(c, args, ws_bytes)?,

@@ -5,9 +5,10 @@ import math
 import torch
 
 
-def attention(q, k, v, causal=False, window_left=-1, soft_cap=None, sm_scale=None, rope_theta=None, sinks=None):
+def attention(q, k, v, causal=False, window_left=-1, soft_cap=None, sm_scale=None, rope_theta=None, sinks=None, mask=None):
     """q [qo_len, hq, d], k/v [kv_len, hkv, d] of one request -> (o [qo_len, hq, d], lse base 2).
-    sinks [hq]: one more logit per head (natural log) with no value (gpt-oss)."""
+    sinks [hq]: one more logit per head (natural log) with no value (gpt-oss).
+    mask [qo_len, kv_len] bool: a custom mask (True: visible), with causal and the window."""
     q, k, v = q.double(), k.double(), v.double()
     qo_len, hq, d = q.shape
     kv_len, hkv, _ = k.shape
@@ -28,6 +29,8 @@ def attention(q, k, v, causal=False, window_left=-1, soft_cap=None, sm_scale=Non
         visible &= kpos[None, :] <= qpos[:, None]
     if window_left >= 0:
         visible &= kpos[None, :] >= qpos[:, None] - window_left
+    if mask is not None:
+        visible &= mask
     s = s.masked_fill(~visible[None], float("-inf"))
     if sinks is not None:
         col = sinks.double()[:, None, None].expand(hq, qo_len, 1)
