@@ -6,7 +6,9 @@
 //! the expected and the actual value.
 
 use crate::error::{Error, Result};
-use crate::layout::{BatchDesc, CustomMask, KvIndex, MAX_PAGE_SIZE, PAGE_SIZE_RULE, QueryIndex};
+use crate::layout::{
+    BatchDesc, CustomMask, DType, KvIndex, MAX_PAGE_SIZE, PAGE_SIZE_RULE, QueryIndex,
+};
 use crate::options::AttentionOptions;
 
 /// One request of a validated batch.
@@ -351,6 +353,47 @@ pub fn check_page_ids(kv_indptr: &[i32], kv_indices: &[i32], num_pages: usize) -
             index,
             page_id: id as i64,
             num_pages,
+        });
+    }
+    Ok(())
+}
+
+/// Checks an FP8 scale argument (`k_scale` or `v_scale`, named by `field`) of a cache whose
+/// elements are `dtype`: scales belong to an FP8 cache only (`InvalidOption` otherwise), hold
+/// 1 (per tensor) or `num_kv_heads` (per head) values (`TensorShape`), each finite, positive
+/// and normal (`InvalidOption` naming the first bad element, e.g. `k_scale[1] = NaN`).
+pub fn check_fp8_scale(
+    field: &'static str,
+    dtype: DType,
+    scale: Option<&[f32]>,
+    num_kv_heads: usize,
+) -> Result<()> {
+    let Some(s) = scale else {
+        return Ok(());
+    };
+    if !dtype.is_fp8() {
+        return Err(Error::InvalidOption {
+            field,
+            expected: "no scale: scales belong to an fp8 (e4m3fn or e5m2) k/v cache",
+            actual: format!("{} values with a {} cache", s.len(), dtype.name()),
+        });
+    }
+    if s.len() != 1 && s.len() != num_kv_heads {
+        return Err(Error::TensorShape {
+            tensor: field,
+            expected: format!("1 (per tensor) or num_kv_heads = {num_kv_heads} (per head) values"),
+            actual: format!("{} values", s.len()),
+        });
+    }
+    if let Some((i, x)) = s
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !(x.is_finite() && **x >= f32::MIN_POSITIVE))
+    {
+        return Err(Error::InvalidOption {
+            field,
+            expected: "finite positive normal f32 values",
+            actual: format!("{field}[{i}] = {x}"),
         });
     }
     Ok(())

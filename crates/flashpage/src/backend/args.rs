@@ -252,32 +252,7 @@ fn check_dtypes(a: &ArgShapes<'_>, hkv: usize) -> Result<()> {
         });
     }
     for (field, scale) in [("k_scale", a.k_scale), ("v_scale", a.v_scale)] {
-        let Some(s) = scale else { continue };
-        if !kt.is_fp8() {
-            return Err(Error::InvalidOption {
-                field,
-                expected: "no scale: scales dequantise an fp8 (e4m3fn or e5m2) k/v cache",
-                actual: format!("{} values with a {} cache", s.len(), kt.name()),
-            });
-        }
-        if s.len() != 1 && s.len() != hkv {
-            return Err(Error::TensorShape {
-                tensor: field,
-                expected: format!("1 (per tensor) or num_kv_heads = {hkv} (per head) values"),
-                actual: format!("{} values", s.len()),
-            });
-        }
-        if let Some((i, x)) = s
-            .iter()
-            .enumerate()
-            .find(|(_, x)| !(x.is_finite() && **x >= f32::MIN_POSITIVE))
-        {
-            return Err(Error::InvalidOption {
-                field,
-                expected: "finite positive normal f32 values",
-                actual: format!("{field}[{i}] = {x}"),
-            });
-        }
+        crate::validate::check_fp8_scale(field, kt, scale, hkv)?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::builder::BatchBuilder;
 use crate::error::{Error, Result};
 use crate::layout::{KvLayout, KvStrides, MAX_PAGE_SIZE, PAGE_SIZE_RULE};
 use crate::tensor::TensorMut;
-use crate::validate::{check_indptr, check_page_ids};
+use crate::validate::{check_fp8_scale, check_indptr, check_page_ids};
 
 use super::rope::{Rope, Rotation, check_positions};
 use super::rows::Rows;
@@ -496,32 +496,7 @@ fn check_fp8(k: &Rows<'_>, v: &Rows<'_>, cache: &KvCacheMut<'_>) -> Result<()> {
         ),
     ];
     for (field, dt, scale) in sides {
-        let Some(s) = scale else { continue };
-        if !dt.is_fp8() {
-            return Err(Error::InvalidOption {
-                field,
-                expected: "no scale: scales quantise into an fp8 (e4m3fn or e5m2) cache",
-                actual: format!("{} values with a {} cache", s.len(), dt.name()),
-            });
-        }
-        if s.len() != 1 && s.len() != hkv {
-            return Err(Error::TensorShape {
-                tensor: field,
-                expected: format!("1 (per tensor) or num_kv_heads = {hkv} (per head) values"),
-                actual: format!("{} values", s.len()),
-            });
-        }
-        if let Some((i, x)) = s
-            .iter()
-            .enumerate()
-            .find(|(_, x)| !(x.is_finite() && **x >= f32::MIN_POSITIVE))
-        {
-            return Err(Error::InvalidOption {
-                field,
-                expected: "finite positive normal f32 values",
-                actual: format!("{field}[{i}] = {x}"),
-            });
-        }
+        check_fp8_scale(field, dt, scale, hkv)?;
     }
     Ok(())
 }
