@@ -42,7 +42,6 @@ pub struct CascadeLevel<'a> {
 struct Level {
     plan: Plan,
     kv_indices: Vec<i32>,
-    pages_read: usize,
 }
 
 /// A planned cascade: one [`Plan`] per level over the same query rows, and the workspace
@@ -129,7 +128,6 @@ impl CascadePlan {
             planned.push(Level {
                 plan,
                 kv_indices: lv.kv_indices[..used].to_vec(),
-                pages_read: used,
             });
         }
         Ok(CascadePlan {
@@ -233,7 +231,7 @@ impl CascadePlan {
     /// Pages the levels' requests reference in total: each shared page counts once per
     /// level request holding it, so a cascade that shares reads fewer than the flat batch.
     pub fn pages_referenced(&self) -> usize {
-        self.levels.iter().map(|lv| lv.pages_read).sum()
+        self.levels.iter().map(|lv| lv.kv_indices.len()).sum()
     }
 
     /// The float workspace a run with outputs of `dtype` needs: the largest level plan's
