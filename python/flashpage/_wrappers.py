@@ -67,12 +67,11 @@ def _check_extra(kwargs: dict) -> None:
         _reject(k, v)
 
 
-def _check_run_extras(args: tuple, q_scale, k_scale, v_scale, sinks=None) -> None:
+def _check_run_extras(args: tuple, q_scale) -> None:
     if args:
         raise _unsupported("extra positional arguments to run (JIT module arguments)")
-    for name, v in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale), ("sinks", sinks)):
-        if v is not None:
-            raise _unsupported(name)
+    if q_scale is not None:
+        raise _unsupported("q_scale (q is float32, float16 or bfloat16)")
 
 
 class _Wrapper:
@@ -299,8 +298,8 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         paged_kv_cache: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         *args: Any,
         q_scale: Optional[float] = None,
-        k_scale: Optional[float] = None,
-        v_scale: Optional[float] = None,
+        k_scale: Optional[Union[float, torch.Tensor]] = None,
+        v_scale: Optional[Union[float, torch.Tensor]] = None,
         out: Optional[torch.Tensor] = None,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
@@ -313,13 +312,18 @@ class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
         ``[num_pages, 2, num_kv_heads, page_size, head_dim]`` (HND), or a ``(k_cache, v_cache)``
         pair). Returns ``out``, or ``(out, lse)`` with ``lse`` base 2 when ``return_lse``.
         ``sinks`` (float32 [num_qo_heads], natural log) are attention sinks (gpt-oss): one
-        extra logit per head in the softmax denominator, with no value."""
-        if args or q_scale is not None or k_scale is not None or v_scale is not None:
-            _check_run_extras(args, q_scale, k_scale, v_scale)
+        extra logit per head in the softmax denominator, with no value. An FP8 cache
+        (``kv_data_type`` ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` at plan) is
+        dequantised by ``k_scale`` / ``v_scale``: a float or a float32 tensor of
+        ``[num_kv_heads]`` (per KV head), default 1."""
+        if args or q_scale is not None:
+            _check_run_extras(args, q_scale)
         if window_left is not None:
             self._check_window(window_left)
         q, out, lse = self._outputs(q, out, lse, return_lse)
-        self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse, sinks)
+        self._plan.run_paged(
+            self._float_workspace_buffer, q, paged_kv_cache, out, lse, sinks, k_scale, v_scale
+        )
         return (out, lse) if return_lse else out
 
     forward = run
@@ -410,8 +414,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
         paged_kv_cache: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         *args: Any,
         q_scale: Optional[float] = None,
-        k_scale: Optional[float] = None,
-        v_scale: Optional[float] = None,
+        k_scale: Optional[Union[float, torch.Tensor]] = None,
+        v_scale: Optional[Union[float, torch.Tensor]] = None,
         out: Optional[torch.Tensor] = None,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
@@ -421,13 +425,16 @@ class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Attention of ``q`` [qo_indptr[-1], num_qo_heads, head_dim] over the paged cache.
         Returns ``out``, or ``(out, lse)`` with ``lse`` base 2 when ``return_lse``. ``sinks``
-        (float32 [num_qo_heads], natural log) are attention sinks."""
-        if args or q_scale is not None or k_scale is not None or v_scale is not None:
-            _check_run_extras(args, q_scale, k_scale, v_scale)
+        (float32 [num_qo_heads], natural log) are attention sinks; ``k_scale`` / ``v_scale``
+        dequantise an FP8 cache (as in ``BatchDecodeWithPagedKVCacheWrapper.run``)."""
+        if args or q_scale is not None:
+            _check_run_extras(args, q_scale)
         if window_left is not None:
             self._check_window(window_left)
         q, out, lse = self._outputs(q, out, lse, return_lse)
-        self._plan.run_paged(self._float_workspace_buffer, q, paged_kv_cache, out, lse, sinks)
+        self._plan.run_paged(
+            self._float_workspace_buffer, q, paged_kv_cache, out, lse, sinks, k_scale, v_scale
+        )
         return (out, lse) if return_lse else out
 
     forward = run
@@ -512,8 +519,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         v: torch.Tensor,
         *args: Any,
         q_scale: Optional[float] = None,
-        k_scale: Optional[float] = None,
-        v_scale: Optional[float] = None,
+        k_scale: Optional[Union[float, torch.Tensor]] = None,
+        v_scale: Optional[Union[float, torch.Tensor]] = None,
         out: Optional[torch.Tensor] = None,
         lse: Optional[torch.Tensor] = None,
         return_lse: bool = False,
@@ -522,11 +529,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_Wrapper):
         """Attention of ``q`` [qo_indptr[-1], num_qo_heads, head_dim] over ``k``, ``v``
         [kv_indptr[-1], num_kv_heads, head_dim] (NHD; HND: [num_kv_heads, kv_indptr[-1],
         head_dim]). Returns ``out``, or ``(out, lse)`` with
-        ``lse`` base 2 when ``return_lse``."""
-        if args or q_scale is not None or k_scale is not None or v_scale is not None:
-            _check_run_extras(args, q_scale, k_scale, v_scale)
+        ``lse`` base 2 when ``return_lse``; ``k_scale`` / ``v_scale`` dequantise FP8 ``k``
+        / ``v``."""
+        if args or q_scale is not None:
+            _check_run_extras(args, q_scale)
         q, out, lse = self._outputs(q, out, lse, return_lse)
-        self._plan.run_ragged(self._float_workspace_buffer, q, k, v, out, lse)
+        self._plan.run_ragged(self._float_workspace_buffer, q, k, v, out, lse, k_scale, v_scale)
         return (out, lse) if return_lse else out
 
     forward = run

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use crate::errors::{Failure, guard, type_error};
-use crate::ffi::{Borrowed, check_disjoint, union_float_mut};
+use crate::ffi::{Borrowed, Kind, check_disjoint, union_float_mut};
 
 /// The library's row views are token-major (a token's heads inside its row: row stride >=
 /// (heads - 1) * head stride + head_dim). A head-major view (e.g. `k.transpose(0, 1)` of a
@@ -163,13 +163,24 @@ pub fn append_paged_kv_cache(
             }
             .into());
         }
-        for t in [&key, &value].into_iter().chain(&vc) {
-            if t.kind != kc.kind {
+        if kc.kind.dtype().is_none() {
+            return Err(kc.dtype_error(
+                "torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn or torch.float8_e5m2",
+            ));
+        }
+        if let Some(v) = &vc
+            && v.kind != kc.kind
+        {
+            return Err(v.dtype_error(kc.kind.name()));
+        }
+        // An FP8 cache also takes float rows, quantised with scale 1 (FlashInfer appends
+        // rows of the cache's dtype only; those are copied exactly).
+        let fp8 = kc.kind.dtype().is_some_and(|d| d.is_fp8());
+        for t in [&key, &value] {
+            let float = matches!(t.kind, Kind::F32 | Kind::F16 | Kind::BF16);
+            if t.kind != kc.kind && !(fp8 && float) {
                 return Err(t.dtype_error(kc.kind.name()));
             }
-        }
-        if kc.kind.dtype().is_none() {
-            return Err(kc.dtype_error("torch.float32, torch.float16 or torch.bfloat16"));
         }
         let (sp, st, sh) = if nhd {
             (strides[0], strides[1], strides[2])

@@ -8,6 +8,7 @@ use flashpage::{
     AttentionOptions, BatchDesc, CascadeLevel, CascadePlan, CustomMask, DType, Error, HeadConfig,
     KvLayout, KvStrides, PageTable, Plan, PlanConfig, PosEncoding, TensorMut,
 };
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
@@ -52,18 +53,24 @@ fn torch_name(d: DType) -> &'static str {
     }
 }
 
-/// Parses FlashInfer's `q_data_type`/`kv_data_type` (`"float16"`, `"torch.bfloat16"`, …).
-fn parse_dtype(field: &'static str, s: &str) -> Result<DType, Failure> {
+/// Parses FlashInfer's `q_data_type`/`kv_data_type` (`"float16"`, `"torch.bfloat16"`,
+/// `"torch.float8_e4m3fn"`, …); the FP8 formats only where `fp8` (a K/V cache's dtype).
+fn parse_dtype(field: &'static str, s: &str, fp8: bool) -> Result<DType, Failure> {
     let t = s.trim().trim_start_matches("torch.");
-    // FP8 caches are not wired into the Python wrappers yet (docs/python.md).
-    DType::parse(t).filter(|d| !d.is_fp8()).ok_or_else(|| {
-        Error::InvalidOption {
-            field,
-            expected: "torch.float32, torch.float16 or torch.bfloat16",
-            actual: s.to_string(),
-        }
-        .into()
-    })
+    DType::parse(t)
+        .filter(|d| fp8 || !d.is_fp8())
+        .ok_or_else(|| {
+            Error::InvalidOption {
+                field,
+                expected: if fp8 {
+                    "torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn or torch.float8_e5m2"
+                } else {
+                    "torch.float32, torch.float16 or torch.bfloat16"
+                },
+                actual: s.to_string(),
+            }
+            .into()
+        })
 }
 
 /// FlashInfer's `pos_encoding_mode` (`NONE`, `ROPE_LLAMA`, `ALIBI`) with its RoPE options.
@@ -141,13 +148,13 @@ fn parse_common(c: &Common<'_>) -> Result<Parsed, Failure> {
             c.rope_scale,
             c.rope_theta,
         )?);
-    let q_dtype = parse_dtype("q_data_type", c.q_data_type)?;
-    let kv_dtype = parse_dtype("kv_data_type", c.kv_data_type)?;
-    if kv_dtype != q_dtype {
+    let q_dtype = parse_dtype("q_data_type", c.q_data_type, false)?;
+    let kv_dtype = parse_dtype("kv_data_type", c.kv_data_type, true)?;
+    if kv_dtype != q_dtype && !kv_dtype.is_fp8() {
         return Err(Error::Unsupported {
             backend: "cpu",
             what: format!(
-                "kv_data_type {} with q_data_type {} (q and the KV cache must have one dtype)",
+                "kv_data_type {} with q_data_type {} (the KV cache has q's dtype or an fp8 one)",
                 torch_name(kv_dtype),
                 torch_name(q_dtype)
             ),
@@ -682,10 +689,15 @@ impl AttentionPlan {
         kv: KvTensors<'_>,
         out: &Bound<'_, PyAny>,
         lse: Option<&Bound<'_, PyAny>>,
-        sinks: Option<&Bound<'_, PyAny>>,
+        extras: Extras<'_, '_>,
         reps: usize,
     ) -> Result<f64, Failure> {
-        let (hq, _, d, _) = self.dims();
+        let Extras {
+            sinks,
+            k_scale,
+            v_scale,
+        } = extras;
+        let (hq, hkv, d, _) = self.dims();
         let rows = self.plan.num_q_rows();
         let q = Borrowed::new(q, "q")?;
         let mut out = Borrowed::new(out, "out")?;
@@ -711,6 +723,12 @@ impl AttentionPlan {
             }
             None => None,
         };
+        let k_scale = k_scale
+            .map(|s| scale_values("k_scale", s, hkv))
+            .transpose()?;
+        let v_scale = v_scale
+            .map(|s| scale_values("v_scale", s, hkv))
+            .transpose()?;
         if q.kind.dtype() != Some(self.q_dtype) {
             return Err(q.dtype_error(torch_name(self.q_dtype)));
         }
@@ -721,11 +739,11 @@ impl AttentionPlan {
             if t.kind.dtype() != Some(self.kv_dtype) {
                 return Err(t.dtype_error(torch_name(self.kv_dtype)));
             }
-            if t.kind != q.kind {
+            if t.kind != q.kind && !self.kv_dtype.is_fp8() {
                 return Err(Error::Unsupported {
                     backend: "cpu",
                     what: format!(
-                        "{} of dtype {} with q of dtype {} (q and the KV cache must have one dtype)",
+                        "{} of dtype {} with q of dtype {} (the KV cache has q's dtype or an fp8 one)",
                         t.name,
                         t.kind.name(),
                         q.kind.name()
@@ -754,6 +772,15 @@ impl AttentionPlan {
             KvCache::ragged(kref, vref, kv.strides, kv.num_pages)
         } else {
             KvCache::paged(kref, vref, kv.strides, kv.num_pages, &self.kv_indices)
+        };
+        // FlashInfer's default scale is 1; the library checks the values and that the cache
+        // is FP8 (validate::check_fp8_scale).
+        let cache = match (&k_scale, &v_scale) {
+            (None, None) => cache,
+            (k, v) => cache.with_scales(
+                k.as_deref().unwrap_or(&[1.0]),
+                v.as_deref().unwrap_or(&[1.0]),
+            ),
         };
         let qref = q.float_ref(0)?;
         let mut o = out.float_mut()?;
@@ -795,6 +822,34 @@ impl AttentionPlan {
     }
 }
 
+/// The optional per-run arguments: attention sinks and the FP8 scales.
+#[derive(Default)]
+struct Extras<'b, 'py> {
+    sinks: Option<&'b Bound<'py, PyAny>>,
+    k_scale: Option<&'b Bound<'py, PyAny>>,
+    v_scale: Option<&'b Bound<'py, PyAny>>,
+}
+
+/// FlashInfer's `k_scale` / `v_scale`: a number (per tensor) or a float32 tensor of shape
+/// `[]`, `[1]` or `[num_kv_heads]` (per KV head).
+fn scale_values(name: &'static str, s: &Bound<'_, PyAny>, hkv: usize) -> Result<Vec<f32>, Failure> {
+    if s.hasattr(intern!(s.py(), "dtype"))? {
+        let t = Borrowed::new(s, name)?;
+        if !(t.shape.is_empty() || t.shape == [1] || t.shape == [hkv]) {
+            return Err(shape_error(
+                name,
+                format!("[], [1] (per tensor) or [{hkv}] (num_kv_heads, per head)"),
+                &t.shape,
+            ));
+        }
+        return t.f32_vec();
+    }
+    let x: f64 = s
+        .extract()
+        .map_err(|_| crate::errors::type_error(format!("{name} must be a float or a tensor")))?;
+    Ok(vec![x as f32])
+}
+
 /// A shorter-lived view of a mutable tensor, for one run of several.
 fn reborrow<'a>(t: &'a mut TensorMut<'_>) -> TensorMut<'a> {
     match t {
@@ -810,7 +865,7 @@ impl AttentionPlan {
     /// Runs the plan on a paged cache (one tensor or a `(k_cache, v_cache)` pair), writing
     /// `out` and, if given, `lse` (base 2); `sinks` (float32 `[num_qo_heads]`) are attention
     /// sinks.
-    #[pyo3(signature = (workspace, q, paged_kv_cache, out, lse=None, sinks=None))]
+    #[pyo3(signature = (workspace, q, paged_kv_cache, out, lse=None, sinks=None, k_scale=None, v_scale=None))]
     #[allow(clippy::too_many_arguments)]
     fn run_paged(
         &self,
@@ -821,6 +876,8 @@ impl AttentionPlan {
         out: Bound<'_, PyAny>,
         lse: Option<Bound<'_, PyAny>>,
         sinks: Option<Bound<'_, PyAny>>,
+        k_scale: Option<Bound<'_, PyAny>>,
+        v_scale: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         guard(py, || {
             if self.flavor == Flavor::RaggedPrefill {
@@ -829,7 +886,12 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.paged_cache(&paged_kv_cache)?;
-            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), sinks.as_ref(), 1)
+            let extras = Extras {
+                sinks: sinks.as_ref(),
+                k_scale: k_scale.as_ref(),
+                v_scale: v_scale.as_ref(),
+            };
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), extras, 1)
                 .map(|_| ())
         })
     }
@@ -856,12 +918,20 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.paged_cache(&paged_kv_cache)?;
-            self.run_inner(&workspace, &q, kv, &out, None, None, iterations)
+            self.run_inner(
+                &workspace,
+                &q,
+                kv,
+                &out,
+                None,
+                Extras::default(),
+                iterations,
+            )
         })
     }
 
     /// Runs the plan on ragged `k` and `v`, writing `out` and, if given, `lse` (base 2).
-    #[pyo3(signature = (workspace, q, k, v, out, lse=None))]
+    #[pyo3(signature = (workspace, q, k, v, out, lse=None, k_scale=None, v_scale=None))]
     #[allow(clippy::too_many_arguments)]
     fn run_ragged(
         &self,
@@ -872,6 +942,8 @@ impl AttentionPlan {
         v: Bound<'_, PyAny>,
         out: Bound<'_, PyAny>,
         lse: Option<Bound<'_, PyAny>>,
+        k_scale: Option<Bound<'_, PyAny>>,
+        v_scale: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         guard(py, || {
             if self.flavor != Flavor::RaggedPrefill {
@@ -880,7 +952,12 @@ impl AttentionPlan {
                 ));
             }
             let kv = self.ragged_kv(&k, &v)?;
-            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), None, 1)
+            let extras = Extras {
+                sinks: None,
+                k_scale: k_scale.as_ref(),
+                v_scale: v_scale.as_ref(),
+            };
+            self.run_inner(&workspace, &q, kv, &out, lse.as_ref(), extras, 1)
                 .map(|_| ())
         })
     }

@@ -25,6 +25,7 @@
 //! range was checked to be dense (no element addressed twice) and disjoint from the range of
 //! every other tensor of the same call ([`check_disjoint`]).
 
+use flashpage::fp8::Fp8Format;
 use flashpage::half::{bf16, f16};
 use flashpage::{DType, Error, TensorMut, TensorRef};
 use pyo3::prelude::*;
@@ -51,6 +52,10 @@ pub enum Kind {
     U8,
     /// bool.
     Bool,
+    /// float8_e4m3fn (an FP8 K/V cache).
+    E4M3Fn,
+    /// float8_e5m2 (an FP8 K/V cache).
+    E5M2,
 }
 
 impl Kind {
@@ -60,7 +65,7 @@ impl Kind {
             Kind::F32 | Kind::I32 => 4,
             Kind::F16 | Kind::BF16 => 2,
             Kind::I64 => 8,
-            Kind::U8 | Kind::Bool => 1,
+            Kind::U8 | Kind::Bool | Kind::E4M3Fn | Kind::E5M2 => 1,
         }
     }
 
@@ -74,21 +79,26 @@ impl Kind {
             Kind::I64 => "torch.int64",
             Kind::U8 => "torch.uint8",
             Kind::Bool => "torch.bool",
+            Kind::E4M3Fn => "torch.float8_e4m3fn",
+            Kind::E5M2 => "torch.float8_e5m2",
         }
     }
 
-    /// The attention dtype, for the three float kinds.
+    /// The attention dtype, for the three float kinds and the two FP8 formats.
     pub fn dtype(self) -> Option<DType> {
         match self {
             Kind::F32 => Some(DType::F32),
             Kind::F16 => Some(DType::F16),
             Kind::BF16 => Some(DType::BF16),
+            Kind::E4M3Fn => Some(DType::E4M3Fn),
+            Kind::E5M2 => Some(DType::E5M2),
             _ => None,
         }
     }
 }
 
-const KINDS: [(Kind, &str); 7] = [
+/// torch's dtype attribute of each kind (the FP8 ones only where this torch has them).
+const KINDS: [(Kind, &str); 9] = [
     (Kind::F32, "float32"),
     (Kind::F16, "float16"),
     (Kind::BF16, "bfloat16"),
@@ -96,7 +106,13 @@ const KINDS: [(Kind, &str); 7] = [
     (Kind::I64, "int64"),
     (Kind::U8, "uint8"),
     (Kind::Bool, "bool"),
+    (Kind::E4M3Fn, "float8_e4m3fn"),
+    (Kind::E5M2, "float8_e5m2"),
 ];
+
+/// The dtypes a K/V cache tensor may have.
+const FLOAT_OR_FP8: &str =
+    "torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn or torch.float8_e5m2";
 
 /// torch's dtype objects, looked up once.
 static DTYPES: PyOnceLock<Vec<(Kind, Py<PyAny>)>> = PyOnceLock::new();
@@ -104,10 +120,11 @@ static DTYPES: PyOnceLock<Vec<(Kind, Py<PyAny>)>> = PyOnceLock::new();
 fn dtypes(py: Python<'_>) -> PyResult<&Vec<(Kind, Py<PyAny>)>> {
     DTYPES.get_or_try_init(py, || {
         let torch = py.import("torch")?;
-        KINDS
+        // A torch without FP8 dtypes (before 2.1) has no tensors of them either.
+        Ok(KINDS
             .iter()
-            .map(|&(k, n)| Ok((k, torch.getattr(n)?.unbind())))
-            .collect()
+            .filter_map(|&(k, n)| Some((k, torch.getattr(n).ok()?.unbind())))
+            .collect())
     })
 }
 
@@ -248,7 +265,11 @@ impl<'py> Borrowed<'py> {
             Kind::F32 => TensorRef::F32(unsafe { shared::<f32>(addr, len) }),
             Kind::F16 => TensorRef::F16(unsafe { shared::<f16>(addr, len) }),
             Kind::BF16 => TensorRef::BF16(unsafe { shared::<bf16>(addr, len) }),
-            _ => return Err(self.dtype_error("torch.float32, torch.float16 or torch.bfloat16")),
+            // SAFETY: as above, for one-byte elements (no alignment requirement).
+            Kind::E4M3Fn => TensorRef::Fp8(Fp8Format::E4M3Fn, unsafe { shared::<u8>(addr, len) }),
+            // SAFETY: as above.
+            Kind::E5M2 => TensorRef::Fp8(Fp8Format::E5M2, unsafe { shared::<u8>(addr, len) }),
+            _ => return Err(self.dtype_error(FLOAT_OR_FP8)),
         })
     }
 
@@ -280,7 +301,13 @@ impl<'py> Borrowed<'py> {
             Kind::F32 => TensorMut::F32(unsafe { exclusive::<f32>(addr, len) }),
             Kind::F16 => TensorMut::F16(unsafe { exclusive::<f16>(addr, len) }),
             Kind::BF16 => TensorMut::BF16(unsafe { exclusive::<bf16>(addr, len) }),
-            _ => return Err(self.dtype_error("torch.float32, torch.float16 or torch.bfloat16")),
+            // SAFETY: as above, for one-byte elements (an FP8 cache being appended to).
+            Kind::E4M3Fn => {
+                TensorMut::Fp8(Fp8Format::E4M3Fn, unsafe { exclusive::<u8>(addr, len) })
+            }
+            // SAFETY: as above.
+            Kind::E5M2 => TensorMut::Fp8(Fp8Format::E5M2, unsafe { exclusive::<u8>(addr, len) }),
+            _ => return Err(self.dtype_error(FLOAT_OR_FP8)),
         })
     }
 
@@ -482,7 +509,11 @@ pub fn union_float_mut<'a>(
             Kind::F32 => TensorMut::F32(unsafe { exclusive::<f32>(lo, n) }),
             Kind::F16 => TensorMut::F16(unsafe { exclusive::<f16>(lo, n) }),
             Kind::BF16 => TensorMut::BF16(unsafe { exclusive::<bf16>(lo, n) }),
-            _ => return Err(a.dtype_error("torch.float32, torch.float16 or torch.bfloat16")),
+            // SAFETY: as above, one-byte elements.
+            Kind::E4M3Fn => TensorMut::Fp8(Fp8Format::E4M3Fn, unsafe { exclusive::<u8>(lo, n) }),
+            // SAFETY: as above.
+            Kind::E5M2 => TensorMut::Fp8(Fp8Format::E5M2, unsafe { exclusive::<u8>(lo, n) }),
+            _ => return Err(a.dtype_error(FLOAT_OR_FP8)),
         },
         ka,
         kb,

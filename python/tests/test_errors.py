@@ -98,8 +98,12 @@ def test_run_errors():
     with pytest.raises(TypeError):
         w.run([[0.0]], cache)
     with pytest.raises(flashpage.Error) as e:
-        w.run(q, cache, k_scale=2.0)
+        w.run(q, cache, q_scale=2.0)
     assert e.value.kind == "Unsupported"
+    # Scales dequantise FP8 caches; this one is float32.
+    with pytest.raises(flashpage.Error) as e:
+        w.run(q, cache, k_scale=2.0)
+    assert e.value.kind == "InvalidOption" and "k_scale" in str(e.value)
     with pytest.raises(flashpage.Error) as e:
         w.run(q, cache, window_left=3)
     assert e.value.kind == "InvalidOption"
@@ -133,9 +137,10 @@ def test_failed_plan_keeps_previous_plan():
 
 def test_kv_dtype_different_from_q_is_unsupported_at_plan():
     w, indptr, indices, last, _ = decode_setup()
+    # FP8 is a K/V dtype only (test_fp8.py runs FP8 caches).
     with pytest.raises(flashpage.Error) as e:
-        w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type=torch.bfloat16, kv_data_type="float8_e4m3fn")
-    assert e.value.kind == "InvalidOption"
+        w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type="float8_e4m3fn", kv_data_type="float8_e4m3fn")
+    assert e.value.kind == "InvalidOption" and "q_data_type" in str(e.value)
     with pytest.raises(flashpage.Error) as e:
         w.plan(indptr, indices, last, 8, 2, 64, 16, q_data_type=torch.bfloat16, kv_data_type=torch.float16)
     assert e.value.kind == "Unsupported" and "kv_data_type" in str(e.value)

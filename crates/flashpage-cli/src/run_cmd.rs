@@ -6,7 +6,10 @@
 //! decode; optionally `sinks` `[Hq]` f32 (attention sinks, natural-log logits, see
 //! docs/semantics.md) and a custom mask: `custom_mask` (uint8, 1-D: FlashInfer's packed
 //! bits) with `mask_indptr` `[B+1]` (int32, bytes), both or neither (docs/semantics.md,
-//! "Custom masks"). Options are string metadata: `causal`, `sm_scale`, `logits_soft_cap`,
+//! "Custom masks"). An FP8 cache: `k_cache` and `v_cache` of dtype `F8_E4M3` (e4m3fn) or
+//! `F8_E5M2` while q stays F32/F16/BF16, with optional `k_scale` and `v_scale` (f32, 1 value
+//! per tensor or `num_kv_heads` per head, shape `[]`, `[1]` or `[Hkv]`; absent: 1;
+//! docs/semantics.md, "FP8 KV cache"). Options are string metadata: `causal`, `sm_scale`, `logits_soft_cap`,
 //! `window_left`, `kv_layout`, `pos_encoding`, `rope_theta`, `rope_scale`. Output: `o`
 //! `[rows, Hq, D]` in q's dtype and `lse` `[rows, Hq]` f32 (natural log).
 //!
@@ -22,8 +25,8 @@ use flashpage::layout::{CustomMask, MAX_PAGE_SIZE, PAGE_SIZE_RULE};
 use flashpage::validate::{check_batch, check_page_ids};
 use flashpage::workspace::HostWorkspace;
 use flashpage::{
-    AttentionOptions, BatchDesc, DType, HeadConfig, KvLayout, KvStrides, PageTable, Plan,
-    PlanConfig, PosEncoding, Tensor,
+    AttentionOptions, BatchDesc, CascadePlan, DType, HeadConfig, KvLayout, KvStrides, PageTable,
+    Plan, PlanConfig, PosEncoding, Tensor,
 };
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -46,6 +49,11 @@ pub struct RunArgs {
     /// CPU threads (default: one per available core); also the plan's parallelism.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     threads: Option<usize>,
+    /// Run the batch as a shared-prefix cascade (`CascadePlan::shared_prefixes`,
+    /// docs/cascade.md): full pages shared by adjacent requests are read once for all of
+    /// them, then merged with each request's own pages. Same output as without.
+    #[arg(long)]
+    cascade: bool,
 }
 
 /// Tensor names a case file may contain.
@@ -60,6 +68,8 @@ const KNOWN_TENSORS: &[&str] = &[
     "sinks",
     "custom_mask",
     "mask_indptr",
+    "k_scale",
+    "v_scale",
 ];
 
 /// Metadata keys a case file may contain (`format` is written by common safetensors
@@ -90,6 +100,41 @@ fn dtype_of(name: &str, t: &TensorView<'_>) -> Result<DType, CliError> {
             "{name} has dtype {other:?}, expected F32, F16 or BF16"
         ))),
     }
+}
+
+/// The dtype of a cache tensor: q's float dtypes, or an FP8 format (`F8_E4M3` is e4m3fn,
+/// the OCP format torch and FlashInfer call `float8_e4m3fn`).
+fn kv_dtype_of(name: &str, t: &TensorView<'_>) -> Result<DType, CliError> {
+    match t.dtype() {
+        Dtype::F8_E4M3 => Ok(DType::E4M3Fn),
+        Dtype::F8_E5M2 => Ok(DType::E5M2),
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => dtype_of(name, t),
+        other => Err(CliError::invalid(format!(
+            "{name} has dtype {other:?}, expected F32, F16, BF16 (the dtype of q), F8_E4M3 or F8_E5M2"
+        ))),
+    }
+}
+
+/// An FP8 scale (`k_scale` or `v_scale`): f32 of shape `[]`, `[1]` or `[num_kv_heads]`.
+/// Values and the cache's dtype are the library's to check (`validate::check_fp8_scale`).
+fn scale_tensor(name: &str, t: &TensorView<'_>, hkv: usize) -> Result<Vec<f32>, CliError> {
+    if t.dtype() != Dtype::F32 {
+        return Err(CliError::invalid(format!(
+            "{name} has dtype {:?}, expected F32",
+            t.dtype()
+        )));
+    }
+    let s = t.shape();
+    if !(s.is_empty() || s == [1] || s == [hkv]) {
+        return Err(CliError::invalid(format!(
+            "{name} has shape {}, expected [] or [1] (per tensor) or [{hkv}] (num_kv_heads, per head)",
+            shape(s)
+        )));
+    }
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 fn float_tensor(name: &str, t: &TensorView<'_>, dtype: DType) -> Result<Tensor, CliError> {
@@ -214,6 +259,9 @@ struct Case {
     kv_last_page_len: Vec<i32>,
     qo_indptr: Option<Vec<i32>>,
     sinks: Option<Vec<f32>>,
+    /// FP8 dequantisation scales of K and V, as given (the library checks them).
+    k_scale: Option<Vec<f32>>,
+    v_scale: Option<Vec<f32>>,
     /// The custom mask's bits and `mask_indptr`.
     mask: Option<(Vec<u8>, Vec<i32>)>,
     options: AttentionOptions,
@@ -228,7 +276,7 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
     names.sort();
     if let Some(n) = names.iter().find(|n| !KNOWN_TENSORS.contains(n)) {
         return Err(CliError::invalid(format!(
-            "unknown tensor {n:?} in {name}: expected q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len and, for prefill, qo_indptr (optional: sinks, custom_mask with mask_indptr)"
+            "unknown tensor {n:?} in {name}: expected q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len and, for prefill, qo_indptr (optional: sinks, custom_mask with mask_indptr, k_scale, v_scale)"
         )));
     }
     let get = |t: &str| {
@@ -242,15 +290,21 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
     let k_view = get("k_cache")?;
     let v_view = get("v_cache")?;
     let dtype = dtype_of("q", &q_view)?;
-    for (t, view) in [("k_cache", &k_view), ("v_cache", &v_view)] {
-        let dt = dtype_of(t, view)?;
-        if dt != dtype {
-            return Err(CliError::invalid(format!(
-                "{t} has dtype {}, expected {} (the dtype of q)",
-                dt.name(),
-                dtype.name()
-            )));
-        }
+    let kv_dtype = kv_dtype_of("k_cache", &k_view)?;
+    if !kv_dtype.is_fp8() && kv_dtype != dtype {
+        return Err(CliError::invalid(format!(
+            "k_cache has dtype {}, expected {} (the dtype of q) or an fp8 format (F8_E4M3, F8_E5M2)",
+            kv_dtype.name(),
+            dtype.name()
+        )));
+    }
+    let vt = kv_dtype_of("v_cache", &v_view)?;
+    if vt != kv_dtype {
+        return Err(CliError::invalid(format!(
+            "v_cache has dtype {}, expected {} (the dtype of k_cache)",
+            vt.name(),
+            kv_dtype.name()
+        )));
     }
     let qs = q_view.shape();
     if qs.len() != 3 {
@@ -313,6 +367,11 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
         Ok(t) => Some(sinks_tensor(&t, hq)?),
         Err(_) => None,
     };
+    let scale = |n: &str| match st.tensor(n) {
+        Ok(t) => scale_tensor(n, &t, hkv).map(Some),
+        Err(_) => Ok(None),
+    };
+    let (k_scale, v_scale) = (scale("k_scale")?, scale("v_scale")?);
     let mask = match (st.tensor("custom_mask"), st.tensor("mask_indptr")) {
         (Err(_), Err(_)) => None,
         (Ok(bits), Ok(indptr)) => {
@@ -339,8 +398,10 @@ fn load_case(name: &str, bytes: &[u8]) -> Result<Case, CliError> {
     Ok(Case {
         mask,
         q: float_tensor("q", &q_view, dtype)?,
-        k: float_tensor("k_cache", &k_view, dtype)?,
-        v: float_tensor("v_cache", &v_view, dtype)?,
+        k: float_tensor("k_cache", &k_view, kv_dtype)?,
+        v: float_tensor("v_cache", &v_view, kv_dtype)?,
+        k_scale,
+        v_scale,
         rows,
         heads,
         page_size,
@@ -436,36 +497,62 @@ pub fn main(args: RunArgs) -> Result<(), CliError> {
         )));
     }
     check_page_ids(&case.kv_indptr, &case.kv_indices, case.num_pages)?;
-    let plan = Plan::from_valid(&vb, &PlanConfig::with_parallelism(backend.threads()))?;
+    let config = PlanConfig::with_parallelism(backend.threads());
 
     let hq = case.heads.num_qo_heads();
     let d = case.heads.head_dim();
     let dtype = case.q.dtype();
     let mut o = flashpage_testkit::poisoned(dtype, case.rows * hq * d);
     let mut lse = vec![f32::NAN; case.rows * hq];
-    let mut ws = HostWorkspace::new(plan.requirement().float.total())?;
     let strides = KvStrides::dense(case.layout, case.page_size, case.heads.num_kv_heads(), d);
-    backend.run(
-        &plan,
-        BackendArgs {
-            q: case.q.view(),
-            kv: KvCache::paged(
-                case.k.view(),
-                case.v.view(),
-                strides,
-                case.num_pages,
-                &case.kv_indices,
+    let kv = |ids| {
+        let c = KvCache::paged(case.k.view(), case.v.view(), strides, case.num_pages, ids);
+        match (&case.k_scale, &case.v_scale) {
+            (None, None) => c,
+            // A scale not given is 1 (FlashInfer's default).
+            (k, v) => c.with_scales(
+                k.as_deref().unwrap_or(&[1.0]),
+                v.as_deref().unwrap_or(&[1.0]),
             ),
+        }
+    };
+    let custom_mask = case
+        .mask
+        .as_ref()
+        .map(|(bits, indptr)| CustomMask { bits, indptr });
+    if args.cascade {
+        // The levels carry their own page ids: the run takes none (docs/cascade.md).
+        let plan = CascadePlan::shared_prefixes(
+            case.heads,
+            case.qo_indptr.as_deref(),
+            pages,
+            &case.kv_indices,
+            &case.options,
+            &config,
+        )?;
+        let mut ws = HostWorkspace::new(plan.float_requirement(dtype)?.total())?;
+        let run = BackendArgs {
+            q: case.q.view(),
+            kv: kv(&[]),
             o: o.view_mut(),
             lse: Some(&mut lse),
             sinks: case.sinks.as_deref(),
-            custom_mask: case
-                .mask
-                .as_ref()
-                .map(|(bits, indptr)| CustomMask { bits, indptr }),
-        },
-        ws.as_bytes_mut(),
-    )?;
+            custom_mask,
+        };
+        backend.run_cascade(&plan, run, ws.as_bytes_mut())?;
+    } else {
+        let plan = Plan::from_valid(&vb, &config)?;
+        let mut ws = HostWorkspace::new(plan.requirement().float.total())?;
+        let run = BackendArgs {
+            q: case.q.view(),
+            kv: kv(&case.kv_indices),
+            o: o.view_mut(),
+            lse: Some(&mut lse),
+            sinks: case.sinks.as_deref(),
+            custom_mask,
+        };
+        backend.run(&plan, run, ws.as_bytes_mut())?;
+    }
 
     write_output(output, &o, &lse, case.rows, hq, d)
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use flashpage::*;
 use flashpage::{WorkspaceLimits, workspace_size};
-use flashpage_testkit::case::{CaseData, CaseSpec, MaskSpec};
+use flashpage_testkit::case::{CaseData, CaseSpec, Fp8Spec, MaskSpec};
 use proptest::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -974,6 +974,7 @@ impl CaseFile {
             KvLayout::Hnd => vec![d.num_pages, hkv, s.page_size, dim],
         };
         let dt = st_dtype(s.dtype);
+        let kv_dt = st_dtype(d.kv_dtype());
         let b = &d.batch;
         let mut tensors = vec![
             (
@@ -984,11 +985,11 @@ impl CaseFile {
             ),
             (
                 "k_cache".to_string(),
-                dt,
+                kv_dt,
                 kv_shape.clone(),
                 d.k.to_le_bytes(),
             ),
-            ("v_cache".to_string(), dt, kv_shape, d.v.to_le_bytes()),
+            ("v_cache".to_string(), kv_dt, kv_shape, d.v.to_le_bytes()),
             (
                 "kv_indptr".to_string(),
                 Dtype::I32,
@@ -1029,6 +1030,16 @@ impl CaseFile {
                 vec![m.indptr.len()],
                 i32_bytes(&m.indptr),
             ));
+        }
+        if let Some((ks, vs)) = &d.scales {
+            for (n, sc) in [("k_scale", ks), ("v_scale", vs)] {
+                tensors.push((
+                    n.to_string(),
+                    Dtype::F32,
+                    vec![sc.len()],
+                    sc.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ));
+            }
         }
         if let Some(sk) = &d.sinks {
             tensors.push((
@@ -1105,9 +1116,15 @@ fn run_file(input: &Path, extra: &[&str]) -> (Output, TmpPath) {
 
 /// Runs a case through the binary and compares the output file with the f64 reference.
 fn round_trip(spec: &CaseSpec, seed: u64, threads: &str) {
+    round_trip_with(spec, seed, &["--threads", threads]);
+}
+
+/// [`round_trip`] with any extra arguments of `flashpage run`.
+fn round_trip_with(spec: &CaseSpec, seed: u64, extra: &[&str]) {
+    let threads = extra.join(" ");
     let d = spec.materialise(seed).unwrap();
     let input = CaseFile::from_case(&d).write();
-    let (out, output) = run_file(&input, &["--threads", threads]);
+    let (out, output) = run_file(&input, extra);
     assert_ok(&out);
     let bytes = std::fs::read(&output).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -1230,6 +1247,139 @@ fn run_sinks_are_checked() {
     t.3.truncate(8);
     let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
     assert_invalid(&out, &["sinks has dtype F16, expected F32"]);
+}
+
+#[test]
+fn run_fp8_caches_with_scales() {
+    let h = HeadConfig::new(8, 2, 64).unwrap();
+    for (i, kv) in DType::FP8.into_iter().enumerate() {
+        for (j, q) in [DType::BF16, DType::F32].into_iter().enumerate() {
+            let seed = 100 + 10 * i as u64 + j as u64;
+            let mut dec = CaseSpec::decode("fp8 decode", h, 16, 3, 100, q);
+            dec.requests = vec![(1, 100), (1, 0), (1, 33)];
+            dec.fp8 = Some(Fp8Spec {
+                dtype: kv,
+                per_head: false,
+            });
+            round_trip(&dec, seed, "2");
+            let mut pre = dec.clone();
+            pre.name = "fp8 prefill causal per-head scales".into();
+            pre.decode = false;
+            pre.requests = vec![(9, 40), (3, 3), (20, 70)];
+            pre.options.causal = true;
+            pre.fp8 = Some(Fp8Spec {
+                dtype: kv,
+                per_head: true,
+            });
+            round_trip(&pre, seed + 5, "2");
+        }
+    }
+}
+
+#[test]
+fn run_fp8_inputs_are_checked() {
+    let h = HeadConfig::new(4, 2, 32).unwrap();
+    let mut s = CaseSpec::decode("fp8", h, 8, 2, 20, DType::BF16);
+    s.fp8 = Some(Fp8Spec {
+        dtype: DType::E4M3Fn,
+        per_head: true,
+    });
+    let d = s.materialise(5).unwrap();
+    // A scale of three values for two KV heads.
+    let mut f = CaseFile::from_case(&d);
+    let t = f.tensor("k_scale");
+    t.2 = vec![3];
+    t.3.extend(1f32.to_le_bytes());
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["k_scale has shape [3]", "[2] (num_kv_heads"]);
+    // A non-positive scale, named by the library's check.
+    let mut f = CaseFile::from_case(&d);
+    f.tensor("v_scale").3[4..8].copy_from_slice(&(-1f32).to_le_bytes());
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["v_scale[1] = -1"]);
+    // K and V of different FP8 formats.
+    let mut f = CaseFile::from_case(&d);
+    f.tensor("v_cache").1 = Dtype::F8_E5M2;
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["v_cache has dtype e5m2, expected e4m3fn"]);
+    // Scales with a 16-bit cache: they belong to FP8 caches only.
+    let mut plain = s.clone();
+    plain.fp8 = None;
+    let mut f = CaseFile::from_case(&plain.materialise(6).unwrap());
+    f.tensors.push((
+        "k_scale".into(),
+        Dtype::F32,
+        vec![1],
+        0.5f32.to_le_bytes().to_vec(),
+    ));
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["k_scale", "fp8"]);
+    // A 16-bit cache of another dtype than q's.
+    let mut f = CaseFile::from_case(&plain.materialise(7).unwrap());
+    for n in ["k_cache", "v_cache"] {
+        f.tensor(n).1 = Dtype::F16;
+    }
+    let (out, _o) = run_file(&f.write(), &["--threads", "1"]);
+    assert_invalid(&out, &["k_cache has dtype f16, expected bf16"]);
+}
+
+/// `run --cascade` on a batch whose requests share their first pages gives the flat run's
+/// output (which `run_round_trip_decode_and_prefill` checks against the f64 reference).
+#[test]
+fn run_cascade_matches_the_flat_run() {
+    let h = HeadConfig::new(8, 2, 64).unwrap();
+    for (seed, decode, dtype) in [(3, true, DType::F32), (4, false, DType::BF16)] {
+        let mut s = CaseSpec::decode("cascade", h, 8, 4, 50, dtype);
+        if !decode {
+            s.decode = false;
+            s.requests = vec![(3, 50), (1, 41), (4, 60), (2, 45)];
+            s.options.causal = true;
+        }
+        s.sinks = true;
+        let d = s.materialise(seed).unwrap();
+        let mut f = CaseFile::from_case(&d);
+        // Every request's first 4 pages (32 keys) become request 0's: a shared prefix.
+        let indptr = d.batch.kv_indptr().to_vec();
+        let mut ids = d.batch.kv_indices().to_vec();
+        for r in 1..indptr.len() - 1 {
+            for p in 0..4 {
+                ids[indptr[r] as usize + p] = ids[p];
+            }
+        }
+        f.tensor("kv_indices").3 = i32_bytes(&ids);
+        let input = f.write();
+        let read = |extra: &[&str]| {
+            let (out, output) = run_file(&input, extra);
+            assert_ok(&out);
+            let bytes = std::fs::read(&output).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let o = Tensor::from_le_bytes(dtype, st.tensor("o").unwrap().data()).unwrap();
+            let lse: Vec<f32> = st
+                .tensor("lse")
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (o.view().to_f64_vec(), lse)
+        };
+        let (flat_o, flat_lse) = read(&["--threads", "2"]);
+        let (cas_o, cas_lse) = read(&["--threads", "2", "--cascade"]);
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        for (a, b) in flat_o.iter().zip(&cas_o) {
+            assert!((a - b).abs() <= tol * (1.0 + a.abs()), "o: {a} vs {b}");
+        }
+        for (a, b) in flat_lse.iter().zip(&cas_lse) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "lse: {a} vs {b}");
+        }
+    }
+    // Options a cascade does not take are refused by name, before anything is written.
+    let mut s = CaseSpec::decode("cascade window", h, 8, 2, 20, DType::F32);
+    s.options.window_left = Some(5);
+    let input = CaseFile::from_case(&s.materialise(9).unwrap()).write();
+    let (out, output) = run_file(&input, &["--cascade"]);
+    assert_invalid(&out, &["window"]);
+    assert!(!output.exists());
 }
 
 /// A small valid prefill case file, to break one piece at a time.

@@ -509,14 +509,12 @@ fn append_checks_fp8_arguments() {
     };
     let (r, _) = attempt(TensorRef::F32(&x), true, Some(&[2.0, 4.0]));
     r.unwrap();
+    // FP8 rows are taken at face value: into a cache of their format without a scale
+    // they are a copy (FlashInfer's append of already-quantised rows).
+    let (r, untouched) = attempt(TensorRef::Fp8(Fp8Format::E5M2, &x8[..]), true, None);
+    r.unwrap();
+    assert!(!untouched, "the fp8 rows were written");
     for (rows, fp8, ks, kind, needle) in [
-        (
-            TensorRef::Fp8(Fp8Format::E5M2, &x8[..]),
-            true,
-            None,
-            ErrorKind::DTypeMismatch,
-            "k",
-        ),
         (
             TensorRef::F32(&x[..]),
             false,
@@ -544,5 +542,43 @@ fn append_checks_fp8_arguments() {
         assert_eq!(e.kind(), kind, "{e}");
         assert!(e.to_string().contains(needle), "{e}");
         assert!(untouched, "{e}: nothing is written on error");
+    }
+}
+
+/// FP8 rows appended into a cache of their own format without a scale keep every code's
+/// value (a copy of already-quantised K/V, as engines quantising themselves append them).
+#[test]
+fn append_copies_fp8_rows_of_the_cache_format() {
+    let (ps, hkv, d) = (1, 1, 256);
+    for f in [Fp8Format::E4M3Fn, Fp8Format::E5M2] {
+        let codes: Vec<u8> = (0..=255u8).collect();
+        let mut b = BatchBuilder::new(ps).unwrap();
+        b.push(1, 1, &[0]).unwrap();
+        let st = KvStrides::dense(KvLayout::Nhd, ps, hkv, d);
+        let (mut kc, mut vc) = (vec![0u8; d], vec![0u8; d]);
+        append_kv(
+            &AppendBatch::from_builder(&b),
+            Rows::dense(TensorRef::Fp8(f, &codes), 1, hkv, d).unwrap(),
+            Rows::dense(TensorRef::Fp8(f, &codes), 1, hkv, d).unwrap(),
+            KvCacheMut::split(
+                TensorMut::Fp8(f, &mut kc),
+                TensorMut::Fp8(f, &mut vc),
+                st,
+                ps,
+                1,
+            ),
+            None,
+        )
+        .unwrap();
+        for (i, (&k, &v)) in kc.iter().zip(&vc).enumerate() {
+            let want = f.decode(i as u8);
+            for got in [f.decode(k), f.decode(v)] {
+                if want.is_nan() {
+                    assert!(got.is_nan(), "{f:?} code {i:#x}");
+                } else {
+                    assert_eq!(got.to_bits(), want.to_bits(), "{f:?} code {i:#x}");
+                }
+            }
+        }
     }
 }

@@ -472,20 +472,11 @@ pub(crate) fn check_append_shapes(
     Ok(nnz)
 }
 
-/// Checks the dtypes of an append into an FP8 cache: the appended rows are float (an FP8
-/// input would need its own scale), the scales come with an FP8 cache only, 1 or
-/// `num_kv_heads` finite positive values each.
-fn check_fp8(k: &Rows<'_>, v: &Rows<'_>, cache: &KvCacheMut<'_>) -> Result<()> {
-    for (tensor, rows) in [("k", k), ("v", v)] {
-        let dt = rows.data().dtype();
-        if dt.is_fp8() {
-            return Err(Error::DTypeMismatch {
-                tensor,
-                expected: "f32, f16 or bf16 rows (the cache quantises them)",
-                actual: dt.name(),
-            });
-        }
-    }
+/// Checks the scales of an append into an FP8 cache: they come with an FP8 cache only, 1 or
+/// `num_kv_heads` finite positive values each. Rows of any dtype are taken at face value
+/// (FP8 rows decoded exactly, as with scale 1), so FP8 rows into a cache of the same format
+/// without a scale are copied bit for bit (a NaN stays a NaN).
+fn check_fp8_scales(k: &Rows<'_>, cache: &KvCacheMut<'_>) -> Result<()> {
     let hkv = k.heads();
     let sides = [
         ("k_scale", cache.k.dtype(), cache.k_scale),
@@ -518,7 +509,7 @@ pub fn check_append(
     cache: &KvCacheMut<'_>,
     rope: Option<&AppendRope<'_>>,
 ) -> Result<()> {
-    check_fp8(k, v, cache)?;
+    check_fp8_scales(k, cache)?;
     check_append_shapes(
         AppendTargets::Csr(batch),
         &AppendShapes::of(k, v, cache),
@@ -535,7 +526,7 @@ pub fn check_append_at(
     cache: &KvCacheMut<'_>,
     rope: Option<&AppendRope<'_>>,
 ) -> Result<()> {
-    check_fp8(k, v, cache)?;
+    check_fp8_scales(k, cache)?;
     check_append_shapes(AppendTargets::At(at), &AppendShapes::of(k, v, cache), rope).map(|_| ())
 }
 
@@ -585,7 +576,7 @@ fn write_rows(
     mut cache: KvCacheMut<'_>,
     rope: Option<AppendRope<'_>>,
 ) -> Result<()> {
-    check_fp8(&k, &v, &cache)?;
+    check_fp8_scales(&k, &cache)?;
     check_append_shapes(targets, &AppendShapes::of(&k, &v, &cache), rope.as_ref())?;
     let k_fp8 = cache.k.dtype().is_fp8();
     let v_fp8 = cache.v.as_ref().map_or(k_fp8, |v| v.dtype().is_fp8());
