@@ -133,7 +133,6 @@ fn emulated_cascades_match_the_flat_reference() {
     let emu = Emulator::new("cascade").unwrap_or_else(|e| panic!("{e}"));
     let cpu = CpuBackend::new(2).unwrap();
     let gqa = HeadConfig::new(8, 2, 64).unwrap();
-    let mut i = 0;
     // (name, dtype, decode, causal, soft-cap, sinks, split chunks)
     let cases = [
         (
@@ -173,7 +172,7 @@ fn emulated_cascades_match_the_flat_reference() {
             32,
         ),
     ];
-    for (name, dt, decode, causal, cap, sinks, chunk) in cases {
+    for (i, (name, dt, decode, causal, cap, sinks, chunk)) in cases.into_iter().enumerate() {
         let mut spec = CaseSpec::decode(name, gqa, 16, 6, 0, dt);
         spec.decode = decode;
         spec.requests = vec![(3, 90), (5, 70), (1, 66), (4, 120), (2, 40), (6, 100)];
@@ -183,8 +182,7 @@ fn emulated_cascades_match_the_flat_reference() {
         let mut config = PlanConfig::with_parallelism(24);
         config.min_kv_chunk = chunk;
         // Three levels: all six share one page, then pairs/triples share one or two more.
-        let mut data = spec.materialise(seed(i)).unwrap();
-        i += 1;
+        let mut data = spec.materialise(seed(i as u64)).unwrap();
         let arrays = tiers(&mut data, &[&[(6, 1)], &[(3, 2), (1, 0), (2, 1)]]);
         let levels: Vec<CascadeLevel<'_>> = arrays.iter().map(Arrays::level).collect();
         let plan =
