@@ -4,7 +4,7 @@
 //!
 //! The default set is what the standard GPU matrix (`shared/gpu/cases.py`, llama3-8b and
 //! gemma2-27b heads, bf16 and f16) launches: its decode variants, the prefill variant of the
-//! same heads, the merge kernel and the bandwidth probe. `--all` compiles every variant:
+//! same heads, the merge and cascade-fold kernels and the bandwidth probe. `--all` compiles every variant:
 //! every dtype, 1/2/4/8 rows per pass, with and without RoPE, for head dimensions 64, 128
 //! and 256 (`--head-dim` replaces the head dimensions of either set).
 //!
@@ -79,6 +79,7 @@ pub fn kernel_set(all: bool, head_dims: &[usize]) -> Vec<KernelSpec> {
                     push(KernelSpec::Prefill(v));
                 }
                 push(KernelSpec::Merge { head_dim: d, dtype });
+                push(KernelSpec::CascadeFold { head_dim: d, dtype });
             }
         }
     } else {
@@ -105,6 +106,7 @@ pub fn kernel_set(all: bool, head_dims: &[usize]) -> Vec<KernelSpec> {
                         );
                     }
                     push(KernelSpec::Merge { head_dim: d, dtype });
+                    push(KernelSpec::CascadeFold { head_dim: d, dtype });
                 }
             }
         }
@@ -297,6 +299,11 @@ fn print_report(r: &KernelReport, json: bool) {
             }
             KernelSpec::Merge { head_dim, dtype } => {
                 o["kernel"] = json!("merge");
+                o["head_dim"] = json!(head_dim);
+                o["dtype"] = json!(dtype.name());
+            }
+            KernelSpec::CascadeFold { head_dim, dtype } => {
+                o["kernel"] = json!("cascade_fold");
                 o["head_dim"] = json!(head_dim);
                 o["dtype"] = json!(dtype.name());
             }

@@ -82,9 +82,14 @@ fn kernels_default_set_into_a_cache() {
     let kernels: Vec<&Value> = lines.iter().filter(|l| l["type"] == "kernel").collect();
     let cases: Vec<&Value> = lines.iter().filter(|l| l["type"] == "case").collect();
     // llama3-8b and gemma2-27b, bf16 and f16: 2 decode + 1 prefill (tensor-core) variants
-    // per dtype, a merge kernel per dtype, the bandwidth probe, the append and RoPE entries
-    // of ops.cu.
-    assert_eq!(kernels.len(), 11, "{lines:?}");
+    // per dtype, a merge and a cascade-fold kernel per dtype, the bandwidth probe, the append
+    // and RoPE entries of ops.cu.
+    assert_eq!(kernels.len(), 13, "{lines:?}");
+    let folds = kernels
+        .iter()
+        .filter(|k| k["kernel"] == "cascade_fold")
+        .count();
+    assert_eq!(folds, 2, "{lines:?}");
     let prefill = kernels.iter().filter(|k| k["kernel"] == "prefill").count();
     assert_eq!(prefill, 2, "{lines:?}");
     let entries: Vec<&str> = kernels.iter().filter_map(|k| k["entry"].as_str()).collect();
@@ -111,8 +116,9 @@ fn kernels_default_set_into_a_cache() {
         let blocks = c["blocks_per_sm"].as_u64().unwrap();
         assert_eq!(c["parallelism"].as_u64().unwrap(), 132 * blocks, "{c}");
     }
-    // One cache entry per module (append and RoPE share ops.cu's).
+    // One cache entry per module (append and RoPE share ops.cu's, each dtype's merge and
+    // cascade fold merge.cu's).
     let files = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(files, kernels.len() - 1);
+    assert_eq!(files, kernels.len() - 1 - folds);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -20,6 +20,14 @@
 // each a u64 byte length followed by the bytes; then u32 work_cap, num_kv_heads, merge_cap,
 // launch_merge. Output: the bytes of o, then of lse.
 //
+// Cascade mode: host_emulation --cascade <input> <output>. Input: 8 buffers (q, k, v, o,
+// lse, sinks, int_ws, float_ws: u64 length, bytes) whose device addresses are relocated:
+// every pointer field of the parameter blocks is `(buffer index + 1) << 40 | byte offset`
+// (0: none), as the backend's launch description computes them over those fake bases; then
+// u32 levels, per level the Params bytes and u32 work_cap, num_kv_heads, merge_cap,
+// launch_merge; then the FoldParams bytes and u32 fold rows. The levels' kernels and the
+// fold run in that order. Output: o, then lse.
+//
 // Built by the test in src/backend/cuda/emulate.rs with the same -D options as NVRTC gets.
 
 #include <ucontext.h>
@@ -269,7 +277,103 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, F kernel) {
     g_sync = nullptr;
 }
 
+// Cascade mode (see the header): the launch sequence of a cascade over relocated buffers.
+static int run_cascade(const char* in_path, const char* out_path) {
+    FILE* in = std::fopen(in_path, "rb");
+    if (!in) {
+        return 2;
+    }
+    std::vector<std::vector<unsigned char>> bufs(8);
+    for (auto& b : bufs) {
+        unsigned long long n = 0;
+        if (!read_exact(in, &n, 8)) {
+            return 3;
+        }
+        b.assign(n + 16, 0);
+        if (n && !read_exact(in, b.data(), n)) {
+            return 3;
+        }
+    }
+    bool bad = false;
+    auto reloc = [&](u64& p) {
+        if (p == 0) {
+            return;
+        }
+        const u64 i = (p >> 40) - 1, off = p & ((1ull << 40) - 1);
+        if (i >= bufs.size() || off > bufs[i].size() - 16) {
+            bad = true;
+            return;
+        }
+        p = (u64)(uintptr_t)bufs[i].data() + off;
+    };
+    static_assert(sizeof(FoldParams) == 72, "FoldParams layout");
+    unsigned levels = 0;
+    if (!read_exact(in, &levels, 4)) {
+        return 3;
+    }
+    for (unsigned l = 0; l < levels; ++l) {
+        Params p;
+        unsigned dims[4];
+        if (!read_exact(in, &p, sizeof p) || !read_exact(in, dims, sizeof dims)) {
+            return 3;
+        }
+        for (u64* f : {&p.q, &p.k, &p.v, &p.o, &p.lse, &p.kv_indices, &p.int_ws, &p.partial_o,
+                       &p.partial_lse, &p.sinks, &p.mask, &p.mask_indptr}) {
+            reloc(*f);
+        }
+        if (bad) {
+            std::fprintf(stderr, "level %u: a pointer outside its buffer\n", l);
+            return 7;
+        }
+        if (dims[0] > 0) {
+#if FP_PREFILL
+            launch(dims[0], dims[1], PF_THREADS, [p] { fp_prefill(p); });
+#else
+            launch(dims[0], dims[1], NT, [p] { fp_decode(p); });
+#endif
+        }
+        if (dims[3] && dims[2] > 0) {
+            launch(dims[2], 1, 128, [p] { fp_merge(p); });
+        }
+    }
+    FoldParams fp;
+    unsigned fold_rows = 0;
+    if (!read_exact(in, &fp, sizeof fp) || !read_exact(in, &fold_rows, 4)) {
+        return 3;
+    }
+    std::fclose(in);
+    for (u64* f : {&fp.level_o, &fp.level_lse, &fp.o, &fp.lse, &fp.sinks}) {
+        reloc(*f);
+    }
+    if (bad) {
+        std::fprintf(stderr, "fold: a pointer outside its buffer\n");
+        return 7;
+    }
+    if (fold_rows > 0) {
+        launch(fold_rows, 1, 128, [fp] { fp_cascade_fold(fp); });
+    }
+    for (int i : {3, 4, 7}) {
+        for (size_t j = bufs[i].size() - 16; j < bufs[i].size(); ++j) {
+            if (bufs[i][j] != 0) {
+                std::fprintf(stderr, "buffer %d written past its end\n", i);
+                return 5;
+            }
+        }
+    }
+    FILE* out = std::fopen(out_path, "wb");
+    if (!out) {
+        return 4;
+    }
+    std::fwrite(bufs[3].data(), 1, bufs[3].size() - 16, out);
+    std::fwrite(bufs[4].data(), 1, bufs[4].size() - 16, out);
+    std::fclose(out);
+    return 0;
+}
+
 int main(int argc, char** argv) {
+    if (argc == 4 && std::strcmp(argv[1], "--cascade") == 0) {
+        return run_cascade(argv[2], argv[3]);
+    }
 #if FP_PREFILL
     if (argc == 2 && std::strcmp(argv[1], "--self-test") == 0) {
         // The emulated ldmatrix + mma against a plain matrix product (one warp).

@@ -11,6 +11,7 @@ use flashpage::builder::BatchBuilder;
 use flashpage::error::Result;
 use flashpage::layout::{BatchDesc, DType, HeadConfig, KvLayout, KvStrides};
 use flashpage::options::AttentionOptions;
+use flashpage::plan::cascade::CascadePlan;
 use flashpage::plan::{Plan, PlanConfig};
 use flashpage::tensor::Tensor;
 use flashpage::validate::check_batch;
@@ -517,6 +518,87 @@ impl CaseData {
             }
         }
         Ok(())
+    }
+
+    /// Makes adjacent requests share prefix pages (a shared-prefix batch for cascade runs):
+    /// `groups[i] = (sharers, pages)` takes the next `sharers` requests, in order, and gives
+    /// each of them the first `pages` page ids of the group's first request (at most each
+    /// request's page count less its last page, which stays its own). Requests past the
+    /// groups keep their pages; pages no request reads any more stay in the cache. Calling
+    /// it first with coarse groups, then with finer groups and more pages, nests the sharing
+    /// (a prefix tree). K/V data is per page, so the flat batch (and its f64 reference) sees the
+    /// shared keys in every sharer.
+    ///
+    /// # Errors
+    /// [`flashpage::Error::InvalidOption`] naming `cascade` for ragged storage or groups
+    /// covering more requests than the batch has.
+    pub fn share_prefixes(&mut self, groups: &[(usize, usize)]) -> Result<()> {
+        let n = self.batch.len();
+        let covered: usize = groups.iter().map(|g| g.0).sum();
+        if self.spec.storage == KvStorage::Ragged || covered > n {
+            return Err(flashpage::Error::InvalidOption {
+                field: "cascade",
+                expected: "groups of a paged batch's requests (at most its batch size)",
+                actual: format!("{covered} requests in groups of a batch of {n}"),
+            });
+        }
+        let (indptr, ids) = (self.batch.kv_indptr(), self.batch.kv_indices());
+        let mut pages: Vec<Vec<i32>> = (0..n)
+            .map(|r| ids[indptr[r] as usize..indptr[r + 1] as usize].to_vec())
+            .collect();
+        let mut r = 0;
+        for &(sharers, take) in groups {
+            let first = pages.get(r).cloned().unwrap_or_default();
+            for p in pages.iter_mut().skip(r).take(sharers) {
+                let k = take.min(p.len().saturating_sub(1)).min(first.len());
+                p[..k].copy_from_slice(&first[..k]);
+            }
+            r += sharers;
+        }
+        let mut batch = BatchBuilder::new(self.batch.page_size())?;
+        let qo = self.batch.qo_indptr();
+        for (i, p) in pages.iter().enumerate() {
+            let qo_len = (qo[i + 1] - qo[i]) as usize;
+            batch.push(qo_len, self.spec.requests[i].1, p)?;
+        }
+        self.batch = batch;
+        Ok(())
+    }
+
+    /// The cascade of the batch as [`CascadePlan::shared_prefixes`] finds it.
+    pub fn cascade_plan(&self, config: &PlanConfig) -> Result<CascadePlan> {
+        CascadePlan::shared_prefixes(
+            self.spec.heads,
+            (!self.spec.decode).then(|| self.batch.qo_indptr()),
+            self.batch.page_table(self.num_pages),
+            self.batch.kv_indices(),
+            &self.options(),
+            config,
+        )
+    }
+
+    /// Runs cascade `plan` over the case's inputs on `backend` into fresh poisoned outputs.
+    pub fn run_cascade_on(
+        &self,
+        backend: &dyn HostRunner,
+        plan: &CascadePlan,
+    ) -> Result<(Tensor, Vec<f32>)> {
+        let (mut o, mut lse) = self.poisoned_outputs();
+        backend.run_cascade_host(
+            plan,
+            RunArgs {
+                q: self.q.view(),
+                kv: KvCache {
+                    kv_indices: &[],
+                    ..self.kv_cache()
+                },
+                o: o.view_mut(),
+                lse: Some(&mut lse),
+                sinks: self.sinks.as_deref(),
+                custom_mask: None,
+            },
+        )?;
+        Ok((o, lse))
     }
 
     /// Poisoned output buffers `(o, lse)` of the right size.

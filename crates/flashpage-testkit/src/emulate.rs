@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use flashpage::Plan;
 use flashpage::backend::cpu::SimdLevel;
 use flashpage::backend::cuda::KERNEL_SOURCES;
-use flashpage::backend::cuda::launch::{self, Buffers, DecodeVariant};
+use flashpage::backend::cuda::launch::{self, Buffers, CascadeBuffers, DecodeVariant};
 use flashpage::backend::cuda::prefill::PrefillVariant;
 use flashpage::backend::{KvCache, RunArgs, check_run_args};
 use flashpage::error::{Error, Result};
 use flashpage::layout::RunStrides;
+use flashpage::plan::cascade::CascadePlan;
 use flashpage::tensor::{Tensor, TensorMut, TensorRef};
 
 use crate::case::CaseData;
@@ -133,6 +134,29 @@ impl Emulator {
         (o, lse)
     }
 
+    /// Runs cascade `plan` over `data`'s q, cache and sinks (its page ids are the plan's) on
+    /// the emulated kernels: every level's launches, then the fold, exactly as
+    /// [`launch::cascade_launches`] describes them. Returns `(o, lse)`, poisoned first.
+    /// Panics where the emulator fails (a test helper).
+    pub fn run_cascade(&self, data: &CaseData, plan: &CascadePlan) -> (Tensor, Vec<f32>) {
+        let (mut o, mut lse) = data.poisoned_outputs();
+        let args = RunArgs {
+            q: data.q.view(),
+            kv: KvCache {
+                kv_indices: &[],
+                ..data.kv_cache()
+            },
+            o: o.view_mut(),
+            lse: Some(&mut lse),
+            sinks: data.sinks.as_deref(),
+            custom_mask: None,
+        };
+        if let Err(e) = emulate_cascade(&self.cxx, &self.dir, plan, args) {
+            panic!("{}: {e}", data.spec.name);
+        }
+        (o, lse)
+    }
+
     /// Runs the emulated `ldmatrix` + `mma.sync` of `variant`'s dtype on one warp against a
     /// plain matrix product of distinct values (`host_emulation --self-test`); returns the
     /// emulator's report, or what went wrong.
@@ -168,6 +192,10 @@ impl HostRunner for Emulator {
 
     fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()> {
         emulate(&self.cxx, &self.dir, plan, args, None)
+    }
+
+    fn run_cascade_host(&self, plan: &CascadePlan, args: RunArgs<'_, '_>) -> Result<()> {
+        emulate_cascade(&self.cxx, &self.dir, plan, args)
     }
 }
 
@@ -398,3 +426,194 @@ fn emulate(
 
 /// Per-process counter naming the emulator's input and output files.
 static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// Runs the emulator binary `exe` on `input` (`extra` arguments first); returns its output
+/// file's bytes.
+fn run_exe(exe: &Path, dir: &Path, extra: &[&str], input: &[u8]) -> Result<Vec<u8>> {
+    let fail = |message: String| Error::Backend {
+        backend: "cuda-emulation",
+        message,
+    };
+    let tag = format!(
+        "{:?}-{}",
+        std::thread::current().id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    );
+    let (inp, outp) = (
+        dir.join(format!("in-{tag}")),
+        dir.join(format!("out-{tag}")),
+    );
+    let io = |e: std::io::Error| fail(format!("emulator i/o: {e}"));
+    std::fs::write(&inp, input).map_err(io)?;
+    let mut child = Command::new(exe)
+        .args(extra)
+        .arg(&inp)
+        .arg(&outp)
+        .spawn()
+        .map_err(io)?;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(io)? {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail("the emulated kernels ran past 120 s".into()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let _ = std::fs::remove_file(&inp);
+    if !status.success() {
+        return Err(fail(format!("emulator failed: {status}")));
+    }
+    let out = std::fs::read(&outp).map_err(io)?;
+    let _ = std::fs::remove_file(&outp);
+    Ok(out)
+}
+
+/// Fake device address of emulator buffer `i` (the driver's cascade mode relocates it).
+fn fake_base(i: u64) -> u64 {
+    (i + 1) << 40
+}
+
+/// Runs cascade `plan` over host `args` (page ids empty: the plan's) in the emulator: the
+/// checks of every level's run first (as the CUDA backend's), then the launch sequence of
+/// [`launch::cascade_launches`] over the device layout of
+/// [`CascadePlan::device_requirement`], with the float workspace poisoned.
+fn emulate_cascade(cxx: &str, dir: &Path, plan: &CascadePlan, args: RunArgs<'_, '_>) -> Result<()> {
+    let fail = |message: String| Error::Backend {
+        backend: "cuda-emulation",
+        message,
+    };
+    if args.custom_mask.is_some() {
+        return Err(Error::InvalidOption {
+            field: "custom_mask",
+            expected: "none in a cascade (its bits index the flat batch's keys)",
+            actual: "a mask".into(),
+        });
+    }
+    if !args.kv.kv_indices.is_empty() {
+        return Err(Error::TensorShape {
+            tensor: "kv_indices",
+            expected: "[] (a cascade plan holds each level's page ids)".into(),
+            actual: format!("[{}]", args.kv.kv_indices.len()),
+        });
+    }
+    let dt = args.q.dtype();
+    if args.kv.k.dtype().is_fp8() || dt.is_fp8() {
+        return Err(Error::Unsupported {
+            backend: "cuda-emulation",
+            what: "fp8 in a cascade on the cuda kernels".into(),
+        });
+    }
+    let h = plan.heads();
+    let states = plan.num_q_rows() * h.num_qo_heads();
+    if args.o.len() != states * h.head_dim() || args.lse.as_ref().is_some_and(|l| l.len() != states)
+    {
+        return Err(Error::TensorShape {
+            tensor: "o",
+            expected: "the cascade's rows".into(),
+            actual: format!("{} elements", args.o.len()),
+        });
+    }
+    let mut shapes = args.shapes();
+    shapes.o = (dt, states * h.head_dim());
+    shapes.lse = Some(states);
+    shapes.sinks = None;
+    let mut defines = None;
+    for l in 0..plan.num_levels() {
+        let (Some(lp), Some(ids)) = (plan.level_plan(l), plan.level_kv_indices(l)) else {
+            continue;
+        };
+        shapes.kv_indices = Some(ids);
+        shapes.num_indices = ids.len();
+        check_run_args(lp, &shapes)?;
+        let d = match PrefillVariant::for_plan(lp, dt, EMULATED_ARCH) {
+            Some(v) => v.defines(),
+            None => DecodeVariant::for_plan(lp, dt).defines(),
+        };
+        if defines.get_or_insert_with(|| d.clone()) != &d {
+            return Err(fail("cascade levels on different kernel variants".into()));
+        }
+    }
+    if let Some(s) = args.sinks
+        && s.len() != h.num_qo_heads()
+    {
+        return Err(Error::TensorShape {
+            tensor: "sinks",
+            expected: format!("[{}]", h.num_qo_heads()),
+            actual: format!("[{}]", s.len()),
+        });
+    }
+    let req = plan.device_requirement(dt)?;
+    let bufs = CascadeBuffers {
+        q: fake_base(0),
+        k: fake_base(1),
+        v: fake_base(2),
+        o: fake_base(3),
+        lse: if args.lse.is_some() { fake_base(4) } else { 0 },
+        sinks: if args.sinks.is_some() {
+            fake_base(5)
+        } else {
+            0
+        },
+        int_ws: fake_base(6),
+        float_ws: fake_base(7),
+        num_pages: args.kv.num_pages,
+        strides: args.kv.strides,
+    };
+    let launches = launch::cascade_launches(plan, dt, &bufs)?;
+    let image = plan.device_int_image()?;
+    let mut int_ws = vec![0u8; req.int.total()];
+    let img: &[u8] = bytemuck::cast_slice(&image);
+    int_ws[..img.len()].copy_from_slice(img);
+    let float_ws: Vec<u8> = std::iter::repeat_n(f32::NAN.to_le_bytes(), req.float.total() / 4)
+        .flatten()
+        .collect();
+    let lse_init: Vec<f32> = args.lse.as_deref().map_or_else(Vec::new, <[f32]>::to_vec);
+    let mut input = Vec::new();
+    put(&mut input, &ref_bytes(args.q));
+    put(&mut input, &ref_bytes(args.kv.k));
+    put(&mut input, &ref_bytes(args.kv.v));
+    put(&mut input, &mut_bytes(&args.o));
+    put(&mut input, bytemuck::cast_slice(&lse_init));
+    put(&mut input, bytemuck::cast_slice(args.sinks.unwrap_or(&[])));
+    put(&mut input, &int_ws);
+    put(&mut input, &float_ws);
+    input.extend_from_slice(&(launches.levels.len() as u32).to_le_bytes());
+    for lv in &launches.levels {
+        input.extend_from_slice(lv.params.as_bytes());
+        for d in [lv.work_items, lv.kv_heads, lv.merge_rows, lv.merge as u32] {
+            input.extend_from_slice(&d.to_le_bytes());
+        }
+    }
+    input.extend_from_slice(launches.fold.as_bytes());
+    input.extend_from_slice(&launches.fold_rows.to_le_bytes());
+    // A cascade of no level runs no attention kernel: any variant's binary holds the fold.
+    let defines = defines.unwrap_or_else(|| launch::merge_defines(h.head_dim(), dt));
+    let exe = build(cxx, dir, &defines).map_err(fail)?;
+    let out = run_exe(&exe, dir, &["--cascade"], &input)?;
+    let ob = args.o.len() * dt.size();
+    if out.len() != ob + lse_init.len() * 4 {
+        return Err(fail(format!(
+            "emulator output has {} bytes, expected {}",
+            out.len(),
+            ob + lse_init.len() * 4
+        )));
+    }
+    let o =
+        Tensor::from_le_bytes(dt, &out[..ob]).ok_or_else(|| fail("emulator output: o".into()))?;
+    match (args.o, o) {
+        (TensorMut::F32(d), Tensor::F32(s)) => d.copy_from_slice(&s),
+        (TensorMut::F16(d), Tensor::F16(s)) => d.copy_from_slice(&s),
+        (TensorMut::BF16(d), Tensor::BF16(s)) => d.copy_from_slice(&s),
+        _ => return Err(fail("emulator output: o has another dtype".into())),
+    }
+    if let Some(l) = args.lse {
+        for (d, c) in l.iter_mut().zip(out[ob..].chunks_exact(4)) {
+            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    Ok(())
+}

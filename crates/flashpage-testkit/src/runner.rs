@@ -6,6 +6,7 @@ use flashpage::Plan;
 use flashpage::backend::cpu::{CpuBackend, SimdLevel};
 use flashpage::backend::{Backend, RunArgs};
 use flashpage::error::Result;
+use flashpage::plan::cascade::CascadePlan;
 use flashpage::workspace::HostWorkspace;
 
 /// A backend driven with host tensors.
@@ -18,6 +19,9 @@ pub trait HostRunner {
     /// (and `lse`) back into `args`. Errors are the backend's (the checks run first; on error
     /// nothing is written).
     fn run_host(&self, plan: &Plan, args: RunArgs<'_, '_>) -> Result<()>;
+    /// Runs cascade `plan` over host `args` (no page ids: the plan holds each level's, see
+    /// [`CascadePlan`]) and writes `o` (and `lse`) back, as [`HostRunner::run_host`].
+    fn run_cascade_host(&self, plan: &CascadePlan, args: RunArgs<'_, '_>) -> Result<()>;
 }
 
 impl HostRunner for CpuBackend {
@@ -34,6 +38,11 @@ impl HostRunner for CpuBackend {
         self.prepare(plan, args.q.dtype())?;
         Backend::upload_plan(self, plan, ws.as_bytes_mut())?;
         Backend::run(self, plan, args, ws.as_bytes_mut())
+    }
+
+    fn run_cascade_host(&self, plan: &CascadePlan, args: RunArgs<'_, '_>) -> Result<()> {
+        let mut ws = HostWorkspace::new(plan.float_requirement(args.o.dtype())?.total())?;
+        self.run_cascade(plan, args, ws.as_bytes_mut())
     }
 }
 
@@ -54,6 +63,7 @@ mod cuda {
 
     use super::HostRunner;
     use flashpage::backend::cpu::SimdLevel;
+    use flashpage::plan::cascade::CascadePlan;
 
     /// The CUDA backend driven with host tensors: every call uploads q, K, V and the page
     /// ids, runs through [`Backend`], synchronises and downloads o and the LSE. For tests and
@@ -167,7 +177,125 @@ mod cuda {
         }
     }
 
+    /// Uploads q, K, V, o's initial contents, the LSE and the sinks, runs cascade `plan`,
+    /// synchronises and returns o and the LSE.
+    #[allow(clippy::too_many_arguments)]
+    fn cascade_on<T: DeviceElem + Default + Clone + Unpin>(
+        b: &CudaBackend,
+        plan: &CascadePlan,
+        ws: &mut DeviceWorkspace,
+        dtype: DType,
+        (strides, num_pages): (KvStrides, usize),
+        (q, k, v, o_init): (Vec<T>, Vec<T>, Vec<T>, Vec<T>),
+        lse: Option<&[f32]>,
+        sinks: Option<&[f32]>,
+    ) -> Result<(Vec<T>, Option<Vec<f32>>)> {
+        let s = b.stream();
+        let q = s.clone_htod(&q).map_err(dev)?;
+        let k = s.clone_htod(&nonempty(k)).map_err(dev)?;
+        let v = s.clone_htod(&nonempty(v)).map_err(dev)?;
+        let mut o = s.clone_htod(&nonempty(o_init)).map_err(dev)?;
+        let ids = s.clone_htod(&[0i32]).map_err(dev)?;
+        let mut lse_dev = match lse {
+            Some(l) => Some(s.clone_htod(&nonempty(l.to_vec())).map_err(dev)?),
+            None => None,
+        };
+        let sinks_dev = match sinks {
+            Some(sk) => Some(s.clone_htod(&nonempty(sk.to_vec())).map_err(dev)?),
+            None => None,
+        };
+        let empty = ids.slice(0..0);
+        let run = DeviceRunArgs {
+            dtype,
+            q: &q,
+            k: &k,
+            v: &v,
+            strides,
+            num_pages,
+            kv_indices: &empty,
+            host_kv_indices: None,
+            o: &mut o,
+            lse: lse_dev.as_mut().map(|l| l as _),
+            sinks: sinks_dev.as_ref().map(|s| s as _),
+            custom_mask: None,
+        };
+        b.run_cascade(plan, run, ws)?;
+        b.synchronize()?;
+        let out = s.clone_dtoh(&o).map_err(dev)?;
+        let lse = match &lse_dev {
+            Some(l) => Some(s.clone_dtoh(l).map_err(dev)?),
+            None => None,
+        };
+        Ok((out, lse))
+    }
+
     impl HostRunner for CudaHost {
+        fn run_cascade_host(&self, plan: &CascadePlan, args: RunArgs<'_, '_>) -> Result<()> {
+            let b = &self.backend;
+            let dtype = args.q.dtype();
+            // The backend's refusals, before anything is uploaded.
+            if args.custom_mask.is_some() {
+                return Err(Error::InvalidOption {
+                    field: "custom_mask",
+                    expected: "none in a cascade (its bits index the flat batch's keys)",
+                    actual: "a mask".into(),
+                });
+            }
+            if !args.kv.kv_indices.is_empty() {
+                return Err(Error::TensorShape {
+                    tensor: "kv_indices",
+                    expected: "[] (a cascade plan holds each level's page ids)".into(),
+                    actual: format!("[{}]", args.kv.kv_indices.len()),
+                });
+            }
+            b.prepare_cascade(plan, dtype)?;
+            let mut ws = DeviceWorkspace::new(b, &plan.device_requirement(dtype)?)?;
+            b.upload_cascade(plan, &mut ws)?;
+            let kv = (args.kv.strides, args.kv.num_pages);
+            let lse_in = args.lse.as_deref().map(<[f32]>::to_vec);
+            let (lse_in, sinks) = (lse_in.as_deref(), args.sinks);
+            let lse_out = match (args.q, args.kv.k, args.kv.v, args.o) {
+                (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
+                    let io = (q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec());
+                    let (out, l) = cascade_on(b, plan, &mut ws, dtype, kv, io, lse_in, sinks)?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
+                    l
+                }
+                (
+                    TensorRef::BF16(q),
+                    TensorRef::BF16(k),
+                    TensorRef::BF16(v),
+                    TensorMut::BF16(o),
+                ) => {
+                    let io = (q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec());
+                    let (out, l) = cascade_on(b, plan, &mut ws, dtype, kv, io, lse_in, sinks)?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
+                    l
+                }
+                (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
+                    let io = (q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec());
+                    let (out, l) = cascade_on(b, plan, &mut ws, dtype, kv, io, lse_in, sinks)?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
+                    l
+                }
+                (_, k, _, _) => {
+                    return Err(Error::DTypeMismatch {
+                        tensor: "k",
+                        expected: dtype.name(),
+                        actual: k.dtype().name(),
+                    });
+                }
+            };
+            if let (Some(dst), Some(src)) = (args.lse, lse_out) {
+                let n = dst.len();
+                dst.copy_from_slice(&src[..n]);
+            }
+            Ok(())
+        }
+
         fn label(&self) -> String {
             format!("cuda/{}", self.backend.device_name())
         }

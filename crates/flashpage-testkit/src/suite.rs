@@ -28,6 +28,11 @@
 //!                               # with probability density; every 3rd query row masked whole
 //! kv_dtype = "e4m3fn"           # an FP8 K/V cache ("e4m3fn" or "e5m2"; q/o keep `dtypes`)
 //! kv_scale = "head"             # its scales: "tensor" (default) or "head" (per KV head)
+//! cascade = [[3, 2], [1, 0], [2, 1]]
+//!                               # shared prefixes, run as a cascade: [sharers, pages] groups
+//!                               # of adjacent requests share their first pages
+//!                               # (CaseData::share_prefixes); CascadePlan::shared_prefixes
+//!                               # finds the levels; compared with the flat batch's reference
 //! set = [{ input = "v", request = 0, pos = 2, value = inf }]
 //!                               # after the random fill, every element of a q row ("q":
 //!                               # query row `pos`) or a key's K or V rows ("k", "v": key
@@ -82,6 +87,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("features.toml", include_str!("../data/features.toml")),
     ("masks.toml", include_str!("../data/masks.toml")),
     ("fp8.toml", include_str!("../data/fp8.toml")),
+    ("cascade.toml", include_str!("../data/cascade.toml")),
     ("errors.toml", include_str!("../data/errors.toml")),
 ];
 
@@ -139,6 +145,9 @@ pub struct SuiteCase {
     /// Input rows set after the random fill: `(input, request, pos, value)` (see
     /// [`CaseData::set_row`]).
     pub set: Vec<(Input, usize, usize, f64)>,
+    /// Shared prefixes `(sharers, pages)` of adjacent requests: the case runs as the cascade
+    /// [`CaseData::cascade_plan`] finds ([`CaseData::share_prefixes`]).
+    pub cascade: Option<Vec<(usize, usize)>>,
 }
 
 /// A batch given as raw arrays, and the error it must produce.
@@ -236,6 +245,7 @@ struct CaseToml {
     kv_dtype: Option<String>,
     kv_scale: Option<String>,
     custom_mask: Option<MaskToml>,
+    cascade: Option<Vec<[usize; 2]>>,
 }
 
 #[derive(Deserialize)]
@@ -405,6 +415,21 @@ impl CaseToml {
         if parallelism.is_empty() || parallelism.contains(&0) {
             return Err("parallelism must list numbers > 0".into());
         }
+        if let Some(groups) = &self.cascade {
+            if groups.is_empty() {
+                return Err("cascade must list [sharers, pages] groups".into());
+            }
+            if storage == KvStorage::Ragged
+                || self.custom_mask.is_some()
+                || self.kv_dtype.is_some()
+                || self.graph_capacity.is_some()
+            {
+                return Err(
+                    "a cascade case has a paged cache, no custom mask, no fp8 cache and no graph mode"
+                        .into(),
+                );
+            }
+        }
         Ok(SuiteCase {
             name: self.name.clone(),
             file: file.to_string(),
@@ -452,6 +477,10 @@ impl CaseToml {
                     Ok((input, x.request, x.pos, x.value))
                 })
                 .collect::<std::result::Result<Vec<_>, String>>()?,
+            cascade: self
+                .cascade
+                .as_ref()
+                .map(|g| g.iter().map(|&[s, p]| (s, p)).collect()),
         })
     }
 }
@@ -674,10 +703,31 @@ impl SuiteCase {
             .spec(dtype)
             .materialise(seed)
             .map_err(|e| e.to_string())?;
+        if let Some(groups) = &self.cascade {
+            data.share_prefixes(groups).map_err(|e| e.to_string())?;
+        }
         for &(input, request, pos, value) in &self.set {
             data.set_row(input, request, pos, value)?;
         }
         Ok(data)
+    }
+
+    /// One run of materialised `data` on `backend` at `parallelism` into fresh poisoned
+    /// outputs: the flat batch, or the cascade [`CaseData::cascade_plan`] finds for a case
+    /// with `cascade`.
+    pub fn run_data(
+        &self,
+        data: &CaseData,
+        backend: &dyn HostRunner,
+        parallelism: usize,
+    ) -> Result<(Tensor, Vec<f32>)> {
+        let config = self.plan_config(parallelism);
+        match &self.cascade {
+            None => data.run_on(backend, &config),
+            Some(_) => data
+                .cascade_plan(&config)
+                .and_then(|plan| data.run_cascade_on(backend, &plan)),
+        }
     }
 
     /// Runs the case at `dtype` on every backend and parallelism, comparing each run with the
@@ -736,7 +786,7 @@ impl SuiteCase {
             }
             let mut first: Option<(usize, Tensor, Vec<f32>)> = None;
             for &p in &self.parallelism {
-                let result = match data.run_on(backend, &self.plan_config(p)) {
+                let result = match self.run_data(&data, backend, p) {
                     Err(e) => Err(format!("run failed: {e}")),
                     Ok((o, lse)) => {
                         let c = data.compare(&o, &lse, &reference);

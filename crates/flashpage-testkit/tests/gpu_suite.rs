@@ -47,11 +47,12 @@ fn the_suite_on_the_gpu() {
                 // An FP8 cache: the GPU refuses it (checked by `case.run`), nothing to compare.
                 continue;
             }
-            // The same inputs on both backends: the GPU within tolerance of the CPU.
-            let data: CaseData = case.spec(dtype).materialise(seed).unwrap();
-            let config = case.plan_config(case.parallelism[0]);
-            let (o, lse) = data.run_on(&gpu, &config).unwrap();
-            let (co, clse) = data.run_on(&cpu, &config).unwrap();
+            // The same inputs on both backends (a cascade case as a cascade on both): the
+            // GPU within tolerance of the CPU.
+            let data: CaseData = case.materialise(dtype, seed).unwrap();
+            let p = case.parallelism[0];
+            let (o, lse) = case.run_data(&data, &gpu, p).unwrap();
+            let (co, clse) = case.run_data(&data, &cpu, p).unwrap();
             let (e, el) = CaseData::output_difference(&o, &lse, &co, &clse);
             let tol = flashpage_testkit::reference::tolerance(dtype);
             if e > tol || el > tol {

@@ -357,3 +357,8 @@ fn sampled_reference_matches_the_full_reference() {
 fn fp8_cases() {
     run_file("fp8.toml");
 }
+
+#[test]
+fn cascade_cases() {
+    run_file("cascade.toml");
+}

@@ -1,8 +1,8 @@
 //! Every kernel family compiled with the real NVRTC, no GPU needed: a representative set for
 //! sm_90a and sm_80 (every dtype, every rows-per-pass, head dims 64/128/256, RoPE on head dim
-//! 128; the merge kernel; the bandwidth probe; the append and RoPE kernels) through the backend's own compile path.
+//! 128; the merge and cascade-fold kernels; the bandwidth probe; the append and RoPE kernels) through the backend's own compile path.
 //! Asserts: no compile error and no warning; no spill and no stack frame in the decode
-//! variants without RoPE, no stack frame in any decode variant; resident blocks per SM at
+//! variants without RoPE and in the cascade fold, no stack frame in any decode variant; resident blocks per SM at
 //! least the budget each variant is compiled for (`DecodeVariant::min_blocks`, what the plan's
 //! parallelism assumes); a cache written here is found under the key the device computes.
 //!
@@ -46,6 +46,7 @@ fn representative_set() -> Vec<KernelSpec> {
                 }
             }
             set.push(KernelSpec::Merge { head_dim: d, dtype });
+            set.push(KernelSpec::CascadeFold { head_dim: d, dtype });
         }
     }
     set.push(KernelSpec::Bandwidth);
@@ -183,6 +184,14 @@ fn kernels_compile_without_spills_at_the_planned_occupancy() {
         }
         if res.registers == 0 {
             problems.push(format!("{name}: no register count in the report"));
+        }
+        if let KernelSpec::CascadeFold { .. } = spec
+            && (res.spill_store_bytes > 0 || res.spill_load_bytes > 0 || res.stack_bytes > 0)
+        {
+            problems.push(format!(
+                "{name}: spills {}/{} bytes, stack {}",
+                res.spill_store_bytes, res.spill_load_bytes, res.stack_bytes
+            ));
         }
         if let KernelSpec::Decode(v) = spec {
             if !v.rope && (res.spill_store_bytes > 0 || res.spill_load_bytes > 0) {

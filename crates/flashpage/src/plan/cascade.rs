@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::layout::{BatchDesc, DType, HeadConfig, PageTable};
 use crate::options::{AttentionOptions, PosEncoding};
 use crate::validate::{check_batch, check_page_ids};
-use crate::workspace::{AlignedAllocator, BUFFER_ALIGN, WorkspaceReq};
+use crate::workspace::{AlignedAllocator, BUFFER_ALIGN, Requirement, WorkspaceReq};
 
 use super::Plan;
 use super::config::PlanConfig;
@@ -273,6 +273,159 @@ impl CascadePlan {
         a.alloc("acc_sum", bytes(states, 4)?)?;
         a.alloc("acc_max", bytes(states, 4)?)?;
         Ok(WorkspaceReq::from_allocator(&a))
+    }
+}
+
+/// Where one level's pieces sit in the device workspaces laid out by
+/// [`CascadePlan::device_requirement`] (byte offsets from each workspace's base, multiples
+/// of [`BUFFER_ALIGN`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CascadeDeviceLevel {
+    /// The level plan's int image, in the int workspace.
+    pub image_offset: usize,
+    /// The level's page ids (i32), in the int workspace, right after its image.
+    pub ids_offset: usize,
+    /// The level's output `[rows, num_qo_heads, head_dim]` in o's dtype, in the float
+    /// workspace.
+    pub o_offset: usize,
+    /// The level's LSE `[rows, num_qo_heads]` f32, in the float workspace.
+    pub lse_offset: usize,
+}
+
+/// `n` rounded up to a multiple of [`BUFFER_ALIGN`], checked.
+fn align_up(n: usize) -> Result<usize> {
+    n.checked_next_multiple_of(BUFFER_ALIGN)
+        .ok_or(Error::SizeOverflow {
+            what: "cascade workspace",
+        })
+}
+
+impl CascadePlan {
+    /// Bytes of one level's state in the device layout: `(o, lse)` strides, each aligned.
+    fn device_strides(&self, dtype: DType) -> Result<(usize, usize)> {
+        let overflow = Error::SizeOverflow {
+            what: "cascade states",
+        };
+        let states = self
+            .rows
+            .checked_mul(self.heads.num_qo_heads())
+            .ok_or(overflow.clone())?;
+        let o = states
+            .checked_mul(self.heads.head_dim())
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or(overflow.clone())?;
+        let lse = states.checked_mul(4).ok_or(overflow)?;
+        Ok((align_up(o)?, align_up(lse)?))
+    }
+
+    /// Int-workspace bytes of level `l`: its image then its page ids, each aligned.
+    fn device_int_bytes(&self, lv: &Level) -> Result<(usize, usize)> {
+        let image = align_up(
+            lv.plan
+                .requirement()
+                .int
+                .total()
+                .max(lv.plan.int_image().len() * 4),
+        )?;
+        let ids = align_up(
+            lv.kv_indices
+                .len()
+                .checked_mul(4)
+                .ok_or(Error::SizeOverflow {
+                    what: "cascade page ids",
+                })?,
+        )?;
+        Ok((image, ids))
+    }
+
+    /// The workspaces a device (CUDA) run with outputs of `dtype` needs. Every level's launches
+    /// are enqueued before any completes (no host synchronisation between levels, so the
+    /// whole cascade can be captured in a CUDA graph), so nothing the levels read may be
+    /// rewritten between them:
+    ///
+    /// - float: `levels` (the largest level plan's float workspace, reused level after level
+    ///   in stream order), `level_o` (every level's output in o's dtype, one after another)
+    ///   and `level_lse` (every level's f32 LSE), which one fold kernel merges at the end;
+    /// - int: `levels`, every level's int image followed by its page ids
+    ///   ([`CascadePlan::device_level`] gives the offsets, [`CascadePlan::device_int_image`]
+    ///   the contents: one upload).
+    ///
+    /// # Errors
+    /// [`Error::SizeOverflow`] when the bytes overflow.
+    pub fn device_requirement(&self, dtype: DType) -> Result<Requirement> {
+        let n = self.levels.len();
+        let (so, sl) = self.device_strides(dtype)?;
+        let overflow = || Error::SizeOverflow {
+            what: "cascade workspace",
+        };
+        let level = self
+            .levels
+            .iter()
+            .map(|lv| lv.plan.requirement().float.total())
+            .max()
+            .unwrap_or(0);
+        let mut f = AlignedAllocator::counting(BUFFER_ALIGN);
+        f.alloc("levels", level)?;
+        f.alloc("level_o", so.checked_mul(n).ok_or_else(overflow)?)?;
+        f.alloc("level_lse", sl.checked_mul(n).ok_or_else(overflow)?)?;
+        let mut int = 0usize;
+        for lv in &self.levels {
+            let (a, b) = self.device_int_bytes(lv)?;
+            int = int
+                .checked_add(a)
+                .and_then(|x| x.checked_add(b))
+                .ok_or_else(overflow)?;
+        }
+        let mut i = AlignedAllocator::counting(BUFFER_ALIGN);
+        i.alloc("levels", int)?;
+        Ok(Requirement {
+            float: WorkspaceReq::from_allocator(&f),
+            int: WorkspaceReq::from_allocator(&i),
+        })
+    }
+
+    /// Level `l`'s offsets in the device layout of [`CascadePlan::device_requirement`] for
+    /// outputs of `dtype`; `None` past the last level.
+    ///
+    /// # Errors
+    /// [`Error::SizeOverflow`] as [`CascadePlan::device_requirement`].
+    pub fn device_level(&self, l: usize, dtype: DType) -> Result<Option<CascadeDeviceLevel>> {
+        if l >= self.levels.len() {
+            return Ok(None);
+        }
+        let req = self.device_requirement(dtype)?;
+        let (so, sl) = self.device_strides(dtype)?;
+        let base = |name: &str| req.float.buffer(name).map_or(0, |b| b.offset);
+        let mut at = req.int.buffer("levels").map_or(0, |b| b.offset);
+        for lv in &self.levels[..l] {
+            let (a, b) = self.device_int_bytes(lv)?;
+            at += a + b;
+        }
+        let (image, _) = self.device_int_bytes(&self.levels[l])?;
+        Ok(Some(CascadeDeviceLevel {
+            image_offset: at,
+            ids_offset: at + image,
+            o_offset: base("level_o") + l * so,
+            lse_offset: base("level_lse") + l * sl,
+        }))
+    }
+
+    /// The bytes of the device int workspace (as i32 words, zero padding between pieces):
+    /// every level's int image and page ids at their [`CascadePlan::device_level`] offsets.
+    ///
+    /// # Errors
+    /// [`Error::SizeOverflow`] as [`CascadePlan::device_requirement`].
+    pub fn device_int_image(&self) -> Result<Vec<i32>> {
+        let mut out = Vec::new();
+        for lv in &self.levels {
+            let (a, b) = self.device_int_bytes(lv)?;
+            let start = out.len();
+            out.extend_from_slice(lv.plan.int_image());
+            out.resize(start + a / 4, 0);
+            out.extend_from_slice(&lv.kv_indices);
+            out.resize(start + (a + b) / 4, 0);
+        }
+        Ok(out)
     }
 }
 

@@ -166,6 +166,9 @@ pub struct DeviceWorkspace {
     pub(super) float: CudaSlice<u8>,
     pub(super) int: CudaSlice<u8>,
     pub(super) uploaded: Option<Uploaded>,
+    /// The cascade int image uploaded last ([`crate::plan::cascade::CascadePlan::device_int_image`]),
+    /// if the int workspace holds one (uploading a plan clears it, and the reverse).
+    pub(super) cascade: Option<Vec<i32>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +209,7 @@ impl DeviceWorkspace {
             float,
             int,
             uploaded: None,
+            cascade: None,
         })
     }
 

@@ -13,6 +13,7 @@ use cudarc::driver::DeviceRepr;
 use crate::error::{Error, Result};
 use crate::layout::{DType, HeadConfig, KvStrides, QoStrides, RunStrides};
 use crate::options::PosEncoding;
+use crate::plan::cascade::CascadePlan;
 use crate::plan::{Plan, PlanKind};
 
 /// Threads per block of the decode kernel.
@@ -466,6 +467,180 @@ pub(crate) fn params_like(plan: &Plan, c: &Params) -> Params {
     params(plan, &b)
 }
 
+/// Threads per block of the cascade fold kernel.
+pub const FOLD_THREADS: u32 = 128;
+
+/// Parameters of the cascade fold kernel (`fp_cascade_fold`, `struct FoldParams` in
+/// `kernels/merge.cu`, field for field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FoldParams {
+    pub(crate) level_o: u64,
+    pub(crate) level_lse: u64,
+    pub(crate) o: u64,
+    pub(crate) lse: u64,
+    pub(crate) sinks: u64,
+    pub(crate) o_stride: i64,
+    pub(crate) lse_stride: i64,
+    pub(crate) rows: i64,
+    pub(crate) num_levels: i32,
+    pub(crate) num_qo_heads: i32,
+}
+
+impl FoldParams {
+    /// The parameter block's bytes, exactly as the kernel receives it.
+    pub fn as_bytes(&self) -> &[u8] {
+        bytemuck::bytes_of(self)
+    }
+}
+
+// SAFETY: FoldParams is #[repr(C)] plain old data laid out exactly as the kernel's
+// `struct FoldParams`; it is passed by value as a kernel argument.
+unsafe impl DeviceRepr for FoldParams {}
+
+/// Device addresses of a cascade run's buffers (the page ids live in the int workspace).
+#[derive(Debug, Clone, Copy)]
+pub struct CascadeBuffers {
+    /// Address of q.
+    pub q: u64,
+    /// Address of the K cache.
+    pub k: u64,
+    /// Address of the V cache.
+    pub v: u64,
+    /// Address of o.
+    pub o: u64,
+    /// Address of the LSE (0 when not written).
+    pub lse: u64,
+    /// Address of the attention sinks (0 without sinks).
+    pub sinks: u64,
+    /// Address of the int workspace (holding [`CascadePlan::device_int_image`]).
+    pub int_ws: u64,
+    /// Address of the float workspace.
+    pub float_ws: u64,
+    /// Pages in the cache.
+    pub num_pages: usize,
+    /// K and V element strides.
+    pub strides: KvStrides,
+}
+
+/// One level's launches: the attention kernel over the level plan's work items, then (for
+/// split rows) the merge kernel, both with `params`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelLaunch {
+    /// The level's parameters: o and lse are the level's state in the float workspace, the
+    /// int image and page ids the level's in the int workspace, no sinks and no mask.
+    pub params: Params,
+    /// Attention-kernel blocks along x (the level plan's work-item capacity; 0: no launch).
+    pub work_items: u32,
+    /// Blocks along y (KV heads).
+    pub kv_heads: u32,
+    /// Merge-kernel blocks (merge-row capacity), launched when `merge` is set.
+    pub merge_rows: u32,
+    /// Whether the merge kernel runs.
+    pub merge: bool,
+}
+
+/// Everything a cascade run enqueues, in order: each level's launches, then one fold
+/// (`rows` blocks of [`FOLD_THREADS`]). Nothing else (no copy, no synchronisation), so
+/// the sequence can be captured in a CUDA graph. The backend launches exactly this; the
+/// host emulation runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CascadeLaunches {
+    /// One entry per level, in level order.
+    pub levels: Vec<LevelLaunch>,
+    /// The fold's parameters.
+    pub fold: FoldParams,
+    /// Fold blocks (query rows; 0: no launch).
+    pub fold_rows: u32,
+}
+
+/// The launches of `plan` with outputs of `dtype` over `b` (the workspaces laid out by
+/// [`CascadePlan::device_requirement`]).
+///
+/// # Errors
+/// [`Error::SizeOverflow`] from the layout; [`Error::Unsupported`] for more query rows than
+/// a grid holds.
+pub fn cascade_launches(
+    plan: &CascadePlan,
+    dtype: DType,
+    b: &CascadeBuffers,
+) -> Result<CascadeLaunches> {
+    let heads = plan.heads();
+    let rows = plan.num_q_rows();
+    if rows > i32::MAX as usize {
+        return Err(Error::Unsupported {
+            backend: "cuda",
+            what: format!("a cascade of {rows} query rows (at most {})", i32::MAX),
+        });
+    }
+    let req = plan.device_requirement(dtype)?;
+    let levels_off = req.float.buffer("levels").map_or(0, |x| x.offset) as u64;
+    let mut levels = Vec::with_capacity(plan.num_levels());
+    let mut offs = Vec::with_capacity(plan.num_levels());
+    for l in 0..plan.num_levels() {
+        let (Some(lp), Some(ids), Some(at)) = (
+            plan.level_plan(l),
+            plan.level_kv_indices(l),
+            plan.device_level(l, dtype)?,
+        ) else {
+            continue;
+        };
+        offs.push(at);
+        let bufs = Buffers {
+            q: b.q,
+            k: b.k,
+            v: b.v,
+            o: b.float_ws + at.o_offset as u64,
+            lse: b.float_ws + at.lse_offset as u64,
+            sinks: 0,
+            mask: (0, 0, 0),
+            kv_indices: b.int_ws + at.ids_offset as u64,
+            int_ws: b.int_ws + at.image_offset as u64,
+            float_ws: b.float_ws + levels_off,
+            qo_rows: rows,
+            num_indices: ids.len(),
+            num_pages: b.num_pages,
+            strides: b.strides,
+            v_strides: b.strides,
+            qo: RunStrides::contiguous(heads),
+        };
+        let caps = lp.capacities();
+        levels.push(LevelLaunch {
+            params: params(lp, &bufs),
+            work_items: caps.work_items as u32,
+            kv_heads: heads.num_kv_heads() as u32,
+            merge_rows: caps.merge_rows as u32,
+            merge: caps.merge_rows > 0 && (lp.is_graph() || lp.num_merge_rows() > 0),
+        });
+    }
+    // Levels sit one stride apart (CascadePlan::device_level); one level needs no stride.
+    let (o_stride, lse_stride) = match (offs.first(), offs.get(1)) {
+        (Some(a), Some(b)) => (
+            (b.o_offset - a.o_offset) as i64,
+            (b.lse_offset - a.lse_offset) as i64,
+        ),
+        _ => (0, 0),
+    };
+    let (o0, l0) = offs.first().map_or((0, 0), |a| (a.o_offset, a.lse_offset));
+    let fold = FoldParams {
+        level_o: b.float_ws + o0 as u64,
+        level_lse: b.float_ws + l0 as u64,
+        o: b.o,
+        lse: b.lse,
+        sinks: b.sinks,
+        o_stride,
+        lse_stride,
+        rows: rows as i64,
+        num_levels: levels.len() as i32,
+        num_qo_heads: heads.num_qo_heads() as i32,
+    };
+    Ok(CascadeLaunches {
+        levels,
+        fold,
+        fold_rows: rows as u32,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +711,35 @@ mod tests {
             "mask",
             "mask_indptr",
             "mask_bytes",
+        ];
+        assert_eq!(fields, rust);
+    }
+
+    #[test]
+    fn fold_params_layout_matches_the_kernel() {
+        // 5 pointers + 3 i64 + 2 i32 = 72 bytes, no padding (merge.cu's struct FoldParams).
+        assert_eq!(std::mem::size_of::<FoldParams>(), 72);
+        let src = include_str!("kernels/merge.cu");
+        let start = src.find("struct FoldParams {").unwrap();
+        let body = &src[start..start + src[start..].find("};").unwrap()];
+        let fields: Vec<&str> = body
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.trim().split(';').next())
+            .filter(|l| !l.is_empty() && !l.starts_with("//"))
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        let rust = [
+            "level_o",
+            "level_lse",
+            "o",
+            "lse",
+            "sinks",
+            "o_stride",
+            "lse_stride",
+            "rows",
+            "num_levels",
+            "num_qo_heads",
         ];
         assert_eq!(fields, rust);
     }

@@ -37,6 +37,7 @@
 //! tracking on the context it opens (CUDA-graph capture requires it), so buffers written on
 //! another stream must be synchronised by the caller before `run`.
 
+mod cascade;
 mod context;
 mod device;
 mod graph;
@@ -103,6 +104,7 @@ pub struct CudaBackend {
     decode: Mutex<HashMap<DecodeVariant, CudaFunction>>,
     prefill: Mutex<HashMap<PrefillVariant, CudaFunction>>,
     merge: Mutex<HashMap<(usize, DType), CudaFunction>>,
+    fold: Mutex<HashMap<(usize, DType), CudaFunction>>,
     bandwidth: Mutex<Option<(CudaFunction, CudaFunction)>>,
     ops: Mutex<HashMap<&'static str, CudaFunction>>,
     capture: Mutex<Option<Vec<RunSignature>>>,
@@ -254,6 +256,7 @@ impl CudaBackend {
             decode: Mutex::new(HashMap::new()),
             prefill: Mutex::new(HashMap::new()),
             merge: Mutex::new(HashMap::new()),
+            fold: Mutex::new(HashMap::new()),
             bandwidth: Mutex::new(None),
             ops: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
@@ -360,7 +363,9 @@ impl CudaBackend {
         }
         plan.requirement().int.check_fits(ws.int.len())?;
         let image = plan.int_image();
-        // Forget the previous plan first: after a failed copy the workspace holds none.
+        // Forget the previous plan (and cascade) first: after a failed copy the workspace
+        // holds none.
+        ws.cascade = None;
         let mut up = ws.uploaded.take().unwrap_or_else(|| Uploaded {
             image: Vec::new(),
             caps: *plan.capacities(),

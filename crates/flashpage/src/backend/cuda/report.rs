@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 
 use super::device::{BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, OPS_SRC, PREFILL_SRC};
-use super::launch::{self, DecodeVariant, MERGE_THREADS};
+use super::launch::{self, DecodeVariant, FOLD_THREADS, MERGE_THREADS};
 use super::nvrtc::{self, Compiler};
 use super::ops::OPS_THREADS;
 use super::prefill::PrefillVariant;
@@ -33,6 +33,14 @@ pub enum KernelSpec {
     Prefill(PrefillVariant),
     /// The split-KV merge kernel (`fp_merge`).
     Merge {
+        /// Head dimension.
+        head_dim: usize,
+        /// Output element type.
+        dtype: DType,
+    },
+    /// The cascade fold kernel (`fp_cascade_fold`, in `merge.cu`: the same module as
+    /// `Merge` for the same head dim and dtype).
+    CascadeFold {
         /// Head dimension.
         head_dim: usize,
         /// Output element type.
@@ -71,6 +79,13 @@ impl KernelSpec {
                 "fp_merge",
                 MERGE_THREADS,
             ),
+            KernelSpec::CascadeFold { head_dim, dtype } => (
+                "merge.cu",
+                MERGE_SRC,
+                launch::merge_defines(*head_dim, *dtype),
+                "fp_cascade_fold",
+                FOLD_THREADS,
+            ),
             KernelSpec::Bandwidth => ("bandwidth.cu", BANDWIDTH_SRC, Vec::new(), "fp_read_bw", 256),
             KernelSpec::Append => ("ops.cu", OPS_SRC, Vec::new(), "fp_append", OPS_THREADS),
             KernelSpec::Rope => ("ops.cu", OPS_SRC, Vec::new(), "fp_rope", OPS_THREADS),
@@ -88,7 +103,7 @@ impl KernelSpec {
     }
 
     /// A short name: `decode bf16 d128 rows4 u2 mb3`, `decode ... rope`, `merge bf16 d128`,
-    /// `bandwidth`, `append`, `rope`.
+    /// `cascade-fold bf16 d128`, `bandwidth`, `append`, `rope`.
     pub fn name(&self) -> String {
         match self {
             KernelSpec::Decode(v) => format!(
@@ -109,6 +124,9 @@ impl KernelSpec {
             ),
             KernelSpec::Merge { head_dim, dtype } => {
                 format!("merge {} d{head_dim}", dtype.name())
+            }
+            KernelSpec::CascadeFold { head_dim, dtype } => {
+                format!("cascade-fold {} d{head_dim}", dtype.name())
             }
             KernelSpec::Bandwidth => "bandwidth".into(),
             KernelSpec::Append => "append".into(),

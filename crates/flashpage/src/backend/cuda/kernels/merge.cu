@@ -82,3 +82,122 @@ extern "C" __global__ void fp_merge(const __grid_constant__ Params p) {
         }
     }
 }
+
+
+// Cascade fold (docs/cascade.md): after every level of a cascade has written its state
+// (o in the storage dtype, f32 lse) into the float workspace, one block per query row
+// folds the levels' states of every query head, level by level, into f32 registers with
+// the CPU fold's rules (backend/cpu/cascade.rs): an empty state (lse -inf) adds nothing, a
+// NaN state makes the row NaN, past the f32 range the +inf states share the weight; then
+// normalises, applies the attention sinks once and writes o (and lse). A parameter block
+// of its own (the levels' Params describe the levels' runs, not the fold).
+struct FoldParams {
+    u64 level_o;    // level l's o at level_o + l * o_stride bytes: [rows, hq, D]
+    u64 level_lse;  // level l's lse at level_lse + l * lse_stride bytes: [rows, hq]
+    u64 o;          // [rows, hq, D] storage dtype
+    u64 lse;        // [rows, hq] f32, 0 when not written
+    u64 sinks;      // [hq] f32, 0 without sinks
+    i64 o_stride;
+    i64 lse_stride;
+    i64 rows;
+    int num_levels;
+    int num_qo_heads;
+};
+
+// The sink epilogue of common.cuh's sink_epilogue, for the fold's parameter block.
+__device__ __forceinline__ float fold_sink(const FoldParams& p, int h, float* lse) {
+    if (p.sinks == 0) {
+        return 1.f;
+    }
+    const float s = ((const float*)p.sinks)[h];
+    if (s == FP_NEG_INF) {
+        return 1.f;
+    }
+    const float l = *lse;
+    if (l >= s) {
+        const float t = expf(s - l);
+        *lse = l + log1pf(t);
+        return 1.f / (1.f + t);
+    }
+    const float t = expf(l - s);
+    *lse = s + log1pf(t);
+    return t / (1.f + t);
+}
+
+extern "C" __global__ void fp_cascade_fold(const __grid_constant__ FoldParams p) {
+    const int row = blockIdx.x;
+    if ((i64)row >= p.rows) {
+        return;
+    }
+    const int hq = p.num_qo_heads;
+    const int vph = FP_HEAD_DIM / 8;
+    for (int idx = threadIdx.x; idx < hq * vph; idx += blockDim.x) {
+        const int h = idx / vph;
+        const int e0 = (idx % vph) * 8;
+        const i64 state = (i64)row * hq + h;
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            acc[e] = 0.f;
+        }
+        float sum = 0.f;
+        float mx = FP_NEG_INF;
+        for (int l = 0; l < p.num_levels; ++l) {
+            const float li =
+                ((const float*)((const char*)p.level_lse + (i64)l * p.lse_stride))[state];
+            if (mx != mx || li == FP_NEG_INF) {
+                continue;
+            }
+            if (li != li) {
+                mx = FP_QNAN;
+                continue;
+            }
+            if (li > mx) {
+                const float scale = (li == FP_INF || mx == FP_NEG_INF) ? 0.f : expf(mx - li);
+                sum *= scale;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    acc[e] *= scale;
+                }
+                mx = li;
+            }
+            const float w = mx == FP_INF ? (li == FP_INF ? 1.f : 0.f) : expf(li - mx);
+            if (w == 0.f) {
+                continue;
+            }
+            sum += w;
+            Raw8 r;
+            raw_load_ro(r, (const char*)p.level_o + (i64)l * p.o_stride +
+                               (state * FP_HEAD_DIM + e0) * FP_ELEM_BYTES);
+            float x[8];
+            raw_to_f32(r, x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                acc[e] = fmaf(w, x[e], acc[e]);
+            }
+        }
+        float f, lse;
+        if (mx != mx) {
+            f = FP_QNAN;
+            lse = FP_QNAN;
+        } else if (mx == FP_NEG_INF || sum == 0.f) {
+            f = 0.f;
+            lse = FP_NEG_INF;
+        } else if (mx == FP_INF) {
+            f = 1.f / sum;
+            lse = FP_INF;
+        } else {
+            f = 1.f / sum;
+            lse = mx + logf(sum);
+        }
+        f *= fold_sink(p, h, &lse);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            acc[e] *= f;
+        }
+        store8((char*)p.o + (state * FP_HEAD_DIM + e0) * FP_ELEM_BYTES, acc);
+        if (e0 == 0 && p.lse != 0) {
+            ((float*)p.lse)[state] = lse;
+        }
+    }
+}
