@@ -245,7 +245,7 @@ impl Default for Scratch {
 /// Rows a merged prefill tile may reach ([`merge_factor`]): with 64-row q tiles every q tile
 /// streamed the whole K/V of its keys from memory again, which cost 13–18% of a causal
 /// prefill's time on the 2-core Zen 4 VM; 256-row tiles stream it a quarter as often
-/// (docs/perf/cpu.md, step 11).
+/// (docs/perf/cpu.md, prefill step 11).
 pub(crate) const MERGE_ROWS: usize = 256;
 
 /// How many consecutive work items of a prefill plan a unit of work may run as one tile:

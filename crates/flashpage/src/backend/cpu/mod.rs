@@ -343,9 +343,10 @@ impl CpuBackend {
             1
         };
         let groups = hkv.div_ceil(per_unit);
-        // Prefill: a unit runs up to `merge` consecutive items, and those of one request over
-        // the same keys as one tile (`ctx::merge_factor`, docs/perf/cpu.md step 11), so the
-        // K/V of the keys are streamed once per merged tile instead of once per q tile.
+        // Prefill: a unit runs up to `merge` consecutive items, and those of one request
+        // over the same keys as one tile (`ctx::merge_factor`; docs/perf/cpu.md, prefill
+        // step 11), so the K/V of the keys are streamed once per merged tile instead of once
+        // per q tile.
         let merge = if plan.kind() == PlanKind::Prefill {
             ctx::merge_factor(plan, groups, self.threads)
         } else {
