@@ -9,7 +9,7 @@
 //! from the cache, widening in registers; larger tiles (prefill) or RoPE first widen the
 //! block's rows into f32 scratch, which the tile then reuses from L1.
 
-use super::ctx::{Ctx, Scratch};
+use super::ctx::{Ctx, Scratch, tile_item};
 use super::elem::Elem;
 use super::prefill;
 use super::simd::Isa;
@@ -366,8 +366,9 @@ pub(crate) fn attend<I: Isa, E: Elem, K: Elem, B: Bf16Tiles>(
     sc: &mut Scratch,
 ) {
     let plan = ctx.plan;
-    // w < num_work_items and item.request < batch_size by construction of the plan.
-    let item = plan.work_item_at(w);
+    // w < num_work_items and item.request < batch_size by construction of the plan; with
+    // `sc.span` > 1 the tile is that many consecutive items (`ctx::mergeable`).
+    let item = tile_item(plan, w, sc.span);
     let req = plan.request_at(item.request);
     let heads = plan.heads();
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());
@@ -793,7 +794,7 @@ pub(crate) fn finish_rows<I: Isa, E: Elem, K>(
     position: impl Fn(usize) -> usize,
 ) {
     let plan = ctx.plan;
-    let item = plan.work_item_at(w);
+    let item = tile_item(plan, w, sc.span);
     let req = plan.request_at(item.request);
     let heads = plan.heads();
     let (hq, d, g) = (heads.num_qo_heads(), heads.head_dim(), heads.group_size());

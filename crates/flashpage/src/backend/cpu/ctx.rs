@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 
 use super::tile::KEY_BLOCK;
 use crate::layout::{CustomMask, KvStrides, QoStrides};
-use crate::plan::Plan;
+use crate::plan::{Plan, WorkItem};
 
 /// Everything a kernel reads, resolved once per run: q and o of type `E`, K and V of type
 /// `K` (`E`, or an FP8 code type of a quantised cache).
@@ -209,6 +209,9 @@ pub(crate) struct Scratch {
     pub(crate) off: [usize; KEY_BLOCK],
     /// V offsets of the current block (as `off` for K).
     pub(crate) voff: [usize; KEY_BLOCK],
+    /// Work items run as one tile from the unit's item on ([`tile_item`]; 1 but for merged
+    /// prefill tiles).
+    pub(crate) span: usize,
 }
 
 impl Default for Scratch {
@@ -234,8 +237,57 @@ impl Default for Scratch {
             ninf: Vec::new(),
             off: [0; KEY_BLOCK],
             voff: [0; KEY_BLOCK],
+            span: 1,
         }
     }
+}
+
+/// Rows a merged prefill tile may reach ([`merge_factor`]): with 64-row q tiles every q tile
+/// streamed the whole K/V of its keys from memory again, which cost 13–18% of a causal
+/// prefill's time on the 2-core Zen 4 VM; 256-row tiles stream it a quarter as often
+/// (docs/perf/cpu.md, prefill step 11).
+pub(crate) const MERGE_ROWS: usize = 256;
+
+/// How many consecutive work items of a prefill plan a unit of work may run as one tile:
+/// up to [`MERGE_ROWS`] rows, halved while that would leave fewer than 4 units per thread
+/// (`groups` KV-head groups per item).
+pub(crate) fn merge_factor(plan: &Plan, groups: usize, threads: usize) -> usize {
+    let items = plan.num_work_items();
+    if items == 0 {
+        return 1;
+    }
+    let first = plan.work_item_at(0);
+    let rows = (first.row_end - first.row_start).max(1);
+    let mut m = (MERGE_ROWS / rows).max(1);
+    while m > 1 && items.div_ceil(m) * groups < 4 * threads {
+        m /= 2;
+    }
+    m
+}
+
+/// Whether work items `a` and `a + 1` can run as one tile: consecutive rows of one request
+/// over the same keys, both written directly (not split), the first spanning more than one
+/// query row (so the merged tile's first item is never a decode-shaped one).
+pub(crate) fn mergeable(plan: &Plan, a: usize) -> bool {
+    let (x, y) = (plan.work_item_at(a), plan.work_item_at(a + 1));
+    let g = plan.heads().group_size();
+    x.request == y.request
+        && x.row_end > x.row_start
+        && x.row_end == y.row_start
+        && x.row_start / g != (x.row_end - 1) / g
+        && (x.kv_start, x.kv_end) == (y.kv_start, y.kv_end)
+        && x.partial.is_none()
+        && y.partial.is_none()
+}
+
+/// Work item `w` merged with the `span - 1` items after it ([`mergeable`] pairs): its rows
+/// reach the last one's `row_end`.
+pub(crate) fn tile_item(plan: &Plan, w: usize, span: usize) -> WorkItem {
+    let mut item = plan.work_item_at(w);
+    if span > 1 {
+        item.row_end = plan.work_item_at(w + span - 1).row_end;
+    }
+    item
 }
 
 impl Scratch {

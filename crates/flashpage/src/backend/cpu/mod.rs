@@ -343,16 +343,34 @@ impl CpuBackend {
             1
         };
         let groups = hkv.div_ceil(per_unit);
-        let units = items * groups;
+        // Prefill: a unit runs up to `merge` consecutive items, and those of one request
+        // over the same keys as one tile (`ctx::merge_factor`; docs/perf/cpu.md, prefill
+        // step 11), so the K/V of the keys are streamed once per merged tile instead of once
+        // per q tile.
+        let merge = if plan.kind() == PlanKind::Prefill {
+            ctx::merge_factor(plan, groups, self.threads)
+        } else {
+            1
+        };
+        let units = items.div_ceil(merge) * groups;
         let level = self.simd;
         self.pool.install(|| {
             (0..units)
                 .into_par_iter()
                 .with_min_len(1)
                 .for_each_init(Scratch::default, |sc, u| {
-                    let (w, gi) = (u / groups, u % groups);
+                    let (wg, gi) = (u / groups, u % groups);
                     let h0 = gi * per_unit;
-                    dispatch::attend(level, &ctx, w, (h0, (h0 + per_unit).min(hkv)), sc)
+                    let (mut w, w1) = (wg * merge, ((wg + 1) * merge).min(items));
+                    while w < w1 {
+                        let mut e = w + 1;
+                        while e < w1 && ctx::mergeable(plan, e - 1) {
+                            e += 1;
+                        }
+                        sc.span = e - w;
+                        dispatch::attend(level, &ctx, w, (h0, (h0 + per_unit).min(hkv)), sc);
+                        w = e;
+                    }
                 });
             (0..plan.num_merge_rows())
                 .into_par_iter()
