@@ -241,9 +241,17 @@ impl DecodeVariant {
 
     /// The same variant reading a K/V cache of `kv_dtype` (an FP8 dtype, or `dtype` again).
     /// An FP8 cache needs half the registers per token in flight of a 16-bit one (8 bytes
-    /// per thread per token), so the unroll and register budget of q's dtype are kept.
+    /// per thread per token), so the unroll and register budget of q's dtype are kept,
+    /// except with RoPE at 8 rows: there the decoding left a stack frame at the 255-register
+    /// limit (bf16 8 bytes on sm_90a, f32 24 bytes on sm_80, `tests/nvrtc_compile.rs`), so
+    /// an FP8 cache with RoPE runs 4 rows per pass (the 4-row variant's unroll and budget).
     pub fn with_kv_dtype(self, kv_dtype: DType) -> Self {
-        DecodeVariant { kv_dtype, ..self }
+        let base = if kv_dtype.is_fp8() && self.rope && self.rows == 8 {
+            Self::with_rows(self.head_dim, self.dtype, 4, true)
+        } else {
+            self
+        };
+        DecodeVariant { kv_dtype, ..base }
     }
 
     /// [`DecodeVariant::for_plan`] with a K/V cache of `kv_dtype`.
@@ -688,5 +696,15 @@ mod tests {
         assert_eq!((v.unroll, v.min_blocks), (4, 3));
         let v = DecodeVariant::with_rows(80, DType::BF16, 8, true);
         assert_eq!((v.unroll, v.min_blocks), (1, 2));
+        // An FP8 cache keeps q's dtype's shape, except RoPE at 8 rows: 4 rows per pass.
+        let v = DecodeVariant::with_rows(128, DType::BF16, 4, false).with_kv_dtype(DType::E4M3Fn);
+        assert_eq!((v.rows, v.unroll, v.min_blocks), (4, 2, 3));
+        assert!(v.defines().contains(&"-DFP_KV_DTYPE=3".to_string()));
+        let v = DecodeVariant::with_rows(128, DType::F32, 8, true).with_kv_dtype(DType::E5M2);
+        assert_eq!((v.rows, v.kv_dtype), (4, DType::E5M2));
+        assert!(v.defines().contains(&"-DFP_KV_DTYPE=4".to_string()));
+        let v = DecodeVariant::with_rows(128, DType::F16, 8, true).with_kv_dtype(DType::F16);
+        assert_eq!(v.rows, 8);
+        assert!(!v.defines().iter().any(|d| d.contains("FP_KV_DTYPE")));
     }
 }
