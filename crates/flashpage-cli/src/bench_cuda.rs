@@ -308,6 +308,7 @@ fn run_case_typed<T: Elem>(
                     lse: Some(lse),
                     sinks: None,
                     custom_mask: None,
+                    kv_fp8: None,
                 },
                 &mut ws,
             )

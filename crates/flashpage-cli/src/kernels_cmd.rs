@@ -68,15 +68,18 @@ pub fn kernel_set(all: bool, head_dims: &[usize]) -> Vec<KernelSpec> {
         };
         for &d in dims {
             for dtype in DType::ALL {
-                for rope in [false, true] {
-                    for rows in [1, 2, 4, 8] {
-                        push(KernelSpec::Decode(DecodeVariant::with_rows(
-                            d, dtype, rows, rope,
-                        )));
+                // The cache of q's dtype, then the FP8 caches.
+                for kv in std::iter::once(dtype).chain(DType::FP8) {
+                    for rope in [false, true] {
+                        for rows in [1, 2, 4, 8] {
+                            push(KernelSpec::Decode(
+                                DecodeVariant::with_rows(d, dtype, rows, rope).with_kv_dtype(kv),
+                            ));
+                        }
                     }
-                }
-                if let Some(v) = PrefillVariant::with_head_dim(d, dtype) {
-                    push(KernelSpec::Prefill(v));
+                    if let Some(v) = PrefillVariant::with_head_dim(d, dtype) {
+                        push(KernelSpec::Prefill(v.with_kv_dtype(kv)));
+                    }
                 }
                 push(KernelSpec::Merge { head_dim: d, dtype });
                 push(KernelSpec::CascadeFold { head_dim: d, dtype });
@@ -93,17 +96,21 @@ pub fn kernel_set(all: bool, head_dims: &[usize]) -> Vec<KernelSpec> {
                     continue;
                 };
                 for dtype in [DType::BF16, DType::F16] {
-                    for kind in [PlanKind::Decode, PlanKind::Prefill] {
-                        // Prefill runs on the tensor-core kernel where it applies (sm_80+;
-                        // both reference architectures).
-                        push(
-                            match PrefillVariant::new(&heads, kind, dtype, false, MIN_ARCH) {
-                                Some(v) => KernelSpec::Prefill(v),
-                                None => KernelSpec::Decode(DecodeVariant::new(
-                                    &heads, kind, dtype, false,
-                                )),
-                            },
-                        );
+                    // A cache of q's dtype, and the FP8 caches (docs/semantics.md).
+                    for kv in std::iter::once(dtype).chain(DType::FP8) {
+                        for kind in [PlanKind::Decode, PlanKind::Prefill] {
+                            // Prefill runs on the tensor-core kernel where it applies (sm_80+;
+                            // both reference architectures).
+                            push(
+                                match PrefillVariant::new(&heads, kind, dtype, false, MIN_ARCH) {
+                                    Some(v) => KernelSpec::Prefill(v.with_kv_dtype(kv)),
+                                    None => KernelSpec::Decode(
+                                        DecodeVariant::new(&heads, kind, dtype, false)
+                                            .with_kv_dtype(kv),
+                                    ),
+                                },
+                            );
+                        }
                     }
                     push(KernelSpec::Merge { head_dim: d, dtype });
                     push(KernelSpec::CascadeFold { head_dim: d, dtype });

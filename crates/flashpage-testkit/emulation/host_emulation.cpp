@@ -174,6 +174,7 @@ typedef unsigned int u32;
 struct V4;
 static inline V4 ld_stream(const void* p);
 static inline V4 ld_ro(const void* p);
+static inline void ld_stream8(const void* p, u32* x, u32* y);
 static inline void st16(void* p, V4 v);
 static inline float ex2(float x);
 static inline float f16_bits_to_f32(u32 h);
@@ -189,6 +190,10 @@ static inline V4 ld_stream(const void* p) {
     return r;
 }
 static inline V4 ld_ro(const void* p) { return ld_stream(p); }
+static inline void ld_stream8(const void* p, u32* x, u32* y) {
+    std::memcpy(x, p, 4);
+    std::memcpy(y, (const char*)p + 4, 4);
+}
 static inline void st16(void* p, V4 v) { std::memcpy(p, &v, 16); }
 static inline float ex2(float x) { return std::exp2(x); }
 static inline float f16_bits_to_f32(u32 h) {
@@ -392,7 +397,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     Params p;
-    static_assert(sizeof(Params) == 296, "Params layout");
+    static_assert(sizeof(Params) == 296 + 8 * FP_SCALE_SLOTS, "Params layout");
     if (!read_exact(in, &p, sizeof p)) {
         return 3;
     }

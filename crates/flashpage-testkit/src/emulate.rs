@@ -286,17 +286,8 @@ fn emulate(
         message,
     };
     let dt = args.q.dtype();
+    // The cache's dtype: q's, or an FP8 format (the kernels' FP_KV_DTYPE).
     let kt = args.kv.k.dtype();
-    if kt.is_fp8() {
-        // As the CUDA backend: its kernels read K/V of q's dtype only.
-        return Err(Error::Unsupported {
-            backend: "cuda-emulation",
-            what: format!(
-                "kv cache dtype {} (fp8 caches run on the cpu backend)",
-                kt.name()
-            ),
-        });
-    }
     let h = plan.heads();
     let mut ids = args.kv.kv_indices.to_vec();
     if ids.is_empty() {
@@ -324,7 +315,8 @@ fn emulate(
         v_strides: args.kv.v_strides,
         qo: qo.unwrap_or_else(|| RunStrides::contiguous(h)),
     };
-    let params = launch::params(plan, &bufs);
+    let mut params = launch::params(plan, &bufs);
+    params.set_kv_scales(args.kv.k_scale, args.kv.v_scale)?;
     let req = plan.requirement();
     let mut int_ws = vec![0u8; req.int.total()];
     let img: &[u8] = bytemuck::cast_slice(plan.int_image());
@@ -360,9 +352,9 @@ fn emulate(
     ] {
         input.extend_from_slice(&d.to_le_bytes());
     }
-    let defines = match PrefillVariant::for_plan(plan, dt, EMULATED_ARCH) {
+    let defines = match PrefillVariant::for_plan_kv(plan, dt, kt, EMULATED_ARCH) {
         Some(v) => v.defines(),
-        None => DecodeVariant::for_plan(plan, dt).defines(),
+        None => DecodeVariant::for_plan_kv(plan, dt, kt).defines(),
     };
     let exe = build(cxx, dir, &defines).map_err(fail)?;
     let tag = format!(

@@ -53,7 +53,7 @@ pub use cuda::CudaHost;
 mod cuda {
     use cudarc::driver::CudaSlice;
     use flashpage::backend::cuda::{
-        CudaBackend, DeviceCustomMask, DeviceElem, DeviceRunArgs, DeviceWorkspace,
+        CudaBackend, DeviceCustomMask, DeviceElem, DeviceKvFp8, DeviceRunArgs, DeviceWorkspace,
     };
     use flashpage::backend::{Backend, DeviceArgs, RunArgs, check_run_args};
     use flashpage::error::{Error, Result};
@@ -103,11 +103,16 @@ mod cuda {
     /// A device storage type and the [`DeviceArgs`] variant that carries it.
     trait Storage: DeviceElem + Default + Clone + Unpin {
         fn wrap(args: DeviceRunArgs<'_, Self>) -> DeviceArgs<'_>;
+        /// The variant with an FP8 K/V cache (u8 codes).
+        fn wrap_fp8(args: DeviceRunArgs<'_, Self, u8>) -> DeviceArgs<'_>;
     }
 
     impl Storage for f16 {
         fn wrap(args: DeviceRunArgs<'_, f16>) -> DeviceArgs<'_> {
             DeviceArgs::F16(args)
+        }
+        fn wrap_fp8(args: DeviceRunArgs<'_, f16, u8>) -> DeviceArgs<'_> {
+            DeviceArgs::F16Fp8(args)
         }
     }
 
@@ -115,11 +120,17 @@ mod cuda {
         fn wrap(args: DeviceRunArgs<'_, bf16>) -> DeviceArgs<'_> {
             DeviceArgs::BF16(args)
         }
+        fn wrap_fp8(args: DeviceRunArgs<'_, bf16, u8>) -> DeviceArgs<'_> {
+            DeviceArgs::BF16Fp8(args)
+        }
     }
 
     impl Storage for f32 {
         fn wrap(args: DeviceRunArgs<'_, f32>) -> DeviceArgs<'_> {
             DeviceArgs::F32(args)
+        }
+        fn wrap_fp8(args: DeviceRunArgs<'_, f32, u8>) -> DeviceArgs<'_> {
+            DeviceArgs::F32Fp8(args)
         }
     }
 
@@ -137,16 +148,20 @@ mod cuda {
         sinks: Option<&'a CudaSlice<f32>>,
         /// The custom mask's bits and mask_indptr on the device, and its host mask_indptr.
         mask: Option<(&'a CudaSlice<u8>, &'a CudaSlice<i32>, &'a [i32])>,
+        /// An FP8 cache's format and scales.
+        kv_fp8: Option<DeviceKvFp8<'a>>,
     }
 
     impl DevRun<'_> {
-        /// Uploads q, K, V and o's initial contents, runs, and returns o.
-        fn run<T: Storage>(
+        /// Uploads q, K, V and o's initial contents, runs (`wrap`: the [`DeviceArgs`]
+        /// variant of `T` and `K`), and returns o.
+        fn run<T: Storage, K: DeviceElem + Default + Clone + Unpin>(
             &mut self,
             q: Vec<T>,
-            k: Vec<T>,
-            v: Vec<T>,
+            k: Vec<K>,
+            v: Vec<K>,
             o_init: Vec<T>,
+            wrap: fn(DeviceRunArgs<'_, T, K>) -> DeviceArgs<'_>,
         ) -> Result<Vec<T>> {
             let s = self.backend.stream();
             let q = s.clone_htod(&q).map_err(dev)?;
@@ -170,8 +185,9 @@ mod cuda {
                     indptr,
                     host_indptr: host,
                 }),
+                kv_fp8: self.kv_fp8,
             };
-            Backend::run(self.backend, self.plan, T::wrap(run), self.ws)?;
+            Backend::run(self.backend, self.plan, wrap(run), self.ws)?;
             self.backend.synchronize()?;
             s.clone_dtoh(&o).map_err(dev)
         }
@@ -218,6 +234,7 @@ mod cuda {
             lse: lse_dev.as_mut().map(|l| l as _),
             sinks: sinks_dev.as_ref().map(|s| s as _),
             custom_mask: None,
+            kv_fp8: None,
         };
         b.run_cascade(plan, run, ws)?;
         b.synchronize()?;
@@ -311,12 +328,13 @@ mod cuda {
             let b = &self.backend;
             let s = b.stream();
             let dtype = args.q.dtype();
-            // An FP8 cache: the backend's own typed refusal, before anything is uploaded.
             let kt = args.kv.k.dtype();
-            if kt.is_fp8() {
-                b.prepare(plan, kt)?;
-            }
-            b.prepare(plan, dtype)?;
+            b.prepare_kv(plan, dtype, kt)?;
+            let kv_fp8 = kt.is_fp8().then_some(DeviceKvFp8 {
+                dtype: kt,
+                k_scale: args.kv.k_scale,
+                v_scale: args.kv.v_scale,
+            });
             let mut ws = DeviceWorkspace::new(b, plan.requirement())?;
             Backend::upload_plan(b, plan, &mut ws)?;
             let ids = nonempty(args.kv.kv_indices.to_vec());
@@ -354,12 +372,14 @@ mod cuda {
                     (Some((b, i)), Some(m)) => Some((b, i, m.indptr)),
                     _ => None,
                 },
+                kv_fp8,
             };
             // o starts as the caller's buffer (poisoned in tests), so an element the kernel
             // does not write comes back as it was. Typed device buffers: no bit casts.
             match (args.q, args.kv.k, args.kv.v, args.o) {
                 (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
-                    let out = dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec())?;
+                    let out =
+                        dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec(), f16::wrap)?;
                     let n = o.len();
                     o.copy_from_slice(&out[..n]);
                 }
@@ -369,12 +389,63 @@ mod cuda {
                     TensorRef::BF16(v),
                     TensorMut::BF16(o),
                 ) => {
-                    let out = dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec())?;
+                    let out =
+                        dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec(), bf16::wrap)?;
                     let n = o.len();
                     o.copy_from_slice(&out[..n]);
                 }
                 (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
-                    let out = dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec())?;
+                    let out =
+                        dev_run.run(q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec(), f32::wrap)?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
+                }
+                // An FP8 cache: its codes uploaded as they are.
+                (
+                    TensorRef::F16(q),
+                    TensorRef::Fp8(_, k),
+                    TensorRef::Fp8(_, v),
+                    TensorMut::F16(o),
+                ) => {
+                    let out = dev_run.run(
+                        q.to_vec(),
+                        k.to_vec(),
+                        v.to_vec(),
+                        o.to_vec(),
+                        f16::wrap_fp8,
+                    )?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
+                }
+                (
+                    TensorRef::BF16(q),
+                    TensorRef::Fp8(_, k),
+                    TensorRef::Fp8(_, v),
+                    TensorMut::BF16(o),
+                ) => {
+                    let out = dev_run.run(
+                        q.to_vec(),
+                        k.to_vec(),
+                        v.to_vec(),
+                        o.to_vec(),
+                        bf16::wrap_fp8,
+                    )?;
+                    let n = o.len();
+                    o.copy_from_slice(&out[..n]);
+                }
+                (
+                    TensorRef::F32(q),
+                    TensorRef::Fp8(_, k),
+                    TensorRef::Fp8(_, v),
+                    TensorMut::F32(o),
+                ) => {
+                    let out = dev_run.run(
+                        q.to_vec(),
+                        k.to_vec(),
+                        v.to_vec(),
+                        o.to_vec(),
+                        f32::wrap_fp8,
+                    )?;
                     let n = o.len();
                     o.copy_from_slice(&out[..n]);
                 }

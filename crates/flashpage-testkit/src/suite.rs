@@ -600,17 +600,12 @@ pub struct CaseRun {
     pub seed: u64,
     /// The comparison with the reference, or why there is none.
     pub result: std::result::Result<Comparison, String>,
-    /// The backend's documented refusal of the case, checked: an FP8 cache on a backend
-    /// without FP8 kernels (every runner but the CPU's) must fail with `Unsupported` naming
-    /// the KV dtype, before writing anything. Such a run passes with no comparison.
-    pub refused: Option<String>,
 }
 
 impl CaseRun {
-    /// True when the run compared within tolerance and wrote every element, or was refused
-    /// as documented ([`CaseRun::refused`]).
+    /// True when the run compared within tolerance and wrote every element.
     pub fn passed(&self) -> bool {
-        self.refused.is_some() || matches!(&self.result, Ok(c) if c.passed())
+        matches!(&self.result, Ok(c) if c.passed())
     }
 }
 
@@ -638,7 +633,6 @@ impl fmt::Display for CaseRun {
                     ", output not fully written"
                 }
             ),
-            Err(e) if self.refused.is_some() => write!(f, "refused as documented: {e}"),
             Err(e) => f.write_str(e),
         }
     }
@@ -744,7 +738,6 @@ impl SuiteCase {
             parallelism,
             seed,
             result,
-            refused: None,
         };
         let data = match self.materialise(dtype, seed) {
             Ok(d) => d,
@@ -756,34 +749,6 @@ impl SuiteCase {
         };
         let mut runs = Vec::new();
         for &backend in backends {
-            if let Some(f) = self.spec.fp8
-                && backend.simd().is_none()
-            {
-                // No FP8 kernels on this backend: the run must be refused, naming the dtype.
-                for &p in &self.parallelism {
-                    let run = match data.run_on(backend, &self.plan_config(p)) {
-                        Err(e)
-                            if e.kind() == ErrorKind::Unsupported
-                                && e.to_string().contains(f.dtype.name()) =>
-                        {
-                            let mut r = mk(Some(backend), p, Err(e.to_string()));
-                            r.refused = Some(e.to_string());
-                            r
-                        }
-                        other => mk(
-                            Some(backend),
-                            p,
-                            Err(format!(
-                                "an fp8 ({}) cache must be refused as Unsupported, got {:?}",
-                                f.dtype.name(),
-                                other.map(|_| "a run")
-                            )),
-                        ),
-                    };
-                    runs.push(run);
-                }
-                continue;
-            }
             let mut first: Option<(usize, Tensor, Vec<f32>)> = None;
             for &p in &self.parallelism {
                 let result = match self.run_data(&data, backend, p) {

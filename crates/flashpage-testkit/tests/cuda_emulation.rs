@@ -6,7 +6,7 @@ use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::cuda::prefill::PrefillVariant;
 use flashpage::{AttentionOptions, DType, HeadConfig, KvLayout, PlanConfig, PosEncoding};
 use flashpage_testkit::HostRunner;
-use flashpage_testkit::case::{CaseData, CaseSpec, Input, KvStorage, MaskSpec};
+use flashpage_testkit::case::{CaseData, CaseSpec, Fp8Spec, Input, KvStorage, MaskSpec};
 use flashpage_testkit::emulate::{EMULATED_ARCH, Emulator};
 use flashpage_testkit::mask::PackedMask;
 use flashpage_testkit::strided::StridedLayout;
@@ -562,7 +562,8 @@ fn the_suite_on_the_emulated_kernels() {
         } else {
             let mut d = case.dtypes[..1].to_vec();
             // Prefill also at its first 16-bit dtype: the tensor-core kernel's plans.
-            if (case.file == "prefill.toml" || case.file == "masks.toml" && !case.spec.decode)
+            if (case.file == "prefill.toml"
+                || (case.file == "masks.toml" || case.file == "fp8.toml") && !case.spec.decode)
                 && let Some(&h) = case.dtypes.iter().find(|t| t.size() == 2)
                 && h != d[0]
             {
@@ -755,24 +756,105 @@ fn emulated_strided_q_o_and_v() {
     }
 }
 
-/// An FP8 cache is refused by the emulated CUDA backend as by the real one (`Unsupported`
-/// naming the KV dtype, nothing compiled, nothing written), like every suite case of
-/// `fp8.toml` there.
-#[test]
-fn fp8_caches_are_refused() {
-    let emu = Emulator::new("fp8").unwrap_or_else(|e| panic!("{e}"));
-    let h = HeadConfig::new(8, 2, 64).unwrap();
+fn fp8_specs() -> Vec<Fp8Spec> {
+    let mut v = Vec::new();
     for dtype in DType::FP8 {
-        let mut spec = CaseSpec::decode("fp8", h, 16, 2, 40, DType::BF16);
-        spec.fp8 = Some(flashpage_testkit::case::Fp8Spec {
-            dtype,
-            per_head: true,
-        });
-        let data = spec.materialise(suite::seed_from_env()).unwrap();
-        let e = data
-            .run_on(&emu, &PlanConfig::with_parallelism(4))
-            .unwrap_err();
-        assert_eq!(e.kind(), flashpage::ErrorKind::Unsupported, "{e}");
-        assert!(e.to_string().contains(dtype.name()), "{e}");
+        for per_head in [false, true] {
+            v.push(Fp8Spec { dtype, per_head });
+        }
+    }
+    v
+}
+
+/// FP8 caches (e4m3fn and e5m2, per-tensor and per-KV-head scales) on the emulated attention
+/// kernel (decode plans, q of every float dtype, split KV) and tensor-core prefill kernel (f16
+/// and bf16 q, causal, split), against the f64 reference on the exactly dequantised cache with
+/// q's tolerance (as the CPU's FP8 tests) and against the CPU backend.
+#[test]
+fn emulated_fp8_decode_and_prefill() {
+    let (emu, cpu) = setup("fp8");
+    let mut i = 0u64;
+    let hd = HeadConfig::new(8, 2, 128).unwrap();
+    let hp = HeadConfig::new(8, 2, 64).unwrap();
+    for fp8 in fp8_specs() {
+        for dtype in DType::ALL {
+            let mut spec = CaseSpec::decode("fp8 decode", hd, 16, 1, 0, dtype);
+            spec.requests = vec![(1, 300), (1, 1), (1, 33), (1, 0)];
+            spec.fp8 = Some(fp8);
+            let mut config = PlanConfig::with_parallelism(16);
+            config.min_kv_chunk = 16;
+            i += 1;
+            check(&emu, &cpu, &spec, &config, seed(500 + i));
+        }
+        for dtype in [DType::F16, DType::BF16] {
+            let mut spec = CaseSpec::decode("fp8 prefill", hp, 16, 1, 0, dtype);
+            spec.decode = false;
+            spec.requests = vec![(3, 90), (40, 70), (0, 0), (17, 17)];
+            spec.options = AttentionOptions::default().with_causal(true);
+            spec.fp8 = Some(fp8);
+            let mut config = PlanConfig::with_parallelism(16);
+            config.min_kv_chunk = 16;
+            let data = spec.materialise(1).unwrap();
+            let plan = data.plan(&config).unwrap();
+            assert!(
+                PrefillVariant::for_plan(&plan, dtype, EMULATED_ARCH).is_some(),
+                "the tensor-core kernel runs these plans"
+            );
+            i += 1;
+            check(&emu, &cpu, &spec, &config, seed(500 + i));
+        }
+    }
+}
+
+/// The cache's non-finite codes on the emulated kernels (decode with f32 q, tensor-core
+/// prefill with bf16 q): a NaN V code (e4m3fn's S.1111.111, e5m2's S.11111.1x) in a key the
+/// rows cannot see (outside the sliding window) contributes nothing, one they see makes the
+/// rows NaN; an e5m2 infinity behaves as the reference's.
+#[test]
+fn emulated_fp8_non_finite_codes() {
+    let emu = Emulator::new("fp8nan").unwrap_or_else(|e| panic!("{e}"));
+    let h = HeadConfig::new(4, 2, 64).unwrap();
+    for dtype in DType::FP8 {
+        for (decode, qdt) in [(true, DType::F32), (false, DType::BF16)] {
+            let mut spec = CaseSpec::decode("fp8 nan", h, 16, 1, 40, qdt);
+            if !decode {
+                spec.decode = false;
+                spec.requests = vec![(4, 40)];
+            }
+            spec.options = AttentionOptions::default()
+                .with_causal(true)
+                .with_window_left(Some(10));
+            spec.fp8 = Some(Fp8Spec {
+                dtype,
+                per_head: true,
+            });
+            // Key 3 is outside every row's window (positions 36..=39 see 26..=39), key 35
+            // inside.
+            for (key, visible) in [(3, false), (35, true)] {
+                let mut data = spec.materialise(seed(key as u64)).unwrap();
+                data.set_row(Input::V, 0, key, f64::NAN).unwrap();
+                let plan = data.plan(&PlanConfig::with_parallelism(1)).unwrap();
+                assert_eq!(
+                    PrefillVariant::for_plan(&plan, qdt, EMULATED_ARCH).is_some(),
+                    !decode
+                );
+                let (o, lse) = emu.run(&data, &plan);
+                let ov = o.view().to_f64_vec();
+                let what = format!("{} {} key {key}", dtype.name(), qdt.name());
+                if visible {
+                    assert!(ov.iter().all(|x| x.is_nan()), "{what}");
+                } else {
+                    assert!(ov.iter().all(|x| x.is_finite()), "{what}");
+                    let c = data.compare(&o, &lse, &data.reference().unwrap());
+                    assert!(c.passed(), "{what}: {c:?}");
+                }
+            }
+            if dtype == DType::E5M2 {
+                // +inf in a visible V: the reference's IEEE result (inf or NaN per element).
+                let mut data = spec.materialise(seed(77)).unwrap();
+                data.set_row(Input::V, 0, 36, f64::INFINITY).unwrap();
+                check_ieee(&emu, &data, &format!("e5m2 inf {}", qdt.name()));
+            }
+        }
     }
 }

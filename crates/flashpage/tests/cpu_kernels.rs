@@ -7,7 +7,7 @@ use flashpage::backend::cpu::{
     CpuBackend, SimdLevel, merge_state, merge_state_in_place, merge_states,
 };
 use flashpage::*;
-use flashpage_testkit::case::{CaseSpec, KvStorage, Rng};
+use flashpage_testkit::case::{CaseSpec, KvStorage, MaskSpec, Rng};
 use half::bf16;
 
 /// Runs `spec` on every level (fresh seeded inputs, poisoned outputs) and checks it.
@@ -189,6 +189,45 @@ fn prefill_tiles_and_causal_boundaries() {
                 seed += 1;
                 check(&s, &cfg, seed);
             }
+        }
+    }
+}
+
+/// Long prefills whose consecutive q tiles the backend runs as one merged tile (the unit
+/// test `long_prefills_merge_consecutive_q_tiles` checks that this batch merges; docs/perf/
+/// cpu.md step 11), with every option a tile applies per row, on every level.
+#[test]
+fn prefill_merged_q_tiles() {
+    let h = HeadConfig::new(8, 2, 64).unwrap();
+    let mut seed = 400;
+    for dtype in DType::ALL {
+        let mut s = CaseSpec::decode("prefill-merged", h, 16, 1, 0, dtype);
+        s.decode = false;
+        s.requests = vec![(300, 700), (130, 130), (70, 90)];
+        s.options.causal = true;
+        s.sinks = true;
+        let cfg = PlanConfig::with_parallelism(2);
+        let variants: [fn(&mut CaseSpec); 5] = [
+            |_| {},
+            |s| {
+                s.options.window_left = Some(100);
+                s.options.logits_soft_cap = Some(20.0);
+                s.input_scale = 3.0;
+            },
+            |s| s.options.pos_encoding = PosEncoding::ROPE_DEFAULT,
+            |s| s.options.pos_encoding = PosEncoding::Alibi,
+            |s| {
+                s.custom_mask = Some(MaskSpec {
+                    density: 0.6,
+                    zero_row_stride: 7,
+                })
+            },
+        ];
+        for v in variants {
+            let mut c = s.clone();
+            v(&mut c);
+            seed += 1;
+            check(&c, &cfg, seed);
         }
     }
 }

@@ -135,6 +135,7 @@ fn run_gpu_typed<T: Storage>(
         lse: Some(&mut lse),
         sinks: None,
         custom_mask: None,
+        kv_fp8: None,
     };
     gpu.run(&plan, args, &mut ws)?;
     gpu.synchronize()?;
@@ -234,6 +235,7 @@ fn errors_before_launch() {
                 lse: Some(&mut lse),
                 sinks: None,
                 custom_mask: None,
+                kv_fp8: None,
             }
         };
     }
@@ -395,6 +397,7 @@ fn graph_capture_and_replay() {
                                 lse: Some(&mut lse),
                                 sinks: None,
                                 custom_mask: None,
+                                kv_fp8: None,
                             },
                             w,
                         )

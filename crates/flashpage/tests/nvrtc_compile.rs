@@ -1,6 +1,6 @@
 //! Every kernel family compiled with the real NVRTC, no GPU needed: a representative set for
 //! sm_90a and sm_80 (every dtype, every rows-per-pass, head dims 64/128/256, RoPE on head dim
-//! 128; the merge and cascade-fold kernels; the bandwidth probe; the append and RoPE kernels) through the backend's own compile path.
+//! 128, FP8 caches under bf16 and f32 q; the merge and cascade-fold kernels; the bandwidth probe; the append and RoPE kernels) through the backend's own compile path.
 //! Asserts: no compile error and no warning; no spill and no stack frame in the decode
 //! variants without RoPE and in the cascade fold, no stack frame in any decode variant; resident blocks per SM at
 //! least the budget each variant is compiled for (`DecodeVariant::min_blocks`, what the plan's
@@ -47,6 +47,19 @@ fn representative_set() -> Vec<KernelSpec> {
             }
             set.push(KernelSpec::Merge { head_dim: d, dtype });
             set.push(KernelSpec::CascadeFold { head_dim: d, dtype });
+        }
+        // FP8 caches (e4m3fn, e5m2) under bf16 and f32 q, every rows-per-pass, RoPE at 128.
+        for kv in DType::FP8 {
+            for dtype in [DType::BF16, DType::F32] {
+                for rows in [1, 2, 4, 8] {
+                    for rope in [false, d == 128] {
+                        let v = DecodeVariant::with_rows(d, dtype, rows, rope).with_kv_dtype(kv);
+                        if !set.contains(&KernelSpec::Decode(v)) {
+                            set.push(KernelSpec::Decode(v));
+                        }
+                    }
+                }
+            }
         }
     }
     set.push(KernelSpec::Bandwidth);
@@ -99,6 +112,10 @@ fn prefill_kernels_compile_without_spills() {
             for dtype in [DType::BF16, DType::F16] {
                 let v = PrefillVariant::with_head_dim(d, dtype).expect("a routed head dim");
                 jobs.push((arch, KernelSpec::Prefill(v)));
+                // FP8 caches: converted exactly to q's type on their way into the tiles.
+                for kv in DType::FP8 {
+                    jobs.push((arch, KernelSpec::Prefill(v.with_kv_dtype(kv))));
+                }
             }
         }
     }

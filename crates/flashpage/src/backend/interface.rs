@@ -155,6 +155,14 @@ mod device {
         BF16(DeviceRunArgs<'a, half::bf16>),
         /// f16 or bf16 tensors as raw bits (their `dtype` says which).
         Half(DeviceRunArgs<'a, u16>),
+        /// f32 q and o over an FP8 K/V cache (u8 codes; `kv_fp8` gives format and scales).
+        F32Fp8(DeviceRunArgs<'a, f32, u8>),
+        /// f16 q and o over an FP8 K/V cache.
+        F16Fp8(DeviceRunArgs<'a, half::f16, u8>),
+        /// bf16 q and o over an FP8 K/V cache.
+        BF16Fp8(DeviceRunArgs<'a, half::bf16, u8>),
+        /// f16 or bf16 q and o as raw bits over an FP8 K/V cache.
+        HalfFp8(DeviceRunArgs<'a, u16, u8>),
     }
 
     impl Backend for CudaBackend {
@@ -194,6 +202,10 @@ mod device {
                 DeviceArgs::F16(a) => CudaBackend::run(self, plan, a, workspace),
                 DeviceArgs::BF16(a) => CudaBackend::run(self, plan, a, workspace),
                 DeviceArgs::Half(a) => CudaBackend::run(self, plan, a, workspace),
+                DeviceArgs::F32Fp8(a) => CudaBackend::run(self, plan, a, workspace),
+                DeviceArgs::F16Fp8(a) => CudaBackend::run(self, plan, a, workspace),
+                DeviceArgs::BF16Fp8(a) => CudaBackend::run(self, plan, a, workspace),
+                DeviceArgs::HalfFp8(a) => CudaBackend::run(self, plan, a, workspace),
             }
         }
     }

@@ -371,7 +371,37 @@ impl<'a> SharedMut<'a, u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::sink_epilogue;
+    use super::{merge_factor, mergeable, sink_epilogue};
+    use crate::{AttentionOptions, BatchBuilder, HeadConfig, Plan, PlanConfig};
+
+    /// The batch of `tests/cpu_kernels.rs`'s `prefill_merged_q_tiles` merges its q tiles:
+    /// that test checks merged tiles against the reference only if they happen.
+    #[test]
+    fn long_prefills_merge_consecutive_q_tiles() {
+        let heads = HeadConfig::new(8, 2, 64).unwrap();
+        let mut b = BatchBuilder::new(16).unwrap();
+        let mut next = 0;
+        for (qo, kv) in [(300usize, 700usize), (130, 130), (70, 90)] {
+            let pages: Vec<i32> = (next..next + kv.div_ceil(16) as i32).collect();
+            next += pages.len() as i32;
+            b.push(qo, kv, &pages).unwrap();
+        }
+        let opts = AttentionOptions::default().with_causal(true);
+        let plan = Plan::new(
+            &b.prefill(heads, next as usize),
+            &opts,
+            &PlanConfig::with_parallelism(2),
+        )
+        .unwrap();
+        // One KV-head group per unit (the fewest units), 2 threads, as the test runs.
+        assert!(merge_factor(&plan, 1, 2) >= 2, "{}", plan.num_work_items());
+        assert!(mergeable(&plan, 0));
+        // Items of different requests never merge.
+        let last0 = (0..plan.num_work_items() - 1)
+            .find(|&w| plan.work_item_at(w + 1).request != plan.work_item_at(w).request)
+            .unwrap();
+        assert!(!mergeable(&plan, last0));
+    }
 
     #[test]
     fn sink_epilogue_matches_the_extra_logit() {

@@ -9,7 +9,7 @@ use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKe
 
 use super::device::{check_elem, driver_err};
 use super::launch::{self, CascadeBuffers, DecodeVariant};
-use super::{CudaBackend, DeviceRunArgs, DeviceWorkspace, no_fp8};
+use super::{CudaBackend, DeviceRunArgs, DeviceWorkspace, check_kv_dtypes};
 use crate::backend::{ArgShapes, check_run_args};
 use crate::error::{Error, Result, shape_str};
 use crate::layout::DType;
@@ -106,8 +106,8 @@ impl CudaBackend {
     /// # Errors
     /// [`Error::InvalidOption`] naming `custom_mask` for a mask; [`Error::TensorShape`]
     /// naming `kv_indices` / `host_kv_indices` for page ids, `o`, `lse` or `sinks` for a
-    /// length that is not the cascade's; [`Error::Unsupported`] for an FP8 dtype (as
-    /// [`CudaBackend::run`]) and for strides or addresses the kernels cannot take; every
+    /// length that is not the cascade's; [`Error::DTypeMismatch`] for an FP8 q,
+    /// [`Error::Unsupported`] for an FP8 cache (`kv_fp8`) and for strides or addresses the kernels cannot take; every
     /// error of [`CudaBackend::run`]'s argument checks for each level (K, V and the level's
     /// page ids against `num_pages`); [`Error::PlanMismatch`] when the int workspace does not
     /// hold this cascade; workspace size and alignment errors. On error nothing is launched.
@@ -141,7 +141,15 @@ impl CudaBackend {
             });
         }
         let dt = args.dtype;
-        no_fp8(dt)?;
+        check_kv_dtypes(dt, dt)?;
+        if args.kv_fp8.is_some() {
+            // The levels' kernels read FP8 (`run`), but the cascade's launches and the
+            // emulation's cascade mode carry no scales yet: refused by name.
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: "an fp8 k/v cache in a cascade (run_cascade reads q's dtype; the cpu backend's run_cascade takes fp8 caches)".into(),
+            });
+        }
         check_elem::<T>("q", dt)?;
         let heads = plan.heads();
         let (hq, d) = (heads.num_qo_heads(), heads.head_dim());

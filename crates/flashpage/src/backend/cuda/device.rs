@@ -48,11 +48,13 @@ mod sealed {
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
     impl Sealed for u16 {}
+    impl Sealed for u8 {}
 }
 
 /// Element storage of device tensors: `f32`, `half::f16` and `half::bf16` for their dtypes
-/// (a candle or cudarc `CudaSlice<half::bf16>` is passed as it is), and `u16` for f16 or
-/// bf16 held as raw bits (the run's `dtype` says which).
+/// (a candle or cudarc `CudaSlice<half::bf16>` is passed as it is), `u16` for f16 or
+/// bf16 held as raw bits (the run's `dtype` says which), and `u8` for the codes of an FP8
+/// K/V cache (its [`DeviceKvFp8::dtype`] says which format).
 pub trait DeviceElem: DeviceRepr + sealed::Sealed {
     /// Bytes per element.
     const BYTES: usize;
@@ -81,6 +83,11 @@ impl DeviceElem for u16 {
     const DTYPES: &'static [DType] = &[DType::F16, DType::BF16];
     const NAME: &'static str = "f16 or bf16 (u16 bits)";
 }
+impl DeviceElem for u8 {
+    const BYTES: usize = 1;
+    const DTYPES: &'static [DType] = &DType::FP8;
+    const NAME: &'static str = "float8_e4m3fn or float8_e5m2 (u8 codes)";
+}
 
 /// Checks that storage type `T` holds `dtype` (the error names `tensor`).
 pub(super) fn check_elem<T: DeviceElem>(tensor: &'static str, dtype: DType) -> Result<()> {
@@ -101,16 +108,19 @@ pub(super) fn check_elem<T: DeviceElem>(tensor: &'static str, dtype: DType) -> R
 /// `[rows, num_qo_heads]`, K and V addressed by `strides` (a combined K/V cache is two views
 /// of one buffer), except that q, o and lse may hold **more** rows than the batch (graph
 /// mode: buffers sized for the capacity); rows past the batch are not touched. Base addresses must be 16-byte aligned and strides multiples of 16 bytes.
-pub struct DeviceRunArgs<'a, T: DeviceElem> {
-    /// Element type of q, k, v and o: `T`'s (`f32`, `half::f16`, `half::bf16`), or with
-    /// `T = u16` (raw bits) `f16` or `bf16`.
+///
+/// `K` is the K/V cache's storage: q's `T` (the default), or `u8` for an FP8 cache, whose
+/// format and scales [`DeviceRunArgs::kv_fp8`] gives (docs/semantics.md, "FP8 KV cache").
+pub struct DeviceRunArgs<'a, T: DeviceElem, K: DeviceElem = T> {
+    /// Element type of q and o (and of k and v without `kv_fp8`): `T`'s (`f32`,
+    /// `half::f16`, `half::bf16`), or with `T = u16` (raw bits) `f16` or `bf16`.
     pub dtype: DType,
     /// Queries.
     pub q: &'a dyn DevicePtr<T>,
     /// K cache.
-    pub k: &'a dyn DevicePtr<T>,
+    pub k: &'a dyn DevicePtr<K>,
     /// V cache.
-    pub v: &'a dyn DevicePtr<T>,
+    pub v: &'a dyn DevicePtr<K>,
     /// Element strides (page, token, head) shared by K and V.
     pub strides: KvStrides,
     /// Pages in the cache (ragged K/V: tokens).
@@ -131,6 +141,23 @@ pub struct DeviceRunArgs<'a, T: DeviceElem> {
     /// A custom attention mask on the device, if the run has one (docs/semantics.md,
     /// "Custom masks").
     pub custom_mask: Option<DeviceCustomMask<'a>>,
+    /// An FP8 K/V cache (`K = u8`): its format and dequantisation scales; `None` for a
+    /// cache of q's dtype.
+    pub kv_fp8: Option<DeviceKvFp8<'a>>,
+}
+
+/// The format and dequantisation scales of an FP8 K/V cache on the device
+/// ([`crate::backend::KvCache::with_scales`]'s meaning: element `x` of KV head `h` is
+/// `decode(x) · k_scale[h]`, V likewise). The scales are host values: they travel in the
+/// kernels' parameter block (so a captured graph keeps the scales it was captured with).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceKvFp8<'a> {
+    /// `DType::E4M3Fn` or `DType::E5M2` (K and V alike).
+    pub dtype: DType,
+    /// K scales: 1 value (per tensor) or `num_kv_heads` (per KV head); `None`: 1.
+    pub k_scale: Option<&'a [f32]>,
+    /// V scales, as `k_scale`.
+    pub v_scale: Option<&'a [f32]>,
 }
 
 /// A custom attention mask on the device, in FlashInfer's packed layout

@@ -95,7 +95,11 @@ impl CudaGraph {
             check("attention options", again == *p)?;
             check(
                 "kernel variant",
-                super::launch::DecodeVariant::for_plan(plan, sig.variant.dtype) == sig.variant
+                super::launch::DecodeVariant::for_plan_kv(
+                    plan,
+                    sig.variant.dtype,
+                    sig.variant.kv_dtype,
+                ) == sig.variant
                     && plan.kind() == sig.kind
                     && (caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0))
                         == sig.launch_merge,

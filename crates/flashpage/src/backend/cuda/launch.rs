@@ -73,12 +73,54 @@ pub struct Params {
     pub(crate) mask: u64,
     pub(crate) mask_indptr: u64,
     pub(crate) mask_bytes: i64,
+    pub(crate) k_scale: [f32; FP_SCALE_SLOTS],
+    pub(crate) v_scale: [f32; FP_SCALE_SLOTS],
 }
+
+/// Slots of the per-KV-head FP8 scales in [`Params`] (`FP_SCALE_SLOTS` in `common.cuh`): a
+/// per-KV-head scale is taken for up to this many KV heads (more is
+/// [`Error::Unsupported`] naming the scale); a per-tensor scale for any number.
+pub const FP_SCALE_SLOTS: usize = 128;
 
 impl Params {
     /// The parameter block's bytes, exactly as the kernels receive it.
     pub fn as_bytes(&self) -> &[u8] {
         bytemuck::bytes_of(self)
+    }
+
+    /// Sets the FP8 cache's dequantisation scales (`KvCache::k_scale` / `v_scale`: 1 value
+    /// per tensor or one per KV head, already checked by
+    /// [`crate::backend::check_run_args`]); `None` is 1. A per-tensor scale fills every
+    /// slot. More than [`FP_SCALE_SLOTS`] per-KV-head values is an [`Error::Unsupported`]
+    /// naming the scale.
+    pub fn set_kv_scales(
+        &mut self,
+        k_scale: Option<&[f32]>,
+        v_scale: Option<&[f32]>,
+    ) -> Result<()> {
+        for (name, src, dst) in [
+            ("k_scale", k_scale, &mut self.k_scale),
+            ("v_scale", v_scale, &mut self.v_scale),
+        ] {
+            match src {
+                None => dst.fill(1.0),
+                Some([x]) => dst.fill(*x),
+                Some(xs) if xs.len() <= FP_SCALE_SLOTS => {
+                    dst.fill(1.0);
+                    dst[..xs.len()].copy_from_slice(xs);
+                }
+                Some(xs) => {
+                    return Err(Error::Unsupported {
+                        backend: "cuda",
+                        what: format!(
+                            "{name} with {} per-kv-head values (the kernels take at most {FP_SCALE_SLOTS}; a per-tensor scale works for any head count)",
+                            xs.len()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -110,8 +152,10 @@ pub(crate) fn div_with(n: u32, magic: u32, shift: u32) -> u32 {
 pub struct DecodeVariant {
     /// Head dimension.
     pub head_dim: usize,
-    /// Element type of q, K, V and o.
+    /// Element type of q and o (and of K and V unless `kv_dtype` says otherwise).
     pub dtype: DType,
+    /// Element type of the K/V cache: `dtype`, or an FP8 dtype (`E4M3Fn`, `E5M2`).
+    pub kv_dtype: DType,
     /// Packed rows per pass over the KV chunk.
     pub rows: usize,
     /// Tokens per thread per pipeline stage.
@@ -187,6 +231,7 @@ impl DecodeVariant {
         DecodeVariant {
             head_dim,
             dtype,
+            kv_dtype: dtype,
             rows,
             unroll,
             tpr: (head_dim / 8).next_power_of_two(),
@@ -195,14 +240,34 @@ impl DecodeVariant {
         }
     }
 
+    /// The same variant reading a K/V cache of `kv_dtype` (an FP8 dtype, or `dtype` again).
+    /// An FP8 cache needs half the registers per token in flight of a 16-bit one (8 bytes
+    /// per thread per token), so the unroll and register budget of q's dtype are kept,
+    /// except with RoPE at 8 rows: there the decoding left a stack frame at the 255-register
+    /// limit (bf16 8 bytes on sm_90a, f32 24 bytes on sm_80, `tests/nvrtc_compile.rs`), so
+    /// an FP8 cache with RoPE runs 4 rows per pass (the 4-row variant's unroll and budget).
+    pub fn with_kv_dtype(self, kv_dtype: DType) -> Self {
+        let base = if kv_dtype.is_fp8() && self.rope && self.rows == 8 {
+            Self::with_rows(self.head_dim, self.dtype, 4, true)
+        } else {
+            self
+        };
+        DecodeVariant { kv_dtype, ..base }
+    }
+
+    /// [`DecodeVariant::for_plan`] with a K/V cache of `kv_dtype`.
+    pub fn for_plan_kv(plan: &Plan, dtype: DType, kv_dtype: DType) -> Self {
+        Self::for_plan(plan, dtype).with_kv_dtype(kv_dtype)
+    }
+
     /// Threads per block.
     pub fn threads(&self) -> u32 {
         DECODE_THREADS
     }
 
-    /// NVRTC `-D` options.
+    /// NVRTC `-D` options (`FP_KV_DTYPE` only when the cache's dtype is not q's).
     pub fn defines(&self) -> Vec<String> {
-        vec![
+        let mut d = vec![
             format!("-DFP_HEAD_DIM={}", self.head_dim),
             format!("-DFP_DTYPE={}", dtype_code(self.dtype)),
             format!("-DFP_TPR={}", self.tpr),
@@ -211,7 +276,11 @@ impl DecodeVariant {
             format!("-DFP_THREADS={DECODE_THREADS}"),
             format!("-DFP_ROPE={}", self.rope as u8),
             format!("-DFP_MIN_BLOCKS={}", self.min_blocks),
-        ]
+        ];
+        if self.kv_dtype != self.dtype {
+            d.push(format!("-DFP_KV_DTYPE={}", dtype_code(self.kv_dtype)));
+        }
+        d
     }
 }
 
@@ -283,10 +352,9 @@ pub fn blocks_per_sm(limits: &SmLimits, threads: u32, registers: u32, shared_byt
     by_threads.min(limits.blocks).min(by_regs).min(by_smem)
 }
 
-/// `FP_DTYPE` of a dtype. The FP8 dtypes get codes 3 and 4, which every kernel source
-/// refuses to compile (`#error` in `common.cuh`): the CUDA kernels read K/V of q's dtype
-/// only, and the backend refuses an FP8 dtype with [`crate::Error::Unsupported`] before it
-/// compiles anything.
+/// `FP_DTYPE` / `FP_KV_DTYPE` code of a dtype. The FP8 dtypes get codes 3 and 4, valid as
+/// `FP_KV_DTYPE` (the K/V cache's dtype) only: as `FP_DTYPE` (q's and o's) every kernel source
+/// refuses them (`#error` in `common.cuh`).
 pub fn dtype_code(d: DType) -> u8 {
     match d {
         DType::F32 => 0,
@@ -410,6 +478,8 @@ pub fn params(plan: &Plan, b: &Buffers) -> Params {
         mask: b.mask.0,
         mask_indptr: b.mask.1,
         mask_bytes: b.mask.2.min(i64::MAX as usize) as i64,
+        k_scale: [1.0; FP_SCALE_SLOTS],
+        v_scale: [1.0; FP_SCALE_SLOTS],
     }
 }
 
@@ -464,7 +534,10 @@ pub(crate) fn params_like(plan: &Plan, c: &Params) -> Params {
             QoStrides::new(c.o_row as usize, c.o_head as usize),
         ),
     };
-    params(plan, &b)
+    let mut p = params(plan, &b);
+    p.k_scale = c.k_scale;
+    p.v_scale = c.v_scale;
+    p
 }
 
 /// Threads per block of the cascade fold kernel.
@@ -648,9 +721,11 @@ mod tests {
     #[test]
     fn params_layout_matches_the_kernels() {
         // 9 pointers + 13 i64 = 176 bytes, then 22 four-byte fields = 88, then the sinks
-        // and custom-mask pointers and the mask's byte count: 296 bytes, no padding anywhere
-        // (the C struct has the same fields in the same order).
-        assert_eq!(std::mem::size_of::<Params>(), 296);
+        // and custom-mask pointers and the mask's byte count: 296 bytes, then the two FP8
+        // scale arrays (2 * 128 f32), no padding anywhere (the C struct has the same fields
+        // in the same order).
+        assert_eq!(std::mem::size_of::<Params>(), 296 + 8 * FP_SCALE_SLOTS);
+        assert!(src_defines_slots(include_str!("kernels/common.cuh")));
         assert_eq!(std::mem::align_of::<Params>(), 8);
         let src = include_str!("kernels/common.cuh");
         let start = src.find("struct Params {").unwrap();
@@ -711,8 +786,31 @@ mod tests {
             "mask",
             "mask_indptr",
             "mask_bytes",
+            "k_scale[FP_SCALE_SLOTS]",
+            "v_scale[FP_SCALE_SLOTS]",
         ];
         assert_eq!(fields, rust);
+    }
+
+    fn src_defines_slots(src: &str) -> bool {
+        src.contains(&format!("#define FP_SCALE_SLOTS {FP_SCALE_SLOTS}\n"))
+    }
+
+    #[test]
+    fn kv_scales_fill_the_slots() {
+        let mut p: Params = bytemuck::Zeroable::zeroed();
+        p.set_kv_scales(Some(&[0.5]), None).unwrap();
+        assert!(p.k_scale.iter().all(|&x| x == 0.5));
+        assert!(p.v_scale.iter().all(|&x| x == 1.0));
+        p.set_kv_scales(Some(&[0.25, 2.0]), Some(&[3.0, 4.0]))
+            .unwrap();
+        assert_eq!((p.k_scale[0], p.k_scale[1], p.k_scale[2]), (0.25, 2.0, 1.0));
+        assert_eq!((p.v_scale[0], p.v_scale[1]), (3.0, 4.0));
+        let many = vec![1.0f32; FP_SCALE_SLOTS + 1];
+        match p.set_kv_scales(None, Some(&many)) {
+            Err(Error::Unsupported { what, .. }) => assert!(what.starts_with("v_scale")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -802,5 +900,15 @@ mod tests {
         assert_eq!((v.unroll, v.min_blocks), (4, 3));
         let v = DecodeVariant::with_rows(80, DType::BF16, 8, true);
         assert_eq!((v.unroll, v.min_blocks), (1, 2));
+        // An FP8 cache keeps q's dtype's shape, except RoPE at 8 rows: 4 rows per pass.
+        let v = DecodeVariant::with_rows(128, DType::BF16, 4, false).with_kv_dtype(DType::E4M3Fn);
+        assert_eq!((v.rows, v.unroll, v.min_blocks), (4, 2, 3));
+        assert!(v.defines().contains(&"-DFP_KV_DTYPE=3".to_string()));
+        let v = DecodeVariant::with_rows(128, DType::F32, 8, true).with_kv_dtype(DType::E5M2);
+        assert_eq!((v.rows, v.kv_dtype), (4, DType::E5M2));
+        assert!(v.defines().contains(&"-DFP_KV_DTYPE=4".to_string()));
+        let v = DecodeVariant::with_rows(128, DType::F16, 8, true).with_kv_dtype(DType::F16);
+        assert_eq!(v.rows, 8);
+        assert!(!v.defines().iter().any(|d| d.contains("FP_KV_DTYPE")));
     }
 }

@@ -59,7 +59,9 @@ use device::{
     BANDWIDTH_SRC, DECODE_SRC, MERGE_SRC, OPS_SRC, PREFILL_SRC, RunSignature, Uploaded, check_elem,
     driver_err,
 };
-pub use device::{DeviceCustomMask, DeviceElem, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES};
+pub use device::{
+    DeviceCustomMask, DeviceElem, DeviceKvFp8, DeviceRunArgs, DeviceWorkspace, KERNEL_SOURCES,
+};
 pub use graph::CudaGraph;
 pub use nvrtc::CACHE_ENV;
 pub use ops::{DeviceAppendArrays, DeviceKvCacheMut, DeviceRows, DeviceRowsMut};
@@ -301,11 +303,26 @@ impl CudaBackend {
         dtype: DType,
         options: &AttentionOptions,
     ) -> Result<usize> {
-        no_fp8(dtype)?;
+        self.parallelism_kv(heads, kind, dtype, dtype, options)
+    }
+
+    /// [`CudaBackend::parallelism`] for a K/V cache of `kv_dtype` (an FP8 dtype, or q's
+    /// `dtype`): the variants reading an FP8 cache are kernels of their own.
+    pub fn parallelism_kv(
+        &self,
+        heads: &HeadConfig,
+        kind: PlanKind,
+        dtype: DType,
+        kv_dtype: DType,
+        options: &AttentionOptions,
+    ) -> Result<usize> {
+        check_kv_dtypes(dtype, kv_dtype)?;
         let rope = matches!(options.pos_encoding, PosEncoding::Rope { .. });
         let blocks = match PrefillVariant::new(heads, kind, dtype, rope, self.arch_number()) {
-            Some(v) => self.prefill_blocks_per_sm(v)?,
-            None => self.blocks_per_sm(DecodeVariant::new(heads, kind, dtype, rope))?,
+            Some(v) => self.prefill_blocks_per_sm(v.with_kv_dtype(kv_dtype))?,
+            None => self.blocks_per_sm(
+                DecodeVariant::new(heads, kind, dtype, rope).with_kv_dtype(kv_dtype),
+            )?,
         };
         Ok(self.info.sms * blocks.max(1) as usize)
     }
@@ -389,11 +406,17 @@ impl CudaBackend {
     /// Compiles and loads the kernels `plan` needs for `dtype` (otherwise done by the first
     /// `run`; call it before capturing a graph so no compile happens during capture).
     pub fn prepare(&self, plan: &Plan, dtype: DType) -> Result<()> {
-        no_fp8(dtype)?;
-        match self.prefill_variant(plan, dtype) {
+        self.prepare_kv(plan, dtype, dtype)
+    }
+
+    /// [`CudaBackend::prepare`] for a K/V cache of `kv_dtype` (an FP8 dtype, or q's
+    /// `dtype`).
+    pub fn prepare_kv(&self, plan: &Plan, dtype: DType, kv_dtype: DType) -> Result<()> {
+        check_kv_dtypes(dtype, kv_dtype)?;
+        match PrefillVariant::for_plan_kv(plan, dtype, kv_dtype, self.arch_number()) {
             Some(v) => self.prefill_fn(v).map(drop)?,
             None => self
-                .decode_fn(DecodeVariant::for_plan(plan, dtype))
+                .decode_fn(DecodeVariant::for_plan_kv(plan, dtype, kv_dtype))
                 .map(drop)?,
         }
         self.merge_fn(plan.heads().head_dim(), dtype)?;
@@ -468,10 +491,10 @@ impl CudaBackend {
     /// [`CudaBackend::upload_plan`]); arguments are checked against the plan first (shapes,
     /// dtypes, strides, host page ids, workspace sizes and alignment) and on error nothing is
     /// launched. Asynchronous: synchronise the stream before reading `o` on the host.
-    pub fn run<T: DeviceElem>(
+    pub fn run<T: DeviceElem, K: DeviceElem>(
         &self,
         plan: &Plan,
-        args: DeviceRunArgs<'_, T>,
+        args: DeviceRunArgs<'_, T, K>,
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
         self.run_inner(plan, args, None, None, ws)
@@ -482,10 +505,10 @@ impl CudaBackend {
     /// a view into a larger buffer whose gaps are never written) and, if given, V strides of
     /// its own (`args.strides` are then K's). Every stride must be a multiple of 16 bytes.
     /// The row bound of the kernels is the number of whole rows q, o and lse hold.
-    pub fn run_strided<T: DeviceElem>(
+    pub fn run_strided<T: DeviceElem, K: DeviceElem>(
         &self,
         plan: &Plan,
-        args: DeviceRunArgs<'_, T>,
+        args: DeviceRunArgs<'_, T, K>,
         strides: RunStrides,
         v_strides: Option<KvStrides>,
         ws: &mut DeviceWorkspace,
@@ -493,17 +516,21 @@ impl CudaBackend {
         self.run_inner(plan, args, Some(strides), v_strides, ws)
     }
 
-    fn run_inner<T: DeviceElem>(
+    fn run_inner<T: DeviceElem, K: DeviceElem>(
         &self,
         plan: &Plan,
-        args: DeviceRunArgs<'_, T>,
+        args: DeviceRunArgs<'_, T, K>,
         strides: Option<RunStrides>,
         v_strides: Option<KvStrides>,
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
         let dt = args.dtype;
-        no_fp8(dt)?;
+        // The cache's dtype: q's, or the FP8 format of kv_fp8 (check_run_args checks the
+        // pair and the scales).
+        let kdt = args.kv_fp8.map_or(dt, |f| f.dtype);
+        let (k_scale, v_scale) = args.kv_fp8.map_or((None, None), |f| (f.k_scale, f.v_scale));
         check_elem::<T>("q", dt)?;
+        check_elem::<K>("k", kdt)?;
         // The host copy is read where the device ids are: same length (checked first).
         if let Some(h) = args.host_kv_indices
             && h.len() != args.kv_indices.len()
@@ -548,8 +575,8 @@ impl CudaBackend {
         let v_strides = v_strides.unwrap_or(args.strides);
         let shapes = ArgShapes {
             q: (dt, qn),
-            k: (dt, args.k.len()),
-            v: (dt, args.v.len()),
+            k: (kdt, args.k.len()),
+            v: (kdt, args.v.len()),
             o: (dt, on),
             lse: lse_len.map(|n| at_least(n, rows * hq)),
             strides: args.strides,
@@ -561,8 +588,8 @@ impl CudaBackend {
             paged: None,
             sinks: None,
             custom_mask: args.custom_mask.map(|m| (m.host_indptr, m.bits.len())),
-            k_scale: None,
-            v_scale: None,
+            k_scale,
+            v_scale,
         };
         let qo = strides.unwrap_or_else(|| RunStrides::contiguous(heads));
         // Whole rows a buffer of `len` elements holds with row stride `row`.
@@ -590,7 +617,7 @@ impl CudaBackend {
                 actual: "another plan's (call upload_plan after planning)".into(),
             });
         }
-        let vec = 16 / T::BYTES;
+        let vec = 16 / K::BYTES;
         for (which, s) in [("kv", args.strides), ("v", v_strides)] {
             if !(s.page.is_multiple_of(vec)
                 && s.token.is_multiple_of(vec)
@@ -605,6 +632,7 @@ impl CudaBackend {
                 });
             }
         }
+        let vec = 16 / T::BYTES;
         for (which, s) in [("q", qo.q), ("o", qo.o)] {
             if !(s.row.is_multiple_of(vec) && s.head.is_multiple_of(vec)) {
                 return Err(Error::Unsupported {
@@ -628,9 +656,10 @@ impl CudaBackend {
             }
         }
 
-        let variant = DecodeVariant::for_plan(plan, dt);
+        let variant = DecodeVariant::for_plan_kv(plan, dt, kdt);
         // Prefill plans the tensor-core kernel takes run on it, the rest on fp_decode.
-        let (attend, attend_threads) = match self.prefill_variant(plan, dt) {
+        let pv = PrefillVariant::for_plan_kv(plan, dt, kdt, self.arch_number());
+        let (attend, attend_threads) = match pv {
             Some(v) => (self.prefill_fn(v)?, v.threads()),
             None => (self.decode_fn(variant)?, variant.threads()),
         };
@@ -707,7 +736,8 @@ impl CudaBackend {
             v_strides,
             qo,
         };
-        let params = launch::params(plan, &bufs);
+        let mut params = launch::params(plan, &bufs);
+        params.set_kv_scales(k_scale, v_scale)?;
         {
             let mut cap = self.capture.lock().expect("capture lock");
             if let Some(sigs) = cap.as_mut() {
@@ -1036,17 +1066,22 @@ impl CudaBackend {
     }
 }
 
-/// An FP8 dtype is an [`Error::Unsupported`] of the CUDA backend, named: its kernels read
-/// K/V of q's dtype (f32, f16 or bf16) and would misread FP8 bytes. FP8 caches run on the
-/// CPU backend (docs/semantics.md, "FP8 KV cache").
-fn no_fp8(dtype: DType) -> Result<()> {
+/// The dtypes a run may pair: q (and o) f32, f16 or bf16 (an FP8 dtype there is a
+/// [`Error::DTypeMismatch`] naming `q`), and a K/V cache of q's dtype or an FP8 dtype
+/// (anything else is a mismatch naming `k`), as [`crate::backend::check_run_args`] pairs them.
+fn check_kv_dtypes(dtype: DType, kv_dtype: DType) -> Result<()> {
     if dtype.is_fp8() {
-        return Err(Error::Unsupported {
-            backend: "cuda",
-            what: format!(
-                "kv cache dtype {} (fp8 k/v caches run on the cpu backend; the cuda kernels read f32, f16 or bf16 k/v)",
-                dtype.name()
-            ),
+        return Err(Error::DTypeMismatch {
+            tensor: "q",
+            expected: "f32, f16 or bf16 (an fp8 dtype is the k/v cache's: prepare_kv, parallelism_kv)",
+            actual: dtype.name(),
+        });
+    }
+    if kv_dtype != dtype && !kv_dtype.is_fp8() {
+        return Err(Error::DTypeMismatch {
+            tensor: "k",
+            expected: "q's dtype or an fp8 dtype",
+            actual: kv_dtype.name(),
         });
     }
     Ok(())

@@ -30,8 +30,12 @@ pub const MIN_ARCH: u32 = 80;
 pub struct PrefillVariant {
     /// Head dimension (a multiple of 16, at most [`MAX_HEAD_DIM`]).
     pub head_dim: usize,
-    /// Element type of q, K, V and o (f16 or bf16).
+    /// Element type of q and o (f16 or bf16), and of K and V unless `kv_dtype` says
+    /// otherwise.
     pub dtype: DType,
+    /// Element type of the K/V cache: `dtype`, or an FP8 dtype (its codes are converted
+    /// exactly to `dtype` on their way into shared memory).
+    pub kv_dtype: DType,
     /// KV tokens per shared-memory tile.
     pub block_n: usize,
     /// Resident blocks per SM the register budget is set for (`__launch_bounds__`' second
@@ -53,6 +57,7 @@ impl PrefillVariant {
         Some(PrefillVariant {
             head_dim,
             dtype,
+            kv_dtype: dtype,
             block_n: 64,
             min_blocks: 2,
         })
@@ -85,20 +90,34 @@ impl PrefillVariant {
         )
     }
 
+    /// The same variant reading a K/V cache of `kv_dtype` (an FP8 dtype, or `dtype` again).
+    pub fn with_kv_dtype(self, kv_dtype: DType) -> Self {
+        PrefillVariant { kv_dtype, ..self }
+    }
+
+    /// [`PrefillVariant::for_plan`] with a K/V cache of `kv_dtype`.
+    pub fn for_plan_kv(plan: &Plan, dtype: DType, kv_dtype: DType, arch: u32) -> Option<Self> {
+        Self::for_plan(plan, dtype, arch).map(|v| v.with_kv_dtype(kv_dtype))
+    }
+
     /// Threads per block.
     pub fn threads(&self) -> u32 {
         PREFILL_THREADS
     }
 
-    /// NVRTC `-D` options.
+    /// NVRTC `-D` options (`FP_KV_DTYPE` only when the cache's dtype is not q's).
     pub fn defines(&self) -> Vec<String> {
-        vec![
+        let mut d = vec![
             format!("-DFP_HEAD_DIM={}", self.head_dim),
             format!("-DFP_DTYPE={}", dtype_code(self.dtype)),
             format!("-DFP_BLOCK_N={}", self.block_n),
             format!("-DFP_MIN_BLOCKS={}", self.min_blocks),
             "-DFP_PREFILL=1".to_string(),
-        ]
+        ];
+        if self.kv_dtype != self.dtype {
+            d.push(format!("-DFP_KV_DTYPE={}", dtype_code(self.kv_dtype)));
+        }
+        d
     }
 }
 

@@ -102,25 +102,28 @@ impl KernelSpec {
         self.parts().4
     }
 
-    /// A short name: `decode bf16 d128 rows4 u2 mb3`, `decode ... rope`, `merge bf16 d128`,
-    /// `cascade-fold bf16 d128`, `bandwidth`, `append`, `rope`.
+    /// A short name: `decode bf16 d128 rows4 u2 mb3`, `decode ... rope`, `... kv
+    /// float8_e4m3fn` (an FP8 cache), `merge bf16 d128`, `cascade-fold bf16 d128`,
+    /// `bandwidth`, `append`, `rope`.
     pub fn name(&self) -> String {
         match self {
             KernelSpec::Decode(v) => format!(
-                "decode {} d{} rows{} u{} mb{}{}",
+                "decode {} d{} rows{} u{} mb{}{}{}",
                 v.dtype.name(),
                 v.head_dim,
                 v.rows,
                 v.unroll,
                 v.min_blocks,
-                if v.rope { " rope" } else { "" }
+                if v.rope { " rope" } else { "" },
+                kv_suffix(v.dtype, v.kv_dtype)
             ),
             KernelSpec::Prefill(v) => format!(
-                "prefill-tc {} d{} n{} mb{}",
+                "prefill-tc {} d{} n{} mb{}{}",
                 v.dtype.name(),
                 v.head_dim,
                 v.block_n,
-                v.min_blocks
+                v.min_blocks,
+                kv_suffix(v.dtype, v.kv_dtype)
             ),
             KernelSpec::Merge { head_dim, dtype } => {
                 format!("merge {} d{head_dim}", dtype.name())
@@ -268,5 +271,14 @@ impl OfflineCompiler {
             warnings: log_warnings(&c.log),
             log: c.log,
         })
+    }
+}
+
+/// ` kv <dtype>` for a K/V cache whose dtype is not q's (an FP8 cache), else nothing.
+fn kv_suffix(dtype: crate::layout::DType, kv: crate::layout::DType) -> String {
+    if kv == dtype {
+        String::new()
+    } else {
+        format!(" kv {}", kv.name())
     }
 }

@@ -3,14 +3,30 @@
 //
 // Compile-time configuration (NVRTC -D options, set by the Rust side):
 //   FP_HEAD_DIM  head dimension (a multiple of 16, at most 256)
-//   FP_DTYPE     0 = f32, 1 = f16, 2 = bf16 (q, k, v and o)
+//   FP_DTYPE     0 = f32, 1 = f16, 2 = bf16 (q and o; k and v too without FP_KV_DTYPE)
+//   FP_KV_DTYPE  element type of the K/V cache: FP_DTYPE (the default), or an FP8 cache:
+//                3 = e4m3fn, 4 = e5m2 (bytes decoded exactly to f32 in registers, the
+//                dequantisation scales applied in f32 to scores and outputs)
 //
 // Helpers are `__device__ __forceinline__` without `static`: each kernel uses a subset, and
 // NVRTC warns (#177) about unused static functions; the warning-free log is checked in CI.
 
 #if defined(FP_DTYPE) && FP_DTYPE > 2
-#error "FP_DTYPE 3 and 4 (fp8 e4m3fn / e5m2 k/v caches) are not supported by the cuda kernels"
+#error "FP_DTYPE is q's and o's dtype (0, 1 or 2); an fp8 k/v cache is FP_KV_DTYPE 3 or 4"
 #endif
+#if defined(FP_DTYPE) && !defined(FP_KV_DTYPE)
+#define FP_KV_DTYPE FP_DTYPE
+#endif
+#if defined(FP_KV_DTYPE) && FP_KV_DTYPE != FP_DTYPE && FP_KV_DTYPE != 3 && FP_KV_DTYPE != 4
+#error "FP_KV_DTYPE must be FP_DTYPE or an fp8 code (3 = e4m3fn, 4 = e5m2)"
+#endif
+#if defined(FP_KV_DTYPE) && FP_KV_DTYPE >= 3
+#define FP_KV_FP8 1
+#else
+#define FP_KV_FP8 0
+#endif
+// Slots of the per-KV-head FP8 scales in the parameter block (FP_SCALE_SLOTS in launch.rs).
+#define FP_SCALE_SLOTS 128
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -80,7 +96,17 @@ struct Params {
     u64 mask;         // custom mask bits (FlashInfer's packed layout, u8), or 0
     u64 mask_indptr;  // [B + 1] i32 byte offsets of each request's mask bits
     i64 mask_bytes;   // bytes of the mask bits buffer (a bit past it reads as masked)
+    // FP8 cache dequantisation scales by KV head (a per-tensor scale fills every slot; KV
+    // heads past the slots use slot 0, which the host allows only for a per-tensor scale).
+    // 1 for a float cache (unread there).
+    float k_scale[FP_SCALE_SLOTS];
+    float v_scale[FP_SCALE_SLOTS];
 };
+
+// The K or V scale of KV head `kvh` (see Params).
+__device__ __forceinline__ float fp_kv_scale(const float* scales, int kvh) {
+    return scales[kvh < FP_SCALE_SLOTS ? kvh : 0];
+}
 
 struct alignas(16) V4 {
     u32 x, y, z, w;
@@ -94,6 +120,11 @@ __device__ __forceinline__ V4 ld_stream(const void* p) {
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
         : "l"(p));
     return r;
+}
+
+// 8-byte read-only load that does not allocate in L1 (FP8 K/V: 8 elements).
+__device__ __forceinline__ void ld_stream8(const void* p, u32* x, u32* y) {
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(*x), "=r"(*y) : "l"(p));
 }
 
 // 16-byte read-only load (q, partial states).
@@ -260,6 +291,65 @@ __device__ __forceinline__ void store8(char* p, const float* f) {
     a.z = f32_to_pair(f[4], f[5]);
     a.w = f32_to_pair(f[6], f[7]);
     st16(p, a);
+}
+#endif
+
+// FP8 codes decoded exactly to f32 (crates/flashpage/src/fp8.rs, bit manipulation only):
+// e4m3fn's S.1111.111 is NaN (it has no infinity); e5m2 is the top byte of an f16, so its
+// S.11111.00 is +-inf and S.11111.{01,10,11} NaN, subnormals included.
+#if FP_KV_FP8
+__device__ __forceinline__ float fp8_to_f32(u32 code) {
+    code &= 0xffu;
+#if FP_KV_DTYPE == 4
+    return f16_bits_to_f32(code << 8);
+#else
+    const u32 sign = (code & 0x80u) << 24;
+    const u32 mag = code & 0x7fu;
+    u32 bits;
+    if (mag == 0x7fu) {
+        bits = 0x7fc00000u;  // NaN
+    } else if (mag < 8u) {
+        // Subnormal or zero: m * 2^-9, exact.
+        bits = __float_as_uint((float)mag * 0.001953125f);
+    } else {
+        // Normal: rebias the exponent (7 -> 127), widen the mantissa (3 -> 23 bits).
+        bits = (mag << 20) + (120u << 23);
+    }
+    return __uint_as_float(sign | bits);
+#endif
+}
+#endif
+
+// Eight K/V elements as loaded: the storage dtype's Raw8, or 8 FP8 bytes in two words.
+#if FP_KV_FP8
+#define FP_KV_BYTES 1
+struct KvRaw8 {
+    u32 x, y;
+};
+__device__ __forceinline__ void kv_zero(KvRaw8& r) {
+    r.x = r.y = 0u;
+}
+__device__ __forceinline__ void kv_load_stream(KvRaw8& r, const char* p) {
+    ld_stream8(p, &r.x, &r.y);
+}
+__device__ __forceinline__ void kv_to_f32(const KvRaw8& r, float* f) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        f[e] = fp8_to_f32(r.x >> (8 * e));
+        f[4 + e] = fp8_to_f32(r.y >> (8 * e));
+    }
+}
+#else
+#define FP_KV_BYTES FP_ELEM_BYTES
+typedef Raw8 KvRaw8;
+__device__ __forceinline__ void kv_zero(KvRaw8& r) {
+    raw_zero(r);
+}
+__device__ __forceinline__ void kv_load_stream(KvRaw8& r, const char* p) {
+    raw_load_stream(r, p);
+}
+__device__ __forceinline__ void kv_to_f32(const KvRaw8& r, float* f) {
+    raw_to_f32(r, f);
 }
 #endif
 

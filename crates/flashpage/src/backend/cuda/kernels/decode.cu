@@ -16,6 +16,9 @@
 // buffers described in the parameters, so no int image can make the kernel read or write out
 // of bounds.
 //
+// An FP8 K/V cache (FP_KV_DTYPE 3 or 4): 8 bytes per thread per token, decoded exactly to f32
+// in registers; k_scale multiplies the score with sm_scale, v_scale the normalised output.
+//
 // Extra defines: FP_TPR, FP_ROWS, FP_UNROLL, FP_THREADS, FP_ROPE (0/1), FP_MIN_BLOCKS (the
 // resident blocks per SM the register budget is set for: __launch_bounds__' second argument).
 
@@ -140,7 +143,7 @@ static __device__ __forceinline__ void fetch_pages(const Params& p, int b, i64 s
 // Issues the K and V loads of batch b.
 static __device__ __forceinline__ void load_kv(const Params& p, int b, i64 start, int kv_start,
                                                int kvh, int tg, int lane, const int* pid,
-                                               Raw8* kr, Raw8* vr) {
+                                               KvRaw8* kr, KvRaw8* vr) {
     const char* kbase = (const char*)p.k;
     const char* vbase = (const char*)p.v;
 #pragma unroll
@@ -157,13 +160,13 @@ static __device__ __forceinline__ void load_kv(const Params& p, int b, i64 start
                 off = ((i64)kv_start + t) * p.stride_page;
                 voff = ((i64)kv_start + t) * p.v_stride_page;
             }
-            off = (off + (i64)kvh * p.stride_head + lane * 8) * FP_ELEM_BYTES;
-            voff = (voff + (i64)kvh * p.v_stride_head + lane * 8) * FP_ELEM_BYTES;
-            raw_load_stream(kr[u], kbase + off);
-            raw_load_stream(vr[u], vbase + voff);
+            off = (off + (i64)kvh * p.stride_head + lane * 8) * FP_KV_BYTES;
+            voff = (voff + (i64)kvh * p.v_stride_head + lane * 8) * FP_KV_BYTES;
+            kv_load_stream(kr[u], kbase + off);
+            kv_load_stream(vr[u], vbase + voff);
         } else {
-            raw_zero(kr[u]);
-            raw_zero(vr[u]);
+            kv_zero(kr[u]);
+            kv_zero(vr[u]);
         }
     }
 }
@@ -187,18 +190,24 @@ struct RowState {
 
 // Computes batch b from registers: scores for every row, online softmax, P·V.
 static __device__ __forceinline__ void compute(const Params& p, RowState& st, int b, i64 start,
-                                               int tg, int lane, const int* pid, const Raw8* kr,
-                                               const Raw8* vr
+                                               int tg, int lane, const int* pid, const KvRaw8* kr,
+                                               const KvRaw8* vr
 #if FP_ROPE
                                                , const RopeW* rope_table
 #endif
 ) {
     float s[ROWS][U];  // scores in natural units (scaled, capped, biased)
     bool vis[ROWS][U];
+#if FP_KV_FP8
+    // An FP8 cache: the score of the codes times k_scale (docs/semantics.md, "FP8 KV cache").
+    const float qk_scale = p.sm_scale * fp_kv_scale(p.k_scale, blockIdx.y);
+#else
+    const float qk_scale = p.sm_scale;
+#endif
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         float kf[8];
-        raw_to_f32(kr[u], kf);
+        kv_to_f32(kr[u], kf);
 #if FP_ROPE
         {
             const int t = (int)(start + (i64)b * TILE + u * NTG + tg);
@@ -212,7 +221,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
             for (int e = 0; e < 8; ++e) {
                 d = fmaf(st.q[r][e], kf[e], d);
             }
-            s[r][u] = group_sum(d) * p.sm_scale;
+            s[r][u] = group_sum(d) * qk_scale;
         }
     }
     // Not yet here (docs/numerics.md): recomputing scores that overflowed f32 from finite
@@ -221,7 +230,7 @@ static __device__ __forceinline__ void compute(const Params& p, RowState& st, in
     float vf[U][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-        raw_to_f32(vr[u], vf[u]);
+        kv_to_f32(vr[u], vf[u]);
     }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -389,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
 
         // Software pipeline: page ids two batches ahead, K/V one batch ahead.
         int pid_a[U], pid_b[U];
-        Raw8 k_a[U], v_a[U], k_b[U], v_b[U];
+        KvRaw8 k_a[U], v_a[U], k_b[U], v_b[U];
         fetch_pages(p, 0, start, end, kv_start, tg, pid_a);
         load_kv(p, 0, start, kv_start, kvh, tg, lane, pid_a, k_a, v_a);
         fetch_pages(p, 1, start, end, kv_start, tg, pid_b);
@@ -483,7 +492,12 @@ extern "C" __global__ void __launch_bounds__(NT, FP_MIN_BLOCKS) fp_decode(const 
                 }
                 lse = FP_QNAN;
             } else if (sum > 0.f) {
+#if FP_KV_FP8
+                // An FP8 cache: v_scale with the normalisation (the outputs of the codes).
+                const float inv = fp_kv_scale(p.v_scale, kvh) / sum;
+#else
                 const float inv = 1.f / sum;
+#endif
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     out[e] *= inv;

@@ -24,6 +24,12 @@
 // warp multiplies P by V with those elements zeroed and adds the non-finite values of the
 // keys each row does see back afterwards (a rare, slow path).
 //
+// An FP8 K/V cache (FP_KV_DTYPE 3 or 4): each thread loads 8 code bytes with an ordinary load,
+// converts them exactly to q's 16-bit type and stores 16 bytes to the tile (no cp.async, so
+// the copy of a tile is not overlapped with the tensor-core work the way cp.async overlaps
+// it); k_scale is folded into the score scale and v_scale into the output normalisation, in
+// f32.
+//
 // Extra defines: FP_BLOCK_N (tokens per K/V tile: 16, 32 or 64), FP_MIN_BLOCKS (resident
 // blocks per SM the register budget is set for), FP_PREFILL (1).
 
@@ -212,7 +218,24 @@ static __device__ __forceinline__ void pf_load_tile(u16* dst, const char* base, 
         const i64 o = off[n];
         u16* d = dst + n * SROW + col;
         if (o >= 0) {
+#if FP_KV_FP8
+            // FP8 codes converted to q's 16-bit type on the way to shared memory: exact
+            // (every e4m3fn and e5m2 value, subnormals, infinities and NaN included, is an
+            // f16 and a bf16), so the tile holds the codes' values; the scales are applied
+            // in f32 to the scores and the outputs.
+            KvRaw8 r;
+            kv_load_stream(r, base + (o + col));
+            float f[8];
+            kv_to_f32(r, f);
+            V4 x;
+            x.x = f32_to_pair(f[0], f[1]);
+            x.y = f32_to_pair(f[2], f[3]);
+            x.z = f32_to_pair(f[4], f[5]);
+            x.w = f32_to_pair(f[6], f[7]);
+            *reinterpret_cast<V4*>(d) = x;
+#else
             pf_cp_async16(d, base + (o + col) * FP_ELEM_BYTES);
+#endif
         } else {
             V4 z;
             z.x = z.y = z.z = z.w = 0u;
@@ -255,7 +278,13 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
     // (base - shift * kv_len) + qpos * kv_len (read only when the run has a mask).
     const i64 mrow = (i64)kv_len;
     const i64 mbase = fp_mask_base(p, w) - shift * mrow;
+#if FP_KV_FP8
+    const float qk_scale = p.sm_scale * fp_kv_scale(p.k_scale, kvh);
+    const float v_scale = fp_kv_scale(p.v_scale, kvh);
+#else
     const float qk_scale = p.sm_scale;
+    const float v_scale = 1.f;
+#endif
     const char* kbase = (const char*)p.k;
     const char* vbase = (const char*)p.v;
     // Visible keys of query row i: [lo(i), hi(i)], both monotone in i.
@@ -537,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(PF_THREADS, FP_MIN_BLOCKS)
             float inv = 0.f;
             // A NaN sum (a NaN score the row sees) makes the row NaN, o and lse.
             if (sum > 0.f || sum != sum) {
-                inv = 1.f / sum;
+                inv = v_scale / sum;  // v_scale: 1 for a float cache
                 lse = (m[h] + log2f(sum)) * FP_LN2;
             }
             const int i = ri[h];
