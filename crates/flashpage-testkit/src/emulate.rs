@@ -478,20 +478,10 @@ fn emulate_cascade(cxx: &str, dir: &Path, plan: &CascadePlan, args: RunArgs<'_, 
         backend: "cuda-emulation",
         message,
     };
-    if args.custom_mask.is_some() {
-        return Err(Error::InvalidOption {
-            field: "custom_mask",
-            expected: "none in a cascade (its bits index the flat batch's keys)",
-            actual: "a mask".into(),
-        });
-    }
-    if !args.kv.kv_indices.is_empty() {
-        return Err(Error::TensorShape {
-            tensor: "kv_indices",
-            expected: "[] (a cascade plan holds each level's page ids)".into(),
-            actual: format!("[{}]", args.kv.kv_indices.len()),
-        });
-    }
+    flashpage::plan::cascade::check_cascade_run(
+        args.custom_mask.is_some(),
+        args.kv.kv_indices.len(),
+    )?;
     let dt = args.q.dtype();
     if args.kv.k.dtype().is_fp8() || dt.is_fp8() {
         return Err(Error::Unsupported {

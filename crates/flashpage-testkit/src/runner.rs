@@ -251,20 +251,10 @@ mod cuda {
             let b = &self.backend;
             let dtype = args.q.dtype();
             // The backend's refusals, before anything is uploaded.
-            if args.custom_mask.is_some() {
-                return Err(Error::InvalidOption {
-                    field: "custom_mask",
-                    expected: "none in a cascade (its bits index the flat batch's keys)",
-                    actual: "a mask".into(),
-                });
-            }
-            if !args.kv.kv_indices.is_empty() {
-                return Err(Error::TensorShape {
-                    tensor: "kv_indices",
-                    expected: "[] (a cascade plan holds each level's page ids)".into(),
-                    actual: format!("[{}]", args.kv.kv_indices.len()),
-                });
-            }
+            flashpage::plan::cascade::check_cascade_run(
+                args.custom_mask.is_some(),
+                args.kv.kv_indices.len(),
+            )?;
             b.prepare_cascade(plan, dtype)?;
             let mut ws = DeviceWorkspace::new(b, &plan.device_requirement(dtype)?)?;
             b.upload_cascade(plan, &mut ws)?;

@@ -429,6 +429,29 @@ impl CascadePlan {
     }
 }
 
+/// Checks the run arguments a cascade takes differently from a flat run, for every
+/// backend's `run_cascade`: no custom mask (its bits index the flat batch's keys, which the
+/// levels split: [`Error::InvalidOption`] naming `custom_mask`) and no page ids (each
+/// level's are in the plan: [`Error::TensorShape`] naming `kv_indices` when
+/// `num_kv_indices` is not 0).
+pub fn check_cascade_run(has_custom_mask: bool, num_kv_indices: usize) -> Result<()> {
+    if has_custom_mask {
+        return Err(Error::InvalidOption {
+            field: "custom_mask",
+            expected: "none in a cascade (its bits index the flat batch's keys)",
+            actual: "a mask".into(),
+        });
+    }
+    if num_kv_indices != 0 {
+        return Err(Error::TensorShape {
+            tensor: "kv_indices",
+            expected: "[] (a cascade plan holds each level's page ids)".into(),
+            actual: crate::error::shape_str(&[num_kv_indices]),
+        });
+    }
+    Ok(())
+}
+
 /// Sliding windows and position encodings depend on where a key sits in its request, which a
 /// level does not know: refused by name.
 fn check_cascade_options(options: &AttentionOptions) -> Result<()> {

@@ -9,7 +9,7 @@ use super::ctx::sink_epilogue;
 use super::elem::Elem;
 use crate::backend::{KvCache, RunArgs};
 use crate::error::{Error, Result, shape_str};
-use crate::plan::cascade::CascadePlan;
+use crate::plan::cascade::{CascadePlan, check_cascade_run};
 use crate::tensor::TensorMut;
 use crate::workspace::{CPU_BASE_ALIGN, WorkspaceReq};
 
@@ -36,22 +36,7 @@ impl CpuBackend {
         args: RunArgs<'_, '_>,
         float_workspace: &mut [u8],
     ) -> Result<()> {
-        if args.custom_mask.is_some() {
-            // A mask is laid out over the flat batch's (row, key) pairs, which the levels
-            // split: refused by name rather than applied to the wrong keys.
-            return Err(Error::InvalidOption {
-                field: "custom_mask",
-                expected: "none in a cascade (its bits index the flat batch's keys)",
-                actual: "a mask".into(),
-            });
-        }
-        if !args.kv.kv_indices.is_empty() {
-            return Err(Error::TensorShape {
-                tensor: "kv_indices",
-                expected: "[] (a cascade plan holds each level's page ids)".into(),
-                actual: shape_str(&[args.kv.kv_indices.len()]),
-            });
-        }
+        check_cascade_run(args.custom_mask.is_some(), args.kv.kv_indices.len())?;
         let (qd, od) = (args.q.dtype(), args.o.dtype());
         if qd != od {
             return Err(Error::DTypeMismatch {

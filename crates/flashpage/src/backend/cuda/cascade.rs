@@ -14,7 +14,7 @@ use crate::backend::{ArgShapes, check_run_args};
 use crate::error::{Error, Result, shape_str};
 use crate::layout::DType;
 use crate::plan::Plan;
-use crate::plan::cascade::CascadePlan;
+use crate::plan::cascade::{CascadePlan, check_cascade_run};
 use crate::workspace::CUDA_BASE_ALIGN;
 
 impl CudaBackend {
@@ -117,20 +117,7 @@ impl CudaBackend {
         args: DeviceRunArgs<'_, T>,
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
-        if args.custom_mask.is_some() {
-            return Err(Error::InvalidOption {
-                field: "custom_mask",
-                expected: "none in a cascade (its bits index the flat batch's keys)",
-                actual: "a mask".into(),
-            });
-        }
-        if args.kv_indices.len() != 0 {
-            return Err(Error::TensorShape {
-                tensor: "kv_indices",
-                expected: "[] (a cascade plan holds each level's page ids)".into(),
-                actual: shape_str(&[args.kv_indices.len()]),
-            });
-        }
+        check_cascade_run(args.custom_mask.is_some(), args.kv_indices.len())?;
         if let Some(h) = args.host_kv_indices
             && !h.is_empty()
         {
