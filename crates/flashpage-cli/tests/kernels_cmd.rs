@@ -82,16 +82,22 @@ fn kernels_default_set_into_a_cache() {
     let kernels: Vec<&Value> = lines.iter().filter(|l| l["type"] == "kernel").collect();
     let cases: Vec<&Value> = lines.iter().filter(|l| l["type"] == "case").collect();
     // llama3-8b and gemma2-27b, bf16 and f16: 2 decode + 1 prefill (tensor-core) variants
-    // per dtype, a merge and a cascade-fold kernel per dtype, the bandwidth probe, the append
-    // and RoPE entries of ops.cu.
-    assert_eq!(kernels.len(), 13, "{lines:?}");
+    // per dtype, each also over an e4m3fn and an e5m2 cache (x3: 18), a merge and a
+    // cascade-fold kernel per dtype, the bandwidth probe, the append and RoPE entries of
+    // ops.cu.
+    assert_eq!(kernels.len(), 25, "{lines:?}");
+    let fp8 = kernels
+        .iter()
+        .filter(|k| k["name"].as_str().is_some_and(|n| n.contains(" kv e")))
+        .count();
+    assert_eq!(fp8, 12, "{lines:?}");
     let folds = kernels
         .iter()
         .filter(|k| k["kernel"] == "cascade_fold")
         .count();
     assert_eq!(folds, 2, "{lines:?}");
     let prefill = kernels.iter().filter(|k| k["kernel"] == "prefill").count();
-    assert_eq!(prefill, 2, "{lines:?}");
+    assert_eq!(prefill, 6, "{lines:?}");
     let entries: Vec<&str> = kernels.iter().filter_map(|k| k["entry"].as_str()).collect();
     assert!(
         entries.contains(&"fp_append") && entries.contains(&"fp_rope"),

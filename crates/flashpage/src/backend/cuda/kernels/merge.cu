@@ -104,7 +104,9 @@ struct FoldParams {
     int num_qo_heads;
 };
 
-// The sink epilogue of common.cuh's sink_epilogue, for the fold's parameter block.
+// The sink epilogue of common.cuh's sink_epilogue, for the fold's parameter block. A copy on
+// purpose: sharing one body through a u64 argument gave the RoPE decode variants a 40–72-byte
+// stack frame in NVRTC 13's report (tests/nvrtc_compile.rs), so sink_epilogue reads Params.
 __device__ __forceinline__ float fold_sink(const FoldParams& p, int h, float* lse) {
     if (p.sinks == 0) {
         return 1.f;
