@@ -259,12 +259,7 @@ impl CascadePlan {
                 what: "cascade workspace",
             })
         };
-        let level = self
-            .levels
-            .iter()
-            .map(|lv| lv.plan.requirement().float.total())
-            .max()
-            .unwrap_or(0);
+        let level = self.largest_level_float();
         let mut a = AlignedAllocator::counting(BUFFER_ALIGN);
         a.alloc("levels", level)?;
         a.alloc("level_o", bytes(elems, dtype.size())?)?;
@@ -338,6 +333,16 @@ impl CascadePlan {
         Ok((image, ids))
     }
 
+    /// The largest float workspace of one level's plan: the levels run one after another
+    /// through the same region (CPU and device layouts alike).
+    fn largest_level_float(&self) -> usize {
+        self.levels
+            .iter()
+            .map(|lv| lv.plan.requirement().float.total())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The workspaces a device (CUDA) run with outputs of `dtype` needs. Every level's launches
     /// are enqueued before any completes (no host synchronisation between levels, so the
     /// whole cascade can be captured in a CUDA graph), so nothing the levels read may be
@@ -358,12 +363,7 @@ impl CascadePlan {
         let overflow = || Error::SizeOverflow {
             what: "cascade workspace",
         };
-        let level = self
-            .levels
-            .iter()
-            .map(|lv| lv.plan.requirement().float.total())
-            .max()
-            .unwrap_or(0);
+        let level = self.largest_level_float();
         let mut f = AlignedAllocator::counting(BUFFER_ALIGN);
         f.alloc("levels", level)?;
         f.alloc("level_o", so.checked_mul(n).ok_or_else(overflow)?)?;
