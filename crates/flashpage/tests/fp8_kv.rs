@@ -327,12 +327,18 @@ fn dtypes_and_scales_are_checked() {
 #[test]
 fn scales_match_a_dequantised_f32_cache() {
     let fx = fixture();
+    // Codes of magnitude below 2 (exponent field at most the bias), subnormals and zero
+    // included: the scores stay O(10), so the f32 rounding of a score (relative to the
+    // score) stays well inside the 1e-5 tolerance whichever kernel computes it. With the
+    // fixture's codes up to 7168 (E5M2) scores reach 1e4–1e5, where two f32 kernels summing
+    // in different orders differ by 1e-4 for a seed in ten. Large codes are checked against
+    // the f64 reference by the suite (`fp8.toml`).
+    let k8: Vec<u8> = fx.k8.iter().map(|&c| c & 0x3f).collect();
     let q = TensorRef::F32(&fx.q);
     let (ks, vs) = ([0.125f32, 3.0], [0.5f32, 1.0 / 3.0]);
     for f in [Fp8Format::E4M3Fn, Fp8Format::E5M2] {
         let deq = |scale: &[f32; 2]| -> Vec<f32> {
-            fx.k8
-                .iter()
+            k8.iter()
                 .enumerate()
                 .map(|(i, &c)| f.decode(c) * scale[(i / 16) % 2])
                 .collect()
@@ -355,8 +361,8 @@ fn scales_match_a_dequantised_f32_cache() {
             let mut o = vec![f32::NAN; 4 * 16];
             let mut ws = workspace::HostWorkspace::new(0).unwrap();
             let kv = KvCache::paged(
-                TensorRef::Fp8(f, &fx.k8),
-                TensorRef::Fp8(f, &fx.k8),
+                TensorRef::Fp8(f, &k8),
+                TensorRef::Fp8(f, &k8),
                 fx.strides,
                 2,
                 &fx.ids,

@@ -10,15 +10,16 @@
 //! 1. `S = Q·Kᵀ` runs over key pairs `(j, j + 16)` of the 32-key block with the heads inner,
 //!    so each pair of token rows is read from its start to its end (the two rows of a pair
 //!    are on different pages or 4 KiB blocks); a 4-row × 2-key register tile per head. q is
-//!    kept in its input type (bf16 and f16 as their bits) and the scale is applied to the
-//!    reduced scores.
+//!    widened to f32 once per work item, in K's pair order (so only K is split per step),
+//!    and the scale is applied to the reduced scores.
 //! 2. Scores are stored `s[key][row]` for all rows of the item, so the online softmax is
 //!    vertical: one register holds a score of `LANES` rows.
-//! 3. `O += P·V` runs over groups of 8 strided keys with the heads inner: a 2-row × 32-column
-//!    register tile; V addresses are each token's row base plus the head offset.
+//! 3. `O += P·V` runs over groups of 8 strided keys with the heads inner: a 4-row ×
+//!    16-column register tile (2-row × 32-column below four rows), so each V chunk is split
+//!    once for four rows; V addresses are each token's row base plus the head offset.
 //! 4. Elements are loaded in pairs of registers ([`Isa::load2`]): on AVX2 a bf16 chunk is
-//!    split into even and odd elements with one shift and one mask; q and the accumulators
-//!    use the same order, undone once when the rows are written.
+//!    split into even and odd elements with one shift and one mask; q (widened) and the
+//!    accumulators use the same order, undone once when the rows are written.
 //! 5. Prefetch: during S, the V rows of the pair being read; during P·V, the K rows of the
 //!    next block; and the first line of each token row of the next block (K and V), spread
 //!    over the pair steps, which starts the hardware streams.
@@ -47,15 +48,15 @@ pub(crate) fn eligible<E, K>(ctx: &Ctx<'_, E, K>, w: usize) -> bool {
     !ctx.rope && item.row_end > item.row_start && item.row_start / g == (item.row_end - 1) / g
 }
 
-/// `(S[r][0], S[r][1]) = (q_r·k0, q_r·k1)` for `R` q rows (stride `d`, type `Q`, in the
+/// `(S[r][0], S[r][1]) = (q_r·k0, q_r·k1)` for `R` q rows (stride `d`, f32, in the
 /// pair order of `K`) and two K rows (type `K`), unscaled.
 ///
 /// # Safety
 /// `q..q + R·d`, `k0..k0 + d` and `k1..k1 + d` readable; `d % (2·LANES) == 0`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // register arrays: explicit indices read best
-unsafe fn s_pair<I: Isa, Q: Elem, K: Elem, const R: usize>(
-    q: *const Q,
+unsafe fn s_pair<I: Isa, K: Elem, const R: usize>(
+    q: *const f32,
     d: usize,
     k0: *const K,
     k1: *const K,
@@ -70,7 +71,7 @@ unsafe fn s_pair<I: Isa, Q: Elem, K: Elem, const R: usize>(
         let (k1a, k1b) = unsafe { I::load2::<K>(k1.add(c)) };
         for r in 0..R {
             // SAFETY: as above.
-            let (qa, qb) = unsafe { I::load2::<Q>(q.add(r * d + c)) };
+            let (qa, qb) = unsafe { I::load2::<f32>(q.add(r * d + c)) };
             a[r][0] = I::fma(qa, k0a, a[r][0]);
             a[r][1] = I::fma(qa, k1a, a[r][1]);
             a[r][0] = I::fma(qb, k0b, a[r][0]);
@@ -141,15 +142,22 @@ unsafe fn pv_tile<I: Isa, E: Elem, const R: usize, const NV: usize>(
             }
         }
     }
+    debug_assert!(nb <= KEY_BLOCK && t + R <= tr && s.len() >= nb * tr);
+    let (sp, vop) = (s.as_ptr(), vo.as_ptr());
     let mut j = j0;
     while j < nb {
+        // SAFETY: j < nb <= KEY_BLOCK (vo's length); key j's scores of rows t..t + R are
+        // inside s (caller: nb rows of stride tr, t + R <= tr). Unchecked, because the
+        // bounds checks of this inner loop cost as much as its vector work.
+        let (vj, srow) = unsafe { (v.add(*vop.add(j) + c0), sp.add(j * tr + t)) };
         let mut vv = [(I::zero(), I::zero()); NV];
         for x in 0..NV {
             // SAFETY: in bounds (caller).
-            vv[x] = unsafe { I::load2::<E>(v.add(vo[j] + c0 + 2 * x * l)) };
+            vv[x] = unsafe { I::load2::<E>(vj.add(2 * x * l)) };
         }
         for r in 0..R {
-            let p = I::splat(s[j * tr + t + r]);
+            // SAFETY: r < R (above).
+            let p = I::splat(unsafe { *srow.add(r) });
             for x in 0..NV {
                 a[r][x][0] = I::fma(p, vv[x].0, a[r][x][0]);
                 a[r][x][1] = I::fma(p, vv[x].1, a[r][x][1]);
@@ -167,7 +175,8 @@ unsafe fn pv_tile<I: Isa, E: Elem, const R: usize, const NV: usize>(
     }
 }
 
-/// [`pv_tile`] over every column of `R` rows: chunks of `4·LANES`, then a `2·LANES` tail.
+/// [`pv_tile`] over every column of `R` rows: chunks of `2·LANES` for four rows; below
+/// that, chunks of `4·LANES`, then a `2·LANES` tail.
 ///
 /// # Safety
 /// As [`pv_tile`] for all columns.
@@ -188,8 +197,16 @@ unsafe fn pv_rows<I: Isa, E: Elem, const R: usize>(
 ) {
     let w = 4 * I::LANES;
     let mut c0 = 0;
-    // SAFETY (both calls): columns c0.. in bounds (loop conditions; d % (2·LANES) == 0).
+    // SAFETY (all calls): columns c0.. in bounds (loop conditions; d % (2·LANES) == 0).
     unsafe {
+        if R >= 4 {
+            // Four rows: one V chunk of 2·LANES per key feeds 8 accumulators.
+            while c0 < d {
+                pv_tile::<I, E, R, 1>(acc, d, corr, s, tr, t, v, vo, j0, stride, nb, c0);
+                c0 += 2 * I::LANES;
+            }
+            return;
+        }
         while c0 + w <= d {
             pv_tile::<I, E, R, 2>(acc, d, corr, s, tr, t, v, vo, j0, stride, nb, c0);
             c0 += w;
@@ -272,13 +289,9 @@ pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
     let i = item.row_start / g;
     let qpos = i as i64 + req.kv_len as i64 - req.qo_len as i64;
 
-    // q rows in their input type (pair order comes from `load2` on both sides) when K has
-    // q's type; widened to f32 (natural order, as every FP8 `load2`) for an FP8 cache.
-    let same = K::DTYPE == E::DTYPE;
-    let half = same && size_of::<E>() == 2;
-    if half {
-        sc.qb.resize(trows * d, 0);
-    }
+    // q rows widened to f32 once per item, each element where `load2` puts K's element of
+    // the same column (AVX2 bf16: even columns, then odd, per 16): the S loop then splits
+    // only K, and q comes from L1 as plain f32 loads.
     // Per tile row: the score scale, `sm_scale · k_scale` of the row's KV head (padding
     // rows keep `sm_scale`; their scores are 0 and never read).
     sc.kscale.clear();
@@ -288,14 +301,9 @@ pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
         let hh = kvh * g + (item.row_start + p) % g;
         let off = ctx.q_off(req.qo_start + i, hh);
         let src = &ctx.q[off..off + d];
-        if half {
-            sc.qb[t * d..(t + 1) * d].copy_from_slice(bytemuck::cast_slice::<E, u16>(src));
-        } else if same {
-            sc.q[t * d..(t + 1) * d].copy_from_slice(bytemuck::cast_slice::<E, f32>(src));
-        } else {
-            for (x, y) in sc.q[t * d..(t + 1) * d].iter_mut().zip(src) {
-                *x = y.to_f32();
-            }
+        let row = &mut sc.q[t * d..(t + 1) * d];
+        for (c, y) in src.iter().enumerate() {
+            row[I::load2_position::<K>(c)] = y.to_f32();
         }
         sc.kscale[t] = ctx.sm_scale * ctx.k_scale[kvh];
         sc.qrow[t] = off;
@@ -306,11 +314,6 @@ pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
             0.0
         };
     }
-    let qp: *const E = if half {
-        sc.qb.as_ptr() as *const E
-    } else {
-        sc.q.as_ptr() as *const E
-    };
     let qf: *const f32 = sc.q.as_ptr();
 
     let hi = if ctx.causal {
@@ -375,30 +378,17 @@ pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
                 while r0 < rows {
                     let left = rows - r0;
                     // SAFETY: q holds trows rows of d; rows t0 + r0.. exist.
-                    let (q, q32) = unsafe { (qp.add((t0 + r0) * d), qf.add((t0 + r0) * d)) };
-                    // SAFETY (all six calls): the rows read (four, two or one) and both K
-                    // rows are readable; q32 is used when q was widened (`!same`).
+                    let q = unsafe { qf.add((t0 + r0) * d) };
+                    // SAFETY (all three calls): the rows read (four, two or one) and both K
+                    // rows are readable.
                     let (n, out): (usize, [[f32; 2]; 4]) = unsafe {
                         if left >= 4 {
-                            let x = if same {
-                                s_pair::<I, E, K, 4>(q, d, k0, k1)
-                            } else {
-                                s_pair::<I, f32, K, 4>(q32, d, k0, k1)
-                            };
-                            (4, x)
+                            (4, s_pair::<I, K, 4>(q, d, k0, k1))
                         } else if left >= 2 {
-                            let x = if same {
-                                s_pair::<I, E, K, 2>(q, d, k0, k1)
-                            } else {
-                                s_pair::<I, f32, K, 2>(q32, d, k0, k1)
-                            };
+                            let x = s_pair::<I, K, 2>(q, d, k0, k1);
                             (2, [x[0], x[1], [0.0; 2], [0.0; 2]])
                         } else {
-                            let x = if same {
-                                s_pair::<I, E, K, 1>(q, d, k0, k1)
-                            } else {
-                                s_pair::<I, f32, K, 1>(q32, d, k0, k1)
-                            };
+                            let x = s_pair::<I, K, 1>(q, d, k0, k1);
                             (1, [x[0], [0.0; 2], [0.0; 2], [0.0; 2]])
                         }
                     };
@@ -577,7 +567,10 @@ pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
                     // SAFETY: rows t.. of acc exist; keys below nb were checked with every
                     // head of the range by block_offsets.
                     unsafe {
-                        if rows - r0 >= 2 {
+                        if rows - r0 >= 4 {
+                            pv_rows::<I, K, 4>(a, d, cr, s, tr, t, vbase, &vo, gi, stride, nb);
+                            r0 += 4;
+                        } else if rows - r0 >= 2 {
                             pv_rows::<I, K, 2>(a, d, cr, s, tr, t, vbase, &vo, gi, stride, nb);
                             r0 += 2;
                         } else {
