@@ -48,7 +48,7 @@ pub(crate) fn eligible<E, K>(ctx: &Ctx<'_, E, K>, w: usize) -> bool {
     !ctx.rope && item.row_end > item.row_start && item.row_start / g == (item.row_end - 1) / g
 }
 
-/// `(S[r][0], S[r][1]) = (q_r·k0, q_r·k1)` for `R` q rows (stride `d`, f32, in the
+/// `([q_r·k0]_r, [q_r·k1]_r)` (key-major) for `R` q rows (stride `d`, f32, in the
 /// pair order of `K`) and two K rows (type `K`), unscaled.
 ///
 /// # Safety
@@ -60,7 +60,7 @@ unsafe fn s_pair<I: Isa, K: Elem, const R: usize>(
     d: usize,
     k0: *const K,
     k1: *const K,
-) -> [[f32; 2]; R] {
+) -> [[f32; R]; 2] {
     let l = I::LANES;
     let mut a = [[I::zero(); 2]; R];
     let mut c = 0;
@@ -79,27 +79,35 @@ unsafe fn s_pair<I: Isa, K: Elem, const R: usize>(
         }
         c += 2 * l;
     }
-    let mut out = [[0.0; 2]; R];
+    let mut out = [[0.0; R]; 2];
     match R {
         4 => {
             let x = I::reduce_add4([a[0][0], a[1][0], a[2][0], a[3][0]]);
             let y = I::reduce_add4([a[0][1], a[1][1], a[2][1], a[3][1]]);
-            for r in 0..4 {
-                out[r] = [x[r], y[r]];
-            }
+            out[0].copy_from_slice(&x);
+            out[1].copy_from_slice(&y);
         }
         2 => {
             let x = I::reduce_add4([a[0][0], a[1][0], a[0][1], a[1][1]]);
-            out[0] = [x[0], x[2]];
-            out[1] = [x[1], x[3]];
+            out[0].copy_from_slice(&x[..2]);
+            out[1].copy_from_slice(&x[2..]);
         }
         _ => {
             for r in 0..R {
-                out[r] = [I::reduce_add(a[r][0]), I::reduce_add(a[r][1])];
+                out[0][r] = I::reduce_add(a[r][0]);
+                out[1][r] = I::reduce_add(a[r][1]);
             }
         }
     }
     out
+}
+
+/// Stores the scores of `R` consecutive rows from `at` for keys `j` and `j1` (key-major
+/// score rows of stride `tr`): one contiguous run per key.
+#[inline(always)]
+fn put<const R: usize>(s: &mut [f32], tr: usize, j: usize, j1: usize, at: usize, o: [[f32; R]; 2]) {
+    s[j * tr + at..j * tr + at + R].copy_from_slice(&o[0]);
+    s[j1 * tr + at..j1 * tr + at + R].copy_from_slice(&o[1]);
 }
 
 /// `acc[r] = corr[r]·acc[r] (first group only) + Σ_u p[j_u][r]·v_{j_u}` for `R` rows over
@@ -379,23 +387,19 @@ pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
                     let left = rows - r0;
                     // SAFETY: q holds trows rows of d; rows t0 + r0.. exist.
                     let q = unsafe { qf.add((t0 + r0) * d) };
+                    // Four, two or one rows per tile.
+                    let n = if left >= 4 { 4 } else { left.min(2) };
+                    let at = t0 + r0;
                     // SAFETY (all three calls): the rows read (four, two or one) and both K
                     // rows are readable.
-                    let (n, out): (usize, [[f32; 2]; 4]) = unsafe {
-                        if left >= 4 {
-                            (4, s_pair::<I, K, 4>(q, d, k0, k1))
-                        } else if left >= 2 {
-                            let x = s_pair::<I, K, 2>(q, d, k0, k1);
-                            (2, [x[0], x[1], [0.0; 2], [0.0; 2]])
+                    unsafe {
+                        if n == 4 {
+                            put(s, tr, j, j1, at, s_pair::<I, K, 4>(q, d, k0, k1));
+                        } else if n == 2 {
+                            put(s, tr, j, j1, at, s_pair::<I, K, 2>(q, d, k0, k1));
                         } else {
-                            let x = s_pair::<I, K, 1>(q, d, k0, k1);
-                            (1, [x[0], [0.0; 2], [0.0; 2], [0.0; 2]])
+                            put(s, tr, j, j1, at, s_pair::<I, K, 1>(q, d, k0, k1));
                         }
-                    };
-                    for (r, x) in out.iter().enumerate().take(n) {
-                        let t = t0 + r0 + r;
-                        s[j * tr + t] = x[0];
-                        s[j1 * tr + t] = x[1];
                     }
                     r0 += n;
                 }
