@@ -242,8 +242,17 @@ fn check_outputs(
         if l == f32::NEG_INFINITY {
             return Err(format!("{at}: spurious empty row (reference lse {rl})"));
         }
-        // The kernels' LSE is f32: a reference LSE past the f32 range is an infinity.
-        if l.is_finite() != (rl as f32).is_finite() {
+        // The kernels' LSE is f32: a reference LSE above the f32 range is `+inf`. Below it,
+        // `-inf` would say "no key" (guarantee 4 forbids that when keys are visible): every
+        // visible logit is then below `-f32::MAX`, each maps to `-f32::MAX`
+        // (docs/numerics.md), and so does the LSE, up to the `ln` of the key count.
+        if rl < -(f32::MAX as f64) {
+            if !l.is_finite() || l > -f32::MAX / 2.0 {
+                return Err(format!(
+                    "{at}: lse {l}, reference {rl} (below the f32 range: want -f32::MAX)"
+                ));
+            }
+        } else if l.is_finite() != (rl as f32).is_finite() {
             return Err(format!("{at}: lse {l}, reference {rl}"));
         }
         for (c, (&x, &y)) in row.iter().zip(rrow).enumerate() {
@@ -357,6 +366,39 @@ mod tests {
         for level in SimdLevel::available() {
             let cpu = CpuBackend::with_simd(1, level).unwrap();
             let (o, lse) = data.run_on(&cpu, &PlanConfig::with_parallelism(1)).unwrap();
+            check_outputs(level.name(), &data, false, &o, &lse, &r).unwrap();
+        }
+    }
+
+    #[test]
+    fn logits_below_the_f32_range_give_the_lowest_finite_lse_not_an_empty_row() {
+        // q > 0, every K element -1e10, scale 1e30: every logit is near -1e40, below the f32
+        // range. The reference's LSE is a finite f64 below -f32::MAX; the kernels map each
+        // logit to -f32::MAX, so the row is not empty and its LSE is -f32::MAX.
+        let heads = HeadConfig::new(2, 1, 16).unwrap();
+        let mut spec = CaseSpec::decode("low-logits", heads, 4, 1, 5, DType::F32);
+        spec.requests = vec![(1, 5)];
+        spec.options.sm_scale = Some(1e30);
+        spec.options.pos_encoding = PosEncoding::Alibi;
+        let mut data = spec.materialise(5).unwrap();
+        let q: Vec<f64> = data.q.view().to_f64_vec().iter().map(|x| x + 0.5).collect();
+        data.q = Tensor::from_f64(DType::F32, &q);
+        let k = vec![-1e10; data.k.len()];
+        data.k = Tensor::from_f64(DType::F32, &k);
+        let r = data.reference().unwrap();
+        assert!(
+            r.lse
+                .iter()
+                .all(|&l| l.is_finite() && l < -(f32::MAX as f64))
+        );
+        for level in SimdLevel::available() {
+            let cpu = CpuBackend::with_simd(1, level).unwrap();
+            let (o, lse) = data.run_on(&cpu, &PlanConfig::with_parallelism(1)).unwrap();
+            assert!(
+                lse.iter().all(|&l| l == -f32::MAX),
+                "{}: {lse:?}",
+                level.name()
+            );
             check_outputs(level.name(), &data, false, &o, &lse, &r).unwrap();
         }
     }
