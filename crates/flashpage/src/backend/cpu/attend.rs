@@ -438,6 +438,14 @@ pub(crate) fn attend<I: Isa, E: Elem, K: Elem, B: Bf16Tiles>(
         lo_all = lo_all.min(lo);
         hi_all = hi_all.max(hi);
     }
+    if !direct && prefill::packed::<I>() {
+        // Each head's q rows packed once per tile for the S steps (`prefill::pack_q`).
+        sc.qt.resize(trows * d, 0.0);
+        for hi in 0..nh {
+            let span = hi * rows * d..(hi + 1) * rows * d;
+            prefill::pack_q::<I>(&sc.q[span.clone()], d, rows, &mut sc.qt[span]);
+        }
+    }
     let lo_min = sc.lo[..trows].iter().copied().max().unwrap_or(0);
     let hi_min = sc.hi[..trows].iter().copied().min().unwrap_or(-1);
     let start = (item.kv_start as i64).max(lo_all).max(0) as usize;
@@ -562,8 +570,10 @@ pub(crate) fn attend<I: Isa, E: Elem, K: Elem, B: Bf16Tiles>(
                 if prefill::packed::<I>() {
                     // The block's K rows as a transposed panel, and S on it (`prefill.rs`).
                     prefill::pack_kt(&sc.k, nb, d, &mut sc.kt);
-                    // SAFETY: q holds rows·d, kt d·KEY_BLOCK (pack_kt), s rows·KEY_BLOCK.
-                    unsafe { prefill::s_packed::<I>(q, d, rows, &sc.kt, s) };
+                    let qt = &sc.qt[t0 * d..(t0 + rows) * d];
+                    // SAFETY: qt holds rows·d (packed above), kt d·KEY_BLOCK (pack_kt), s
+                    // rows·KEY_BLOCK.
+                    unsafe { prefill::s_packed::<I>(qt, d, rows, &sc.kt, s) };
                 } else {
                     let mut kp = [sc.k.as_ptr(); KEY_BLOCK];
                     for (j, p) in kp.iter_mut().enumerate() {

@@ -182,6 +182,8 @@ impl<E, K> Ctx<'_, E, K> {
 /// Per-thread scratch of the tile kernel.
 pub(crate) struct Scratch {
     pub(crate) q: Vec<f32>,
+    /// q rows packed per head for the prefill S steps (`prefill::pack_q`).
+    pub(crate) qt: Vec<f32>,
     /// q rows as bf16 bits (the bf16 dot-product path).
     pub(crate) qb: Vec<u16>,
     pub(crate) k: Vec<f32>,
@@ -218,6 +220,7 @@ impl Default for Scratch {
     fn default() -> Self {
         Scratch {
             q: Vec::new(),
+            qt: Vec::new(),
             qb: Vec::new(),
             k: Vec::new(),
             v: Vec::new(),

@@ -147,7 +147,7 @@ pub(crate) fn merge<E: Elem, K: Elem>(
 /// The CPU must support the AVX2 level.
 #[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_avx2(f: impl FnOnce()) {
+pub(super) unsafe fn run_avx2(f: impl FnOnce()) {
     f()
 }
 

@@ -7,6 +7,11 @@
 //! - [`pack_kt`] transposes the widened K rows into a panel `kt[c·KEY_BLOCK + j]` (keys
 //!   contiguous), once per (block, head), with 8×8 register transposes where the CPU has
 //!   AVX (scalar copies elsewhere); keys past the block's end are zero.
+//! - [`pack_q`] stores a tile's q rows (one head) in groups of `R` rows, each group
+//!   column-major (`R` values of column `c` together), once per tile: the S steps then
+//!   broadcast from one pointer at constant offsets. With the rows at a run-time stride `d`
+//!   the compiler kept the stride on the stack and reloaded it for every broadcast (5 extra
+//!   loads per 12 FMAs on a core that sustains about one 256-bit load per cycle).
 //! - [`s_packed`] computes `S` as a small GEMM on that panel: an `R × 2` register tile of
 //!   `R` q rows by two vectors of keys, each step one broadcast of `q[r][c]` per row and two
 //!   panel loads for `2·R` FMAs, no horizontal reductions (`R` = 6 with 16 registers: 12
@@ -124,71 +129,109 @@ unsafe fn pack_kt_avx(k: &[f32], nb: usize, d: usize, kt: &mut [f32]) {
     }
 }
 
-/// `s[r·KEY_BLOCK + j] = q_r · k_j` for all `rows` q rows (f32, stride `d`) and all
-/// `KEY_BLOCK` keys of the panel `kt` ([`pack_kt`]; keys past the block's end give 0).
-///
-/// # Safety
-/// `q` holds `rows·d`, `kt` `d·KEY_BLOCK`, `s` `rows·KEY_BLOCK` values; `KEY_BLOCK` is a
-/// multiple of `2·I::LANES`.
-#[inline(always)]
-pub(crate) unsafe fn s_packed<I: Isa>(q: &[f32], d: usize, rows: usize, kt: &[f32], s: &mut [f32]) {
-    debug_assert!(q.len() >= rows * d && kt.len() >= d * KEY_BLOCK && s.len() >= rows * KEY_BLOCK);
-    let r = tile_rows(I::LANES);
-    let mut r0 = 0;
-    // SAFETY (all calls): rows r0..r0 + R exist in q and s (loop bounds), kt as the caller.
-    unsafe {
-        while r0 + r <= rows {
-            if r == 8 {
-                s_rows::<I, 8>(q, d, r0, kt, s);
-            } else {
-                s_rows::<I, 6>(q, d, r0, kt, s);
-            }
-            r0 += r;
-        }
-        let rest = rows - r0;
-        if rest >= 4 {
-            s_rows::<I, 4>(q, d, r0, kt, s);
-            r0 += 4;
-        }
-        if rows - r0 >= 2 {
-            s_rows::<I, 2>(q, d, r0, kt, s);
-            r0 += 2;
-        }
-        if rows - r0 == 1 {
-            s_rows::<I, 1>(q, d, r0, kt, s);
-        }
+/// Rows of the S tile that starts `left` rows before the end of a head's rows: whole
+/// register tiles ([`tile_rows`]), then 4, 2 and 1 ([`s_packed`] and [`pack_q`] agree on
+/// it).
+const fn group_rows(lanes: usize, left: usize) -> usize {
+    let r = tile_rows(lanes);
+    if left >= r {
+        r
+    } else if left >= 4 {
+        4
+    } else if left >= 2 {
+        2
+    } else {
+        1
     }
 }
 
-/// Rows `r0..r0 + R` of [`s_packed`], two key vectors at a time.
+/// Packs `rows` q rows (f32, stride `d`) for [`s_packed`]: the rows in groups of
+/// [`group_rows`], group `r0..r0 + n` at `qt[r0·d..(r0 + n)·d]`, column-major
+/// (`qt[r0·d + c·n + r] = q[(r0 + r)·d + c]`).
+///
+/// # Panics
+/// If `q` or `qt` holds fewer than `rows·d` values.
+pub(crate) fn pack_q<I: Isa>(q: &[f32], d: usize, rows: usize, qt: &mut [f32]) {
+    let (q, qt) = (&q[..rows * d], &mut qt[..rows * d]);
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = group_rows(I::LANES, rows - r0);
+        let dst = &mut qt[r0 * d..(r0 + n) * d];
+        for r in 0..n {
+            let src = &q[(r0 + r) * d..(r0 + r + 1) * d];
+            for (c, &x) in src.iter().enumerate() {
+                dst[c * n + r] = x;
+            }
+        }
+        r0 += n;
+    }
+}
+
+/// `s[r·KEY_BLOCK + j] = q_r · k_j` for all `rows` q rows (packed by [`pack_q`] into `qt`)
+/// and all `KEY_BLOCK` keys of the panel `kt` ([`pack_kt`]; keys past the block's end give
+/// 0).
 ///
 /// # Safety
-/// As [`s_packed`], with `r0 + R ≤ rows`.
+/// `qt` holds `rows·d`, `kt` `d·KEY_BLOCK`, `s` `rows·KEY_BLOCK` values; `KEY_BLOCK` is a
+/// multiple of `2·I::LANES`.
+#[inline(always)]
+pub(crate) unsafe fn s_packed<I: Isa>(
+    qt: &[f32],
+    d: usize,
+    rows: usize,
+    kt: &[f32],
+    s: &mut [f32],
+) {
+    debug_assert!(qt.len() >= rows * d && kt.len() >= d * KEY_BLOCK && s.len() >= rows * KEY_BLOCK);
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = group_rows(I::LANES, rows - r0);
+        // SAFETY (all calls): rows r0..r0 + n exist in qt and s (group_rows), kt as the
+        // caller.
+        unsafe {
+            match n {
+                8 => s_rows::<I, 8>(qt, d, r0, kt, s),
+                6 => s_rows::<I, 6>(qt, d, r0, kt, s),
+                4 => s_rows::<I, 4>(qt, d, r0, kt, s),
+                2 => s_rows::<I, 2>(qt, d, r0, kt, s),
+                _ => s_rows::<I, 1>(qt, d, r0, kt, s),
+            }
+        }
+        r0 += n;
+    }
+}
+
+/// Rows `r0..r0 + R` of [`s_packed`] (one [`pack_q`] group), two key vectors at a time.
+///
+/// # Safety
+/// As [`s_packed`], with rows `r0..r0 + R` one group of `qt`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // register arrays: explicit indices read best
 unsafe fn s_rows<I: Isa, const R: usize>(
-    q: &[f32],
+    qt: &[f32],
     d: usize,
     r0: usize,
     kt: &[f32],
     s: &mut [f32],
 ) {
     let l = I::LANES;
-    let qp = q.as_ptr();
+    let qg = qt.as_ptr().wrapping_add(r0 * d);
     let mut j0 = 0;
     while j0 < KEY_BLOCK {
         let mut acc = [[I::zero(); 2]; R];
         let mut kp = kt.as_ptr().wrapping_add(j0);
-        for c in 0..d {
+        let mut qp = qg;
+        for _ in 0..d {
             // SAFETY: column c < d of the panel, keys j0..j0 + 2·LANES <= KEY_BLOCK.
             let (k0, k1) = unsafe { (I::load::<f32>(kp), I::load::<f32>(kp.add(l))) };
             for r in 0..R {
-                // SAFETY: row r0 + r < rows, column c < d.
-                let qv = I::splat(unsafe { *qp.add((r0 + r) * d + c) });
+                // SAFETY: qp = qg + c·R for column c < d: row r of column c of the group.
+                let qv = I::splat(unsafe { *qp.add(r) });
                 acc[r][0] = I::fma(qv, k0, acc[r][0]);
                 acc[r][1] = I::fma(qv, k1, acc[r][1]);
             }
             kp = kp.wrapping_add(KEY_BLOCK);
+            qp = qp.wrapping_add(R);
         }
         for r in 0..R {
             let dst = s.as_mut_ptr().wrapping_add((r0 + r) * KEY_BLOCK + j0);
@@ -384,6 +427,49 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `s_packed` on q packed by `pack_q` gives every dot product (f64 check), for every
+    /// row count up to three tiles and its tail groups, at the portable level and AVX2.
+    fn check_s_packed<I: Isa>() {
+        let d = 16;
+        for rows in 1..=19 {
+            let q: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 7 % 13) as f32) * 0.25 - 1.5)
+                .collect();
+            let k: Vec<f32> = (0..KEY_BLOCK * d)
+                .map(|i| ((i * 5 % 11) as f32) * 0.5 - 2.0)
+                .collect();
+            let mut kt = Vec::new();
+            pack_kt(&k, KEY_BLOCK, d, &mut kt);
+            let mut qt = vec![f32::NAN; rows * d];
+            pack_q::<I>(&q, d, rows, &mut qt);
+            let mut s = vec![f32::NAN; rows * KEY_BLOCK];
+            // SAFETY: sizes as s_packed asks; KEY_BLOCK is a multiple of 2·LANES.
+            unsafe { s_packed::<I>(&qt, d, rows, &kt, &mut s) };
+            for r in 0..rows {
+                for j in 0..KEY_BLOCK {
+                    let want: f64 = (0..d)
+                        .map(|c| q[r * d + c] as f64 * k[j * d + c] as f64)
+                        .sum();
+                    assert_eq!(s[r * KEY_BLOCK + j] as f64, want, "rows {rows} ({r}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn s_packed_computes_every_score_of_packed_q() {
+        check_s_packed::<crate::backend::cpu::simd::Scalar>();
+        #[cfg(target_arch = "x86_64")]
+        if crate::backend::cpu::SimdLevel::Avx2.is_available() {
+            // SAFETY: AVX2 and FMA detected just above.
+            unsafe {
+                crate::backend::cpu::dispatch::run_avx2(
+                    check_s_packed::<crate::backend::cpu::simd::Avx2>,
+                )
+            };
         }
     }
 }
