@@ -47,6 +47,7 @@ static inline unsigned __float_as_uint(float f) {
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline void fpo_sincos(double x, double* s, double* c) {
     *s = std::sin(x);
     *c = std::cos(x);
@@ -82,7 +83,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     OpsParams p;
-    static_assert(sizeof(OpsParams) == 1240, "OpsParams layout");
+    static_assert(sizeof(OpsParams) == 2264, "OpsParams layout");
     if (!read_exact(in, &p, sizeof p)) {
         return 3;
     }

@@ -2,14 +2,15 @@
 //! parameter block the backend launches: random batches with shuffled pages, both layouts,
 //! split / combined / padded caches, strided (fused QKV) inputs, every input × cache dtype,
 //! both append forms (CSR and FlashInfer's per-row), RoPE in both conventions under every
-//! scaling with explicit positions. Each run is compared bit for bit with the CPU op on the
+//! scaling with explicit positions, FP8 caches (e4m3fn, e5m2) with per-tensor or per-head
+//! scales and FP8 rows. Each run is compared bit for bit with the CPU op on the
 //! same inputs over the **whole** cache (so every byte outside the written slots is
 //! untouched, as the CPU op leaves it), every written slot is checked to differ from its
 //! poison, and rotated values are compared with the f64 oracle (`rope_reference`).
 #![cfg(feature = "cuda")]
 
 use flashpage::backend::cuda::ops::{
-    OpsArrays, OpsCache, OpsParams, OpsRows, append_params, rope_params,
+    OpsArrays, OpsCache, OpsParams, OpsRows, append_params, append_params_scaled, rope_params,
 };
 use flashpage::ops::append::{
     AppendAt, AppendBatch, AppendRope, AppendTargets, KvCacheMut, append_kv, append_kv_at,
@@ -66,15 +67,33 @@ fn ropes() -> Vec<Rope> {
     v
 }
 
-/// Absolute tolerance against the f64 oracle for values of magnitude <= ~3.3.
+/// Absolute tolerance against the f64 oracle for values of magnitude <= ~3.3 (the FP8
+/// dtypes: [`close`]).
 fn tol(d: DType) -> f64 {
     match d {
         DType::F32 => 2e-5,
         DType::F16 => 4e-3,
         DType::BF16 => 3e-2,
-        // Never drawn: the CUDA ops refuse FP8 (`fp8_is_refused_by_the_cuda_ops`).
         DType::E4M3Fn | DType::E5M2 => 0.0,
     }
+}
+
+/// Whether a stored value `got` (decoded, before its `scale`) is the oracle's `want` within
+/// the rounding of `dt` (and of `src`, the rows' dtype): for FP8 half a unit in the last
+/// place relative (2^-4 for e4m3fn's 3 mantissa bits, 2^-3 for e5m2's 2) plus half the
+/// subnormal quantum, times the scale.
+fn close(dt: DType, src: DType, got: f64, want: f64, scale: f64) -> bool {
+    let err = (got * scale - want).abs();
+    match dt {
+        DType::E4M3Fn => err <= want.abs() * 0.0625 + scale * 2f64.powi(-10) + tol(src),
+        DType::E5M2 => err <= want.abs() * 0.125 + scale * 2f64.powi(-17) + tol(src),
+        _ => err <= tol(dt).max(tol(src)),
+    }
+}
+
+/// Every dtype the ops take: the float dtypes and the FP8 ones.
+fn all_dtypes() -> impl Iterator<Item = DType> {
+    DType::ALL.into_iter().chain(DType::FP8)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -202,6 +221,23 @@ fn check_append(
     let k0 = poison(dst_dt, kn);
     let v0 = vn.map(|n| poison(dst_dt, n));
     let positions: Vec<i32> = (0..nnz).map(|_| rng.below(100_000) as i32).collect();
+    // An FP8 cache: scales per tensor or per KV head in [0.25, 1.25), or none (scale 1).
+    let scales: Option<(Vec<f32>, Vec<f32>)> = (dst_dt.is_fp8() && rng.below(4) != 0).then(|| {
+        let n = if rng.below(2) == 0 { 1 } else { hk };
+        let mut draw = || -> Vec<f32> {
+            (0..n)
+                .map(|_| (0.75 + 0.5 * rng.uniform()) as f32)
+                .collect()
+        };
+        (draw(), draw())
+    });
+    let (k_scale, v_scale) = match &scales {
+        Some((k, v)) => (Some(&k[..]), Some(&v[..])),
+        None => (None, None),
+    };
+    let head_scale = |s: Option<&[f32]>, h: usize| -> f64 {
+        s.map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[h] } as f64)
+    };
     let batch_indices: Vec<i32> = c.targets.iter().map(|&(r, _)| r as i32).collect();
     let target_pos: Vec<i32> = c.targets.iter().map(|&(_, p)| p as i32).collect();
     let csr = AppendBatch::from_builder(&c.batch);
@@ -228,10 +264,13 @@ fn check_append(
     {
         let k_rows = Rows::strided(src.view(), nnz, hk, d, row, d).unwrap();
         let v_rows = Rows::strided(from(src.view(), hk * d), nnz, hk, d, row, d).unwrap();
-        let cache = match vc.as_mut() {
+        let mut cache = match vc.as_mut() {
             Some(v) => KvCacheMut::split_strided(kc.view_mut(), v.view_mut(), ks, vs, ps, c.np),
             None => KvCacheMut::shared(kc.view_mut(), kb, ks, vb, vs, ps, c.np),
         };
+        if let (Some(k), Some(v)) = (k_scale, v_scale) {
+            cache = cache.with_scales(k, v);
+        }
         if per_row {
             append_kv_at(&at, k_rows, v_rows, cache, rope_arg).unwrap();
         } else {
@@ -280,11 +319,12 @@ fn check_append(
             (false, false) => (0, 0),
         },
     };
-    let p: OpsParams = append_params(
+    let p: OpsParams = append_params_scaled(
         targets,
         &rows_of(0),
         &rows_of(hk * d),
         &cache,
+        (k_scale, v_scale),
         rope_arg.as_ref(),
         &arrays,
     )
@@ -355,17 +395,18 @@ fn check_append(
             }
             let ko = slot_off(ks, kb, page, slot, h);
             let vo = slot_off(vs, vb, page, slot, h);
+            let (sk, sv) = (head_scale(k_scale, h), head_scale(v_scale, h));
             for e in 0..d {
                 let got = kf[ko + e];
                 assert!(
-                    (got - x[e]).abs() <= tol(dst_dt).max(tol(src_dt)),
-                    "{label}: K row {t} head {h} elem {e}: {got} vs oracle {}",
+                    close(dst_dt, src_dt, got, x[e], sk),
+                    "{label}: K row {t} head {h} elem {e}: {got} (scale {sk}) vs oracle {}",
                     x[e]
                 );
                 let want_v = sf[t * row + hk * d + h * d + e];
                 assert!(
-                    (vf[vo + e] - want_v).abs() <= tol(dst_dt),
-                    "{label}: V row {t} head {h} elem {e}: {} vs {want_v}",
+                    close(dst_dt, DType::F32, vf[vo + e], want_v, sv),
+                    "{label}: V row {t} head {h} elem {e}: {} (scale {sv}) vs {want_v}",
                     vf[vo + e]
                 );
             }
@@ -385,8 +426,8 @@ fn emulated_append_matches_cpu_op_and_oracle() {
     ];
     let ropes = ropes();
     let mut i = 0u64;
-    for src_dt in DType::ALL {
-        for dst_dt in DType::ALL {
+    for src_dt in all_dtypes() {
+        for dst_dt in all_dtypes() {
             for per_row in [false, true] {
                 let s = seed(i);
                 let mut rng = Rng::new(s);
@@ -444,8 +485,8 @@ fn emulated_append_matches_cpu_op_and_oracle() {
 fn emulated_rope_matches_cpu_op_and_oracle() {
     let emu = OpsEmulator::new("rope").unwrap_or_else(|e| panic!("{e}"));
     for (j, r) in ropes().iter().enumerate() {
-        for dt in DType::ALL {
-            let s = seed(j as u64 * 7 + dt.size() as u64);
+        for (n, dt) in all_dtypes().enumerate() {
+            let s = seed(j as u64 * 7 + n as u64);
             let mut rng = Rng::new(s);
             let tokens = 1 + rng.below(6);
             let heads = 1 + rng.below(4);
@@ -495,7 +536,7 @@ fn emulated_rope_matches_cpu_op_and_oracle() {
                     }
                     for e in 0..d {
                         assert!(
-                            (of[o + e] - want[e]).abs() <= tol(dt),
+                            close(dt, dt, of[o + e], want[e], 1.0),
                             "{label}: row {t} head {h} elem {e}: {} vs {}",
                             of[o + e],
                             want[e]
@@ -639,16 +680,19 @@ fn device_parameters_refuse_what_the_host_op_refuses() {
     assert!(e.is_err());
 }
 
-/// The CUDA append and RoPE refuse an FP8 cache or input with `Unsupported` naming the
-/// dtype (their kernels read and write f32, f16 and bf16; an FP8 byte read as one of them
-/// would be misread), before any parameter block exists.
+/// FP8 scales are checked by the device builder as the host op checks them (same typed
+/// errors naming the field: scales with a float cache, a count that is neither 1 nor
+/// num_kv_heads, a non-positive value), and more per-head values than the kernel's
+/// parameter block holds is `Unsupported` naming the scale.
 #[test]
-fn fp8_is_refused_by_the_cuda_ops() {
-    let (ps, np, hk, d) = (4, 2, 1, 16);
-    let mut b = BatchBuilder::new(ps).unwrap();
-    b.push(1, 1, &[1]).unwrap();
-    let csr = AppendBatch::from_builder(&b);
-    let rows = |dtype| OpsRows {
+fn fp8_scales_are_checked_as_the_host_op_checks_them() {
+    let (ps, np, d) = (4, 2, 16);
+    let geometry = |hk: usize| {
+        let mut b = BatchBuilder::new(ps).unwrap();
+        b.push(1, 1, &[1]).unwrap();
+        (b, KvStrides::dense(KvLayout::Nhd, ps, hk, d))
+    };
+    let rows = |dtype, hk: usize| OpsRows {
         addr: 0,
         len: hk * d,
         dtype,
@@ -658,8 +702,7 @@ fn fp8_is_refused_by_the_cuda_ops() {
         row_stride: hk * d,
         head_stride: d,
     };
-    let st = KvStrides::dense(KvLayout::Nhd, ps, hk, d);
-    let cache = |dtype| OpsCache {
+    let cache = |dtype, hk: usize, st| OpsCache {
         k_addr: 0,
         k_len: np * ps * hk * d,
         v: Some((0, np * ps * hk * d)),
@@ -671,6 +714,9 @@ fn fp8_is_refused_by_the_cuda_ops() {
         page_size: ps,
         num_pages: np,
     };
+    let hk = 2;
+    let (b, st) = geometry(hk);
+    let csr = AppendBatch::from_builder(&b);
     let a = |v: &[i32]| (0u64, v.len());
     let arrays = OpsArrays {
         append_indptr: a(csr.append_indptr),
@@ -680,29 +726,75 @@ fn fp8_is_refused_by_the_cuda_ops() {
         ..Default::default()
     };
     let t = AppendTargets::Csr(&csr);
-    // The float cache is accepted: the refusals below are the fp8 dtypes'.
-    append_params(
-        t,
-        &rows(DType::F32),
-        &rows(DType::F32),
-        &cache(DType::BF16),
+    let one = [0.5f32];
+    let per_head = [0.5f32, 2.0];
+    for (dt, k_scale, v_scale) in [
+        (DType::BF16, &one[..], &one[..]),
+        (DType::E4M3Fn, &[0.5, 1.0, 2.0][..], &one[..]),
+        (DType::E5M2, &one[..], &[0.0][..]),
+        (DType::E4M3Fn, &per_head[..], &[f32::NAN][..]),
+    ] {
+        let dev = append_params_scaled(
+            t,
+            &rows(DType::F32, hk),
+            &rows(DType::F32, hk),
+            &cache(dt, hk, st),
+            (Some(k_scale), Some(v_scale)),
+            None,
+            &arrays,
+        )
+        .unwrap_err();
+        let (kn, vn) = (vec![1.0f32; hk * d], vec![1.0f32; hk * d]);
+        let mut kc = Tensor::from_f64(dt, &vec![0.0; np * ps * hk * d]);
+        let mut vc = kc.clone();
+        let host = flashpage::ops::append::check_append(
+            &csr,
+            &Rows::dense(TensorRef::F32(&kn), 1, hk, d).unwrap(),
+            &Rows::dense(TensorRef::F32(&vn), 1, hk, d).unwrap(),
+            &KvCacheMut::split_strided(kc.view_mut(), vc.view_mut(), st, st, ps, np)
+                .with_scales(k_scale, v_scale),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(format!("{dev}"), format!("{host}"), "{}", dt.name());
+    }
+    // Per-tensor and per-head scales of an FP8 cache are accepted.
+    for (ks, vs) in [(&one[..], &one[..]), (&per_head[..], &one[..])] {
+        append_params_scaled(
+            t,
+            &rows(DType::BF16, hk),
+            &rows(DType::BF16, hk),
+            &cache(DType::E5M2, hk, st),
+            (Some(ks), Some(vs)),
+            None,
+            &arrays,
+        )
+        .unwrap();
+    }
+    // 129 KV heads with per-head scales: more than the parameter block's 128 slots.
+    let hk = 129;
+    let (b, st) = geometry(hk);
+    let csr = AppendBatch::from_builder(&b);
+    let arrays = OpsArrays {
+        append_indptr: a(csr.append_indptr),
+        kv_indptr: a(csr.kv_indptr),
+        kv_indices: a(csr.kv_indices),
+        kv_last_page_len: a(csr.kv_last_page_len),
+        ..Default::default()
+    };
+    let many = vec![1.0f32; hk];
+    let e = append_params_scaled(
+        AppendTargets::Csr(&csr),
+        &rows(DType::F32, hk),
+        &rows(DType::F32, hk),
+        &cache(DType::E4M3Fn, hk, st),
+        (Some(&many), Some(&one)),
         None,
         &arrays,
     )
-    .unwrap();
-    for fp8 in DType::FP8 {
-        for (k, c) in [(DType::F32, fp8), (fp8, DType::BF16)] {
-            let e = append_params(t, &rows(k), &rows(k), &cache(c), None, &arrays).unwrap_err();
-            assert!(
-                matches!(&e, Error::Unsupported { backend: "cuda", what } if what.contains(fp8.name())),
-                "{e:?}"
-            );
-        }
-        let rope = Rope::new(1e4);
-        let e = rope_params(&rope, &rows(fp8), &[0], (0, 1)).unwrap_err();
-        assert!(
-            matches!(&e, Error::Unsupported { what, .. } if what.contains(fp8.name())),
-            "{e:?}"
-        );
-    }
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::Unsupported { backend: "cuda", what } if what.contains("k_scale")),
+        "{e:?}"
+    );
 }

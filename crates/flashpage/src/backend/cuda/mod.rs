@@ -816,7 +816,9 @@ impl CudaBackend {
     /// [`crate::ops::append::append_kv`] (`targets` = [`AppendTargets::Csr`]) and
     /// [`crate::ops::append::append_kv_at`] ([`AppendTargets::At`], FlashInfer's
     /// `append_paged_kv_cache`). Input rows of any dtype (`S`), the cache's dtype (`C`)
-    /// may differ; K rotated by `rope` when given.
+    /// may differ; K rotated by `rope` when given. An FP8 cache (`C = u8`) is quantised with
+    /// its scales ([`DeviceKvCacheMut::k_scale`] / `v_scale`: `encode(x / scale[h])`, round
+    /// to nearest even, e4m3fn saturating, e5m2 overflowing to inf), as the host op.
     ///
     /// The host arrays in `targets` are validated as the host op validates them (page ids,
     /// CSR arrays, positions, shapes, strides, RoPE parameters) and `arrays` must hold the
@@ -896,11 +898,12 @@ impl CudaBackend {
             page_size: cache.page_size,
             num_pages: cache.num_pages,
         };
-        let p = ops::append_params(
+        let p = ops::append_params_scaled(
             targets,
             &rows(&k, ka),
             &rows(&v, va),
             &c,
+            (cache.k_scale, cache.v_scale),
             rope.as_ref(),
             &arr,
         )?;

@@ -1,6 +1,7 @@
 //! Kernel parameters of the operations around attention (`kernels/ops.cu`): appending K/V
-//! into the paged cache (`fp_append`) and rotating rows in place (`fp_rope`). Public so the
-//! host emulation runs the kernels on the very parameter block the backend launches.
+//! into the paged cache (`fp_append`, FP8 caches included: quantised with their scales as
+//! the host append does) and rotating rows in place (`fp_rope`, FP8 rows included). Public
+//! so the host emulation runs the kernels on the very parameter block the backend launches.
 //!
 //! [`OpsParams`] mirrors `struct OpsParams` in `kernels/ops.cu` field for field. The builders
 //! ([`append_params`], [`rope_params`]) run the host operations' own validation
@@ -16,11 +17,14 @@ use crate::layout::{DType, KvStrides};
 use crate::ops::append::{AppendRope, AppendShapes, AppendTargets, check_append_shapes};
 use crate::ops::check_rows;
 use crate::ops::rope::{Rope, RopeStyle, check_positions};
+use crate::validate::check_fp8_scale;
 
 /// Threads per block of both kernels (one block per token row).
 pub const OPS_THREADS: u32 = 64;
 /// The most rotation pairs (head_dim / 2) the kernels take.
 pub const MAX_ROPE_PAIRS: usize = 128;
+/// The most per-KV-head FP8 scales an append takes (a per-tensor scale always fits).
+pub const MAX_OPS_SCALES: usize = 128;
 
 /// Kernel parameters (see `kernels/ops.cu`).
 #[repr(C)]
@@ -59,9 +63,11 @@ pub struct OpsParams {
     pub(crate) interleaved: i32,
     pub(crate) mscale: f64,
     pub(crate) freq: [f64; MAX_ROPE_PAIRS],
+    pub(crate) k_scale: [f32; MAX_OPS_SCALES],
+    pub(crate) v_scale: [f32; MAX_OPS_SCALES],
 }
 
-const _: () = assert!(std::mem::size_of::<OpsParams>() == 1240);
+const _: () = assert!(std::mem::size_of::<OpsParams>() == 2264);
 
 // SAFETY: OpsParams is #[repr(C)], plain old data, and matches the kernels' struct layout
 // (checked by the emulation driver's static_assert on its size).
@@ -95,30 +101,36 @@ impl OpsParams {
     }
 }
 
-/// The kernel's dtype code (`-1` for the FP8 dtypes, which [`no_fp8`] refuses before any
-/// launch is prepared: the kernels would read their bytes as another type).
+/// The kernel's dtype code (the FP8 codes are the attention kernels' `FP_KV_DTYPE`).
 fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::BF16 => 2,
-        DType::E4M3Fn | DType::E5M2 => -1,
+        DType::E4M3Fn => 3,
+        DType::E5M2 => 4,
     }
 }
 
-/// An FP8 tensor is an [`Error::Unsupported`] of the CUDA operations (they read and write
-/// f32, f16 and bf16 only; FP8 caches are written by the host `append_kv`).
-fn no_fp8(tensor: &'static str, dtype: DType) -> Result<()> {
-    if dtype.is_fp8() {
-        return Err(Error::Unsupported {
-            backend: "cuda",
-            what: format!(
-                "{tensor} of dtype {} (fp8 caches: the cuda kernels read and write f32, f16 or bf16; use the cpu backend)",
-                dtype.name()
-            ),
-        });
+/// One side's FP8 scales as the kernel reads them: one value per KV head (a per-tensor
+/// scale repeated; 1 without scales). The scales were checked (`check_fp8_scale`).
+fn scale_slots(field: &'static str, scale: Option<&[f32]>) -> Result<[f32; MAX_OPS_SCALES]> {
+    let mut slots = [1.0f32; MAX_OPS_SCALES];
+    match scale {
+        Some(s) if s.len() > MAX_OPS_SCALES => {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: format!(
+                    "{field} with {} per-head values (at most {MAX_OPS_SCALES})",
+                    s.len()
+                ),
+            });
+        }
+        Some([x]) => slots.fill(*x),
+        Some(s) => slots[..s.len()].copy_from_slice(s),
+        None => {}
     }
-    Ok(())
+    Ok(slots)
 }
 
 /// A device view of token rows `[tokens, heads, head_dim]` with element strides (the head
@@ -245,7 +257,8 @@ fn array_len(
 
 /// The parameters of one `fp_append` launch: validates the append exactly as the host op
 /// ([`crate::ops::append::append_kv`] / [`crate::ops::append::append_kv_at`]) does on the
-/// host arrays in `targets`, then the device arrays' lengths and the CUDA limits.
+/// host arrays in `targets`, then the device arrays' lengths and the CUDA limits. An FP8
+/// cache quantises with scale 1 ([`append_params_scaled`] takes its scales).
 pub fn append_params(
     targets: AppendTargets<'_>,
     k: &OpsRows,
@@ -254,11 +267,26 @@ pub fn append_params(
     rope: Option<&AppendRope<'_>>,
     arrays: &OpsArrays,
 ) -> Result<OpsParams> {
+    append_params_scaled(targets, k, v, cache, (None, None), rope, arrays)
+}
+
+/// [`append_params`] into an FP8 cache with its scales `(k_scale, v_scale)`, as
+/// [`crate::ops::append::KvCacheMut::with_scales`] on the host: 1 (per tensor) or
+/// `num_kv_heads` finite positive values each (checked as the host op checks them), only
+/// with an FP8 cache; at most [`MAX_OPS_SCALES`] per-head values.
+pub fn append_params_scaled(
+    targets: AppendTargets<'_>,
+    k: &OpsRows,
+    v: &OpsRows,
+    cache: &OpsCache,
+    (k_scale, v_scale): (Option<&[f32]>, Option<&[f32]>),
+    rope: Option<&AppendRope<'_>>,
+    arrays: &OpsArrays,
+) -> Result<OpsParams> {
     k.check("k")?;
     v.check("v")?;
-    no_fp8("k", k.dtype)?;
-    no_fp8("v", v.dtype)?;
-    no_fp8("kv cache", cache.dtype)?;
+    check_fp8_scale("k_scale", cache.dtype, k_scale, k.heads)?;
+    check_fp8_scale("v_scale", cache.dtype, v_scale, k.heads)?;
     if v.dtype != k.dtype {
         return Err(Error::DTypeMismatch {
             tensor: "v",
@@ -322,6 +350,8 @@ pub fn append_params(
     p.src_dtype = dtype_code(k.dtype);
     p.dst_dtype = dtype_code(cache.dtype);
     p.mscale = 1.0;
+    p.k_scale = scale_slots("k_scale", k_scale)?;
+    p.v_scale = scale_slots("v_scale", v_scale)?;
     if let Some(r) = rope {
         set_rope(&mut p, r.rope, k.head_dim)?;
     }
@@ -338,7 +368,6 @@ pub fn rope_params(
     positions: (u64, usize),
 ) -> Result<OpsParams> {
     x.check("x")?;
-    no_fp8("x", x.dtype)?;
     rope.validate(x.head_dim)?;
     check_positions(host_positions, x.tokens)?;
     let mut p: OpsParams = bytemuck::Zeroable::zeroed();
@@ -357,6 +386,7 @@ pub fn rope_params(
     to_i32("heads * head_dim", x.heads * x.head_dim)?;
     p.src_dtype = dtype_code(x.dtype);
     p.dst_dtype = p.src_dtype;
+    (p.k_scale, p.v_scale) = ([1.0; MAX_OPS_SCALES], [1.0; MAX_OPS_SCALES]);
     set_rope(&mut p, rope, x.head_dim)?;
     Ok(p)
 }
@@ -422,6 +452,12 @@ pub struct DeviceKvCacheMut<'a, T> {
     pub page_size: usize,
     /// Pages.
     pub num_pages: usize,
+    /// An FP8 cache's K scale: 1 (per tensor) or `num_kv_heads` values, each stored `x` of
+    /// head `h` is `encode(x / k_scale[h])`; `None`: scale 1. Only an FP8 cache takes
+    /// scales (as [`crate::ops::append::KvCacheMut::with_scales`]).
+    pub k_scale: Option<&'a [f32]>,
+    /// An FP8 cache's V scale (as `k_scale`).
+    pub v_scale: Option<&'a [f32]>,
 }
 
 /// The device copies of an append's index arrays, with the **same contents** as the host
