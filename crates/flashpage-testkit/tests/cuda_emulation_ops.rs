@@ -195,6 +195,19 @@ fn bytes_to(dtype: DType, b: &[u8]) -> Tensor {
     Tensor::from_le_bytes(dtype, b).unwrap()
 }
 
+/// The device arrays of a CSR append whose device copies are the host arrays themselves
+/// (offset 0, the host lengths).
+fn csr_arrays(csr: &AppendBatch<'_>) -> OpsArrays {
+    let a = |v: &[i32]| (0u64, v.len());
+    OpsArrays {
+        append_indptr: a(csr.append_indptr),
+        kv_indptr: a(csr.kv_indptr),
+        kv_indices: a(csr.kv_indices),
+        kv_last_page_len: a(csr.kv_last_page_len),
+        ..Default::default()
+    }
+}
+
 /// Element offset of (page, slot, head 0) in a buffer.
 fn slot_off(s: KvStrides, base: usize, page: usize, slot: usize, h: usize) -> usize {
     base + page * s.page + slot * s.token + h * s.head
@@ -590,14 +603,7 @@ fn device_parameters_refuse_what_the_host_op_refuses() {
         num_pages: c.np,
     };
     let csr = AppendBatch::from_builder(&c.batch);
-    let a = |v: &[i32]| (0u64, v.len());
-    let arrays = OpsArrays {
-        append_indptr: a(csr.append_indptr),
-        kv_indptr: a(csr.kv_indptr),
-        kv_indices: a(csr.kv_indices),
-        kv_last_page_len: a(csr.kv_last_page_len),
-        ..Default::default()
-    };
+    let arrays = csr_arrays(&csr);
     let t = AppendTargets::Csr(&csr);
     append_params(t, &rows, &rows, &cache, None, &arrays).unwrap();
     // A page id out of range: the host op's error.
@@ -717,14 +723,7 @@ fn fp8_scales_are_checked_as_the_host_op_checks_them() {
     let hk = 2;
     let (b, st) = geometry(hk);
     let csr = AppendBatch::from_builder(&b);
-    let a = |v: &[i32]| (0u64, v.len());
-    let arrays = OpsArrays {
-        append_indptr: a(csr.append_indptr),
-        kv_indptr: a(csr.kv_indptr),
-        kv_indices: a(csr.kv_indices),
-        kv_last_page_len: a(csr.kv_last_page_len),
-        ..Default::default()
-    };
+    let arrays = csr_arrays(&csr);
     let t = AppendTargets::Csr(&csr);
     let one = [0.5f32];
     let per_head = [0.5f32, 2.0];
@@ -775,13 +774,7 @@ fn fp8_scales_are_checked_as_the_host_op_checks_them() {
     let hk = 129;
     let (b, st) = geometry(hk);
     let csr = AppendBatch::from_builder(&b);
-    let arrays = OpsArrays {
-        append_indptr: a(csr.append_indptr),
-        kv_indptr: a(csr.kv_indptr),
-        kv_indices: a(csr.kv_indices),
-        kv_last_page_len: a(csr.kv_last_page_len),
-        ..Default::default()
-    };
+    let arrays = csr_arrays(&csr);
     let many = vec![1.0f32; hk];
     let e = append_params_scaled(
         AppendTargets::Csr(&csr),
