@@ -483,12 +483,9 @@ fn emulate_cascade(cxx: &str, dir: &Path, plan: &CascadePlan, args: RunArgs<'_, 
         args.kv.kv_indices.len(),
     )?;
     let dt = args.q.dtype();
-    if args.kv.k.dtype().is_fp8() || dt.is_fp8() {
-        return Err(Error::Unsupported {
-            backend: "cuda-emulation",
-            what: "fp8 in a cascade on the cuda kernels".into(),
-        });
-    }
+    // The cache's dtype: q's, or an FP8 format (the variants read it; check_run_args checks
+    // the pair and the scales).
+    let kdt = args.kv.k.dtype();
     let h = plan.heads();
     let states = plan.num_q_rows() * h.num_qo_heads();
     if args.o.len() != states * h.head_dim() || args.lse.as_ref().is_some_and(|l| l.len() != states)
@@ -511,9 +508,9 @@ fn emulate_cascade(cxx: &str, dir: &Path, plan: &CascadePlan, args: RunArgs<'_, 
         shapes.kv_indices = Some(ids);
         shapes.num_indices = ids.len();
         check_run_args(lp, &shapes)?;
-        let d = match PrefillVariant::for_plan(lp, dt, EMULATED_ARCH) {
+        let d = match PrefillVariant::for_plan_kv(lp, dt, kdt, EMULATED_ARCH) {
             Some(v) => v.defines(),
-            None => DecodeVariant::for_plan(lp, dt).defines(),
+            None => DecodeVariant::for_plan_kv(lp, dt, kdt).defines(),
         };
         if defines.get_or_insert_with(|| d.clone()) != &d {
             return Err(fail("cascade levels on different kernel variants".into()));
@@ -545,7 +542,8 @@ fn emulate_cascade(cxx: &str, dir: &Path, plan: &CascadePlan, args: RunArgs<'_, 
         num_pages: args.kv.num_pages,
         strides: args.kv.strides,
     };
-    let launches = launch::cascade_launches(plan, dt, &bufs)?;
+    let launches =
+        launch::cascade_launches_scaled(plan, dt, (args.kv.k_scale, args.kv.v_scale), &bufs)?;
     let image = plan.device_int_image()?;
     let mut int_ws = vec![0u8; req.int.total()];
     let img: &[u8] = bytemuck::cast_slice(&image);

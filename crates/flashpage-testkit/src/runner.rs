@@ -193,24 +193,28 @@ mod cuda {
         }
     }
 
-    /// Uploads q, K, V, o's initial contents, the LSE and the sinks, runs cascade `plan`,
-    /// synchronises and returns o and the LSE.
+    /// Uploads q, K, V (q's type, or FP8 codes with `kv_fp8`), o's initial contents, the LSE
+    /// and the sinks, runs cascade `plan`, synchronises, writes o back and returns the LSE.
     #[allow(clippy::too_many_arguments)]
-    fn cascade_on<T: DeviceElem + Default + Clone + Unpin>(
+    fn cascade_on<
+        T: DeviceElem + Default + Copy + Unpin,
+        K: DeviceElem + Default + Copy + Unpin,
+    >(
         b: &CudaBackend,
         plan: &CascadePlan,
         ws: &mut DeviceWorkspace,
         dtype: DType,
         (strides, num_pages): (KvStrides, usize),
-        (q, k, v, o_init): (Vec<T>, Vec<T>, Vec<T>, Vec<T>),
+        (q, k, v, o_host): (&[T], &[K], &[K], &mut [T]),
         lse: Option<&[f32]>,
         sinks: Option<&[f32]>,
-    ) -> Result<(Vec<T>, Option<Vec<f32>>)> {
+        kv_fp8: Option<DeviceKvFp8<'_>>,
+    ) -> Result<Option<Vec<f32>>> {
         let s = b.stream();
-        let q = s.clone_htod(&q).map_err(dev)?;
-        let k = s.clone_htod(&nonempty(k)).map_err(dev)?;
-        let v = s.clone_htod(&nonempty(v)).map_err(dev)?;
-        let mut o = s.clone_htod(&nonempty(o_init)).map_err(dev)?;
+        let q = s.clone_htod(q).map_err(dev)?;
+        let k = s.clone_htod(&nonempty(k.to_vec())).map_err(dev)?;
+        let v = s.clone_htod(&nonempty(v.to_vec())).map_err(dev)?;
+        let mut o = s.clone_htod(&nonempty(o_host.to_vec())).map_err(dev)?;
         let ids = s.clone_htod(&[0i32]).map_err(dev)?;
         let mut lse_dev = match lse {
             Some(l) => Some(s.clone_htod(&nonempty(l.to_vec())).map_err(dev)?),
@@ -234,16 +238,17 @@ mod cuda {
             lse: lse_dev.as_mut().map(|l| l as _),
             sinks: sinks_dev.as_ref().map(|s| s as _),
             custom_mask: None,
-            kv_fp8: None,
+            kv_fp8,
         };
         b.run_cascade(plan, run, ws)?;
         b.synchronize()?;
         let out = s.clone_dtoh(&o).map_err(dev)?;
-        let lse = match &lse_dev {
-            Some(l) => Some(s.clone_dtoh(l).map_err(dev)?),
-            None => None,
-        };
-        Ok((out, lse))
+        let n = o_host.len();
+        o_host.copy_from_slice(&out[..n]);
+        match &lse_dev {
+            Some(l) => Ok(Some(s.clone_dtoh(l).map_err(dev)?)),
+            None => Ok(None),
+        }
     }
 
     impl HostRunner for CudaHost {
@@ -255,38 +260,71 @@ mod cuda {
                 args.custom_mask.is_some(),
                 args.kv.kv_indices.len(),
             )?;
-            b.prepare_cascade(plan, dtype)?;
+            let kt = args.kv.k.dtype();
+            b.prepare_cascade_kv(plan, dtype, kt)?;
             let mut ws = DeviceWorkspace::new(b, &plan.device_requirement(dtype)?)?;
             b.upload_cascade(plan, &mut ws)?;
             let kv = (args.kv.strides, args.kv.num_pages);
             let lse_in = args.lse.as_deref().map(<[f32]>::to_vec);
             let (lse_in, sinks) = (lse_in.as_deref(), args.sinks);
+            let fp8 = kt.is_fp8().then_some(DeviceKvFp8 {
+                dtype: kt,
+                k_scale: args.kv.k_scale,
+                v_scale: args.kv.v_scale,
+            });
+            // One arm per (q dtype, cache dtype) pair: typed device buffers, no bit casts.
+            macro_rules! go {
+                ($q:expr, $k:expr, $v:expr, $o:expr, $fp8:expr) => {
+                    cascade_on(
+                        b,
+                        plan,
+                        &mut ws,
+                        dtype,
+                        kv,
+                        ($q, $k, $v, $o),
+                        lse_in,
+                        sinks,
+                        $fp8,
+                    )?
+                };
+            }
             let lse_out = match (args.q, args.kv.k, args.kv.v, args.o) {
                 (TensorRef::F16(q), TensorRef::F16(k), TensorRef::F16(v), TensorMut::F16(o)) => {
-                    let io = (q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec());
-                    let (out, l) = cascade_on(b, plan, &mut ws, dtype, kv, io, lse_in, sinks)?;
-                    let n = o.len();
-                    o.copy_from_slice(&out[..n]);
-                    l
+                    go!(q, k, v, o, None)
                 }
                 (
                     TensorRef::BF16(q),
                     TensorRef::BF16(k),
                     TensorRef::BF16(v),
                     TensorMut::BF16(o),
-                ) => {
-                    let io = (q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec());
-                    let (out, l) = cascade_on(b, plan, &mut ws, dtype, kv, io, lse_in, sinks)?;
-                    let n = o.len();
-                    o.copy_from_slice(&out[..n]);
-                    l
-                }
+                ) => go!(q, k, v, o, None),
                 (TensorRef::F32(q), TensorRef::F32(k), TensorRef::F32(v), TensorMut::F32(o)) => {
-                    let io = (q.to_vec(), k.to_vec(), v.to_vec(), o.to_vec());
-                    let (out, l) = cascade_on(b, plan, &mut ws, dtype, kv, io, lse_in, sinks)?;
-                    let n = o.len();
-                    o.copy_from_slice(&out[..n]);
-                    l
+                    go!(q, k, v, o, None)
+                }
+                // An FP8 cache: its codes uploaded as they are.
+                (
+                    TensorRef::F16(q),
+                    TensorRef::Fp8(_, k),
+                    TensorRef::Fp8(_, v),
+                    TensorMut::F16(o),
+                ) => {
+                    go!(q, k, v, o, fp8)
+                }
+                (
+                    TensorRef::BF16(q),
+                    TensorRef::Fp8(_, k),
+                    TensorRef::Fp8(_, v),
+                    TensorMut::BF16(o),
+                ) => {
+                    go!(q, k, v, o, fp8)
+                }
+                (
+                    TensorRef::F32(q),
+                    TensorRef::Fp8(_, k),
+                    TensorRef::Fp8(_, v),
+                    TensorMut::F32(o),
+                ) => {
+                    go!(q, k, v, o, fp8)
                 }
                 (_, k, _, _) => {
                     return Err(Error::DTypeMismatch {

@@ -421,12 +421,10 @@ impl CaseToml {
             }
             if storage == KvStorage::Ragged
                 || self.custom_mask.is_some()
-                || self.kv_dtype.is_some()
                 || self.graph_capacity.is_some()
             {
                 return Err(
-                    "a cascade case has a paged cache, no custom mask, no fp8 cache and no graph mode"
-                        .into(),
+                    "a cascade case has a paged cache, no custom mask and no graph mode".into(),
                 );
             }
         }

@@ -3,14 +3,14 @@
 //! split-KV merge into its state in the poisoned float workspace, then the fold kernel, all
 //! as `launch::cascade_launches` describes them. Compared with the f64 reference of the
 //! flat batch and with the CPU cascade; outputs poisoned (so every element is checked
-//! written).
+//! written). FP8 caches (e4m3fn, e5m2) with their scales through every level.
 #![cfg(feature = "cuda")]
 
 use flashpage::backend::cpu::CpuBackend;
 use flashpage::backend::cuda::launch::{self, CascadeBuffers};
 use flashpage::plan::cascade::{CascadeLevel, CascadePlan};
 use flashpage::{DType, HeadConfig, KvLayout, KvStrides, PlanConfig};
-use flashpage_testkit::case::{CaseData, CaseSpec};
+use flashpage_testkit::case::{CaseData, CaseSpec, Fp8Spec};
 use flashpage_testkit::emulate::Emulator;
 
 fn seed(i: u64) -> u64 {
@@ -202,6 +202,49 @@ fn emulated_cascades_match_the_flat_reference() {
             &plan,
             &format!("{name}, shared_prefixes"),
         );
+    }
+}
+
+/// An FP8 cache (e4m3fn and e5m2, per-tensor and per-KV-head scales) through a cascade:
+/// every level's kernel reads the codes with the scales in its parameters, as `run` does;
+/// against the f64 reference of the dequantised cache and the CPU backend's cascade.
+#[test]
+fn emulated_cascades_read_an_fp8_cache() {
+    let emu = Emulator::new("cascade-fp8").unwrap_or_else(|e| panic!("{e}"));
+    let cpu = CpuBackend::new(2).unwrap();
+    let gqa = HeadConfig::new(8, 2, 64).unwrap();
+    // (fp8 format, per-head scales, q dtype, decode)
+    let cases = [
+        (DType::E4M3Fn, true, DType::BF16, true),
+        (DType::E5M2, false, DType::F32, true),
+        (DType::E4M3Fn, false, DType::BF16, false),
+        (DType::E5M2, true, DType::F16, false),
+    ];
+    for (i, (fp8, per_head, dt, decode)) in cases.into_iter().enumerate() {
+        let name = format!(
+            "{} {} q {}, {} scales",
+            if decode { "decode" } else { "prefill" },
+            fp8.name(),
+            dt.name(),
+            if per_head { "per-head" } else { "per-tensor" }
+        );
+        let mut spec = CaseSpec::decode(&name, gqa, 16, 6, 0, dt);
+        spec.decode = decode;
+        spec.requests = vec![(3, 90), (5, 70), (1, 66), (4, 120), (2, 40), (6, 100)];
+        spec.options.causal = !decode;
+        spec.fp8 = Some(Fp8Spec {
+            dtype: fp8,
+            per_head,
+        });
+        let mut config = PlanConfig::with_parallelism(24);
+        config.min_kv_chunk = 16;
+        let mut data = spec.materialise(seed(50 + i as u64)).unwrap();
+        let arrays = tiers(&mut data, &[&[(6, 1)], &[(3, 2), (1, 0), (2, 1)]]);
+        let levels: Vec<CascadeLevel<'_>> = arrays.iter().map(Arrays::level).collect();
+        let plan =
+            CascadePlan::new(gqa, 16, data.num_pages, &levels, &data.options(), &config).unwrap();
+        assert_eq!(plan.num_levels(), 3);
+        check(&emu, &cpu, &data, &plan, &format!("{name}, 3 levels"));
     }
 }
 

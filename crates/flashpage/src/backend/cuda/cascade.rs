@@ -9,6 +9,7 @@ use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKe
 
 use super::device::{check_elem, driver_err};
 use super::launch::{self, CascadeBuffers, DecodeVariant};
+use super::prefill::PrefillVariant;
 use super::{CudaBackend, DeviceRunArgs, DeviceWorkspace, check_kv_dtypes};
 use crate::backend::{ArgShapes, check_run_args};
 use crate::error::{Error, Result, shape_str};
@@ -53,9 +54,20 @@ impl CudaBackend {
     /// Compiles and loads the kernels `plan`'s run with `dtype` needs (otherwise done by the
     /// first `run_cascade`; call it before capturing a graph).
     pub fn prepare_cascade(&self, plan: &CascadePlan, dtype: DType) -> Result<()> {
+        self.prepare_cascade_kv(plan, dtype, dtype)
+    }
+
+    /// [`CudaBackend::prepare_cascade`] for a K/V cache of `kv_dtype` (an FP8 dtype, or q's
+    /// `dtype`): the levels' variants reading that cache.
+    pub fn prepare_cascade_kv(
+        &self,
+        plan: &CascadePlan,
+        dtype: DType,
+        kv_dtype: DType,
+    ) -> Result<()> {
         for l in 0..plan.num_levels() {
             if let Some(lp) = plan.level_plan(l) {
-                self.prepare(lp, dtype)?;
+                self.prepare_kv(lp, dtype, kv_dtype)?;
             }
         }
         self.fold_fn(plan.heads().head_dim(), dtype).map(drop)
@@ -78,14 +90,16 @@ impl CudaBackend {
     }
 
     /// The attention kernel and its block size for level plan `lp`.
-    fn attend_fn(&self, lp: &Plan, dt: DType) -> Result<(CudaFunction, u32)> {
-        Ok(match self.prefill_variant(lp, dt) {
-            Some(v) => (self.prefill_fn(v)?, v.threads()),
-            None => {
-                let v = DecodeVariant::for_plan(lp, dt);
-                (self.decode_fn(v)?, v.threads())
-            }
-        })
+    fn attend_fn(&self, lp: &Plan, dt: DType, kdt: DType) -> Result<(CudaFunction, u32)> {
+        Ok(
+            match PrefillVariant::for_plan_kv(lp, dt, kdt, self.arch_number()) {
+                Some(v) => (self.prefill_fn(v)?, v.threads()),
+                None => {
+                    let v = DecodeVariant::for_plan_kv(lp, dt, kdt);
+                    (self.decode_fn(v)?, v.threads())
+                }
+            },
+        )
     }
 
     /// Runs a cascade on device tensors: attention of every query row over its keys at all
@@ -107,14 +121,17 @@ impl CudaBackend {
     /// [`Error::InvalidOption`] naming `custom_mask` for a mask; [`Error::TensorShape`]
     /// naming `kv_indices` / `host_kv_indices` for page ids, `o`, `lse` or `sinks` for a
     /// length that is not the cascade's; [`Error::DTypeMismatch`] for an FP8 q,
-    /// [`Error::Unsupported`] for an FP8 cache (`kv_fp8`) and for strides or addresses the kernels cannot take; every
+    /// [`Error::Unsupported`] for strides or addresses the kernels cannot take; every
     /// error of [`CudaBackend::run`]'s argument checks for each level (K, V and the level's
     /// page ids against `num_pages`); [`Error::PlanMismatch`] when the int workspace does not
     /// hold this cascade; workspace size and alignment errors. On error nothing is launched.
-    pub fn run_cascade<T: super::DeviceElem>(
+    ///
+    /// An FP8 cache (`K = u8`, `args.kv_fp8`: format and scales) is read by every level's
+    /// kernel as [`CudaBackend::run`] reads it; merge and fold work in f32 on q's dtype.
+    pub fn run_cascade<T: super::DeviceElem, K: super::DeviceElem>(
         &self,
         plan: &CascadePlan,
-        args: DeviceRunArgs<'_, T>,
+        args: DeviceRunArgs<'_, T, K>,
         ws: &mut DeviceWorkspace,
     ) -> Result<()> {
         check_cascade_run(args.custom_mask.is_some(), args.kv_indices.len())?;
@@ -128,16 +145,12 @@ impl CudaBackend {
             });
         }
         let dt = args.dtype;
-        check_kv_dtypes(dt, dt)?;
-        if args.kv_fp8.is_some() {
-            // The levels' kernels read FP8 (`run`), but the cascade's launches and the
-            // emulation's cascade mode carry no scales yet: refused by name.
-            return Err(Error::Unsupported {
-                backend: "cuda",
-                what: "an fp8 k/v cache in a cascade (run_cascade reads q's dtype; the cpu backend's run_cascade takes fp8 caches)".into(),
-            });
-        }
+        // The cache's dtype: q's, or the FP8 format of kv_fp8 (as `run`).
+        let kdt = args.kv_fp8.map_or(dt, |f| f.dtype);
+        let (k_scale, v_scale) = args.kv_fp8.map_or((None, None), |f| (f.k_scale, f.v_scale));
+        check_kv_dtypes(dt, kdt)?;
         check_elem::<T>("q", dt)?;
+        check_elem::<K>("k", kdt)?;
         let heads = plan.heads();
         let (hq, d) = (heads.num_qo_heads(), heads.head_dim());
         let rows = plan.num_q_rows();
@@ -173,14 +186,14 @@ impl CudaBackend {
             };
             let shapes = ArgShapes {
                 q: (dt, args.q.len()),
-                k: (dt, args.k.len()),
-                v: (dt, args.v.len()),
+                k: (kdt, args.k.len()),
+                v: (kdt, args.v.len()),
                 o: (dt, states * d),
                 lse: Some(states),
                 sinks: None,
                 custom_mask: None,
-                k_scale: None,
-                v_scale: None,
+                k_scale,
+                v_scale,
                 strides: args.strides,
                 v_strides: args.strides,
                 qo: None,
@@ -201,7 +214,7 @@ impl CudaBackend {
                 actual: "another plan's or cascade's (call upload_cascade after planning)".into(),
             });
         }
-        let vec = 16 / T::BYTES;
+        let vec = 16 / K::BYTES;
         let s = args.strides;
         if !(s.page.is_multiple_of(vec)
             && s.token.is_multiple_of(vec)
@@ -236,7 +249,7 @@ impl CudaBackend {
         let mut attend = Vec::with_capacity(plan.num_levels());
         for l in 0..plan.num_levels() {
             if let Some(lp) = plan.level_plan(l) {
-                attend.push(self.attend_fn(lp, dt)?);
+                attend.push(self.attend_fn(lp, dt, kdt)?);
             }
         }
         let merge = self.merge_fn(d, dt)?;
@@ -280,9 +293,10 @@ impl CudaBackend {
                 });
             }
         }
-        let launches = launch::cascade_launches(
+        let launches = launch::cascade_launches_scaled(
             plan,
             dt,
+            (k_scale, v_scale),
             &CascadeBuffers {
                 q,
                 k,

@@ -90,38 +90,43 @@ impl Params {
 
     /// Sets the FP8 cache's dequantisation scales (`KvCache::k_scale` / `v_scale`: 1 value
     /// per tensor or one per KV head, already checked by
-    /// [`crate::backend::check_run_args`]); `None` is 1. A per-tensor scale fills every
-    /// slot. More than [`FP_SCALE_SLOTS`] per-KV-head values is an [`Error::Unsupported`]
+    /// [`crate::backend::check_run_args`]); `None` is 1, a per-tensor scale fills every
+    /// slot, more than [`FP_SCALE_SLOTS`] per-KV-head values is [`Error::Unsupported`]
     /// naming the scale.
     pub fn set_kv_scales(
         &mut self,
         k_scale: Option<&[f32]>,
         v_scale: Option<&[f32]>,
     ) -> Result<()> {
-        for (name, src, dst) in [
-            ("k_scale", k_scale, &mut self.k_scale),
-            ("v_scale", v_scale, &mut self.v_scale),
-        ] {
-            match src {
-                None => dst.fill(1.0),
-                Some([x]) => dst.fill(*x),
-                Some(xs) if xs.len() <= FP_SCALE_SLOTS => {
-                    dst.fill(1.0);
-                    dst[..xs.len()].copy_from_slice(xs);
-                }
-                Some(xs) => {
-                    return Err(Error::Unsupported {
-                        backend: "cuda",
-                        what: format!(
-                            "{name} with {} per-kv-head values (the kernels take at most {FP_SCALE_SLOTS}; a per-tensor scale works for any head count)",
-                            xs.len()
-                        ),
-                    });
-                }
-            }
-        }
+        self.k_scale = scale_slots("k_scale", k_scale)?;
+        self.v_scale = scale_slots("v_scale", v_scale)?;
         Ok(())
     }
+}
+
+/// One side's FP8 scales as the kernels read them (attention and append): one slot per KV
+/// head, a per-tensor scale repeated in every slot, 1 without scales. More than
+/// [`FP_SCALE_SLOTS`] per-KV-head values is an [`Error::Unsupported`] naming the scale.
+pub(crate) fn scale_slots(
+    name: &'static str,
+    scale: Option<&[f32]>,
+) -> Result<[f32; FP_SCALE_SLOTS]> {
+    let mut slots = [1.0f32; FP_SCALE_SLOTS];
+    match scale {
+        None => {}
+        Some([x]) => slots.fill(*x),
+        Some(xs) if xs.len() <= FP_SCALE_SLOTS => slots[..xs.len()].copy_from_slice(xs),
+        Some(xs) => {
+            return Err(Error::Unsupported {
+                backend: "cuda",
+                what: format!(
+                    "{name} with {} per-kv-head values (the kernels take at most {FP_SCALE_SLOTS}; a per-tensor scale works for any head count)",
+                    xs.len()
+                ),
+            });
+        }
+    }
+    Ok(slots)
 }
 
 // SAFETY: Params is #[repr(C)] plain old data (integers and floats) laid out exactly as the
@@ -638,6 +643,18 @@ pub fn cascade_launches(
     dtype: DType,
     b: &CascadeBuffers,
 ) -> Result<CascadeLaunches> {
+    cascade_launches_scaled(plan, dtype, (None, None), b)
+}
+
+/// [`cascade_launches`] over an FP8 cache with its scales `(k_scale, v_scale)` (checked by
+/// [`crate::backend::check_run_args`]; `None` is 1): every level's parameters carry them
+/// ([`Params::set_kv_scales`]). The cache's format is the attention kernels' variant.
+pub fn cascade_launches_scaled(
+    plan: &CascadePlan,
+    dtype: DType,
+    (k_scale, v_scale): (Option<&[f32]>, Option<&[f32]>),
+    b: &CascadeBuffers,
+) -> Result<CascadeLaunches> {
     let heads = plan.heads();
     let rows = plan.num_q_rows();
     if rows > i32::MAX as usize {
@@ -678,8 +695,10 @@ pub fn cascade_launches(
             qo: RunStrides::contiguous(heads),
         };
         let caps = lp.capacities();
+        let mut p = params(lp, &bufs);
+        p.set_kv_scales(k_scale, v_scale)?;
         levels.push(LevelLaunch {
-            params: params(lp, &bufs),
+            params: p,
             work_items: caps.work_items as u32,
             kv_heads: heads.num_kv_heads() as u32,
             merge_rows: caps.merge_rows as u32,

@@ -19,12 +19,15 @@ use crate::ops::check_rows;
 use crate::ops::rope::{Rope, RopeStyle, check_positions};
 use crate::validate::check_fp8_scale;
 
+use super::launch::scale_slots;
+
 /// Threads per block of both kernels (one block per token row).
 pub const OPS_THREADS: u32 = 64;
 /// The most rotation pairs (head_dim / 2) the kernels take.
 pub const MAX_ROPE_PAIRS: usize = 128;
-/// The most per-KV-head FP8 scales an append takes (a per-tensor scale always fits).
-pub const MAX_OPS_SCALES: usize = 128;
+/// The most per-KV-head FP8 scales an append takes (a per-tensor scale always fits): the
+/// attention kernels' [`super::launch::FP_SCALE_SLOTS`].
+pub const MAX_OPS_SCALES: usize = super::launch::FP_SCALE_SLOTS;
 
 /// Kernel parameters (see `kernels/ops.cu`).
 #[repr(C)]
@@ -110,27 +113,6 @@ fn dtype_code(d: DType) -> i32 {
         DType::E4M3Fn => 3,
         DType::E5M2 => 4,
     }
-}
-
-/// One side's FP8 scales as the kernel reads them: one value per KV head (a per-tensor
-/// scale repeated; 1 without scales). The scales were checked (`check_fp8_scale`).
-fn scale_slots(field: &'static str, scale: Option<&[f32]>) -> Result<[f32; MAX_OPS_SCALES]> {
-    let mut slots = [1.0f32; MAX_OPS_SCALES];
-    match scale {
-        Some(s) if s.len() > MAX_OPS_SCALES => {
-            return Err(Error::Unsupported {
-                backend: "cuda",
-                what: format!(
-                    "{field} with {} per-head values (at most {MAX_OPS_SCALES})",
-                    s.len()
-                ),
-            });
-        }
-        Some([x]) => slots.fill(*x),
-        Some(s) => slots[..s.len()].copy_from_slice(s),
-        None => {}
-    }
-    Ok(slots)
 }
 
 /// A device view of token rows `[tokens, heads, head_dim]` with element strides (the head
