@@ -371,6 +371,23 @@ mod tests {
     }
 
     #[test]
+    fn rope_with_angles_beyond_the_f64_reduction_follows_the_reference() {
+        // Fuzz finding: RoPE with the smallest accepted rope_scale (angles near 1e38 rad),
+        // sm_scale 1e10 and extreme q/K values. The CPU reduced the angle mod 2π in f64
+        // (meaningless at that size) and disagreed with the reference: lse 2.96e11 against
+        // 4.2e38 (past the f32 range).
+        let mut bytes = vec![
+            0x4a, 0x9e, 0x20, 0x35, 0x01, 0x1d, 0x2e, 0x01, 0xac, 0x00, 0xff, 0xff, 0xcf, 0x21,
+            0xff, 0x3a,
+        ];
+        bytes.extend([0x81; 23]);
+        bytes.extend([
+            0x1f, 0x00, 0x1e, 0xed, 0xfe, 0x33, 0x01, 0xde, 0xfe, 0x20, 0x00, 0x00, 0x10, 0x10,
+        ]);
+        check_bytes(&bytes).unwrap();
+    }
+
+    #[test]
     fn logits_below_the_f32_range_give_the_lowest_finite_lse_not_an_empty_row() {
         // q > 0, every K element -1e10, scale 1e30: every logit is near -1e40, below the f32
         // range. The reference's LSE is a finite f64 below -f32::MAX; the kernels map each

@@ -20,17 +20,29 @@ use crate::options::alibi_slope;
 /// Tiles of at most this many rows read K/V rows directly from the cache.
 const DIRECT_ROWS: usize = 8;
 
+/// Angles (rad) up to which [`rope`] reduces `pos · θ_f` by `a − 2π·round(a / 2π)` in f64:
+/// the reduction's error grows with `|a|` (about `|a| · 2^-52`), 4·10^-9 rad at this bound.
+const ROPE_REDUCE_MAX: f64 = (1u64 << 24) as f64;
+
 /// Rotates a row in place (rotate-half RoPE) at `pos`.
 ///
 /// The angle `pos · θ_f` reaches 10^5 rad at long context, where an f32 product would be off
-/// by ~10^-2 rad; it is formed and reduced to `[-π, π]` in f64, then rotated in f32.
+/// by ~10^-2 rad; it is formed and reduced to `[-π, π]` in f64, then rotated in f32. Beyond
+/// [`ROPE_REDUCE_MAX`] (positions divided by a tiny `rope_scale`) the sine and cosine are
+/// taken in f64 of the angle itself (exact argument reduction), as the reference does, so
+/// the rotation still follows the same angle.
 #[inline(always)]
 pub(crate) fn rope(x: &mut [f32], pos: f64, inv_freq: &[f64]) {
     let half = x.len() / 2;
     for f in 0..half {
         let a = pos * inv_freq[f];
-        let a = a - std::f64::consts::TAU * (a * (1.0 / std::f64::consts::TAU)).round();
-        let (s, c) = (a as f32).sin_cos();
+        let (s, c) = if a.abs() <= ROPE_REDUCE_MAX {
+            let a = a - std::f64::consts::TAU * (a * (1.0 / std::f64::consts::TAU)).round();
+            (a as f32).sin_cos()
+        } else {
+            let (s, c) = a.sin_cos();
+            (s as f32, c as f32)
+        };
         let (a, b) = (x[f], x[f + half]);
         x[f] = a * c - b * s;
         x[f + half] = b * c + a * s;
