@@ -129,9 +129,9 @@ unsafe fn pack_kt_avx(k: &[f32], nb: usize, d: usize, kt: &mut [f32]) {
     }
 }
 
-/// Rows of the S tile that starts `left` rows before the end of a head's rows: whole
-/// register tiles ([`tile_rows`]), then 4, 2 and 1 ([`s_packed`] and [`pack_q`] agree on
-/// it).
+/// Rows of the S and P·V tile that starts `left` rows before the end of a head's rows:
+/// whole register tiles ([`tile_rows`]), then 4, 2 and 1 ([`s_packed`], [`pack_q`] and
+/// [`pv_packed`] tile alike).
 const fn group_rows(lanes: usize, left: usize) -> usize {
     let r = tile_rows(lanes);
     if left >= r {
@@ -266,18 +266,9 @@ pub(crate) unsafe fn pv_packed<I: Isa>(
 ) {
     debug_assert!(acc.len() >= rows * d && corr.len() >= rows && vis.len() >= rows);
     debug_assert!(p.len() >= rows * KEY_BLOCK && v.len() >= nb * d);
-    let r = tile_rows(I::LANES);
     let mut r0 = 0;
     while r0 < rows {
-        let tr = if r0 + r <= rows {
-            r
-        } else if r0 + 4 <= rows {
-            4
-        } else if r0 + 2 <= rows {
-            2
-        } else {
-            1
-        };
+        let tr = group_rows(I::LANES, rows - r0);
         let a = acc[r0 * d..].as_mut_ptr();
         let (cr, pr, vr) = (&corr[r0..], &p[r0 * KEY_BLOCK..], &vis[r0..]);
         // SAFETY (all calls): rows r0..r0 + tr are in bounds (tile choice above); the rest

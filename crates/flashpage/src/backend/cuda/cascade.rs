@@ -8,13 +8,11 @@
 use cudarc::driver::{CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::device::{check_elem, driver_err};
-use super::launch::{self, CascadeBuffers, DecodeVariant};
-use super::prefill::PrefillVariant;
+use super::launch::{self, CascadeBuffers};
 use super::{CudaBackend, DeviceRunArgs, DeviceWorkspace, check_kv_dtypes};
 use crate::backend::{ArgShapes, check_run_args};
 use crate::error::{Error, Result, shape_str};
 use crate::layout::DType;
-use crate::plan::Plan;
 use crate::plan::cascade::{CascadePlan, check_cascade_run};
 use crate::workspace::CUDA_BASE_ALIGN;
 
@@ -87,19 +85,6 @@ impl CudaBackend {
         )?;
         map.insert((head_dim, dtype), f.clone());
         Ok(f)
-    }
-
-    /// The attention kernel and its block size for level plan `lp`.
-    fn attend_fn(&self, lp: &Plan, dt: DType, kdt: DType) -> Result<(CudaFunction, u32)> {
-        Ok(
-            match PrefillVariant::for_plan_kv(lp, dt, kdt, self.arch_number()) {
-                Some(v) => (self.prefill_fn(v)?, v.threads()),
-                None => {
-                    let v = DecodeVariant::for_plan_kv(lp, dt, kdt);
-                    (self.decode_fn(v)?, v.threads())
-                }
-            },
-        )
     }
 
     /// Runs a cascade on device tensors: attention of every query row over its keys at all

@@ -413,14 +413,24 @@ impl CudaBackend {
     /// `dtype`).
     pub fn prepare_kv(&self, plan: &Plan, dtype: DType, kv_dtype: DType) -> Result<()> {
         check_kv_dtypes(dtype, kv_dtype)?;
-        match PrefillVariant::for_plan_kv(plan, dtype, kv_dtype, self.arch_number()) {
-            Some(v) => self.prefill_fn(v).map(drop)?,
-            None => self
-                .decode_fn(DecodeVariant::for_plan_kv(plan, dtype, kv_dtype))
-                .map(drop)?,
-        }
+        self.attend_fn(plan, dtype, kv_dtype)?;
         self.merge_fn(plan.heads().head_dim(), dtype)?;
         Ok(())
+    }
+
+    /// The attention kernel `plan` runs on with q of `dtype` and a cache of `kv_dtype`, and
+    /// its block size: the tensor-core prefill kernel where it takes the plan, else
+    /// `fp_decode`.
+    fn attend_fn(&self, plan: &Plan, dtype: DType, kv_dtype: DType) -> Result<(CudaFunction, u32)> {
+        Ok(
+            match PrefillVariant::for_plan_kv(plan, dtype, kv_dtype, self.arch_number()) {
+                Some(v) => (self.prefill_fn(v)?, v.threads()),
+                None => {
+                    let v = DecodeVariant::for_plan_kv(plan, dtype, kv_dtype);
+                    (self.decode_fn(v)?, v.threads())
+                }
+            },
+        )
     }
 
     fn load(
@@ -656,13 +666,10 @@ impl CudaBackend {
             }
         }
 
+        // The decode variant is the run's signature for graph replays; prefill plans the
+        // tensor-core kernel takes run on it, the rest on fp_decode.
         let variant = DecodeVariant::for_plan_kv(plan, dt, kdt);
-        // Prefill plans the tensor-core kernel takes run on it, the rest on fp_decode.
-        let pv = PrefillVariant::for_plan_kv(plan, dt, kdt, self.arch_number());
-        let (attend, attend_threads) = match pv {
-            Some(v) => (self.prefill_fn(v)?, v.threads()),
-            None => (self.decode_fn(variant)?, variant.threads()),
-        };
+        let (attend, attend_threads) = self.attend_fn(plan, dt, kdt)?;
         let caps = *plan.capacities();
         let launch_merge = caps.merge_rows > 0 && (plan.is_graph() || plan.num_merge_rows() > 0);
         let merge = if launch_merge {
