@@ -662,7 +662,7 @@ impl CaseData {
         let rl: Vec<f64> = r.lse.iter().map(|&x| x as f32 as f64).collect();
         let fully_written = ov.iter().all(|x| !x.is_nan()) && lv.iter().all(|x| !x.is_nan());
         Comparison {
-            o_error: reference::rel_error(&ov, &r.o),
+            o_error: reference::rel_error_stored(&ov, &r.o, self.spec.dtype),
             lse_error: reference::rel_error(&lv, &rl),
             tolerance: reference::tolerance(self.spec.dtype),
             fully_written,

@@ -276,6 +276,46 @@ pub fn rel_error(a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
+/// [`rel_error`] of an output stored in `dtype`, forgiving per element an absolute
+/// difference of up to the dtype's smallest subnormal ([`subnormal_spacing`]): an `o` below
+/// the dtype's normal range (f16 below 6.1e-5, e.g. a row whose weight a sink takes) is
+/// stored to that absolute step, so a correct kernel is off by up to half of it (plus its
+/// own f32 error across a rounding boundary) — a relative error unbounded as `o` shrinks.
+/// `‖max(|a − b| − s, 0)‖ / ‖b‖`; non-finite elements as in [`rel_error`].
+pub fn rel_error_stored(a: &[f64], b: &[f64], dtype: flashpage::layout::DType) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let s = subnormal_spacing(dtype);
+    let shrunk: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let d = x - y;
+            if !d.is_finite() {
+                x
+            } else if d.abs() <= s {
+                y
+            } else {
+                x - s.copysign(d)
+            }
+        })
+        .collect();
+    rel_error(&shrunk, b)
+}
+
+/// The spacing of `dtype`'s subnormals (its smallest positive value).
+pub fn subnormal_spacing(dtype: flashpage::layout::DType) -> f64 {
+    use flashpage::layout::DType;
+    2f64.powi(match dtype {
+        DType::F32 => -149,
+        DType::BF16 => -133,
+        DType::F16 => -24,
+        DType::E4M3Fn => -9,
+        DType::E5M2 => -16,
+    })
+}
+
 /// The tolerance of docs/semantics.md (Accuracy) for q's dtype (`‖out − ref‖ / ‖ref‖`).
 /// An FP8 K/V cache keeps the tolerance of q's dtype: the reference dequantises it exactly,
 /// so the kernels' error is f32 accumulation and o's rounding (docs/numerics.md, "FP8 KV
@@ -286,5 +326,36 @@ pub fn tolerance(dtype: flashpage::layout::DType) -> f64 {
         DType::F32 => 1e-5,
         DType::F16 => 2e-3,
         DType::BF16 | DType::E4M3Fn | DType::E5M2 => 1e-2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flashpage::layout::DType;
+
+    #[test]
+    fn stored_error_forgives_the_subnormal_step_only() {
+        // A row of f16 outputs near 5e-7 (8 subnormal steps of 2^-24): correct values
+        // rounded to f16 are off by up to half a step, 3% relative.
+        let step = 2f64.powi(-24);
+        let want = [4.84e-7, 5.15e-7, -6.65e-7, 2.39e-7];
+        let stored: Vec<f64> = want
+            .iter()
+            .map(|&y: &f64| (y / step).round() * step)
+            .collect();
+        assert!(rel_error(&stored, &want) > 1e-2);
+        assert_eq!(rel_error_stored(&stored, &want, DType::F16), 0.0);
+        // One step too far in one element is an error the tolerance sees.
+        let mut wrong = stored.clone();
+        wrong[0] += 2.0 * step;
+        assert!(rel_error_stored(&wrong, &want, DType::F16) > tolerance(DType::F16));
+        // f32 forgives nothing measurable; NaN and mismatched lengths still fail.
+        assert!(rel_error_stored(&stored, &want, DType::F32) > 1e-2);
+        assert_eq!(
+            rel_error_stored(&[f64::NAN], &[1.0], DType::F16),
+            f64::INFINITY
+        );
+        assert_eq!(rel_error_stored(&[1.0], &[], DType::F16), f64::INFINITY);
     }
 }
