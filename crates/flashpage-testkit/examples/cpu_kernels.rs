@@ -153,16 +153,26 @@ fn main() {
         }
     }
     if o.what == "prefill" || o.what == "all" {
+        // llama3-8b heads, and gemma2-27b's (group 2, soft-cap 50, sm_scale 1/12).
+        let g2 = HeadConfig::new(32, 16, 128).unwrap();
         for dtype in [DType::BF16, DType::F32] {
-            for q in [512, 2048] {
-                let name = format!("prefill/llama3-8b/b1-q{q}");
+            for (model, heads, q) in [
+                ("llama3-8b", h, 512),
+                ("llama3-8b", h, 2048),
+                ("gemma2-27b", g2, 2048),
+            ] {
+                let name = format!("prefill/{model}/b1-q{q}");
                 if !want(&name) {
                     continue;
                 }
-                let mut spec = CaseSpec::decode(&name, h, 16, 1, q, dtype);
+                let mut spec = CaseSpec::decode(&name, heads, 16, 1, q, dtype);
                 spec.decode = false;
                 spec.requests = vec![(q, q)];
                 spec.options.causal = true;
+                if model == "gemma2-27b" {
+                    spec.options.logits_soft_cap = Some(50.0);
+                    spec.options.sm_scale = Some(1.0 / 12.0);
+                }
                 let data = spec.materialise(2).unwrap();
                 // Causal: half the square; 2 FLOPs per FMA, two products (Q·Kᵀ and P·V).
                 let flops = 4.0 * (q * q) as f64 / 2.0 * 128.0 * 32.0;

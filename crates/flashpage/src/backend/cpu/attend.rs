@@ -13,6 +13,7 @@ use super::ctx::{Ctx, Scratch, tile_item};
 use super::elem::Elem;
 use super::prefill;
 use super::simd::Isa;
+use super::simd::isa::SoftCap;
 use super::tile::{Bf16Tiles, KEY_BLOCK, PREFETCH_STRIDE, prefetch_rows, pv_row_skipping};
 use crate::layout::DType;
 use crate::options::alibi_slope;
@@ -596,10 +597,10 @@ pub(crate) fn attend<I: Isa, E: Elem, K: Elem, B: Bf16Tiles>(
                 }
             }
 
-            // Scores that overflowed (or came from non-finite inputs) are recomputed exactly;
-            // then soft-cap, ALiBi and masks; then the online softmax update, giving P in
-            // place of S, and each row's visible key range for P·V.
-            let neg = I::splat(f32::NEG_INFINITY);
+            // Per row: its visible key range for P·V, and scores that overflowed (or came
+            // from non-finite inputs) recomputed exactly. Then the soft-cap over the whole
+            // tile; then, per row, ALiBi and masks and the online softmax update, giving P in
+            // place of S.
             for p in 0..rows {
                 let t = t0 + p;
                 let (lo, hi) = (sc.lo[t], sc.hi[t]);
@@ -655,20 +656,19 @@ pub(crate) fn attend<I: Isa, E: Elem, K: Elem, B: Bf16Tiles>(
                         sc.l[t] = f32::NAN;
                     }
                 }
-                if let Some(c) = ctx.soft_cap {
-                    // Every lane (those past nb hold 0, overwritten just below).
-                    let (cv, inv) = (I::splat(c), I::splat(1.0 / c));
-                    for k in (0..KEY_BLOCK).step_by(l) {
-                        // SAFETY: k + LANES <= KEY_BLOCK = srow.len().
-                        unsafe {
-                            let x = I::load::<f32>(srow.as_ptr().add(k));
-                            I::store::<f32>(
-                                srow.as_mut_ptr().add(k),
-                                I::mul(cv, I::tanh(I::mul(x, inv))),
-                            );
-                        }
-                    }
-                }
+                sc.holes[p] = holes;
+            }
+            if let Some(c) = ctx.soft_cap {
+                // Every lane of every row (lanes past nb hold 0, set to -inf below), as one
+                // stream of independent vectors rather than row by row between the
+                // reductions (docs/perf/cpu.md, step 15).
+                soft_cap::<I>(s, c);
+            }
+            let neg = I::splat(f32::NEG_INFINITY);
+            for p in 0..rows {
+                let t = t0 + p;
+                let (vis, holes) = (sc.vis[p], sc.holes[p]);
+                let srow = &mut s[p * KEY_BLOCK..(p + 1) * KEY_BLOCK];
                 srow[nb..].fill(f32::NEG_INFINITY);
                 if ctx.alibi {
                     let (sl, qp) = (sc.slope[t], sc.qpos[t]);
@@ -787,6 +787,16 @@ pub(crate) fn attend<I: Isa, E: Elem, K: Elem, B: Bf16Tiles>(
     finish_rows::<I, E, K>(ctx, w, h0, rows, trows, sc, |c| {
         if dp { B::permuted_column(c, d) } else { c }
     });
+}
+
+/// `s ← c·tanh(s/c)` for every value of `s` (a whole number of vectors).
+#[inline(always)]
+fn soft_cap<I: Isa>(s: &mut [f32], c: f32) {
+    let cap = SoftCap::<I>::new(c);
+    for x in s.chunks_exact_mut(I::LANES) {
+        // SAFETY: a chunk holds LANES values.
+        unsafe { I::store::<f32>(x.as_mut_ptr(), cap.apply(I::load::<f32>(x.as_ptr()))) };
+    }
 }
 
 /// Bits `vis[0]..vis[1]` of a word (`vis[1] <= 32`).

@@ -208,6 +208,9 @@ pub(crate) struct Scratch {
     /// Per row of the current block: bit `j` set when key `j`'s logit is `-inf` (infinite
     /// inputs): a key of weight exactly 0, skipped by P·V ([`super::tile::pv_row_skipping`]).
     pub(crate) ninf: Vec<u32>,
+    /// Per row of the current block: bit `j` set when the custom mask hides key `j` inside
+    /// the row's visible range (`attend.rs`).
+    pub(crate) holes: Vec<u32>,
     pub(crate) off: [usize; KEY_BLOCK],
     /// V offsets of the current block (as `off` for K).
     pub(crate) voff: [usize; KEY_BLOCK],
@@ -238,6 +241,7 @@ impl Default for Scratch {
             qrow: Vec::new(),
             vis: Vec::new(),
             ninf: Vec::new(),
+            holes: Vec::new(),
             off: [0; KEY_BLOCK],
             voff: [0; KEY_BLOCK],
             span: 1,
@@ -315,6 +319,8 @@ impl Scratch {
         self.vis.resize(rows, [0, 0]);
         self.ninf.clear();
         self.ninf.resize(rows, 0);
+        self.holes.clear();
+        self.holes.resize(rows, 0);
     }
 }
 

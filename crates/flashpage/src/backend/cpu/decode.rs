@@ -31,6 +31,7 @@ use super::attend::{exact_score, finish_rows};
 use super::ctx::{Ctx, Scratch};
 use super::elem::Elem;
 use super::simd::Isa;
+use super::simd::isa::SoftCap;
 use super::tile::{KEY_BLOCK, PREFETCH_STRIDE, pv_row_skipping};
 use crate::options::alibi_slope;
 
@@ -452,13 +453,10 @@ pub(crate) fn decode<I: Isa, E: Elem, K: Elem>(
             }
         }
         if let Some(c) = ctx.soft_cap {
-            let (cv, inv) = (I::splat(c), I::splat(1.0 / c));
+            let cap = SoftCap::<I>::new(c);
             for x in s[..nb * tr].chunks_exact_mut(l) {
                 // SAFETY: a chunk holds LANES values.
-                unsafe {
-                    let y = I::load::<f32>(x.as_ptr());
-                    I::store::<f32>(x.as_mut_ptr(), I::mul(cv, I::tanh(I::mul(y, inv))));
-                }
+                unsafe { I::store::<f32>(x.as_mut_ptr(), cap.apply(I::load::<f32>(x.as_ptr()))) };
             }
         }
         if ctx.alibi {

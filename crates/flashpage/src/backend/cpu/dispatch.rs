@@ -165,6 +165,7 @@ unsafe fn run_avx512(f: impl FnOnce()) {
 mod tests {
     use super::*;
     use crate::backend::cpu::simd::Isa;
+    use crate::backend::cpu::simd::isa::SoftCap;
 
     fn check_exp<I: Isa>() {
         let xs: Vec<f32> = (0..4000)
@@ -195,52 +196,64 @@ mod tests {
         assert!(worst <= 2, "exp is {worst} ulp off");
     }
 
-    fn check_tanh<I: Isa>() {
-        let xs: Vec<f32> = (-4000..=4000)
-            .map(|i| i as f32 * 0.0037)
-            .chain([
-                0.0, -0.0, 0.124, 0.125, 0.126, -0.125, 9.0, -9.0, 40.0, -1e30, 1e30,
-            ])
-            .chain([1e-30, -1e-30, f32::INFINITY, f32::NEG_INFINITY])
-            .collect();
-        for chunk in xs.chunks(I::LANES) {
-            let mut buf = vec![0.5; I::LANES];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            // SAFETY: buf has LANES elements.
-            let v = unsafe { I::load::<f32>(buf.as_ptr()) };
-            let mut out = vec![0.0f32; I::LANES];
-            // SAFETY: out has LANES elements.
-            unsafe { I::store::<f32>(out.as_mut_ptr(), I::tanh(v)) };
-            for (x, y) in chunk.iter().zip(&out) {
-                let want = (*x as f64).tanh();
-                let err = (*y as f64 - want).abs();
-                // Relative near 0 (the odd polynomial keeps it), absolute elsewhere.
-                let rel = err / want.abs().max(1e-30);
-                assert!(
-                    err <= 2.5e-7 && (want.abs() > 0.125 || rel <= 4e-7),
-                    "tanh({x}) = {y}, want {want}"
-                );
-                assert_eq!(
-                    y.is_sign_negative(),
-                    x.is_sign_negative(),
-                    "tanh({x}) = {y}"
-                );
+    fn check_soft_cap<I: Isa>() {
+        for c in [
+            50.0f32,
+            30.0,
+            1.0,
+            7.3,
+            1e-30,
+            f32::MIN_POSITIVE,
+            1e30,
+            f32::MAX,
+        ] {
+            let cap = SoftCap::<I>::new(c);
+            let xs: Vec<f32> = (-6000..=6000)
+                .map(|i| i as f32 * 0.0017 * c)
+                .chain([0.125, 0.126, 5.7, 8.99, 9.0, 9.01, 40.0, 1e30].map(|y| y * c))
+                .chain([0.0, -0.0, 1e-30, -1e-30, f32::MAX, f32::MIN])
+                .chain([f32::INFINITY, f32::NEG_INFINITY])
+                .collect();
+            for chunk in xs.chunks(I::LANES) {
+                let mut buf = vec![0.5; I::LANES];
+                buf[..chunk.len()].copy_from_slice(chunk);
+                // SAFETY: buf has LANES elements.
+                let v = unsafe { I::load::<f32>(buf.as_ptr()) };
+                let mut out = vec![0.0f32; I::LANES];
+                // SAFETY: out has LANES elements.
+                unsafe { I::store::<f32>(out.as_mut_ptr(), cap.apply(v)) };
+                for (x, y) in chunk.iter().zip(&out) {
+                    let want = c as f64 * (*x as f64 / c as f64).tanh();
+                    let err = (*y as f64 - want).abs();
+                    // Relative everywhere, but for the f32 spacing of a subnormal x/c or
+                    // result.
+                    assert!(
+                        err <= 3e-7 * want.abs() + 1.5e-45 * (c as f64).max(1.0),
+                        "cap {c}: {x} -> {y}, want {want}"
+                    );
+                    assert!(y.abs() <= c, "cap {c}: {x} -> {y} beyond the cap");
+                    assert_eq!(
+                        y.is_sign_negative(),
+                        x.is_sign_negative(),
+                        "cap {c}: {x} -> {y}"
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn tanh_is_accurate_and_odd() {
-        check_tanh::<Scalar>();
+    fn soft_cap_is_accurate_odd_and_bounded() {
+        check_soft_cap::<Scalar>();
         #[cfg(target_arch = "x86_64")]
         {
             if SimdLevel::Avx2.is_available() {
                 // SAFETY: features checked just above.
-                unsafe { run_avx2(check_tanh::<Avx2>) };
+                unsafe { run_avx2(check_soft_cap::<Avx2>) };
             }
             if SimdLevel::Avx512.is_available() {
                 // SAFETY: features checked just above.
-                unsafe { run_avx512(check_tanh::<Avx512>) };
+                unsafe { run_avx512(check_soft_cap::<Avx512>) };
             }
         }
     }

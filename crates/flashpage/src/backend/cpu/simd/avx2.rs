@@ -190,22 +190,9 @@ impl Isa for Avx2 {
         unsafe { _mm256_div_ps(a, b) }
     }
     #[inline(always)]
-    fn abs(a: __m256) -> __m256 {
+    fn min(a: __m256, b: __m256) -> __m256 {
         // SAFETY: see `zero`.
-        unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), a) }
-    }
-    #[inline(always)]
-    fn select_lt(a: __m256, b: __m256, x: __m256, y: __m256) -> __m256 {
-        // SAFETY: see `zero`.
-        unsafe { _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_LT_OQ>(a, b)) }
-    }
-    #[inline(always)]
-    fn copysign(mag: __m256, sign: __m256) -> __m256 {
-        // SAFETY: see `zero`.
-        unsafe {
-            let m = _mm256_set1_ps(-0.0);
-            _mm256_or_ps(_mm256_andnot_ps(m, mag), _mm256_and_ps(m, sign))
-        }
+        unsafe { _mm256_min_ps(a, b) }
     }
     #[inline(always)]
     fn reduce_add(v: __m256) -> f32 {

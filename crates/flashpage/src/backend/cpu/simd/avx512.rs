@@ -121,26 +121,9 @@ impl Isa for Avx512 {
         unsafe { _mm512_div_ps(a, b) }
     }
     #[inline(always)]
-    fn abs(a: __m512) -> __m512 {
+    fn min(a: __m512, b: __m512) -> __m512 {
         // SAFETY: see `zero`.
-        unsafe { _mm512_abs_ps(a) }
-    }
-    #[inline(always)]
-    fn select_lt(a: __m512, b: __m512, x: __m512, y: __m512) -> __m512 {
-        // SAFETY: see `zero`.
-        unsafe { _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(a, b), y, x) }
-    }
-    #[inline(always)]
-    fn copysign(mag: __m512, sign: __m512) -> __m512 {
-        // SAFETY: see `zero`.
-        unsafe {
-            let m = _mm512_set1_epi32(i32::MIN);
-            let (mag, sign) = (_mm512_castps_si512(mag), _mm512_castps_si512(sign));
-            _mm512_castsi512_ps(_mm512_or_si512(
-                _mm512_andnot_si512(m, mag),
-                _mm512_and_si512(m, sign),
-            ))
-        }
+        unsafe { _mm512_min_ps(a, b) }
     }
     #[inline(always)]
     fn reduce_add(v: __m512) -> f32 {

@@ -50,29 +50,10 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise maximum.
     fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise minimum.
+    fn min(a: Self::V, b: Self::V) -> Self::V;
     /// `a / b`.
     fn div(a: Self::V, b: Self::V) -> Self::V;
-    /// `|a|`.
-    fn abs(a: Self::V) -> Self::V;
-    /// Per lane: `x` where `a < b`, else `y`.
-    fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
-    /// `|mag|` with the sign of `sign`.
-    fn copysign(mag: Self::V, sign: Self::V) -> Self::V;
-    /// `tanh` of every finite lane (±inf give ±1), within a few ulp of 1 (absolute error
-    /// about 1e-7): an odd polynomial below |x| = 1/8, `(1 − e)/(1 + e)` with
-    /// `e = exp(−2|x|)` above.
-    #[inline(always)]
-    fn tanh(x: Self::V) -> Self::V {
-        let one = Self::splat(1.0);
-        let a = Self::abs(x);
-        let e = Self::exp(Self::mul(a, Self::splat(-2.0)));
-        let big = Self::div(Self::fma(e, Self::splat(-1.0), one), Self::fma(e, one, one));
-        let a2 = Self::mul(a, a);
-        let p = Self::fma(a2, Self::splat(-17.0 / 315.0), Self::splat(2.0 / 15.0));
-        let p = Self::fma(a2, p, Self::splat(-1.0 / 3.0));
-        let small = Self::fma(Self::mul(a, a2), p, a);
-        Self::copysign(Self::select_lt(a, Self::splat(0.125), small, big), x)
-    }
     /// Sum of the lanes.
     fn reduce_add(v: Self::V) -> f32;
     /// Sums of the lanes of four registers at once (a transposing reduction: fewer shuffles
@@ -94,6 +75,83 @@ pub(crate) trait Isa: Copy + Send + Sync + 'static {
     /// Hints that the cache line at `p` will be read soon (no effect on results).
     #[inline(always)]
     fn prefetch<T>(_p: *const T) {}
+}
+
+/// The logit soft-cap `c·tanh(x/c)` (Gemma-2) of every lane, for a cap `c` of at least the
+/// smallest normal f32 (validation's rule).
+///
+/// `tanh(y) = y·P(y²)/Q(y²)` on `|y| <= 9` (beyond it `tanh` rounds to ±1 in f32), with the
+/// degree-4/4 rational function of [`tanhconst`]; `x/c` is clamped to `±9` first (so `±inf`
+/// gives `±c`) and the result to `±c`. Relative error at most 3e-7 over the whole
+/// range (measured in `dispatch.rs`' tests) plus an absolute `c·2⁻¹⁴⁹` where `x/c` is
+/// subnormal; exactly odd (`-0` stays `-0`). A NaN lane gives
+/// an unspecified value: the kernels mark a row with a visible NaN score before the cap.
+///
+/// It replaced `(1 − e)/(1 + e)` with `e = exp(−2|y|)` and an odd polynomial below 1/8: that
+/// form's 36 dependent operations per vector held the soft-capped prefill at 15% above the
+/// uncapped one; this one has 17 and half the dependency depth (docs/perf/cpu.md, step 15).
+#[derive(Clone, Copy)]
+pub(crate) struct SoftCap<I: Isa> {
+    c: I::V,
+    neg_c: I::V,
+    inv: I::V,
+}
+
+impl<I: Isa> SoftCap<I> {
+    /// The cap `c` (finite, at least the smallest normal f32).
+    #[inline(always)]
+    pub(crate) fn new(c: f32) -> Self {
+        SoftCap {
+            c: I::splat(c),
+            neg_c: I::splat(-c),
+            inv: I::splat(1.0 / c),
+        }
+    }
+
+    /// `c·tanh(x/c)` per lane.
+    #[inline(always)]
+    pub(crate) fn apply(&self, x: I::V) -> I::V {
+        use tanhconst::{CLAMP, P, Q};
+        let y = I::min(
+            I::splat(CLAMP),
+            I::max(I::splat(-CLAMP), I::mul(x, self.inv)),
+        );
+        let t = I::mul(y, y);
+        let (mut p, mut q) = (I::splat(P[4]), I::splat(Q[4]));
+        for k in (0..4).rev() {
+            p = I::fma(p, t, I::splat(P[k]));
+            q = I::fma(q, t, I::splat(Q[k]));
+        }
+        // c·tanh(y) = (y·P/Q)·c: |y·P/Q| <= 1 (about), so nothing overflows for any cap.
+        let out = I::mul(I::mul(y, I::div(p, q)), self.c);
+        I::min(self.c, I::max(self.neg_c, out))
+    }
+}
+
+/// The rational approximation of `tanh(y)/y ≈ P(t)/Q(t)`, `t = y²`, `|y| <= 9`, of
+/// [`SoftCap`]: coefficients fitted for this project by an iteratively reweighted linear
+/// least-squares (Loeb's method) towards the minimax relative error on 6,000 points of
+/// `[0, 9]` against an arbitrary-precision `tanh` (fit error 2e-8; the f32 evaluation's
+/// rounding, about 3.4e-7 at most, dominates). `P(0) = Q(0) = 1`: exact near 0.
+pub(crate) mod tanhconst {
+    /// `x/c` is clamped to `±CLAMP` before the approximation (`tanh(9) = 1 − 3e-8`).
+    pub const CLAMP: f32 = 9.0;
+    /// Numerator coefficients, degree 0 first.
+    pub const P: [f32; 5] = [
+        1.0,
+        0.133_810_01,
+        0.003_495_558_4,
+        2.060_858e-5,
+        1.335_394_7e-8,
+    ];
+    /// Denominator coefficients, degree 0 first.
+    pub const Q: [f32; 5] = [
+        1.0,
+        0.467_143_18,
+        0.025_876_87,
+        3.285_585_6e-4,
+        7.776_269_5e-7,
+    ];
 }
 
 /// The vectorised exp shared by the x86 levels, written over lane-wise helpers: Cody–Waite

@@ -74,28 +74,10 @@ impl Isa for Scalar {
         v
     }
     #[inline(always)]
-    fn abs(a: Self::V) -> Self::V {
+    fn min(a: Self::V, b: Self::V) -> Self::V {
         let mut v = a;
-        for x in &mut v {
-            *x = x.abs();
-        }
-        v
-    }
-    #[inline(always)]
-    fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
-        let mut v = y;
         for i in 0..8 {
-            if a[i] < b[i] {
-                v[i] = x[i];
-            }
-        }
-        v
-    }
-    #[inline(always)]
-    fn copysign(mag: Self::V, sign: Self::V) -> Self::V {
-        let mut v = mag;
-        for i in 0..8 {
-            v[i] = mag[i].copysign(sign[i]);
+            v[i] = v[i].min(b[i]);
         }
         v
     }
